@@ -1,0 +1,65 @@
+"""sepstore: LLM weights as a content-addressed sepweight store.
+
+A model's state dict is split into ``begin``, one ``mid`` part per layer and ``end``; each part
+is a safetensors file named by its BLAKE3 digest, listed by a manifest. Nodes load just the parts
+they run, from local disk or any fsspec URL, every byte verified.
+"""
+
+from ._version import __version__
+from .diff import ManifestDiff, PartDiff, TensorChanges, diff
+from .dump import Decider, Placement, dump
+from .errors import (
+    DeciderError,
+    IntegrityError,
+    ManifestError,
+    ModuleMismatchError,
+    NotFoundError,
+    SepstoreError,
+    SpecError,
+    StoreError,
+    TensorError,
+)
+from .load import LoadResult, PartStateDict, lazy_load, load, read_manifest
+from .manifest import Manifest, Tensor
+from .manifest import Part as ManifestPart
+from .module import Part
+from .refs import Resolved, resolve
+from .spec import PartSpec
+from .store import Store
+from .verify import PartCheck, VerifyReport, verify
+
+__all__ = [
+    "Decider",
+    "DeciderError",
+    "IntegrityError",
+    "LoadResult",
+    "Manifest",
+    "ManifestDiff",
+    "ManifestError",
+    "ManifestPart",
+    "ModuleMismatchError",
+    "NotFoundError",
+    "Part",
+    "PartCheck",
+    "PartDiff",
+    "PartSpec",
+    "PartStateDict",
+    "Placement",
+    "Resolved",
+    "SepstoreError",
+    "SpecError",
+    "Store",
+    "StoreError",
+    "Tensor",
+    "TensorChanges",
+    "TensorError",
+    "VerifyReport",
+    "__version__",
+    "diff",
+    "dump",
+    "lazy_load",
+    "load",
+    "read_manifest",
+    "resolve",
+    "verify",
+]

@@ -1,0 +1,194 @@
+"""The ``sepstore`` command line: a thin front end over the public Python API.
+
+Exit codes: 0 success, 1 a verification failure (integrity), 2 bad usage or any other error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from . import __version__
+from .diff import diff
+from .errors import IntegrityError, SepstoreError
+from .refs import resolve
+from .verify import verify
+
+__all__ = ["main"]
+
+EXIT_OK, EXIT_VERIFY, EXIT_USAGE = 0, 1, 2
+
+
+def human_bytes(n: float) -> str:
+    if n < 1024:
+        return f"{n:.0f} B"
+    for unit in ("KiB", "MiB", "GiB"):
+        n /= 1024
+        if n < 1024:
+            return f"{n:.1f} {unit}"
+    return f"{n / 1024:.1f} TiB"
+
+
+def _print_json(data: Any) -> None:
+    json.dump(data, sys.stdout, indent=2)
+    sys.stdout.write("\n")
+
+
+def _ref_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    return {"name": args.name, "tag": args.tag}
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    resolved = resolve(args.ref, **_ref_kwargs(args))
+    m = resolved.manifest
+    parts = [
+        {
+            "part": label,
+            "digest": part.digest,
+            "size": part.size,
+            "tensors": len(part.tensors),
+            "dtypes": sorted({t.dtype for t in part.tensors.values()}),
+        }
+        for label, part in m.labelled_parts()
+    ]
+    config = m.config or {}
+    summary = {
+        "architecture": (config.get("architectures") or [config.get("model_type")])[0],
+        "hidden_size": config.get("hidden_size"),
+        "vocab_size": config.get("vocab_size"),
+    }
+    info = {
+        "name": m.name,
+        "manifest": resolved.url,
+        "digest": resolved.digest,
+        "layers": m.n_layers,
+        "total_bytes": m.total_bytes,
+        "config": summary if config else None,
+        "metadata": m.metadata,
+        "parts": parts,
+    }
+    if args.json:
+        _print_json(info)
+        return EXIT_OK
+    print(f"name:      {m.name}")
+    print(f"manifest:  {resolved.url}")
+    print(f"digest:    {resolved.digest}")
+    print(f"layers:    {m.n_layers}")
+    print(f"size:      {human_bytes(m.total_bytes)} in {len(parts)} parts")
+    if config:
+        print("config:    " + ", ".join(f"{k} {v}" for k, v in summary.items() if v is not None))
+    for p in parts:
+        print(f"  {p['part']:<10} {human_bytes(p['size']):>11}  {p['tensors']:>4} tensors  {','.join(p['dtypes'])}")
+    return EXIT_OK
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    report = verify(args.ref, args.spec, **_ref_kwargs(args))
+    if args.json:
+        _print_json(report.to_dict())
+    else:
+        for check in report.checks:
+            status = "ok" if check.ok else f"FAILED: {check.error}"
+            print(f"{check.part:<10} {human_bytes(check.size):>11}  {status}")
+        verdict = "verified" if report.ok else f"{len(report.failures)} of {len(report.checks)} parts failed"
+        print(f"{report.manifest_url} ({report.manifest_digest}): {verdict}")
+    return EXIT_OK if report.ok else EXIT_VERIFY
+
+
+def cmd_diff(args: argparse.Namespace) -> int:
+    result = diff(args.a, args.b)
+    if args.json:
+        _print_json(result.to_dict())
+        return EXIT_OK
+    for p in result.changed:
+        detail = ", ".join(f"{kind} {', '.join(names)}" for kind, names in p.tensors.to_dict().items() if names)
+        print(f"{p.part:<10} {p.status:<8} {human_bytes(p.bytes):>11}  {detail}")
+    same = len(result.parts) - len(result.changed)
+    print(f"{len(result.changed)} parts differ, {same} same; {human_bytes(result.bytes_to_fetch)} to fetch")
+    return EXIT_OK
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    run_demo(args.dir)
+    return EXIT_OK
+
+
+def _add_ref(p: argparse.ArgumentParser) -> None:
+    p.add_argument("ref", help="manifest path or URL, or a store root")
+    p.add_argument("--name", help="model name, when REF is a store holding several models")
+    p.add_argument("--tag", help="tag of that model (default: latest, or the only one)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sepstore", description="LLM weights as a content-addressed, verified sepweight store."
+    )
+    parser.add_argument("--version", action="version", version=f"sepstore {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(
+        name: str, func: Callable[[argparse.Namespace], int], help: str, example: str
+    ) -> argparse.ArgumentParser:
+        p = sub.add_parser(
+            name,
+            help=help,
+            description=help,
+            epilog=f"example:\n  {example}",
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        p.set_defaults(func=func)
+        return p
+
+    p = command("info", cmd_info, "show a model's manifest: parts, sizes, dtypes, config", "sepstore info ./store")
+    _add_ref(p)
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+    p = command(
+        "verify",
+        cmd_verify,
+        "re-hash parts and check them against the manifest (exit 1 on any failure)",
+        "sepstore verify ./store/manifests/llama/v1.json --spec 'b 0-5'",
+    )
+    _add_ref(p)
+    p.add_argument("--spec", default="f", help="parts to verify, e.g. 'b 0-5' (default: f, all)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+    p = command(
+        "diff",
+        cmd_diff,
+        "compare two versions: changed parts and tensors, bytes to fetch",
+        "sepstore diff ./store/manifests/llama/v1.json ./store/manifests/llama/v2.json",
+    )
+    p.add_argument("a", help="the version a node has (manifest path or URL)")
+    p.add_argument("b", help="the version to move to")
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+    p = command(
+        "demo",
+        cmd_demo,
+        "build a small model, publish two versions, diff, load and verify them",
+        "sepstore demo ./sepstore-demo",
+    )
+    p.add_argument("dir", nargs="?", default="sepstore-demo", help="where to write the demo store")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args))
+    except SepstoreError as exc:
+        if args.debug:
+            raise
+        print(f"sepstore: error: {exc}", file=sys.stderr)
+        return EXIT_VERIFY if isinstance(exc, IntegrityError) else EXIT_USAGE
+    except KeyboardInterrupt:
+        print("sepstore: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,94 @@
+"""diff: what changed between two versions of a model, and what a node must fetch to move."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from .manifest import Manifest, Part
+from .refs import Ref, Resolved, resolve
+
+__all__ = ["ManifestDiff", "PartDiff", "TensorChanges", "diff"]
+
+Status = Literal["same", "changed", "added", "removed"]
+
+
+@dataclass(frozen=True)
+class TensorChanges:
+    changed: list[str] = field(default_factory=list)
+    added: list[str] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, list[str]]:
+        return {"changed": self.changed, "added": self.added, "removed": self.removed}
+
+
+@dataclass(frozen=True)
+class PartDiff:
+    """One part's change. ``bytes`` is what a node holding ``a`` must fetch for it (0 if it has it)."""
+
+    part: str
+    status: Status
+    tensors: TensorChanges
+    bytes: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"part": self.part, "status": self.status, "tensors": self.tensors.to_dict(), "bytes": self.bytes}
+
+
+@dataclass(frozen=True)
+class ManifestDiff:
+    parts: list[PartDiff]
+
+    @property
+    def bytes_to_fetch(self) -> int:
+        """Bytes a node holding all of ``a`` downloads to hold all of ``b`` (each file once)."""
+        return sum(p.bytes for p in self.parts)
+
+    @property
+    def changed(self) -> list[PartDiff]:
+        """The parts whose status is not ``same``."""
+        return [p for p in self.parts if p.status != "same"]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"parts": [p.to_dict() for p in self.parts], "bytes_to_fetch": self.bytes_to_fetch}
+
+
+def _compare(old: Part, new: Part) -> TensorChanges:
+    return TensorChanges(
+        changed=sorted(k for k in old.tensors.keys() & new.tensors.keys() if old.tensors[k] != new.tensors[k]),
+        added=sorted(new.tensors.keys() - old.tensors.keys()),
+        removed=sorted(old.tensors.keys() - new.tensors.keys()),
+    )
+
+
+def _manifest(x: Ref | Resolved | Manifest, storage_options: dict[str, Any] | None) -> Manifest:
+    return x if isinstance(x, Manifest) else resolve(x, storage_options=storage_options).manifest
+
+
+def diff(
+    a: Ref | Resolved | Manifest, b: Ref | Resolved | Manifest, *, storage_options: dict[str, Any] | None = None
+) -> ManifestDiff:
+    """Compare two versions part by part (``begin``, ``mid.<i>``, ``end``) and tensor by tensor."""
+    old, new = _manifest(a, storage_options), _manifest(b, storage_options)
+    old_parts, new_parts = dict(old.labelled_parts()), dict(new.labelled_parts())
+    have = {p.digest for p in old_parts.values()}
+    labels = [label for label, _ in old.labelled_parts()]
+    labels += [label for label in new_parts if label not in old_parts]
+    labels.sort(key=lambda s: (s == "end", s != "begin", int(s.split(".")[1]) if s.startswith("mid.") else 0))
+    out: list[PartDiff] = []
+    for label in labels:
+        before, after = old_parts.get(label), new_parts.get(label)
+        if after is None:
+            if before is not None:
+                out.append(PartDiff(label, "removed", TensorChanges(removed=sorted(before.tensors)), 0))
+            continue
+        cost = 0 if after.digest in have else after.size
+        have.add(after.digest)
+        if before is None:
+            out.append(PartDiff(label, "added", TensorChanges(added=sorted(after.tensors)), cost))
+        elif before.digest == after.digest:
+            out.append(PartDiff(label, "same", TensorChanges(), 0))
+        else:
+            out.append(PartDiff(label, "changed", _compare(before, after), cost))
+    return ManifestDiff(out)

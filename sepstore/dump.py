@@ -1,0 +1,187 @@
+"""dump: a state dict, split by a decider into begin / mid / end parts, into a store."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Literal
+
+import torch
+from tqdm.auto import tqdm
+
+from ._version import __version__
+from .errors import DeciderError, TensorError
+from .hashing import digest_buffer
+from .manifest import FORMAT_VERSION, Manifest, Part, Tensor, decode_manifest, encode_manifest
+from .reader import PartReader
+from .refs import Resolved
+from .safetensors_io import WrittenPart, dtype_name, raw_bytes, write_part
+from .store import PARTS_DIR, Store, check_name, check_tag
+
+__all__ = ["Decider", "Placement", "dump"]
+
+#: What a decider returns for a key: ``("begin", new_key)``, ``("mid", layer, new_key)``,
+#: ``("end", new_key)`` (lists and ``"start"`` for ``"begin"`` accepted), or ``None`` to drop it.
+Placement = tuple[str, str] | tuple[str, int | str, str] | Sequence[object] | None
+Decider = Callable[[str], Placement]
+Slot = Literal["begin", "end"] | int
+MAX_LAYERS = 100_000
+
+
+def _label(slot: Slot) -> str:
+    return slot if isinstance(slot, str) else f"mid.{slot}"
+
+
+def place(decider: Decider, key: str) -> tuple[Slot, str] | None:
+    """Where ``decider`` puts ``key``: a slot and the key's name inside the part, or ``None``."""
+    try:
+        where = decider(key)
+    except DeciderError:
+        raise
+    except Exception as exc:
+        raise DeciderError(f"decider failed on key {key!r}: {type(exc).__name__}: {exc}") from exc
+    if where is None:
+        return None
+    usage = "expected ('begin', new_key), ('mid', layer, new_key), ('end', new_key) or None"
+    if not isinstance(where, tuple | list) or not where:
+        raise DeciderError(f"decider returned {where!r} for key {key!r}; {usage}")
+    section, *rest = where
+    section = "begin" if section == "start" else section
+    new_key = rest[-1] if rest else None
+    if not isinstance(new_key, str) or not new_key or new_key == "__metadata__":
+        raise DeciderError(f"decider returned {where!r} for key {key!r}: the new key must be a non-empty string")
+    if section in ("begin", "end") and len(rest) == 1:
+        return section, new_key
+    if section == "mid" and len(rest) == 2:
+        layer = rest[0]
+        if isinstance(layer, str) and layer.isascii() and layer.isdigit():
+            layer = int(layer)
+        if type(layer) is int and 0 <= layer < MAX_LAYERS:
+            return layer, new_key
+        raise DeciderError(f"decider returned {where!r} for key {key!r}: the layer must be an int 0..{MAX_LAYERS - 1}")
+    raise DeciderError(f"decider returned {where!r} for key {key!r}; {usage}")
+
+
+def _group(decider: Decider, state_dict: Mapping[str, torch.Tensor]) -> dict[Slot, dict[str, torch.Tensor]]:
+    groups: dict[Slot, dict[str, torch.Tensor]] = {}
+    origin: dict[tuple[Slot, str], str] = {}
+    for key, value in state_dict.items():
+        placement = place(decider, key)
+        if placement is None:
+            continue
+        if not isinstance(value, torch.Tensor):
+            raise TensorError(f"state-dict key {key!r} holds a {type(value).__name__}, not a tensor")
+        try:
+            dtype_name(value.dtype)
+        except TypeError as exc:
+            raise TensorError(f"state-dict key {key!r}: {exc}") from None
+        slot, new_key = placement
+        if (slot, new_key) in origin:
+            raise DeciderError(f"decider put both {origin[slot, new_key]!r} and {key!r} at {_label(slot)}.{new_key}")
+        origin[slot, new_key] = key
+        groups.setdefault(slot, {})[new_key] = value
+    return groups
+
+
+def _as_part(written: WrittenPart) -> Part:
+    tensors = {name: Tensor(r.dtype, r.shape, r.digest) for name, r in written.tensors.items()}
+    return Part(written.digest, written.size, tensors)
+
+
+class _Writer:
+    """Writes the parts of one dump call, merging with the parts a previous call left."""
+
+    def __init__(self, store: Store, existing: Resolved | None) -> None:
+        self.store = store
+        self.existing = existing
+        self.reader = PartReader(existing) if existing is not None else None
+
+    def write(self, tensors: Mapping[str, torch.Tensor]) -> Part:
+        written = self.store.add_part(lambda out: write_part(tensors, out), lambda w: w.digest)
+        return _as_part(written)
+
+    def merge(self, slot: Slot, tensors: dict[str, torch.Tensor], old: Part | None) -> Part:
+        if old is None or self.reader is None:
+            return self.write(tensors)
+        label = _label(slot)
+        fresh = False
+        for key, value in tensors.items():
+            before = old.tensors.get(key)
+            if before is None:
+                fresh = True
+                continue
+            now = Tensor(dtype_name(value.dtype), tuple(value.shape), digest_buffer(raw_bytes(value)))
+            if now != before:
+                raise DeciderError(
+                    f"{label}.{key} is already in this model with other content "
+                    f"({before.dtype}{list(before.shape)} {before.digest}, now {now.dtype}{list(now.shape)} "
+                    f"{now.digest}); dump it under another name or tag"
+                )
+        if not fresh:
+            return old
+        merged = {**self.reader.read(label, old), **tensors}
+        return self.write(merged)
+
+
+def dump(
+    decider: Decider,
+    state_dict: Mapping[str, torch.Tensor],
+    out_path: str | os.PathLike[str],
+    *,
+    name: str = "model",
+    tag: str = "latest",
+    config: dict[str, Any] | None = None,
+    metadata: Mapping[str, str] | None = None,
+    storage_options: dict[str, Any] | None = None,
+) -> Manifest:
+    """Split ``state_dict`` with ``decider`` and store it at ``out_path`` as ``name``/``tag``.
+
+    Calls into the same store, name and tag combine: the manifest afterwards describes the union
+    of every state dict given (so a sharded checkpoint can be dumped shard by shard). A key given
+    twice with different content is a :class:`DeciderError`. Parts are written before the
+    manifest, so a reader never sees a manifest whose parts are missing.
+    """
+    store = Store(out_path, storage_options)
+    check_name(name)
+    check_tag(tag)
+    groups = _group(decider, state_dict)
+    existing: Resolved | None = None
+    if store.has_manifest(name, tag):
+        data = store.read_manifest_bytes(name, tag)
+        url = store.url_of(store.manifest_path(name, tag))
+        old = decode_manifest(data, source=url)
+        existing = Resolved(old, url, "", store.parts_url, dict(storage_options or {}))
+    previous = existing.manifest if existing is not None else None
+    begin = previous.begin if previous else None
+    end = previous.end if previous else None
+    mid: list[Part | None] = list(previous.mid) if previous else []
+    writer = _Writer(store, existing)
+    order = sorted(groups, key=lambda s: (s == "end", s != "begin", s if isinstance(s, int) else 0))
+    total = sum(t.nbytes for group in groups.values() for t in group.values())
+    with tqdm(
+        total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=f"dump {name}:{tag}", disable=None
+    ) as bar:
+        for slot in order:
+            tensors = groups[slot]
+            if slot == "begin":
+                begin = writer.merge(slot, tensors, begin)
+            elif slot == "end":
+                end = writer.merge(slot, tensors, end)
+            else:
+                layer = int(slot)
+                mid.extend([None] * (layer + 1 - len(mid)))
+                mid[layer] = writer.merge(layer, tensors, mid[layer])
+            bar.update(sum(t.nbytes for t in tensors.values()))
+    meta = {**(previous.metadata if previous else {}), "sepstore_version": __version__, **(metadata or {})}
+    manifest = Manifest(
+        format_version=FORMAT_VERSION,
+        name=name,
+        parts="../" * (name.count("/") + 2) + PARTS_DIR,
+        begin=begin,
+        mid=mid,
+        end=end,
+        config=config if config is not None else (previous.config if previous else None),
+        metadata=dict(sorted(meta.items())),
+    )
+    store.write_manifest_bytes(name, tag, encode_manifest(manifest))
+    return manifest

@@ -1,0 +1,51 @@
+"""The exceptions sepstore raises: one root, a few precise subclasses."""
+
+from __future__ import annotations
+
+__all__ = [
+    "DeciderError",
+    "IntegrityError",
+    "ManifestError",
+    "ModuleMismatchError",
+    "NotFoundError",
+    "SepstoreError",
+    "SpecError",
+    "StoreError",
+    "TensorError",
+]
+
+
+class SepstoreError(Exception):
+    """Base class of every error sepstore raises on purpose."""
+
+
+class ManifestError(SepstoreError):
+    """A manifest is malformed, of an unknown format, or too new for this sepstore."""
+
+
+class SpecError(SepstoreError, ValueError):
+    """A part spec such as ``"b 0-5 e"`` is malformed or out of range."""
+
+
+class DeciderError(SepstoreError, ValueError):
+    """A decider returned something that is not a placement for a state-dict key."""
+
+
+class IntegrityError(SepstoreError):
+    """Bytes do not match what the manifest promises (size, digest, or safetensors header)."""
+
+
+class NotFoundError(SepstoreError, FileNotFoundError):
+    """A manifest, part, store or layer that was asked for does not exist."""
+
+
+class StoreError(SepstoreError):
+    """The store cannot be read or written (permissions, conflicting content, backend failure)."""
+
+
+class ModuleMismatchError(SepstoreError):
+    """Tensors loaded from a store do not fit the module they are loaded into."""
+
+
+class TensorError(SepstoreError, TypeError):
+    """A state-dict value cannot be stored (not a tensor, or a dtype safetensors lacks)."""

@@ -1,0 +1,195 @@
+"""load, lazy_load and read_manifest: the parts a node needs, verified, as a state dict."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+import torch
+from torch import nn
+
+from .errors import ModuleMismatchError, NotFoundError, SpecError
+from .manifest import Manifest, Part
+from .reader import PartReader
+from .refs import Ref, Resolved, resolve
+from .spec import PartSpec
+
+__all__ = ["LoadResult", "PartStateDict", "lazy_load", "load", "read_manifest"]
+
+Tensors = dict[str, torch.Tensor]
+
+
+@dataclass
+class PartStateDict:
+    """The tensors of some parts of a model, shaped as in llm_sepweight.
+
+    ``begin`` and ``end`` are ``None`` unless loaded; ``mid`` maps a layer number to its tensors;
+    ``main_range`` is the spec's first layer range, onto which :meth:`to_dict` numbers layers.
+    """
+
+    begin: Tensors | None = None
+    mid: dict[int, Tensors] = field(default_factory=dict)
+    end: Tensors | None = None
+    main_range: range | None = None
+
+    def to_dict(self, target_range: range | None = None) -> Tensors:
+        """A flat state dict with keys ``begin.X``, ``mid.<i>.X`` and ``end.X``.
+
+        The layers of ``target_range`` (default: ``main_range``) are numbered as ``main_range``,
+        so a module built for layers 0-5 can take layers 30-35 with ``to_dict(range(30, 35))``.
+        """
+        out: Tensors = {}
+        for key, value in (self.begin or {}).items():
+            out[f"begin.{key}"] = value
+        target = self.main_range if target_range is None else target_range
+        if target is not None:
+            numbering = self.main_range if self.main_range is not None else target
+            if len(target) != len(numbering):
+                raise SpecError(
+                    f"target range {_show(target)} has {len(target)} layers, but the main range "
+                    f"{_show(numbering)} has {len(numbering)}"
+                )
+            for layer, number in zip(target, numbering, strict=True):
+                if layer not in self.mid:
+                    raise SpecError(f"layer {layer} of target range {_show(target)} was not loaded")
+                for key, value in self.mid[layer].items():
+                    out[f"mid.{number}.{key}"] = value
+        for key, value in (self.end or {}).items():
+            out[f"end.{key}"] = value
+        return out
+
+
+def _show(r: range) -> str:
+    return f"{r.start}-{r.stop}"
+
+
+def read_manifest(
+    ref: Ref,
+    *,
+    name: str | None = None,
+    tag: str | None = None,
+    storage_options: dict[str, Any] | None = None,
+    digest: str | None = None,
+) -> Manifest:
+    """Read and validate the manifest that ``ref`` names (see :func:`load` for ``ref``)."""
+    return resolve(ref, name=name, tag=tag, storage_options=storage_options, digest=digest).manifest
+
+
+def select_parts(manifest: Manifest, spec: str | PartSpec) -> tuple[PartSpec, list[tuple[str, Part]]]:
+    parsed = spec if isinstance(spec, PartSpec) else PartSpec.parse(spec, manifest.n_layers)
+    chosen: list[tuple[str, Part]] = []
+    if parsed.begin and (manifest.begin is not None or not parsed.full):
+        if manifest.begin is None:
+            raise NotFoundError(f"model {manifest.name!r} has no begin part (spec {str(parsed)!r})")
+        chosen.append(("begin", manifest.begin))
+    for layer in parsed.layers:
+        part = manifest.mid[layer]
+        if part is None:
+            raise NotFoundError(f"model {manifest.name!r} has no part for layer {layer} yet (incomplete dump?)")
+        chosen.append((f"mid.{layer}", part))
+    if parsed.end and (manifest.end is not None or not parsed.full):
+        if manifest.end is None:
+            raise NotFoundError(f"model {manifest.name!r} has no end part (spec {str(parsed)!r})")
+        chosen.append(("end", manifest.end))
+    return parsed, chosen
+
+
+def iter_parts(
+    resolved: Resolved,
+    spec: str | PartSpec,
+    *,
+    verify: bool = True,
+    device: str | torch.device = "cpu",
+    cache_dir: str | os.PathLike[str] | None = None,
+) -> Iterator[tuple[str, Tensors]]:
+    """Yield ``(label, tensors)`` part by part, each verified before it is yielded."""
+    _, chosen = select_parts(resolved.manifest, spec)
+    reader = PartReader(resolved, cache_dir=cache_dir)
+    target = torch.device(device)
+    for label, part in chosen:
+        tensors = reader.read(label, part, verify=verify)
+        if target.type != "cpu":
+            tensors = {k: v.to(target) for k, v in tensors.items()}
+        yield label, tensors
+
+
+def load(
+    ref: Ref | Resolved,
+    spec: str = "f",
+    *,
+    verify: bool = True,
+    device: str | torch.device = "cpu",
+    cache_dir: str | os.PathLike[str] | None = None,
+    storage_options: dict[str, Any] | None = None,
+    parts_url: str | None = None,
+    digest: str | None = None,
+    name: str | None = None,
+    tag: str | None = None,
+) -> PartStateDict:
+    """Load the parts ``spec`` names from the model at ``ref``, every byte verified.
+
+    ``ref`` is a manifest path or URL, or a store root (with ``name``/``tag`` when it holds more
+    than one model). ``digest`` pins the manifest's own digest; ``parts_url`` reads parts from a
+    mirror. On the CPU the tensors are read-only-safe views of memory-mapped files (writes to them
+    stay private); ``device`` moves them.
+    """
+    resolved = resolve(ref, name=name, tag=tag, storage_options=storage_options, parts_url=parts_url, digest=digest)
+    parsed, _ = select_parts(resolved.manifest, spec)
+    result = PartStateDict(main_range=parsed.main_range)
+    for label, tensors in iter_parts(resolved, parsed, verify=verify, device=device, cache_dir=cache_dir):
+        if label == "begin":
+            result.begin = tensors
+        elif label == "end":
+            result.end = tensors
+        else:
+            result.mid[int(label.split(".")[1])] = tensors
+    return result
+
+
+class LoadResult(NamedTuple):
+    """What :func:`lazy_load` could not match, as in ``nn.Module.load_state_dict``."""
+
+    missing_keys: list[str]
+    unexpected_keys: list[str]
+
+
+def lazy_load(
+    module: nn.Module,
+    ref: Ref | Resolved,
+    spec: str = "f",
+    *,
+    strict: bool = True,
+    verify: bool = True,
+    cache_dir: str | os.PathLike[str] | None = None,
+    storage_options: dict[str, Any] | None = None,
+    parts_url: str | None = None,
+    digest: str | None = None,
+    name: str | None = None,
+    tag: str | None = None,
+) -> LoadResult:
+    """Load ``spec`` into ``module`` one part at a time, so peak memory is about one part.
+
+    Keys are ``begin.X``, ``mid.<layer>.X`` and ``end.X``, as in a :class:`sepstore.Part`.
+    Tensors are copied onto the device of the module's own parameters. With ``strict`` (the
+    default) a key the module lacks, or a module key no part provided, is a
+    :class:`ModuleMismatchError`.
+    """
+    resolved = resolve(ref, name=name, tag=tag, storage_options=storage_options, parts_url=parts_url, digest=digest)
+    expected = set(module.state_dict().keys())
+    loaded: set[str] = set()
+    unexpected: list[str] = []
+    for label, tensors in iter_parts(resolved, spec, verify=verify, cache_dir=cache_dir):
+        prefixed = {f"{label}.{key}": value for key, value in tensors.items()}
+        result = module.load_state_dict(prefixed, strict=False)
+        unexpected.extend(result.unexpected_keys)
+        if strict and result.unexpected_keys:
+            raise ModuleMismatchError(
+                f"part {label} has tensors the module lacks: {sorted(result.unexpected_keys)[:10]}"
+            )
+        loaded.update(prefixed.keys() - set(result.unexpected_keys))
+    missing = sorted(expected - loaded)
+    if strict and missing:
+        raise ModuleMismatchError(f"no part of spec {spec!r} provided these module keys: {missing[:10]}")
+    return LoadResult(missing, sorted(unexpected))

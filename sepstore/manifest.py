@@ -1,0 +1,149 @@
+"""The manifest: msgspec types, strict decoding, canonical encoding, JSON Schema.
+
+Decoding *is* validation: the types carry the patterns and bounds, and :func:`decode_manifest`
+turns every failure into a :class:`~sepstore.errors.ManifestError` that names the field.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Annotated, Any, Final
+
+import msgspec
+from msgspec import Meta, Struct
+
+from .errors import ManifestError
+from .hashing import DIGEST_PATTERN, digest_buffer
+
+__all__ = [
+    "FORMAT",
+    "FORMAT_VERSION",
+    "MAX_MANIFEST_BYTES",
+    "Manifest",
+    "Part",
+    "Tensor",
+    "decode_manifest",
+    "encode_manifest",
+    "manifest_digest",
+    "schema",
+]
+
+FORMAT: Final = "sepweight"
+FORMAT_VERSION: Final = 1
+#: Manifests larger than this are refused before they are decoded.
+MAX_MANIFEST_BYTES: Final = 64 * 1024 * 1024
+
+_SEGMENT = r"(?!\.\.?(?:/|$))[A-Za-z0-9._-]+"
+NAME_PATTERN: Final = rf"^{_SEGMENT}(?:/{_SEGMENT})*$"
+TAG_PATTERN: Final = rf"^{_SEGMENT}$"
+
+Digest = Annotated[str, Meta(pattern=DIGEST_PATTERN, description="blake3:<64 lowercase hex>")]
+DTypeName = Annotated[str, Meta(pattern=r"^[A-Z][A-Z0-9_]*$", description="safetensors dtype, e.g. BF16")]
+TensorName = Annotated[str, Meta(pattern=r"^(?!__metadata__$).+$", max_length=4096)]
+ModelName = Annotated[str, Meta(pattern=NAME_PATTERN, max_length=512)]
+NonNegative = Annotated[int, Meta(ge=0)]
+
+
+class Tensor(Struct, frozen=True, forbid_unknown_fields=True):
+    """One tensor of a part: safetensors dtype, shape and BLAKE3 of its raw bytes."""
+
+    dtype: DTypeName
+    shape: tuple[NonNegative, ...]
+    digest: Digest
+
+
+class Part(Struct, frozen=True, forbid_unknown_fields=True):
+    """One part file: its digest and size, and the tensors it holds (sorted by name)."""
+
+    digest: Digest
+    size: Annotated[int, Meta(ge=8)]
+    tensors: dict[TensorName, Tensor]
+
+
+class Manifest(Struct, frozen=True, forbid_unknown_fields=True, tag_field="format", tag=FORMAT):
+    """A published model version: begin, one part per layer, end, and the model's config.
+
+    ``mid[i]`` is layer ``i``; it is ``None`` only while a multi-call ``dump`` has not yet been
+    given that layer's tensors.
+    """
+
+    format_version: Annotated[int, Meta(ge=1)]
+    name: ModelName
+    parts: Annotated[str, Meta(min_length=1, max_length=2048)]
+    begin: Part | None
+    mid: list[Part | None]
+    end: Part | None
+    config: dict[str, Any] | None = None
+    metadata: dict[str, str] = {}
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.mid)
+
+    def labelled_parts(self) -> Iterator[tuple[str, Part]]:
+        """``("begin", part)``, ``("mid.<i>", part)`` ..., ``("end", part)`` for present parts."""
+        if self.begin is not None:
+            yield "begin", self.begin
+        for i, part in enumerate(self.mid):
+            if part is not None:
+                yield f"mid.{i}", part
+        if self.end is not None:
+            yield "end", self.end
+
+    @property
+    def total_bytes(self) -> int:
+        """Bytes of all distinct part files."""
+        return sum({p.digest: p.size for _, p in self.labelled_parts()}.values())
+
+
+class _Envelope(Struct):
+    format: Any = None
+    format_version: Any = None
+
+
+def decode_manifest(data: bytes, *, source: str) -> Manifest:
+    """Decode and validate manifest bytes; ``source`` (a URL) is named in every error."""
+    if len(data) > MAX_MANIFEST_BYTES:
+        raise ManifestError(f"{source}: manifest is {len(data)} bytes, over the {MAX_MANIFEST_BYTES} limit")
+    try:
+        envelope = msgspec.json.decode(data, type=_Envelope)
+    except msgspec.DecodeError as exc:
+        raise ManifestError(f"{source}: not a JSON object ({exc})") from None
+    if envelope.format != FORMAT:
+        raise ManifestError(
+            f"{source}: field `format` is {envelope.format!r}, expected {FORMAT!r}: not a sepstore manifest"
+        )
+    version = envelope.format_version
+    if type(version) is not int:
+        raise ManifestError(f"{source}: field `format_version` must be an integer, got {version!r}")
+    if version > FORMAT_VERSION:
+        raise ManifestError(
+            f"{source}: field `format_version` is {version}, newer than the {FORMAT_VERSION} this "
+            "sepstore reads; upgrade sepstore"
+        )
+    try:
+        manifest = msgspec.json.decode(data, type=Manifest)
+    except msgspec.DecodeError as exc:
+        raise ManifestError(f"{source}: {exc}") from None
+    _check_parts_location(manifest.parts, source)
+    return manifest
+
+
+def _check_parts_location(parts: str, source: str) -> None:
+    if "\\" in parts or "\x00" in parts or "?" in parts or "#" in parts:
+        raise ManifestError(f"{source}: field `parts` {parts!r} has a character not allowed in a location")
+
+
+def encode_manifest(manifest: Manifest) -> bytes:
+    """Canonical bytes: fields in declared order, dict keys sorted, 2-space indent, final newline."""
+    return msgspec.json.format(msgspec.json.encode(manifest, order="deterministic"), indent=2) + b"\n"
+
+
+def manifest_digest(data: bytes) -> str:
+    """The digest that identifies a published version: BLAKE3 of the manifest's bytes."""
+    return digest_buffer(data)
+
+
+def schema() -> dict[str, Any]:
+    """The JSON Schema of the manifest format, generated from the types above."""
+    return msgspec.json.schema(Manifest)

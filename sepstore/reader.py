@@ -1,0 +1,85 @@
+"""Opening one part: locate its bytes (store or cache), verify them, and return its tensors.
+
+A local part file is memory-mapped once (copy-on-write, so a caller writing to a tensor never
+touches the file); the digest is computed from that same mapping with BLAKE3's threads and the
+tensors are views into it, so a verified load reads each byte once and copies nothing.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from fsspec.implementations.local import LocalFileSystem
+
+from .cache import Cache
+from .errors import IntegrityError, NotFoundError
+from .hashing import digest_buffer
+from .manifest import Part
+from .refs import Resolved, open_fs
+from .safetensors_io import DTYPES, HeaderEntry, parse_header
+
+__all__ = ["PartReader", "check_header"]
+
+
+def check_header(header: dict[str, HeaderEntry], part: Part, where: str) -> None:
+    """The file's own header must list exactly the manifest's tensors, with the same dtypes and shapes."""
+    if header.keys() != part.tensors.keys():
+        missing = sorted(part.tensors.keys() - header.keys())
+        extra = sorted(header.keys() - part.tensors.keys())
+        raise IntegrityError(f"{where}: header does not match the manifest (missing {missing}, unexpected {extra})")
+    for name, expected in part.tensors.items():
+        entry = header[name]
+        if entry.dtype != expected.dtype or entry.shape != expected.shape:
+            raise IntegrityError(
+                f"{where}: tensor {name!r} is {entry.dtype}{list(entry.shape)} in the file, "
+                f"{expected.dtype}{list(expected.shape)} in the manifest"
+            )
+
+
+class PartReader:
+    """Reads the parts of one resolved manifest, from its store or through the cache."""
+
+    def __init__(self, resolved: Resolved, *, cache_dir: str | os.PathLike[str] | None = None) -> None:
+        self.resolved = resolved
+        self.fs, self.base = open_fs(resolved.parts_url, resolved.storage_options)
+        self.local = isinstance(self.fs, LocalFileSystem)
+        self._cache_dir = cache_dir
+
+    def local_path(self, label: str, part: Part) -> tuple[str, bool]:
+        """A local file holding the part, and whether it was just fetched (and so just verified)."""
+        name = self.resolved.part_url(part).rsplit("/", 1)[1]
+        if self.local:
+            return f"{self.base}/{name}", False
+        cache = Cache(self._cache_dir)
+        if cache.has(part.digest):
+            return cache.path(part.digest), False
+        return cache.fetch(self.fs, f"{self.base}/{name}", self.resolved.part_url(part), part, label), True
+
+    def read(self, label: str, part: Part, *, verify: bool = True) -> dict[str, torch.Tensor]:
+        """The part's tensors on the CPU, sorted by name, after checking size, digest and header."""
+        path, fresh = self.local_path(label, part)
+        where = f"part {label} ({path})"
+        try:
+            size = os.stat(path).st_size
+        except FileNotFoundError:
+            raise NotFoundError(f"part {label} of {self.resolved.url} is missing: {path}") from None
+        if size != part.size:
+            raise IntegrityError(f"{where}: file is {size} bytes, manifest says {part.size}")
+        storage = torch.UntypedStorage.from_file(path, shared=False, nbytes=size)
+        data = torch.empty(0, dtype=torch.uint8).set_(storage)
+        view = data.numpy()
+        if verify and not fresh:
+            got = digest_buffer(view)
+            if got != part.digest:
+                raise IntegrityError(f"{where}: digest is {got}, manifest says {part.digest}")
+        header = parse_header(memoryview(view), size, where=where)
+        check_header(header, part, where)
+        tensors: dict[str, torch.Tensor] = {}
+        for name, entry in header.items():
+            dtype = DTYPES[entry.dtype]
+            raw = data[entry.start : entry.end]
+            if entry.start % dtype.itemsize:
+                raw = raw.clone()  # misaligned (not written by sepstore): one copy to align it
+            tensors[name] = raw.view(dtype).reshape(entry.shape)
+        return dict(sorted(tensors.items()))

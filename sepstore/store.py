@@ -1,0 +1,203 @@
+"""A sepweight store over any fsspec filesystem: part files by digest, manifests by name and tag.
+
+Layout::
+
+    <root>/parts/blake3/<64 hex>.safetensors
+    <root>/manifests/<name>/<tag>.json
+
+Writes never leave a partial file under a final name: on local disk a file is written under a
+temporary name in the same folder and renamed into place; object stores make each upload atomic.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import secrets
+import tempfile
+from collections.abc import Callable, Iterator
+from typing import Any, BinaryIO, TypeVar
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+from .errors import NotFoundError, StoreError
+from .hashing import digest_hex
+from .manifest import MAX_MANIFEST_BYTES, NAME_PATTERN, TAG_PATTERN
+
+__all__ = ["PARTS_DIR", "Store", "backend_errors", "check_name", "check_tag", "create_temp", "read_limited"]
+
+PARTS_DIR = "parts/blake3"
+MANIFESTS_DIR = "manifests"
+_NAME_RE = re.compile(NAME_PATTERN)
+_TAG_RE = re.compile(TAG_PATTERN)
+
+T = TypeVar("T")
+
+
+def create_temp(folder: str | None, suffix: str) -> tuple[int, str]:
+    """Create a new file ``.tmp-<random><suffix>`` in ``folder`` (the system's temp folder if
+    ``None``), with the permissions the umask gives (``mkstemp`` would make it private)."""
+    folder = folder if folder is not None else tempfile.gettempdir()
+    while True:
+        path = os.path.join(folder, f".tmp-{secrets.token_hex(8)}{suffix}")
+        try:
+            return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), path
+        except FileExistsError:
+            continue
+
+
+def check_name(name: str) -> str:
+    if not isinstance(name, str) or not _NAME_RE.match(name):
+        raise StoreError(
+            f"invalid model name {name!r}: use segments of letters, digits, '.', '_' and '-' joined by '/' "
+            "(e.g. 'meta-llama/Llama-3-8B'), never '.' or '..'"
+        )
+    return name
+
+
+def check_tag(tag: str) -> str:
+    if not isinstance(tag, str) or not _TAG_RE.match(tag):
+        raise StoreError(f"invalid tag {tag!r}: one segment of letters, digits, '.', '_' and '-' (e.g. 'v1')")
+    return tag
+
+
+@contextlib.contextmanager
+def backend_errors(url: str) -> Iterator[None]:
+    """Translate a backend's exceptions into sepstore's, naming ``url``."""
+    try:
+        yield
+    except FileNotFoundError:
+        raise NotFoundError(f"{url}: not found") from None
+    except (OSError, ValueError) as exc:
+        raise StoreError(f"{url}: {type(exc).__name__}: {exc}") from exc
+
+
+def read_limited(fs: fsspec.AbstractFileSystem, path: str, url: str, limit: int = MAX_MANIFEST_BYTES) -> bytes:
+    """Read a small object whole, refusing one larger than ``limit`` without reading it all."""
+    with backend_errors(url), fs.open(path, "rb") as f:
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise StoreError(f"{url}: larger than {limit} bytes; not a manifest")
+    return data
+
+
+class Store:
+    """A store rooted at ``url`` (a local path, ``file://``, ``s3://``, ``memory://``, ...)."""
+
+    def __init__(self, url: str | os.PathLike[str], storage_options: dict[str, Any] | None = None) -> None:
+        url = os.fspath(url)
+        if not isinstance(url, str) or not url:
+            raise StoreError(f"a store location is a path or URL, got {url!r}")
+        try:
+            self.fs, root = fsspec.core.url_to_fs(url, **(storage_options or {}))
+        except (ImportError, ValueError) as exc:
+            raise StoreError(f"cannot open store {url!r}: {exc}") from exc
+        self.root: str = root.rstrip("/") or root
+        self.url: str = self.fs.unstrip_protocol(self.root) if not self.is_local else self.root
+
+    @property
+    def is_local(self) -> bool:
+        return isinstance(self.fs, LocalFileSystem)
+
+    def __repr__(self) -> str:
+        return f"Store({self.url!r})"
+
+    # -- locations -------------------------------------------------------------------------------
+
+    def _path(self, *segments: str) -> str:
+        return "/".join((self.root, *segments))
+
+    def url_of(self, path: str) -> str:
+        return path if self.is_local else self.fs.unstrip_protocol(path)
+
+    @property
+    def parts_url(self) -> str:
+        return self.url_of(self._path(PARTS_DIR))
+
+    def part_path(self, digest: str) -> str:
+        return self._path(PARTS_DIR, f"{digest_hex(digest)}.safetensors")
+
+    def manifest_path(self, name: str, tag: str) -> str:
+        return self._path(MANIFESTS_DIR, check_name(name), f"{check_tag(tag)}.json")
+
+    # -- parts -----------------------------------------------------------------------------------
+
+    def has_part(self, digest: str) -> bool:
+        path = self.part_path(digest)
+        with backend_errors(self.url_of(path)):
+            return bool(self.fs.exists(path))
+
+    def add_part(self, write: Callable[[BinaryIO], T], digest_of: Callable[[T], str]) -> T:
+        """Write a part with ``write(file)`` and file it under the digest that ``digest_of`` reads.
+
+        The bytes go to a temporary file first (in the parts folder itself on local disk, so the
+        rename is atomic); an existing part with that digest is kept as it is, never rewritten.
+        """
+        staging = self._path(PARTS_DIR) if self.is_local else None
+        if staging is not None:
+            with backend_errors(staging):
+                os.makedirs(staging, exist_ok=True)
+        fd, tmp = create_temp(staging, ".safetensors")
+        try:
+            with os.fdopen(fd, "wb") as out:
+                result = write(out)
+            final = self.part_path(digest_of(result))
+            with backend_errors(self.url_of(final)):
+                if not self.fs.exists(final):
+                    if self.is_local:
+                        os.replace(tmp, final)
+                    else:
+                        self.fs.put_file(tmp, final)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+        return result
+
+    # -- manifests -------------------------------------------------------------------------------
+
+    def read_manifest_bytes(self, name: str, tag: str) -> bytes:
+        path = self.manifest_path(name, tag)
+        return read_limited(self.fs, path, self.url_of(path))
+
+    def write_manifest_bytes(self, name: str, tag: str, data: bytes) -> str:
+        """Write a manifest atomically (replacing the tag's previous one); returns its URL."""
+        path = self.manifest_path(name, tag)
+        url = self.url_of(path)
+        with backend_errors(url):
+            if self.is_local:
+                folder = os.path.dirname(path)
+                os.makedirs(folder, exist_ok=True)
+                fd, tmp = create_temp(folder, ".json")
+                try:
+                    with os.fdopen(fd, "wb") as out:
+                        out.write(data)
+                    os.replace(tmp, path)
+                finally:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(tmp)
+            else:
+                self.fs.pipe_file(path, data)
+        return url
+
+    def has_manifest(self, name: str, tag: str) -> bool:
+        path = self.manifest_path(name, tag)
+        with backend_errors(self.url_of(path)):
+            return bool(self.fs.exists(path))
+
+    def list_manifests(self) -> list[tuple[str, str]]:
+        """Every ``(name, tag)`` in the store, sorted."""
+        base = self._path(MANIFESTS_DIR)
+        with backend_errors(self.url_of(base)):
+            if not self.fs.exists(base):
+                return []
+            found = self.fs.find(base)
+        out: list[tuple[str, str]] = []
+        for path in found:
+            relative = path[len(base) :].strip("/")
+            name, _, filename = relative.rpartition("/")
+            tag, dot, ext = filename.rpartition(".")
+            if dot and ext == "json" and not tag.startswith(".tmp-") and _NAME_RE.match(name) and _TAG_RE.match(tag):
+                out.append((name, tag))
+        return sorted(out)

@@ -71,7 +71,9 @@ def verify(
     cannot be read or decoded still raises.
     """
     resolved = resolve(ref, name=name, tag=tag, storage_options=storage_options, parts_url=parts_url, digest=digest)
-    _, chosen = select_parts(resolved.manifest, spec)
+    parsed, chosen = select_parts(resolved.manifest, spec) if spec != "f" else (None, [])
+    if parsed is None:  # the whole model: every part there is, also of a dump still in progress
+        chosen = list(resolved.manifest.labelled_parts())
     reader = PartReader(resolved, cache_dir=cache_dir)
     checks: list[PartCheck] = []
     for label, part in chosen:

@@ -376,3 +376,13 @@ def test_any_tensors_round_trip_bit_exactly(entries: dict[str, tuple[torch.Tenso
 def test_layer_count_follows_the_highest_layer(tmp_path: Path) -> None:
     manifest = sepstore.dump(lambda k: ("mid", int(k), "w"), {str(i): torch.ones(1) for i in range(N_LAYERS)}, tmp_path)
     assert manifest.n_layers == N_LAYERS
+
+
+def test_a_memory_store_round_trips_through_the_cache(tmp_path: Path, state_dict: dict[str, torch.Tensor]) -> None:
+    url = f"memory://sepstore-test-{tmp_path.name}"
+    sepstore.dump(llama_decider, state_dict, url, name="mem/model", tag="v1")
+    cache = tmp_path / "cache"
+    psd = sepstore.load(url, "b 0-2", cache_dir=cache)
+    assert same_bytes(psd.mid[1]["mlp.up_proj.weight"], state_dict["model.layers.1.mlp.up_proj.weight"])
+    assert len(list((cache / "parts/blake3").iterdir())) == 3
+    assert sepstore.verify(f"{url}/manifests/mem/model/v1.json", cache_dir=cache).ok

@@ -109,6 +109,8 @@ def decode_manifest(data: bytes, *, source: str) -> Manifest:
         envelope = msgspec.json.decode(data, type=_Envelope)
     except msgspec.DecodeError as exc:
         raise ManifestError(f"{source}: not a JSON object ({exc})") from None
+    except RecursionError:
+        raise ManifestError(f"{source}: JSON nested too deeply") from None
     if envelope.format != FORMAT:
         raise ManifestError(
             f"{source}: field `format` is {envelope.format!r}, expected {FORMAT!r}: not a sepstore manifest"
@@ -125,6 +127,8 @@ def decode_manifest(data: bytes, *, source: str) -> Manifest:
         manifest = msgspec.json.decode(data, type=Manifest)
     except msgspec.DecodeError as exc:
         raise ManifestError(f"{source}: {exc}") from None
+    except RecursionError:
+        raise ManifestError(f"{source}: JSON nested too deeply") from None
     _check_parts_location(manifest.parts, source)
     return manifest
 

@@ -113,13 +113,10 @@ def _parts_location(manifest_url: str, manifest: Manifest) -> str:
         return parts.rstrip("/")
     folder = posixpath.dirname(path)
     joined = posixpath.normpath(posixpath.join(folder, parts))
-    suffix = f"/{MANIFESTS_DIR}/{manifest.name}"
-    if folder.endswith(suffix):
-        root = folder[: -len(suffix)] or "/"
-        inside = joined == root or joined.startswith(root.rstrip("/") + "/")
-    else:
-        authority = path.split("/", 1)[0]
-        inside = local or joined == authority or joined.startswith(authority + "/")
+    # The store root is above the manifests/ folder; a manifest outside one only reaches below itself.
+    cut = (folder + "/").rfind(f"/{MANIFESTS_DIR}/")
+    root = (folder[:cut] or "/") if cut >= 0 else folder
+    inside = joined == root or joined.startswith(root.rstrip("/") + "/")
     if not inside:
         raise ManifestError(f"{manifest_url}: field `parts` {parts!r} points outside the store; refused")
     return joined if local else f"{protocol}://{joined}"

@@ -54,7 +54,10 @@ class PartSpec:
                 )
             start, stop = int(match[1]), int(match[2])
             if start >= stop:
-                raise SpecError(f"part spec {spec!r}: range {token!r} is empty or reversed (ranges are half-open)")
+                raise SpecError(
+                    f"part spec {spec!r}: range {token!r} is empty or reversed (ranges are half-open, "
+                    f"over the model's {n_layers} layers)"
+                )
             if stop > n_layers:
                 raise SpecError(f"part spec {spec!r}: range {token!r} is outside the model's {n_layers} layers")
             new = range(start, stop)

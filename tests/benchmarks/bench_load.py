@@ -2,25 +2,32 @@
 
 Run by hand from the repository root (pytest skips tests/benchmarks):
 
-    .venv/bin/python tests/benchmarks/bench_load.py                 # full size, 5 repeats
+    .venv/bin/python tests/benchmarks/bench_load.py                          # full size, 5 repeats
     .venv/bin/python tests/benchmarks/bench_load.py --layers 6 --repeats 3   # quick
-    .venv/bin/python tests/benchmarks/bench_load.py --clean         # remove --workdir at the end
+    .venv/bin/python tests/benchmarks/bench_load.py --clean                  # delete --workdir at the end
 
 It writes a seeded synthetic checkpoint (Hugging Face layout, bf16, about 2 GiB at full size) into
-``--workdir`` (reused by later runs), dumps it with ``sepstore.dump`` and ``llm_sepweight.dump``
-(timed once each), then times ``load(..., "b 0-5").to_dict()`` for sepstore (verified and not) and
-llm_sepweight, interleaved, after one untimed warm-up call each, so the page cache is warm for all.
+``--workdir`` (kept and reused by later runs unless ``--clean``), dumps it with ``sepstore.dump``
+and ``llm_sepweight.dump`` (timed once each), loads ``"b 0-5"`` once with each loader (page cache
+warm from then on; results compared), then times ``load(..., "b 0-5").to_dict()`` for sepstore
+(verify=True, verify=False) and llm_sepweight, interleaved, in two settings:
 
-Two variants: "load only" times the call alone (sepstore returns views of a copy-on-write mmap, so
-unverified it reads only headers, verified it reads every byte once to hash it; llm_sepweight's
-``torch.load`` copies every byte into memory); "load + sum" also sums every tensor inside the timed
-region, so every byte is touched on every side.
+- "one process": all calls in one spawned process, after a warm-up call each. Repeated calls can
+  reuse memory the allocator kept, which helps llm_sepweight (its ``torch.load`` copies every byte
+  into fresh memory, so it pays a page fault per 4 KiB page unless the allocator recycles pages).
+- "fresh process": each call in a new process, as a node loading its weights once would do.
+
+Two variants each: "load only" times the call alone (sepstore returns views of a copy-on-write mmap,
+so unverified it reads only headers, verified it reads every byte once to hash it; llm_sepweight
+reads every byte); "load + sum" also sums every tensor inside the timed region, so every byte is
+touched on every side.
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import multiprocessing
 import os
 import re
 import shutil
@@ -37,6 +44,9 @@ import sepstore
 from sepstore.demo import llama_decider
 
 Tensors = dict[str, torch.Tensor]
+LOADERS = ("sepstore verify=True", "sepstore verify=False", "llm_sepweight")
+MODES = ("load only", "load + sum")
+Step = tuple[str, str]  # (loader, mode)
 
 
 def sepweight_decider(key: str) -> list[str]:
@@ -49,18 +59,37 @@ def sepweight_decider(key: str) -> list[str]:
     return ["end", key.removeprefix("model.")]
 
 
+def timed(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def load(loader: str, manifest: Path, sepdir: Path, spec: str) -> Tensors:
+    if loader == "llm_sepweight":
+        return llm_sepweight.load(sepdir, spec).to_dict()
+    return sepstore.load(manifest, spec, verify=loader.endswith("True")).to_dict()
+
+
 def touch(sd: Tensors) -> float:
     """Read every byte of every tensor."""
     return sum(float(t.sum()) for t in sd.values())
 
 
-def timed(fn: Callable[[], object]) -> float:
-    gc.collect()
-    start = time.perf_counter()
-    result = fn()
-    elapsed = time.perf_counter() - start
-    del result
-    return elapsed
+def time_steps(manifest: Path, sepdir: Path, spec: str, steps: list[Step], warm_up: bool) -> list[float]:
+    """Seconds for each step, in order, in this process (after one untimed call per loader if ``warm_up``)."""
+    for loader in LOADERS if warm_up else ():
+        load(loader, manifest, sepdir, spec)
+    times = []
+    for loader, mode in steps:
+        gc.collect()
+        start = time.perf_counter()
+        sd = load(loader, manifest, sepdir, spec)
+        if mode == "load + sum":
+            touch(sd)
+        times.append(time.perf_counter() - start)
+        del sd
+    return times
 
 
 def check_same(ours: Tensors, theirs: Tensors) -> None:
@@ -79,7 +108,6 @@ def prepare(workdir: Path, layers: int) -> tuple[Path, Path]:
     size = sum(v.nbytes for v in sd.values())
     print(f"checkpoint: {layers} layers, {len(sd)} tensors, {size / 2**30:.2f} GiB bf16 at {ckpt}", end=" ")
     print(f"(ready in {time.perf_counter() - start:.1f} s)")
-    print(f"machine: {os.cpu_count()} cores, torch {torch.__version__} with {torch.get_num_threads()} threads")
     for path in (store, sepdir):
         shutil.rmtree(path, ignore_errors=True)
     ours = timed(lambda: sepstore.dump(llama_decider, sd, store, config=tinyllama_config(layers)))
@@ -88,13 +116,26 @@ def prepare(workdir: Path, layers: int) -> tuple[Path, Path]:
     return store / "manifests" / "model" / "latest.json", sepdir
 
 
-def warm_up(loaders: dict[str, Callable[[], Tensors]], repeats: int) -> tuple[int, int, float]:
-    """One untimed call of each loader; check they agree. Tensors, bytes, and the best time to sum them."""
-    results = {name: load() for name, load in loaders.items()}
-    ours, theirs = results["sepstore verify=True"], results["llm_sepweight"]
-    check_same(ours, theirs)
-    sum_alone = min(timed(lambda: touch(theirs)) for _ in range(repeats))
-    return len(ours), sum(v.nbytes for v in ours.values()), sum_alone
+def report(title: str, steps: list[Step], times: list[float]) -> None:
+    by: dict[Step, list[float]] = {}
+    for step, t in zip(steps, times, strict=True):
+        by.setdefault(step, []).append(t)
+
+    def cell(values: list[float]) -> str:
+        return f"{min(values):>11.3f}{statistics.median(values):>11.3f}"
+
+    def ratio(a: list[float], b: list[float]) -> str:
+        return f"{min(a) / min(b):>10.2f}x{statistics.median(a) / statistics.median(b):>10.2f}x"
+
+    print(f"\n{title + ', seconds':<32}" + "".join(f"{m:>22}" for m in MODES))
+    print(f"{'':<32}" + f"{'min':>11}{'median':>11}" * len(MODES))
+    for loader in LOADERS:
+        print(f"{loader:<32}" + "".join(cell(by[loader, m]) for m in MODES))
+    for loader in LOADERS[:2]:
+        label = loader.removeprefix("sepstore ") + " / llm_sepweight"
+        print(f"{label:<32}" + "".join(ratio(by[loader, m], by["llm_sepweight", m]) for m in MODES))
+    ours, theirs = (statistics.median(by[loader, "load only"]) for loader in LOADERS[::2])
+    print(f"sepstore verified / llm_sepweight, load only, median: {ours / theirs:.2f}x")
 
 
 def main() -> None:
@@ -105,46 +146,23 @@ def main() -> None:
     parser.add_argument("--clean", action="store_true", help="delete --workdir at the end")
     args = parser.parse_args()
     spec = f"b 0-{min(5, args.layers)}"
-    manifest, sepdir = prepare(args.workdir, args.layers)
+    print(f"machine: {os.cpu_count()} cores, torch {torch.__version__} with {torch.get_num_threads()} threads")
+    manifest, sepdir = prepare(args.workdir.resolve(), args.layers)
+    ours, theirs = (load(loader, manifest, sepdir, spec) for loader in LOADERS[::2])
+    check_same(ours, theirs)
+    print(f'load "{spec}": {len(ours)} tensors, {sum(v.nbytes for v in ours.values()) / 2**20:.0f} MiB, ', end="")
+    print(f"page cache warm, {args.repeats} repeats interleaved (target: verified / llm_sepweight <= 1.0x, aim 0.5x)")
+    del ours, theirs
 
-    loaders: dict[str, Callable[[], Tensors]] = {
-        "sepstore verify=True": lambda: sepstore.load(manifest, spec).to_dict(),
-        "sepstore verify=False": lambda: sepstore.load(manifest, spec, verify=False).to_dict(),
-        "llm_sepweight": lambda: llm_sepweight.load(sepdir, spec).to_dict(),
-    }
-    count, nbytes, sum_alone = warm_up(loaders, args.repeats)
-    print(
-        f'load "{spec}": {count} tensors, {nbytes / 2**20:.0f} MiB; page cache warm; {args.repeats} repeats, ', end=""
-    )
-    print("interleaved")
-    modes: dict[str, Callable[[Callable[[], Tensors]], Callable[[], object]]] = {
-        "load only": lambda load: load,
-        "load + sum": lambda load: lambda: touch(load()),
-    }
-    times: dict[tuple[str, str], list[float]] = {(n, m): [] for n in loaders for m in modes}
-    for _ in range(args.repeats):
-        for mode, wrap in modes.items():
-            for name, load in loaders.items():
-                times[name, mode].append(timed(wrap(load)))
-
-    def cell(values: list[float]) -> str:
-        return f"{min(values):>11.3f}{statistics.median(values):>11.3f}"
-
-    def ratio(a: list[float], b: list[float]) -> str:
-        return f"{min(a) / min(b):>10.2f}x{statistics.median(a) / statistics.median(b):>10.2f}x"
-
-    print(f"\n{'seconds':<24}" + "".join(f"{m:>22}" for m in modes))
-    print(f"{'':<24}" + f"{'min':>11}{'median':>11}" * len(modes))
-    for name in loaders:
-        print(f"{name:<24}" + "".join(cell(times[name, m]) for m in modes))
-    print(f"{'(sum alone, resident)':<24}{sum_alone:>11.3f}")
-    for name in ("sepstore verify=True", "sepstore verify=False"):
-        label = name.removeprefix("sepstore ") + " / llm_sepweight"
-        print(f"{label:<24}" + "".join(ratio(times[name, m], times["llm_sepweight", m]) for m in modes))
-    verified = statistics.median(times["sepstore verify=True", "load only"])
-    baseline = statistics.median(times["llm_sepweight", "load only"])
-    print(f"\nsepstore verified / llm_sepweight, load only, median: {verified / baseline:.2f}x", end=" ")
-    print("(target <= 1.0x, aim 0.5x)")
+    steps = [(loader, mode) for _ in range(args.repeats) for mode in MODES for loader in LOADERS]
+    spawn = multiprocessing.get_context("spawn")
+    with spawn.Pool(1) as pool:
+        times = pool.apply(time_steps, (manifest, sepdir, spec, steps, True))
+    report("one process", steps, times)
+    with spawn.Pool(1, maxtasksperchild=1) as pool:
+        times = [pool.apply(time_steps, (manifest, sepdir, spec, [step], False))[0] for step in steps]
+    report("fresh process per call", steps, times)
+    print(f"load average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     if args.clean:
         shutil.rmtree(args.workdir)
 

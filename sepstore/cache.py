@@ -1,25 +1,35 @@
 """The local cache of remote parts: the store's ``parts/blake3/`` layout, verified on the way in.
 
-A part is streamed into a temporary file in the cache while it is hashed and renamed to its digest
-name only when its size and digest match, so the cache never holds a file whose bytes do not
-match its name, and several processes can fill one cache at once.
+Parts are fetched in bounded-concurrency ranged reads into ``incoming/<hex>.partial`` (a ``.done``
+log beside it records finished ranges, so a killed pull resumes where it stopped), hashed, and renamed
+to their digest name only when size and digest match: the cache never holds a file under a name
+its bytes do not have. A per-part ``flock`` keeps several processes from fetching the same part;
+a process that finds a part locked fetches its other parts first, then waits for that one.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
+from collections.abc import Iterator, Sequence
+from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
 
 import fsspec
+from tqdm.auto import tqdm
 
 from .errors import IntegrityError
-from .hashing import Hasher, digest_hex, digest_of
+from .hashing import digest_file, digest_hex
 from .manifest import Part
-from .store import PARTS_DIR, backend_errors, create_temp
+from .retry import ShortReadError, with_retries
+from .store import PARTS_DIR
 
-__all__ = ["Cache", "default_cache_dir"]
+__all__ = ["CHUNK_BYTES", "Cache", "Fetch", "default_cache_dir"]
 
-_CHUNK = 8 * 1024 * 1024
+#: Parts larger than this are fetched as concurrent ranged reads of this size.
+CHUNK_BYTES = 32 * 1024 * 1024
+DEFAULT_WORKERS = 8
 
 
 def default_cache_dir() -> str:
@@ -27,10 +37,103 @@ def default_cache_dir() -> str:
     return os.environ.get("SEPSTORE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "sepstore")
 
 
+@dataclass(frozen=True)
+class Fetch:
+    """One part to bring into the cache: where it is, and what the manifest says it is."""
+
+    fs: fsspec.AbstractFileSystem
+    src: str
+    url: str
+    part: Part
+    label: str
+
+
+@dataclass
+class _Download:
+    item: Fetch
+    final: str
+    partial: str
+    log: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.log = self.partial + ".done"
+
+    @property
+    def ranges(self) -> list[tuple[int, int]]:
+        size = self.item.part.size
+        return [(start, min(start + CHUNK_BYTES, size)) for start in range(0, size, CHUNK_BYTES)]
+
+    def open(self) -> list[int]:
+        """Prepare the partial file; the chunk indices still to fetch (all, unless resuming)."""
+        done: set[int] = set()
+        if os.path.exists(self.partial) and os.path.getsize(self.partial) == self.item.part.size:
+            with contextlib.suppress(FileNotFoundError), open(self.log) as log:
+                done = {int(line) for line in log if line.strip().isdigit()}
+        else:
+            self.discard()
+        with open(self.partial, "ab") as f:
+            f.truncate(self.item.part.size)
+        return [i for i in range(len(self.ranges)) if i not in done]
+
+    def fetch_chunk(self, index: int, bar: tqdm | None) -> None:
+        start, end = self.ranges[index]
+        item = self.item
+
+        def read() -> bytes:
+            data = item.fs.cat_file(item.src, start=start, end=end)
+            if len(data) != end - start:
+                raise ShortReadError(f"got {len(data)} bytes for range {start}-{end}")
+            return data
+
+        data = with_retries(read, item.url)
+        fd = os.open(self.partial, os.O_WRONLY)
+        try:
+            os.pwrite(fd, data, start)
+        finally:
+            os.close(fd)
+        with open(self.log, "a") as log:
+            log.write(f"{index}\n")
+        if bar is not None:
+            bar.update(len(data))
+
+    def finish(self) -> None:
+        """Verify the partial file and rename it into place, or delete it and refuse it."""
+        part, url = self.item.part, self.item.url
+        got = digest_file(self.partial)
+        if got != part.digest:
+            self.discard()
+            raise IntegrityError(f"part {self.item.label} at {url}: digest is {got}, manifest says {part.digest}")
+        os.replace(self.partial, self.final)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.log)
+
+    def discard(self) -> None:
+        for path in (self.partial, self.log):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+
+
+@contextlib.contextmanager
+def _locked(path: str, *, blocking: bool) -> Iterator[bool]:
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        yield True
+    finally:
+        os.close(fd)
+
+
 class Cache:
+    """A verified cache of parts under ``root`` (default :func:`default_cache_dir`)."""
+
     def __init__(self, root: str | os.PathLike[str] | None = None) -> None:
         self.root = os.path.abspath(os.fspath(root) if root is not None else default_cache_dir())
         self.parts = os.path.join(self.root, *PARTS_DIR.split("/"))
+        self.incoming = os.path.join(self.root, "incoming")  # partial downloads and locks, same filesystem
 
     def path(self, digest: str) -> str:
         return os.path.join(self.parts, f"{digest_hex(digest)}.safetensors")
@@ -38,29 +141,60 @@ class Cache:
     def has(self, digest: str) -> bool:
         return os.path.exists(self.path(digest))
 
-    def fetch(self, fs: fsspec.AbstractFileSystem, src: str, url: str, part: Part, label: str) -> str:
-        """Copy the part at ``src`` into the cache, verifying it on the way; returns the cached path."""
-        final = self.path(part.digest)
+    def fetch(self, items: Sequence[Fetch], *, workers: int = DEFAULT_WORKERS, bar: tqdm | None = None) -> list[Fetch]:
+        """Bring every part of ``items`` into the cache; returns those this call fetched."""
         os.makedirs(self.parts, exist_ok=True)
-        fd, tmp = create_temp(self.parts, ".safetensors")
-        try:
-            hasher, size = Hasher(), 0
-            with os.fdopen(fd, "wb") as out, backend_errors(url), fs.open(src, "rb") as remote:
-                while chunk := remote.read(_CHUNK):
-                    size += len(chunk)
-                    if size > part.size:
-                        raise IntegrityError(
-                            f"part {label} at {url}: more than the {part.size} bytes the manifest says"
-                        )
-                    hasher.update(chunk)
-                    out.write(chunk)
-            got = digest_of(hasher)
-            if size != part.size:
-                raise IntegrityError(f"part {label} at {url}: {size} bytes, manifest says {part.size}")
-            if got != part.digest:
-                raise IntegrityError(f"part {label} at {url}: digest is {got}, manifest says {part.digest}")
-            os.replace(tmp, final)
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-        return final
+        os.makedirs(self.incoming, exist_ok=True)
+        todo = sorted({i.part.digest: i for i in items if not self.has(i.part.digest)}.values(), key=_digest)
+        fetched: list[Fetch] = []
+        with contextlib.ExitStack() as locks:
+            mine, theirs = [], []
+            for item in todo:
+                got = locks.enter_context(_locked(self._lock(item), blocking=False))
+                (mine if got else theirs).append(item)
+            fetched += self._download([i for i in mine if not self.has(i.part.digest)], workers, bar)
+        for item in theirs:  # another process is fetching these: wait for it, then take over if it died
+            with _locked(self._lock(item), blocking=True):
+                if not self.has(item.part.digest):
+                    fetched += self._download([item], workers, bar)
+        return fetched
+
+    def _incoming(self, item: Fetch, suffix: str) -> str:
+        return os.path.join(self.incoming, digest_hex(item.part.digest) + suffix)
+
+    def _lock(self, item: Fetch) -> str:
+        return self._incoming(item, ".lock")
+
+    def _download(self, items: list[Fetch], workers: int, bar: tqdm | None) -> list[Fetch]:
+        downloads = [_Download(i, self.path(i.part.digest), self._incoming(i, ".partial")) for i in items]
+        if not downloads:
+            return []
+        remaining: dict[int, int] = {}
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="sepstore-fetch") as pool:
+            futures: dict[Future[None], int] = {}
+            for n, dl in enumerate(downloads):
+                chunks = dl.open()
+                if bar is not None:
+                    bar.update(sum(e - s for i, (s, e) in enumerate(dl.ranges) if i not in chunks))
+                remaining[n] = len(chunks)
+                futures.update({pool.submit(dl.fetch_chunk, c, bar): n for c in chunks})
+            for n, count in remaining.items():
+                if count == 0:
+                    downloads[n].finish()
+            pending = set(futures)
+            while pending:
+                done, pending = wait(pending, return_when=FIRST_EXCEPTION)
+                for future in done:
+                    if future.exception() is not None:
+                        for other in pending:
+                            other.cancel()
+                        future.result()
+                    n = futures[future]
+                    remaining[n] -= 1
+                    if remaining[n] == 0:
+                        downloads[n].finish()
+        return items
+
+
+def _digest(item: Fetch) -> str:
+    return item.part.digest

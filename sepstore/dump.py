@@ -7,12 +7,12 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
 import torch
-from tqdm.auto import tqdm
 
 from ._version import __version__
 from .errors import DeciderError, TensorError
 from .hashing import digest_buffer
 from .manifest import FORMAT_VERSION, Manifest, Part, Tensor, decode_manifest, encode_manifest
+from .progress import progress
 from .reader import PartReader
 from .refs import Resolved
 from .safetensors_io import WrittenPart, dtype_name, raw_bytes, write_part
@@ -158,9 +158,7 @@ def dump(
     writer = _Writer(store, existing)
     order = sorted(groups, key=lambda s: (s == "end", s != "begin", s if isinstance(s, int) else 0))
     total = sum(t.nbytes for group in groups.values() for t in group.values())
-    with tqdm(
-        total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=f"dump {name}:{tag}", disable=None
-    ) as bar:
+    with progress(total, f"dump {name}:{tag}") as bar:
         for slot in order:
             tensors = groups[slot]
             if slot == "begin":

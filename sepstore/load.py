@@ -107,6 +107,7 @@ def iter_parts(
     """Yield ``(label, tensors)`` part by part, each verified before it is yielded."""
     _, chosen = select_parts(resolved.manifest, spec)
     reader = PartReader(resolved, cache_dir=cache_dir)
+    reader.prefetch(chosen, desc=f"fetch {resolved.manifest.name}")
     target = torch.device(device)
     for label, part in chosen:
         tensors = reader.read(label, part, verify=verify)

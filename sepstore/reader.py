@@ -8,14 +8,16 @@ tensors are views into it, so a verified load reads each byte once and copies no
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 
 import torch
 from fsspec.implementations.local import LocalFileSystem
 
-from .cache import Cache
+from .cache import DEFAULT_WORKERS, Cache, Fetch
 from .errors import IntegrityError, NotFoundError
-from .hashing import digest_buffer
+from .hashing import digest_buffer, digest_hex
 from .manifest import Part
+from .progress import progress
 from .refs import Resolved, open_fs
 from .safetensors_io import DTYPES, HeaderEntry, parse_header
 
@@ -38,27 +40,49 @@ def check_header(header: dict[str, HeaderEntry], part: Part, where: str) -> None
 
 
 class PartReader:
-    """Reads the parts of one resolved manifest, from its store or through the cache."""
+    """Reads the parts of one resolved manifest: in place from a local store, else through the cache."""
 
-    def __init__(self, resolved: Resolved, *, cache_dir: str | os.PathLike[str] | None = None) -> None:
+    def __init__(
+        self, resolved: Resolved, *, cache_dir: str | os.PathLike[str] | None = None, workers: int = DEFAULT_WORKERS
+    ) -> None:
         self.resolved = resolved
         self.fs, self.base = open_fs(resolved.parts_url, resolved.storage_options)
-        self.local = isinstance(self.fs, LocalFileSystem)
-        self._cache_dir = cache_dir
+        self.cache = None if isinstance(self.fs, LocalFileSystem) else Cache(cache_dir)
+        self.workers = workers
+        self._fresh: set[str] = set()  # digests this reader fetched, and so verified, itself
 
-    def local_path(self, label: str, part: Part) -> tuple[str, bool]:
-        """A local file holding the part, and whether it was just fetched (and so just verified)."""
-        name = self.resolved.part_url(part).rsplit("/", 1)[1]
-        if self.local:
-            return f"{self.base}/{name}", False
-        cache = Cache(self._cache_dir)
-        if cache.has(part.digest):
-            return cache.path(part.digest), False
-        return cache.fetch(self.fs, f"{self.base}/{name}", self.resolved.part_url(part), part, label), True
+    def _source(self, part: Part) -> str:
+        return f"{self.base}/{digest_hex(part.digest)}.safetensors"
+
+    def path(self, part: Part) -> str:
+        """Where the part's bytes are (or will be) on local disk."""
+        return self._source(part) if self.cache is None else self.cache.path(part.digest)
+
+    def missing(self, chosen: Iterable[tuple[str, Part]]) -> list[Fetch]:
+        """The chosen parts that are neither local nor cached yet."""
+        if self.cache is None:
+            return []
+        fetches = {
+            part.digest: Fetch(self.fs, self._source(part), self.resolved.part_url(part), part, label)
+            for label, part in chosen
+            if not self.cache.has(part.digest)
+        }
+        return list(fetches.values())
+
+    def prefetch(self, chosen: Iterable[tuple[str, Part]], *, desc: str = "fetch", quiet: bool = False) -> list[Fetch]:
+        """Fetch the chosen parts the cache lacks, in parallel; returns what was fetched."""
+        todo = self.missing(chosen)
+        if not todo or self.cache is None:
+            return []
+        with progress(sum(f.part.size for f in todo), desc, quiet=quiet) as bar:
+            fetched = self.cache.fetch(todo, workers=self.workers, bar=bar)
+        self._fresh.update(f.part.digest for f in fetched)
+        return fetched
 
     def read(self, label: str, part: Part, *, verify: bool = True) -> dict[str, torch.Tensor]:
         """The part's tensors on the CPU, sorted by name, after checking size, digest and header."""
-        path, fresh = self.local_path(label, part)
+        self.prefetch([(label, part)], desc=f"fetch {label}")
+        path = self.path(part)
         where = f"part {label} ({path})"
         try:
             size = os.stat(path).st_size
@@ -69,7 +93,7 @@ class PartReader:
         storage = torch.UntypedStorage.from_file(path, shared=False, nbytes=size)
         data = torch.empty(0, dtype=torch.uint8).set_(storage)
         view = data.numpy()
-        if verify and not fresh:
+        if verify and part.digest not in self._fresh:
             got = digest_buffer(view)
             if got != part.digest:
                 raise IntegrityError(f"{where}: digest is {got}, manifest says {part.digest}")

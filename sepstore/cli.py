@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -14,6 +15,9 @@ from typing import Any
 from . import __version__
 from .diff import diff
 from .errors import IntegrityError, SepstoreError
+from .load import select_parts
+from .pull import pull
+from .push import push
 from .refs import resolve
 from .verify import verify
 
@@ -86,7 +90,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    report = verify(args.ref, args.spec, **_ref_kwargs(args))
+    report = verify(args.ref, args.spec, parts_url=args.parts_url, **_ref_kwargs(args))
     if args.json:
         _print_json(report.to_dict())
     else:
@@ -111,6 +115,51 @@ def cmd_diff(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_push(args: argparse.Namespace) -> int:
+    report = push(
+        args.ref, args.dest, name=args.name, tag=args.tag, dest_tag=args.as_tag, force=args.force, quiet=args.quiet
+    )
+    if args.json:
+        _print_json(report.to_dict())
+        return EXIT_OK
+    print(
+        f"uploaded {len(report.uploaded)} parts ({human_bytes(report.uploaded_bytes)}), "
+        f"skipped {len(report.skipped)} already there ({human_bytes(report.skipped_bytes)})"
+    )
+    state = "published" if report.manifest_written else "already published"
+    print(f"{state}: {report.manifest_url} ({report.manifest_digest})")
+    return EXIT_OK
+
+
+def cmd_pull(args: argparse.Namespace) -> int:
+    report = pull(
+        args.ref, args.spec, cache_dir=args.cache_dir, parts_url=args.parts_url, quiet=args.quiet, **_ref_kwargs(args)
+    )
+    if args.json:
+        _print_json(report.to_dict())
+        return EXIT_OK
+    print(
+        f"fetched {len(report.fetched)} parts ({human_bytes(report.fetched_bytes)}), "
+        f"{human_bytes(report.present_bytes)} already local; all verified"
+    )
+    return EXIT_OK
+
+
+def cmd_files(args: argparse.Namespace) -> int:
+    resolved = resolve(args.ref, parts_url=args.parts_url, **_ref_kwargs(args))
+    _, chosen = select_parts(resolved.manifest, args.spec)
+    rows = [
+        {"part": label, "url": resolved.part_url(part), "digest": part.digest, "size": part.size}
+        for label, part in chosen
+    ]
+    if args.json:
+        _print_json(rows)
+    else:
+        for row in rows:
+            print(row["url"])
+    return EXIT_OK
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -122,6 +171,14 @@ def _add_ref(p: argparse.ArgumentParser) -> None:
     p.add_argument("ref", help="manifest path or URL, or a store root")
     p.add_argument("--name", help="model name, when REF is a store holding several models")
     p.add_argument("--tag", help="tag of that model (default: latest, or the only one)")
+
+
+def _add_parts_url(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--parts-url", help="read part files from this location (a mirror) instead; still verified")
+
+
+def _add_quiet(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -157,7 +214,45 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_ref(p)
     p.add_argument("--spec", default="f", help="parts to verify, e.g. 'b 0-5' (default: f, all)")
+    _add_parts_url(p)
     p.add_argument("--json", action="store_true", help="print JSON")
+
+    p = command(
+        "push",
+        cmd_push,
+        "publish a model version to another store, uploading only the parts it lacks",
+        "sepstore push ./store/manifests/acme/llama/v2.json s3://models/store",
+    )
+    _add_ref(p)
+    p.add_argument("dest", help="destination store: a path or URL (s3://bucket/prefix, memory://...)")
+    p.add_argument("--as-tag", help="publish under this tag (default: the source's)")
+    p.add_argument("--force", action="store_true", help="replace a different manifest already under that tag")
+    _add_quiet(p)
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+    p = command(
+        "pull",
+        cmd_pull,
+        "fetch the parts a spec needs into the local cache, verified",
+        "sepstore pull https://cdn.example.com/store/manifests/acme/llama/v2.json --spec 'b 0-8'",
+    )
+    _add_ref(p)
+    p.add_argument("--spec", default="f", help="parts to fetch, e.g. 'b 0-5' (default: f, all)")
+    p.add_argument("--cache-dir", help="cache folder (default: $SEPSTORE_CACHE or ~/.cache/sepstore)")
+    _add_parts_url(p)
+    _add_quiet(p)
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+    p = command(
+        "files",
+        cmd_files,
+        "print the URLs of the part files a spec needs, for other download tools",
+        "sepstore files s3://models/store/manifests/acme/llama/v2.json --spec '0-4'",
+    )
+    _add_ref(p)
+    p.add_argument("--spec", default="f", help="parts to list (default: f, all)")
+    _add_parts_url(p)
+    p.add_argument("--json", action="store_true", help="print JSON: part, url, digest, size")
 
     p = command(
         "diff",
@@ -192,3 +287,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("sepstore: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # stdout closed early (`sepstore files ... | head`): not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK

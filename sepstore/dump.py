@@ -16,7 +16,7 @@ from .progress import progress
 from .reader import PartReader
 from .refs import Resolved
 from .safetensors_io import WrittenPart, dtype_name, raw_bytes, write_part
-from .store import PARTS_DIR, Store, check_name, check_tag
+from .store import Store, check_name, check_tag, standard_parts_location
 
 __all__ = ["Decider", "Placement", "dump"]
 
@@ -174,7 +174,7 @@ def dump(
     manifest = Manifest(
         format_version=FORMAT_VERSION,
         name=name,
-        parts="../" * (name.count("/") + 2) + PARTS_DIR,
+        parts=standard_parts_location(name),
         begin=begin,
         mid=mid,
         end=end,

@@ -31,6 +31,12 @@ class Resolved:
     digest: str
     parts_url: str
     storage_options: dict[str, Any] = field(default_factory=dict)
+    data: bytes = field(default=b"", repr=False)  # the manifest's bytes, as read
+
+    @property
+    def tag(self) -> str:
+        """The tag the manifest is published under: its file name without ``.json``."""
+        return posixpath.basename(self.url).removesuffix(".json")
 
     def part_url(self, part: Part) -> str:
         return f"{self.parts_url}/{digest_hex(part.digest)}.safetensors"
@@ -76,7 +82,7 @@ def resolve(
         raise IntegrityError(f"{manifest_url}: manifest digest is {got}, but {digest} was pinned")
     manifest = decode_manifest(data, source=manifest_url)
     location = parts_url.rstrip("/") if parts_url else _parts_location(manifest_url, manifest)
-    return Resolved(manifest, manifest_url, got, location, options)
+    return Resolved(manifest, manifest_url, got, location, options, data)
 
 
 def _pick(store: Store, name: str | None, tag: str | None) -> tuple[str, str]:

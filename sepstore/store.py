@@ -15,6 +15,7 @@ import contextlib
 import os
 import re
 import secrets
+import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from typing import Any, BinaryIO, TypeVar
@@ -26,7 +27,16 @@ from .errors import NotFoundError, StoreError
 from .hashing import digest_hex
 from .manifest import MAX_MANIFEST_BYTES, NAME_PATTERN, TAG_PATTERN
 
-__all__ = ["PARTS_DIR", "Store", "backend_errors", "check_name", "check_tag", "create_temp", "read_limited"]
+__all__ = [
+    "PARTS_DIR",
+    "Store",
+    "backend_errors",
+    "check_name",
+    "check_tag",
+    "create_temp",
+    "read_limited",
+    "standard_parts_location",
+]
 
 PARTS_DIR = "parts/blake3"
 MANIFESTS_DIR = "manifests"
@@ -46,6 +56,11 @@ def create_temp(folder: str | None, suffix: str) -> tuple[int, str]:
             return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), path
         except FileExistsError:
             continue
+
+
+def standard_parts_location(name: str) -> str:
+    """The ``parts`` of a manifest stored as ``manifests/<name>/<tag>.json``: relative, up to the root."""
+    return "../" * (name.count("/") + 2) + PARTS_DIR
 
 
 def check_name(name: str) -> str:
@@ -129,31 +144,55 @@ class Store:
         with backend_errors(self.url_of(path)):
             return bool(self.fs.exists(path))
 
+    def _commit(self, tmp: str, digest: str) -> bool:
+        """File the local file ``tmp`` under ``digest`` unless that part exists; whether it was new."""
+        final = self.part_path(digest)
+        with backend_errors(self.url_of(final)):
+            if self.fs.exists(final):
+                return False
+            if self.is_local:
+                os.replace(tmp, final)
+            else:
+                self.fs.put_file(tmp, final)
+        return True
+
+    def _staging(self) -> str | None:
+        """Where temporary part files go: the parts folder on local disk (so renames are atomic)."""
+        if not self.is_local:
+            return None
+        staging = self._path(PARTS_DIR)
+        with backend_errors(staging):
+            os.makedirs(staging, exist_ok=True)
+        return staging
+
     def add_part(self, write: Callable[[BinaryIO], T], digest_of: Callable[[T], str]) -> T:
         """Write a part with ``write(file)`` and file it under the digest that ``digest_of`` reads.
 
-        The bytes go to a temporary file first (in the parts folder itself on local disk, so the
-        rename is atomic); an existing part with that digest is kept as it is, never rewritten.
+        The bytes go to a temporary file first; an existing part with that digest is kept as it
+        is, never rewritten.
         """
-        staging = self._path(PARTS_DIR) if self.is_local else None
-        if staging is not None:
-            with backend_errors(staging):
-                os.makedirs(staging, exist_ok=True)
-        fd, tmp = create_temp(staging, ".safetensors")
+        fd, tmp = create_temp(self._staging(), ".safetensors")
         try:
             with os.fdopen(fd, "wb") as out:
                 result = write(out)
-            final = self.part_path(digest_of(result))
-            with backend_errors(self.url_of(final)):
-                if not self.fs.exists(final):
-                    if self.is_local:
-                        os.replace(tmp, final)
-                    else:
-                        self.fs.put_file(tmp, final)
+            self._commit(tmp, digest_of(result))
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
         return result
+
+    def put_part_file(self, path: str, digest: str) -> bool:
+        """Upload a local, already verified part file; whether it was new here."""
+        if not self.is_local:
+            return self._commit(path, digest)
+        fd, tmp = create_temp(self._staging(), ".safetensors")
+        try:
+            with os.fdopen(fd, "wb") as out, open(path, "rb") as src:
+                shutil.copyfileobj(src, out, 16 * 1024 * 1024)
+            return self._commit(tmp, digest)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
 
     # -- manifests -------------------------------------------------------------------------------
 

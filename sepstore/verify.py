@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from dataclasses import dataclass
 from typing import Any
 
 from .errors import IntegrityError, NotFoundError
 from .hashing import digest_buffer
 from .load import select_parts
+from .manifest import Part
 from .reader import PartReader
 from .refs import Ref, Resolved, resolve
 from .safetensors_io import raw_bytes
@@ -67,25 +69,29 @@ def verify(
 ) -> VerifyReport:
     """Check every part ``spec`` names: size, file digest, header, and each tensor's digest.
 
-    Failures of parts are collected in the report (``report.ok``), not raised; a manifest that
-    cannot be read or decoded still raises.
+    A remote store's parts are fetched into a temporary folder, so what is checked is what the
+    server holds (pass ``cache_dir`` to check, and fill, a cache instead). Failures of parts are
+    collected in the report (``report.ok``), not raised; a manifest that cannot be read or decoded,
+    or a server that cannot be reached, still raises.
     """
     resolved = resolve(ref, name=name, tag=tag, storage_options=storage_options, parts_url=parts_url, digest=digest)
     parsed, chosen = select_parts(resolved.manifest, spec) if spec != "f" else (None, [])
     if parsed is None:  # the whole model: every part there is, also of a dump still in progress
         chosen = list(resolved.manifest.labelled_parts())
-    reader = PartReader(resolved, cache_dir=cache_dir)
-    checks: list[PartCheck] = []
-    for label, part in chosen:
-        url = resolved.part_url(part)
-        try:
-            tensors = reader.read(label, part, verify=True)
-            for key, tensor in tensors.items():
-                got, want = digest_buffer(raw_bytes(tensor)), part.tensors[key].digest
-                if got != want:
-                    raise IntegrityError(f"part {label} ({url}): tensor {key!r} digest is {got}, manifest says {want}")
-        except (IntegrityError, NotFoundError) as exc:
-            checks.append(PartCheck(label, url, part.size, str(exc)))
-        else:
-            checks.append(PartCheck(label, url, part.size))
+    with tempfile.TemporaryDirectory(prefix="sepstore-verify-") as scratch:
+        reader = PartReader(resolved, cache_dir=cache_dir if cache_dir is not None else scratch)
+        checks = [_check(reader, label, part) for label, part in chosen]
     return VerifyReport(resolved.url, resolved.digest, checks)
+
+
+def _check(reader: PartReader, label: str, part: Part) -> PartCheck:
+    url = reader.resolved.part_url(part)
+    try:
+        tensors = reader.read(label, part, verify=True)
+        for key, tensor in tensors.items():
+            got, want = digest_buffer(raw_bytes(tensor)), part.tensors[key].digest
+            if got != want:
+                raise IntegrityError(f"part {label} ({url}): tensor {key!r} digest is {got}, manifest says {want}")
+    except (IntegrityError, NotFoundError) as exc:
+        return PartCheck(label, url, part.size, str(exc))
+    return PartCheck(label, url, part.size)

@@ -1,0 +1,128 @@
+"""push: publish a model version to another store, uploading only the parts it lacks."""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+
+from .cache import DEFAULT_WORKERS
+from .errors import IntegrityError, StoreError
+from .hashing import digest_file
+from .manifest import Part, encode_manifest, manifest_digest
+from .progress import progress
+from .reader import PartReader
+from .refs import Ref, Resolved, resolve
+from .store import Store, check_tag, standard_parts_location
+
+__all__ = ["PushReport", "push"]
+
+
+@dataclass(frozen=True)
+class PushReport:
+    """What a push did: parts uploaded, parts the destination already had, and the manifest."""
+
+    manifest_url: str
+    manifest_digest: str
+    uploaded: list[str]
+    uploaded_bytes: int
+    skipped: list[str]
+    skipped_bytes: int
+    manifest_written: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "manifest": self.manifest_url,
+            "digest": self.manifest_digest,
+            "uploaded": self.uploaded,
+            "uploaded_bytes": self.uploaded_bytes,
+            "skipped": self.skipped,
+            "skipped_bytes": self.skipped_bytes,
+            "manifest_written": self.manifest_written,
+        }
+
+
+def _publishable(resolved: Resolved) -> bytes:
+    """The manifest bytes to publish: as read (so its digest is kept) unless its parts location
+    is not the standard relative one, which a store copy needs."""
+    manifest = resolved.manifest
+    standard = standard_parts_location(manifest.name)
+    if manifest.parts == standard and resolved.data:
+        return resolved.data
+    return encode_manifest(msgspec.structs.replace(manifest, parts=standard))
+
+
+def push(
+    ref: Ref | Resolved,
+    dest: str | os.PathLike[str],
+    *,
+    name: str | None = None,
+    tag: str | None = None,
+    dest_tag: str | None = None,
+    force: bool = False,
+    storage_options: dict[str, Any] | None = None,
+    dest_storage_options: dict[str, Any] | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+    workers: int = DEFAULT_WORKERS,
+    quiet: bool = False,
+) -> PushReport:
+    """Publish the model at ``ref`` into the store ``dest`` (a path or any fsspec URL).
+
+    Parts the destination already has are skipped (dedup across versions and models); every
+    other part is verified against the manifest before it is uploaded, and the manifest is
+    written last. A tag that already holds a different manifest is refused unless ``force``.
+    ``dest_tag`` publishes under another tag (default: the source's).
+    """
+    src = resolve(ref, name=name, tag=tag, storage_options=storage_options)
+    store = Store(dest, dest_storage_options)
+    manifest = src.manifest
+    out_tag = check_tag(dest_tag or tag or src.tag)
+    data = _publishable(src)
+    digest = manifest_digest(data)
+    url = store.url_of(store.manifest_path(manifest.name, out_tag))
+    held = None
+    if store.has_manifest(manifest.name, out_tag):
+        held = manifest_digest(store.read_manifest_bytes(manifest.name, out_tag))
+        if held != digest and not force:
+            raise StoreError(
+                f"{url} already holds another manifest ({held}, pushing {digest}); "
+                "pass force=True (--force) to replace it, or push under another tag"
+            )
+    parts: dict[str, tuple[str, Part]] = {}
+    for label, part in manifest.labelled_parts():
+        parts.setdefault(part.digest, (label, part))
+    reader = PartReader(src, cache_dir=cache_dir, workers=workers)
+
+    def upload(item: tuple[str, Part]) -> int:
+        label, part = item
+        path = reader.path(part)
+        if reader.cache is None:  # a local source is read in place: verify it now
+            got = digest_file(path)
+            if got != part.digest or os.path.getsize(path) != part.size:
+                raise IntegrityError(f"part {label} ({path}): digest is {got}, manifest says {part.digest}")
+        store.put_part_file(path, part.digest)
+        return part.size
+
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="sepstore-push") as pool:
+        present = dict(zip(parts, pool.map(store.has_part, parts), strict=True))
+        todo = [parts[d] for d, there in present.items() if not there]
+        reader.prefetch(todo, desc=f"fetch {manifest.name}", quiet=quiet)  # a remote source: verified into the cache
+        with progress(sum(p.size for _, p in todo), f"push {manifest.name}:{out_tag}", quiet=quiet) as bar:
+            for size in pool.map(upload, todo):
+                bar.update(size)
+    written = held != digest
+    if written:
+        store.write_manifest_bytes(manifest.name, out_tag, data)
+    skipped = [parts[d] for d, there in present.items() if there]
+    return PushReport(
+        manifest_url=url,
+        manifest_digest=digest,
+        uploaded=[label for label, _ in todo],
+        uploaded_bytes=sum(p.size for _, p in todo),
+        skipped=[label for label, _ in skipped],
+        skipped_bytes=sum(p.size for _, p in skipped),
+        manifest_written=written,
+    )

@@ -23,6 +23,8 @@ from .load import LoadResult, PartStateDict, lazy_load, load, read_manifest
 from .manifest import Manifest, Tensor
 from .manifest import Part as ManifestPart
 from .module import Part
+from .pull import PullReport, pull
+from .push import PushReport, push
 from .refs import Resolved, resolve
 from .spec import PartSpec
 from .store import Store
@@ -45,6 +47,8 @@ __all__ = [
     "PartSpec",
     "PartStateDict",
     "Placement",
+    "PullReport",
+    "PushReport",
     "Resolved",
     "SepstoreError",
     "SpecError",
@@ -59,6 +63,8 @@ __all__ = [
     "dump",
     "lazy_load",
     "load",
+    "pull",
+    "push",
     "read_manifest",
     "resolve",
     "verify",

@@ -26,6 +26,7 @@ from fsspec.implementations.local import LocalFileSystem
 from .errors import NotFoundError, StoreError
 from .hashing import digest_hex
 from .manifest import MAX_MANIFEST_BYTES, NAME_PATTERN, TAG_PATTERN
+from .retry import ClientError, ClientResponseError
 
 __all__ = [
     "PARTS_DIR",
@@ -85,7 +86,11 @@ def backend_errors(url: str) -> Iterator[None]:
         yield
     except FileNotFoundError:
         raise NotFoundError(f"{url}: not found") from None
-    except (OSError, ValueError) as exc:
+    except NotImplementedError as exc:
+        raise StoreError(f"{url}: this backend cannot do that (read-only, such as HTTP?)") from exc
+    except (OSError, ValueError, ClientError, TimeoutError) as exc:
+        if isinstance(exc, ClientResponseError) and exc.status == 405:
+            raise StoreError(f"{url}: the server refused to write (HTTP stores are read-only)") from exc
         raise StoreError(f"{url}: {type(exc).__name__}: {exc}") from exc
 
 
@@ -139,17 +144,22 @@ class Store:
 
     # -- parts -----------------------------------------------------------------------------------
 
-    def has_part(self, digest: str) -> bool:
-        path = self.part_path(digest)
+    def _exists(self, path: str) -> bool:
+        """Whether ``path`` exists now: object stores' cached listings may predate other writers."""
         with backend_errors(self.url_of(path)):
+            if not self.is_local:
+                self.fs.invalidate_cache(path)
             return bool(self.fs.exists(path))
+
+    def has_part(self, digest: str) -> bool:
+        return self._exists(self.part_path(digest))
 
     def _commit(self, tmp: str, digest: str) -> bool:
         """File the local file ``tmp`` under ``digest`` unless that part exists; whether it was new."""
         final = self.part_path(digest)
+        if self._exists(final):
+            return False
         with backend_errors(self.url_of(final)):
-            if self.fs.exists(final):
-                return False
             if self.is_local:
                 os.replace(tmp, final)
             else:
@@ -221,14 +231,14 @@ class Store:
         return url
 
     def has_manifest(self, name: str, tag: str) -> bool:
-        path = self.manifest_path(name, tag)
-        with backend_errors(self.url_of(path)):
-            return bool(self.fs.exists(path))
+        return self._exists(self.manifest_path(name, tag))
 
     def list_manifests(self) -> list[tuple[str, str]]:
         """Every ``(name, tag)`` in the store, sorted."""
         base = self._path(MANIFESTS_DIR)
         with backend_errors(self.url_of(base)):
+            if not self.is_local:
+                self.fs.invalidate_cache(base)
             if not self.fs.exists(base):
                 return []
             found = self.fs.find(base)

@@ -1,0 +1,141 @@
+"""Real servers on 127.0.0.1 for the remote tests: moto's S3 and an aiohttp static file server.
+
+Both record the requests they receive and can be told to misbehave, so tests can count what a
+client fetched and check how it survives faults.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+from moto.server import DomainDispatcherApplication, ThreadedMotoServer, create_backend_app
+from werkzeug.serving import make_server
+
+
+@dataclass
+class Request:
+    method: str
+    path: str
+    range: str | None
+
+
+@dataclass
+class Faults:
+    """Misbehaviour for requests whose path contains ``match``: the next ``drops`` are cut off
+    mid-body, the next ``errors`` answered 503."""
+
+    match: str = ""
+    drops: int = 0
+    errors: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def take(self, path: str) -> str | None:
+        if not self.match or self.match not in path:
+            return None
+        with self.lock:
+            if self.errors > 0:
+                self.errors -= 1
+                return "error"
+            if self.drops > 0:
+                self.drops -= 1
+                return "drop"
+        return None
+
+
+class CountingMotoServer(ThreadedMotoServer):
+    """moto's S3 server, wrapped in a WSGI layer that records requests and injects faults."""
+
+    def __init__(self) -> None:
+        super().__init__(ip_address="127.0.0.1", port=0, verbose=False)
+        self.requests: list[Request] = []
+        self.faults = Faults()
+
+    def _server_entry(self) -> None:
+        app = DomainDispatcherApplication(create_backend_app)
+
+        def wrapped(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+            path = environ.get("PATH_INFO", "")
+            self.requests.append(Request(environ["REQUEST_METHOD"], path, environ.get("HTTP_RANGE")))
+            fault = self.faults.take(path) if environ["REQUEST_METHOD"] == "GET" else None
+            if fault == "error":
+                start_response("503 Service Unavailable", [("Content-Length", "0")])
+                return [b""]
+            body = app(environ, start_response)
+            return _cut(body) if fault == "drop" else body
+
+        self._server = make_server(self._ip_address, self._port, wrapped, threaded=True)
+        self._server_ready_event.set()
+        self._server.serve_forever()
+
+    @property
+    def endpoint(self) -> str:
+        host, port = self.get_host_and_port()
+        return f"http://{host}:{port}"
+
+
+def _cut(body: Iterable[bytes]) -> Iterator[bytes]:
+    data = b"".join(body)
+    yield data[: len(data) // 2]
+    raise ConnectionResetError("fault injected: connection dropped mid-body")
+
+
+class StaticServer:
+    """An aiohttp server for the files under ``root``, with Range support (``FileResponse``)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.requests: list[Request] = []
+        self.faults = Faults()
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._runner: web.AppRunner | None = None
+        self.port = 0
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        self.requests.append(Request(request.method, request.path, request.headers.get("Range")))
+        fault = self.faults.take(request.path)
+        if fault == "error":
+            return web.Response(status=503)
+        path = (self.root / request.path.lstrip("/")).resolve()
+        if not path.is_relative_to(self.root.resolve()) or not path.is_file():
+            return web.Response(status=404)
+        if fault == "drop":
+            data = path.read_bytes()
+            response = web.StreamResponse(headers={"Content-Length": str(len(data))})
+            await response.prepare(request)
+            await response.write(data[: len(data) // 2])
+            assert request.transport is not None
+            request.transport.close()
+            return response
+        return web.FileResponse(path)
+
+    async def _start(self) -> None:
+        app = web.Application()
+        app.router.add_route("GET", "/{tail:.*}", self._handle)
+        app.router.add_route("HEAD", "/{tail:.*}", self._handle)
+        self._runner = web.AppRunner(app)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+
+    def start(self) -> StaticServer:
+        self._thread.start()
+        asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(10)
+        return self
+
+    def stop(self) -> None:
+        if self._runner is not None:
+            asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"

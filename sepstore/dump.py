@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Literal
 
 import torch
@@ -62,25 +62,40 @@ def place(decider: Decider, key: str) -> tuple[Slot, str] | None:
     raise DeciderError(f"decider returned {where!r} for key {key!r}; {usage}")
 
 
-def _group(decider: Decider, state_dict: Mapping[str, torch.Tensor]) -> dict[Slot, dict[str, torch.Tensor]]:
-    groups: dict[Slot, dict[str, torch.Tensor]] = {}
+def _group(decider: Decider, keys: Iterable[str]) -> dict[Slot, dict[str, str]]:
+    """Each slot's keys: ``{slot: {name in the part: key in the state dict}}``."""
+    groups: dict[Slot, dict[str, str]] = {}
     origin: dict[tuple[Slot, str], str] = {}
-    for key, value in state_dict.items():
+    for key in keys:
         placement = place(decider, key)
         if placement is None:
             continue
-        if not isinstance(value, torch.Tensor):
-            raise TensorError(f"state-dict key {key!r} holds a {type(value).__name__}, not a tensor")
-        try:
-            dtype_name(value.dtype)
-        except TypeError as exc:
-            raise TensorError(f"state-dict key {key!r}: {exc}") from None
         slot, new_key = placement
         if (slot, new_key) in origin:
             raise DeciderError(f"decider put both {origin[slot, new_key]!r} and {key!r} at {_label(slot)}.{new_key}")
         origin[slot, new_key] = key
-        groups.setdefault(slot, {})[new_key] = value
+        groups.setdefault(slot, {})[new_key] = key
     return groups
+
+
+def _tensor(state_dict: Mapping[str, torch.Tensor], key: str) -> torch.Tensor:
+    value = state_dict[key]
+    if not isinstance(value, torch.Tensor):
+        raise TensorError(f"state-dict key {key!r} holds a {type(value).__name__}, not a tensor")
+    try:
+        dtype_name(value.dtype)
+    except TypeError as exc:
+        raise TensorError(f"state-dict key {key!r}: {exc}") from None
+    return value
+
+
+def _nbytes(state_dict: Mapping[str, torch.Tensor], key: str) -> int:
+    """A tensor's size without reading it, where the mapping can tell (a lazy source can)."""
+    sized = getattr(state_dict, "nbytes_of", None)
+    if sized is not None:
+        return int(sized(key))
+    value = state_dict[key]
+    return value.nbytes if isinstance(value, torch.Tensor) else 0
 
 
 def _as_part(written: WrittenPart) -> Part:
@@ -136,15 +151,17 @@ def dump(
 ) -> Manifest:
     """Split ``state_dict`` with ``decider`` and store it at ``out_path`` as ``name``/``tag``.
 
-    Calls into the same store, name and tag combine: the manifest afterwards describes the union
-    of every state dict given (so a sharded checkpoint can be dumped shard by shard). A key given
-    twice with different content is a :class:`DeciderError`. Parts are written before the
-    manifest, so a reader never sees a manifest whose parts are missing.
+    Parts are built and written one at a time, reading each tensor only then: with a lazy
+    mapping (as ``convert`` passes), peak memory is about one part. Calls into the same store,
+    name and tag combine: the manifest afterwards describes the union of every state dict given
+    (so a sharded checkpoint can be dumped shard by shard). A key given twice with different
+    content is a :class:`DeciderError`. Parts are written before the manifest, so a reader never
+    sees a manifest whose parts are missing.
     """
     store = Store(out_path, storage_options)
     check_name(name)
     check_tag(tag)
-    groups = _group(decider, state_dict)
+    groups = _group(decider, state_dict.keys())
     existing: Resolved | None = None
     if store.has_manifest(name, tag):
         data = store.read_manifest_bytes(name, tag)
@@ -157,10 +174,10 @@ def dump(
     mid: list[Part | None] = list(previous.mid) if previous else []
     writer = _Writer(store, existing)
     order = sorted(groups, key=lambda s: (s == "end", s != "begin", s if isinstance(s, int) else 0))
-    total = sum(t.nbytes for group in groups.values() for t in group.values())
-    with progress(total, f"dump {name}:{tag}") as bar:
+    sizes = {slot: sum(_nbytes(state_dict, key) for key in group.values()) for slot, group in groups.items()}
+    with progress(sum(sizes.values()), f"dump {name}:{tag}") as bar:
         for slot in order:
-            tensors = groups[slot]
+            tensors = {new_key: _tensor(state_dict, key) for new_key, key in groups[slot].items()}
             if slot == "begin":
                 begin = writer.merge(slot, tensors, begin)
             elif slot == "end":
@@ -169,7 +186,8 @@ def dump(
                 layer = int(slot)
                 mid.extend([None] * (layer + 1 - len(mid)))
                 mid[layer] = writer.merge(layer, tensors, mid[layer])
-            bar.update(sum(t.nbytes for t in tensors.values()))
+            del tensors
+            bar.update(sizes[slot])
     meta = {**(previous.metadata if previous else {}), "sepstore_version": __version__, **(metadata or {})}
     manifest = Manifest(
         format_version=FORMAT_VERSION,

@@ -6,6 +6,7 @@ they run, from local disk or any fsspec URL, every byte verified.
 """
 
 from ._version import __version__
+from .convert import convert
 from .diff import ManifestDiff, PartDiff, TensorChanges, diff
 from .dump import Decider, Placement, dump
 from .errors import (
@@ -59,6 +60,7 @@ __all__ = [
     "TensorError",
     "VerifyReport",
     "__version__",
+    "convert",
     "diff",
     "dump",
     "lazy_load",

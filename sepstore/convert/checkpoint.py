@@ -1,0 +1,136 @@
+"""Recognise a checkpoint at a path or URL and open its files as tensor sources, reading only
+their indexes: an HF folder (sharded or single safetensors or ``.bin``, with ``config.json``), a
+single ``.safetensors``/``.bin``/``.pth``/``.gguf`` file, an HF ``*.index.json``, or an
+llm_sepweight directory."""
+
+from __future__ import annotations
+
+import json
+import os
+import posixpath
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import fsspec
+
+from ..dump import Decider
+from ..errors import NotFoundError, StoreError
+from ..store import backend_errors
+from . import sepweight_v0
+from .files import PickleFile, SafetensorsFile
+from .source import TensorSource
+
+__all__ = ["Checkpoint", "open_checkpoint"]
+
+_PICKLE = (".bin", ".pth", ".pt")
+_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+_SINGLES = ("model.safetensors", "pytorch_model.bin")
+
+
+@dataclass
+class Checkpoint:
+    """A checkpoint's files, opened lazily, with what is known about it."""
+
+    url: str
+    kind: str
+    sources: Sequence[TensorSource]
+    config: dict[str, Any] | None = None
+    #: The format's own decider, where its names already say where keys go (GGUF, llm_sepweight).
+    decider: Decider | None = None
+    decider_name: str | None = None
+
+    @property
+    def default_name(self) -> str:
+        """A model name from the checkpoint's folder or file name."""
+        base = posixpath.basename(self.url.rstrip("/"))
+        for suffix in (".index.json", ".safetensors", ".gguf", *_PICKLE):
+            base = base.removesuffix(suffix)
+        if base in _INDEXES or base in ("model", "pytorch_model"):
+            base = posixpath.basename(posixpath.dirname(self.url.rstrip("/")))
+        return re.sub(r"[^A-Za-z0-9._-]+", "-", base).strip(".-") or "model"
+
+
+def _open_file(fs: fsspec.AbstractFileSystem, path: str) -> TensorSource:
+    url = fs.unstrip_protocol(path)
+    if path.endswith(".safetensors"):
+        return SafetensorsFile(fs, path, url)
+    if path.endswith(_PICKLE):
+        return PickleFile(fs, path, url)
+    if path.endswith(".gguf"):
+        from .gguf import GGUFFile
+
+        return GGUFFile(fs, path, url)
+    raise StoreError(f"{url}: not a checkpoint file sepstore reads (.safetensors, .bin, .pth, .pt, .gguf)")
+
+
+def _read_json(fs: fsspec.AbstractFileSystem, path: str) -> dict[str, Any] | None:
+    with backend_errors(fs.unstrip_protocol(path)):
+        if not fs.exists(path):
+            return None
+        data = fs.cat_file(path)
+    try:
+        value = json.loads(data)
+    except ValueError as exc:
+        raise StoreError(f"{fs.unstrip_protocol(path)}: not JSON ({exc})") from None
+    return value if isinstance(value, dict) else None
+
+
+def _from_index(fs: fsspec.AbstractFileSystem, index_path: str) -> list[TensorSource]:
+    index = _read_json(fs, index_path)
+    weight_map = (index or {}).get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise StoreError(f"{fs.unstrip_protocol(index_path)}: no weight_map")
+    folder = posixpath.dirname(index_path)
+    shards = sorted(set(weight_map.values()))
+    for shard in shards:
+        if not isinstance(shard, str) or "/" in shard or shard in (".", ".."):
+            raise StoreError(f"{fs.unstrip_protocol(index_path)}: shard name {shard!r} is not a file beside it")
+    return [_open_file(fs, f"{folder}/{shard}") for shard in shards]
+
+
+def open_checkpoint(source: str | os.PathLike[str], storage_options: dict[str, Any] | None = None) -> Checkpoint:
+    """Open the checkpoint at ``source`` (a path or any fsspec URL) without reading its tensors."""
+    url = os.fspath(source)
+    try:
+        fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
+    except (ImportError, ValueError) as exc:
+        raise StoreError(f"cannot open {url!r}: {exc}") from exc
+    path = path.rstrip("/") or path
+    with backend_errors(url):
+        is_dir = fs.isdir(path)
+        if not is_dir and not fs.exists(path):
+            raise NotFoundError(f"{url}: no such checkpoint file or folder")
+    if not is_dir:
+        folder = posixpath.dirname(path)
+        config = _read_json(fs, f"{folder}/config.json")
+        if path.endswith(".index.json"):
+            return Checkpoint(url, "hf-index", _from_index(fs, path), config)
+        file = _open_file(fs, path)
+        if path.endswith(".gguf"):
+            from .gguf import decider as gguf_decider
+
+            return Checkpoint(url, "gguf", [file], getattr(file, "config", None), gguf_decider, "gguf")
+        return Checkpoint(url, "file", [file], config)
+    with backend_errors(url):
+        names = {posixpath.basename(p.rstrip("/")) for p in fs.ls(path, detail=False)}
+    config = _read_json(fs, f"{path}/config.json") if "config.json" in names else None
+    for index in _INDEXES:
+        if index in names:
+            return Checkpoint(url, "hf-sharded", _from_index(fs, f"{path}/{index}"), config)
+    for single in _SINGLES:
+        if single in names:
+            return Checkpoint(url, "hf", [_open_file(fs, f"{path}/{single}")], config)
+    if sepweight_v0.is_sepweight_v0(names):
+        parts = sepweight_v0.sources(fs, path, names)
+        return Checkpoint(url, "llm_sepweight", parts, config, sepweight_v0.decider, "sepweight_v0")
+    files = sorted(n for n in names if n.endswith((".safetensors", ".gguf", *_PICKLE)))
+    if len(files) == 1 and files[0].endswith(".gguf"):
+        return open_checkpoint(f"{url.rstrip('/')}/{files[0]}", storage_options)
+    if files and not any(f.endswith(".gguf") for f in files):
+        return Checkpoint(url, "files", [_open_file(fs, f"{path}/{f}") for f in files], config)
+    raise NotFoundError(
+        f"{url}: no checkpoint found (looked for {', '.join(_INDEXES + _SINGLES)}, llm_sepweight begin/mid/end "
+        f".pth files, or .safetensors/.bin/.pth/.gguf files); it holds: {', '.join(sorted(names)) or 'nothing'}"
+    )

@@ -1,0 +1,105 @@
+"""What every checkpoint reader provides: a tensor index read up front, and tensors read one by one.
+
+A converter never holds more than the part it is building: it reads the index first (safetensors
+headers, an HF ``*.index.json``, a GGUF tensor table), groups keys into parts with a decider, then
+asks for each part's tensors only when it builds that part.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+
+from ..errors import DeciderError
+
+__all__ = ["LazyStateDict", "TensorInfo", "TensorSource"]
+
+
+@dataclass(frozen=True, slots=True)
+class TensorInfo:
+    """What the index says of a tensor, before any of its bytes are read."""
+
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        n = self.dtype.itemsize
+        for d in self.shape:
+            n *= d
+        return n
+
+
+class TensorSource(Protocol):
+    """One file (or shard) of a checkpoint."""
+
+    #: Every tensor in the file, by checkpoint key, read without reading tensor data.
+    index: Mapping[str, TensorInfo]
+
+    def read(self, key: str) -> torch.Tensor:
+        """The tensor's data, on the CPU, in the file's own dtype."""
+        ...
+
+
+class LazyStateDict(Mapping[str, torch.Tensor]):
+    """A state dict over several sources whose tensors are read when asked for, one by one.
+
+    ``aliases`` map an extra key onto an existing one (a tied LM head onto the embeddings);
+    ``dtype`` casts floating-point tensors as they are read.
+    """
+
+    def __init__(
+        self,
+        sources: Sequence[TensorSource],
+        *,
+        aliases: Mapping[str, str] | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        self._where: dict[str, tuple[TensorSource, str]] = {}
+        for source in sources:
+            for key in source.index:
+                if key in self._where:
+                    raise DeciderError(f"checkpoint key {key!r} is in more than one file")
+                self._where[key] = (source, key)
+        for alias, target in (aliases or {}).items():
+            self._where[alias] = self._where[target]
+        self.dtype = dtype
+
+    def info(self, key: str) -> TensorInfo:
+        source, name = self._where[key]
+        info = source.index[name]
+        if self.dtype is not None and info.dtype.is_floating_point:
+            return TensorInfo(self.dtype, info.shape)
+        return info
+
+    def nbytes_of(self, key: str) -> int:
+        return self.info(key).nbytes
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        source, name = self._where[key]
+        tensor = source.read(name)
+        if self.dtype is not None and tensor.dtype.is_floating_point and tensor.dtype != self.dtype:
+            tensor = tensor.to(self.dtype)
+        return tensor
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._where)
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+    def __repr__(self) -> str:
+        return f"LazyStateDict({len(self)} tensors)"
+
+
+def config_value(config: Mapping[str, Any] | None, key: str, default: Any = None) -> Any:
+    """A value of a (possibly nested ``text_config``) HF config."""
+    if not config:
+        return default
+    if key in config:
+        return config[key]
+    text = config.get("text_config")
+    return text.get(key, default) if isinstance(text, Mapping) else default

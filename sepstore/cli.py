@@ -13,12 +13,14 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from . import __version__
+from .convert import convert
 from .diff import diff
 from .errors import IntegrityError, SepstoreError
 from .load import select_parts
 from .pull import pull
 from .push import push
 from .refs import resolve
+from .store import Store
 from .verify import verify
 
 __all__ = ["main"]
@@ -112,6 +114,22 @@ def cmd_diff(args: argparse.Namespace) -> int:
         print(f"{p.part:<10} {p.status:<8} {human_bytes(p.bytes):>11}  {detail}")
     same = len(result.parts) - len(result.changed)
     print(f"{len(result.changed)} parts differ, {same} same; {human_bytes(result.bytes_to_fetch)} to fetch")
+    return EXIT_OK
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    manifest = convert(
+        args.source, args.dest, decider=args.decider, name=args.name, tag=args.tag, dtype=args.dtype, quiet=args.quiet
+    )
+    store = Store(args.dest)
+    url = store.url_of(store.manifest_path(manifest.name, args.tag))
+    if args.json:
+        _print_json(
+            {"manifest": url, "name": manifest.name, "layers": manifest.n_layers, "bytes": manifest.total_bytes}
+        )
+        return EXIT_OK
+    print(f"converted {manifest.metadata.get('source', args.source)} ({manifest.metadata.get('decider')} decider)")
+    print(f"{manifest.name}:{args.tag}: {manifest.n_layers} layers, {human_bytes(manifest.total_bytes)} -> {url}")
     return EXIT_OK
 
 
@@ -215,6 +233,21 @@ def build_parser() -> argparse.ArgumentParser:
     _add_ref(p)
     p.add_argument("--spec", default="f", help="parts to verify, e.g. 'b 0-5' (default: f, all)")
     _add_parts_url(p)
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+    p = command(
+        "convert",
+        cmd_convert,
+        "convert a checkpoint (HF folder, .safetensors/.bin/.pth/.gguf file, llm_sepweight dir) into a store",
+        "sepstore convert ./Llama-3-8B ./store --name meta-llama/Llama-3-8B --tag v1 --dtype bf16",
+    )
+    p.add_argument("source", help="checkpoint folder or file: a path or URL (s3://, https://, ...)")
+    p.add_argument("dest", help="store to write: a path or URL")
+    p.add_argument("--name", help="model name in the store (default: the checkpoint folder's name)")
+    p.add_argument("--tag", default="latest", help="tag of this version (default: latest)")
+    p.add_argument("--decider", default="auto", help="built-in decider (llama, gpt2, ...; default: auto)")
+    p.add_argument("--dtype", help="cast floating-point tensors: bf16, fp16 or fp32 (default: keep)")
+    _add_quiet(p)
     p.add_argument("--json", action="store_true", help="print JSON")
 
     p = command(

@@ -148,6 +148,7 @@ def dump(
     config: dict[str, Any] | None = None,
     metadata: Mapping[str, str] | None = None,
     storage_options: dict[str, Any] | None = None,
+    quiet: bool = False,
 ) -> Manifest:
     """Split ``state_dict`` with ``decider`` and store it at ``out_path`` as ``name``/``tag``.
 
@@ -175,7 +176,7 @@ def dump(
     writer = _Writer(store, existing)
     order = sorted(groups, key=lambda s: (s == "end", s != "begin", s if isinstance(s, int) else 0))
     sizes = {slot: sum(_nbytes(state_dict, key) for key in group.values()) for slot, group in groups.items()}
-    with progress(sum(sizes.values()), f"dump {name}:{tag}") as bar:
+    with progress(sum(sizes.values()), f"dump {name}:{tag}", quiet=quiet) as bar:
         for slot in order:
             tensors = {new_key: _tensor(state_dict, key) for new_key, key in groups[slot].items()}
             if slot == "begin":

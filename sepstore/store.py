@@ -23,7 +23,7 @@ from typing import Any, BinaryIO, TypeVar
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from .errors import NotFoundError, StoreError
+from .errors import NotFoundError, SepstoreError, StoreError
 from .hashing import digest_hex
 from .manifest import MAX_MANIFEST_BYTES, NAME_PATTERN, TAG_PATTERN
 from .retry import ClientError, ClientResponseError
@@ -84,6 +84,8 @@ def backend_errors(url: str) -> Iterator[None]:
     """Translate a backend's exceptions into sepstore's, naming ``url``."""
     try:
         yield
+    except SepstoreError:
+        raise
     except FileNotFoundError:
         raise NotFoundError(f"{url}: not found") from None
     except NotImplementedError as exc:

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import safetensors.torch
 import torch
 
 import sepstore
@@ -28,7 +29,7 @@ def corrupt(store: Path, label: str) -> None:
     path.write_bytes(data)
 
 
-@pytest.mark.parametrize("command", ["info", "verify", "diff", "demo"])
+@pytest.mark.parametrize("command", ["convert", "push", "pull", "files", "info", "verify", "diff", "demo"])
 def test_every_subcommand_has_help_with_an_example(command: str) -> None:
     result = run(command, "--help")
     assert result.returncode == 0
@@ -102,3 +103,28 @@ def test_demo_runs_to_the_end(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert "2 parts changed" in result.stdout and "all verified" in result.stdout
     assert sepstore.verify(tmp_path / "demo", name="demo/tiny-llama", tag="v2").ok
+
+
+def test_convert_push_pull_files_from_the_command_line(tmp_path: Path, state_dict: dict[str, torch.Tensor]) -> None:
+    folder = tmp_path / "My-Model"
+    folder.mkdir()
+    safetensors.torch.save_file(state_dict, folder / "model.safetensors")
+    (folder / "config.json").write_text(json.dumps({"model_type": "llama", "architectures": ["LlamaForCausalLM"]}))
+    converted = run("convert", folder, tmp_path / "store", "--tag", "v1", "--json")
+    assert converted.returncode == 0, converted.stderr
+    out = json.loads(converted.stdout)
+    assert out["name"] == "My-Model" and out["layers"] == 6
+    manifest = Path(out["manifest"])
+    pushed = run("push", manifest, tmp_path / "published", "--json")
+    assert pushed.returncode == 0, pushed.stderr
+    assert len(json.loads(pushed.stdout)["uploaded"]) == 8
+    again = run("push", manifest, tmp_path / "published")
+    assert again.returncode == 0 and "skipped 8" in again.stdout
+    published = tmp_path / "published/manifests/My-Model/v1.json"
+    pulled = run("pull", published, "--spec", "b 0-2", "--cache-dir", tmp_path / "cache", "--json")
+    assert pulled.returncode == 0, pulled.stderr
+    assert sorted(json.loads(pulled.stdout)["paths"]) == ["begin", "mid.0", "mid.1"]
+    files = run("files", published, "--spec", "e", "--json")
+    assert [row["part"] for row in json.loads(files.stdout)] == ["end"]
+    unknown = run("convert", tmp_path / "nothing-here", tmp_path / "store")
+    assert unknown.returncode == 2 and "no such checkpoint" in unknown.stderr

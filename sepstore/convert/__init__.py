@@ -54,6 +54,7 @@ def convert(
     dtype: str | torch.dtype | None = None,
     storage_options: dict[str, Any] | None = None,
     dest_storage_options: dict[str, Any] | None = None,
+    quiet: bool = False,
 ) -> Manifest:
     """Convert the checkpoint at ``source`` into the store at ``out_path`` as ``name``/``tag``.
 
@@ -94,4 +95,5 @@ def convert(
         config=checkpoint.config,
         metadata=metadata,
         storage_options=dest_storage_options,
+        quiet=quiet,
     )

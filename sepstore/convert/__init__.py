@@ -71,6 +71,9 @@ def convert(
         chosen, decider_name = decider, getattr(decider, "__qualname__", "custom")
     elif decider == "auto" and checkpoint.decider is not None:
         chosen, decider_name = checkpoint.decider, checkpoint.decider_name or "auto"
+    elif decider == "auto" and checkpoint.family is not None:
+        family = get(checkpoint.family)
+        chosen, decider_name = family.decider, family.name
     else:
         family = detect(keys, checkpoint.config) if decider == "auto" else get(decider)
         chosen, decider_name = family.decider, family.name

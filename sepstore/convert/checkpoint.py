@@ -37,9 +37,11 @@ class Checkpoint:
     kind: str
     sources: Sequence[TensorSource]
     config: dict[str, Any] | None = None
-    #: The format's own decider, where its names already say where keys go (GGUF, llm_sepweight).
+    #: The format's own decider, where its names already say where keys go (llm_sepweight) ...
     decider: Decider | None = None
     decider_name: str | None = None
+    #: ... or the built-in family its names always belong to (GGUF).
+    family: str | None = None
 
     @property
     def default_name(self) -> str:
@@ -109,9 +111,7 @@ def open_checkpoint(source: str | os.PathLike[str], storage_options: dict[str, A
             return Checkpoint(url, "hf-index", _from_index(fs, path), config)
         file = _open_file(fs, path)
         if path.endswith(".gguf"):
-            from .gguf import decider as gguf_decider
-
-            return Checkpoint(url, "gguf", [file], getattr(file, "config", None), gguf_decider, "gguf")
+            return Checkpoint(url, "gguf", [file], getattr(file, "config", None), family="gguf")
         return Checkpoint(url, "file", [file], config)
     with backend_errors(url):
         names = {posixpath.basename(p.rstrip("/")) for p in fs.ls(path, detail=False)}

@@ -1,12 +1,26 @@
 """Built-in deciders: where each key of a model family's checkpoint goes (begin, layer N, end).
 
-Each family is a :class:`Family` in its own module (``sepstore.deciders.llama``, ...); its
-``decider`` is a plain function usable with :func:`sepstore.dump`. :func:`detect` picks a family
-from ``config.json`` (``model_type``, ``architectures``) and falls back to key patterns.
+Each family is a :class:`Family` in its own module; its ``decider`` is a plain function usable
+with :func:`sepstore.dump`:
+
+- ``sepstore.deciders.llama``: llama, mistral, mixtral, qwen2/qwen3, gemma, gemma2, phi3, phi, ...
+- ``sepstore.deciders.gpt2``: gpt2 (and gpt_bigcode)
+- ``sepstore.deciders.gpt_neox``: gpt_neox (Pythia)
+- ``sepstore.deciders.falcon``, ``sepstore.deciders.bloom``, ``sepstore.deciders.opt``
+- ``sepstore.deciders.bert``: bert and roberta encoders
+- ``sepstore.deciders.gguf``: GGUF tensor names (``token_embd``, ``blk.N``, ``output``)
+
+A layer part holds the checkpoint's keys made relative to the layer module, so
+``model.get_submodule(family.layers)[i].load_state_dict(psd.mid[i], strict=True)`` works; begin
+and end keep the checkpoint's names less the base model's prefix (``model.``, ``transformer.``).
+:func:`get` gives a family by name or ``model_type``; :func:`detect` picks one from ``config.json``
+(``model_type``, ``architectures``) and falls back to key patterns, and when no family places
+every key it fails listing the keys. :func:`prefix_decider` builds a decider for another family
+of the usual layout.
 """
 
 from __future__ import annotations
 
-from ._family import Family, detect, get, register
+from ._family import Family, detect, families, get, prefix_decider, register
 
-__all__ = ["Family", "detect", "get", "register"]
+__all__ = ["Family", "detect", "families", "get", "prefix_decider", "register"]

@@ -1,26 +1,34 @@
-"""The Family type and the registry of built-in families."""
+"""The Family type, the registry of built-in families, detection and :func:`prefix_decider`."""
 
 from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from ..dump import Decider, Placement
 from ..errors import DeciderError
 
-__all__ = ["Family", "detect", "get", "prefix_decider", "register"]
+__all__ = ["Family", "detect", "families", "get", "prefix_decider", "register"]
 
 
 @dataclass(frozen=True)
 class Family:
     """A model family's checkpoint layout.
 
-    ``decider`` places keys; ``layers`` is the dotted path of the layer ``ModuleList`` in the
-    Hugging Face model (``model.layers``), so ``model.get_submodule(layers)[i]`` takes part
-    ``mid[i]``; ``embed_key``/``head_key`` name the input embedding and LM head, for checkpoints
-    that tie them and store only the embedding.
+    ``decider`` places keys. ``layers`` is the dotted path of the layer ``ModuleList`` in the
+    family's Hugging Face LM model (``model.layers`` in ``LlamaForCausalLM``, ``transformer.h``
+    in ``GPT2LMHeadModel``), so ``model.get_submodule(layers)[i].load_state_dict(psd.mid[i])``
+    works; ``base`` is the prefix that model puts before the base model's keys (``model.``), which
+    checkpoints saved from the base model (``LlamaModel``) lack: the decider takes both, and in the
+    base model the layers are at ``layers.removeprefix(base)``. ``embed_key``/``head_key`` name the
+    input embedding and the LM head, for checkpoints that tie them and store only the embedding
+    (``ties_by_default`` when the config does not say); ``head_with`` (a key prefix), when set, asks
+    for the head only where the checkpoint has that head's other weights (an encoder saved without
+    its masked-LM head gets none). ``aliases`` are tensors a model always shares under two names
+    (``{alias: key}``, e.g. BERT's ``cls.predictions.decoder.bias``), added when only ``key`` is
+    stored.
     """
 
     name: str
@@ -32,61 +40,131 @@ class Family:
     ties_by_default: bool = False
     #: A key pattern only this family's checkpoints have, for detection without a config.
     signature: re.Pattern[str] | None = None
-    architectures: tuple[str, ...] = field(default=())
+    architectures: tuple[str, ...] = ()
+    base: str = ""
+    head_with: str | None = None
+    aliases: tuple[tuple[str, str], ...] = ()
 
     def tied_head(self, keys: Iterable[str], config: Mapping[str, Any] | None) -> dict[str, str]:
-        """``{head_key: embed_key}`` when the config ties the embeddings and no head is stored."""
+        """Tensors to add under a second name: ``{head_key: embed_key}`` when the config ties the
+        word embeddings and no head is stored, plus the family's ``aliases`` whose target is stored.
+        Both names are as the checkpoint spells them (with or without ``base``)."""
         keys = set(keys)
-        tie = (config or {}).get("tie_word_embeddings", self.ties_by_default)
-        if tie and self.head_key and self.embed_key and self.head_key not in keys and self.embed_key in keys:
-            return {self.head_key: self.embed_key}
-        return {}
+        out: dict[str, str] = {}
+        tie = _config_value(config, "tie_word_embeddings", self.ties_by_default)
+        if tie and self.head_key and self.embed_key:
+            embed = self._stored(self.embed_key, keys)
+            has_head = self._stored(self.head_key, keys) is not None
+            wanted = self.head_with is None or any(k.startswith(self._prefixes(self.head_with)) for k in keys)
+            if embed is not None and not has_head and wanted:
+                out[self._spelled_like(self.head_key, embed)] = embed
+        for alias, target in self.aliases:
+            stored = self._stored(target, keys)
+            if stored is not None and self._stored(alias, keys) is None:
+                out[self._spelled_like(alias, stored)] = stored
+        return out
+
+    def _prefixes(self, key: str) -> tuple[str, ...]:
+        if self.base and key.startswith(self.base):
+            return key, key.removeprefix(self.base)
+        return (key,)
+
+    def _stored(self, key: str, keys: set[str]) -> str | None:
+        """How the checkpoint spells ``key``: as given, or without ``base``; None if absent."""
+        return next((k for k in self._prefixes(key) if k in keys), None)
+
+    def _spelled_like(self, key: str, like: str) -> str:
+        """``key`` without ``base`` if ``like`` (a stored key) lacks it, so one checkpoint's names
+        stay of one kind."""
+        if self.base and key.startswith(self.base) and not like.startswith(self.base):
+            return key.removeprefix(self.base)
+        return key
 
 
 _REGISTRY: dict[str, Family] = {}
 
 
 def register(family: Family) -> Family:
+    """Add ``family`` to the families :func:`get` and :func:`detect` know (replacing one of its name)."""
     _REGISTRY[family.name] = family
     return family
 
 
 def _load_builtins() -> None:
-    from . import llama  # noqa: F401
+    from . import (  # noqa: F401
+        bert,
+        bloom,
+        falcon,
+        gguf,
+        gpt2,
+        gpt_neox,
+        llama,
+        opt,
+    )
+
+
+def families() -> dict[str, Family]:
+    """Every registered family, by name, built-ins first."""
+    _load_builtins()
+    return dict(_REGISTRY)
 
 
 def get(name: str) -> Family:
-    """The built-in family called ``name`` (``llama``, ``gpt2``, ...)."""
+    """The family called ``name`` (``llama``, ``gpt2``, ...), or the one a ``model_type`` such as
+    ``mistral`` belongs to; else a :class:`DeciderError` naming the known ones."""
     _load_builtins()
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        raise DeciderError(f"no built-in decider {name!r}; known: {', '.join(sorted(_REGISTRY))}") from None
+    family = _REGISTRY.get(name)
+    if family is None:
+        family = next((f for f in _REGISTRY.values() if name in f.model_types), None)
+    if family is None:
+        raise DeciderError(f"no built-in decider {name!r}; known: {', '.join(sorted(_REGISTRY))}")
+    return family
 
 
 def detect(keys: Iterable[str], config: Mapping[str, Any] | None = None) -> Family:
     """The family of a checkpoint: from its config's ``model_type``/``architectures``, else its keys.
 
-    Every key must be placeable by the family's decider; if not, a :class:`DeciderError` lists the
-    keys it could not place.
+    Candidates are tried in that order (config first, then every family whose ``signature``
+    matches a key); the first whose decider places every key wins. If none does, a
+    :class:`DeciderError` lists the keys that could not be placed.
     """
     _load_builtins()
     keys = list(keys)
-    config = config or {}
-    model_type = config.get("model_type")
-    architectures = config.get("architectures") or []
-    candidates = [f for f in _REGISTRY.values() if model_type in f.model_types]
-    candidates += [f for f in _REGISTRY.values() if set(architectures) & set(f.architectures)]
+    model_type = _config_value(config, "model_type")
+    architectures = _config_value(config, "architectures") or []
+    if not isinstance(architectures, list | tuple):
+        architectures = [architectures]
+    candidates = [f for f in _REGISTRY.values() if model_type is not None and model_type in f.model_types]
+    candidates += [f for f in _REGISTRY.values() if set(map(str, architectures)) & set(f.architectures)]
     candidates += [f for f in _REGISTRY.values() if f.signature and any(f.signature.search(k) for k in keys)]
+    candidates = list(dict.fromkeys(candidates))
+    unplaced: dict[str, list[str]] = {}
     for family in candidates:
-        unplaced = [k for k in keys if not _placeable(family.decider, k)]
-        if not unplaced:
+        unplaced[family.name] = [k for k in keys if not _placeable(family.decider, k)]
+        if not unplaced[family.name]:
             return family
-    tried = ", ".join(dict.fromkeys(f.name for f in candidates)) or "none matched"
+    if unplaced:
+        best = min(unplaced, key=lambda name: len(unplaced[name]))
+        tried = ", ".join(unplaced)
+        what = f"keys the closest family ({best}) cannot place: {_sample(unplaced[best])}"
+    else:
+        tried = "no family's key pattern matched"
+        everywhere = [k for k in keys if not any(_placeable(f.decider, k) for f in _REGISTRY.values())]
+        what = f"keys no built-in decider places: {_sample(everywhere or keys)}"
     raise DeciderError(
-        f"cannot tell which decider places these keys (model_type {model_type!r}; tried: {tried}); "
-        f"pass decider= one of {', '.join(sorted(_REGISTRY))} or a function. Keys: {_sample(keys)}"
+        f"cannot tell which decider places this checkpoint (model_type {model_type!r}; tried: {tried}); "
+        f"pass decider= one of {', '.join(sorted(_REGISTRY))} or a function. {what}"
     )
+
+
+def _config_value(config: Mapping[str, Any] | None, key: str, default: Any = None) -> Any:
+    """A value of an HF config, or of its ``text_config`` (multimodal configs nest the LM's)."""
+    if not config:
+        return default
+    if key in config:
+        return config[key]
+    text = config.get("text_config")
+    return text.get(key, default) if isinstance(text, Mapping) else default
 
 
 def _placeable(decider: Decider, key: str) -> bool:
@@ -109,18 +187,21 @@ def prefix_decider(
     end: Iterable[str],
     drop: str | None = None,
     strip: str = "",
+    base: str = "",
 ) -> Callable[[str], Placement]:
     """A decider for the usual layout: keys under a ``begin`` prefix go to begin, ``<layers>.N.rest``
-    to layer N (as ``rest``), keys under an ``end`` prefix to end; ``drop`` (a regex) drops keys
-    such as rotary ``inv_freq`` buffers. ``strip`` is removed from begin/end names (``model.``).
-    Anything else is a :class:`DeciderError` naming the key."""
+    to layer N (as ``rest``, so the part is the layer module's own state dict), keys under an
+    ``end`` prefix to end; ``drop`` (a regex) drops keys such as rotary ``inv_freq`` buffers.
+    ``strip`` is removed from begin/end names. ``base`` (``"model."``) is the base model's prefix:
+    it is stripped like ``strip``, and a key without it (a checkpoint saved from the base model)
+    is placed as if it had it, so both spellings give the same parts. Anything else is a
+    :class:`DeciderError` naming the key."""
     begin, end = tuple(begin), tuple(end)
+    strip = strip or base
     layer_re = re.compile(rf"^{re.escape(layers)}\.(\d+)\.(.+)$")
     drop_re = re.compile(drop) if drop else None
 
-    def decide(key: str) -> Placement:
-        if drop_re is not None and drop_re.search(key):
-            return None
+    def place(key: str) -> Placement:
         match = layer_re.match(key)
         if match:
             return "mid", int(match[1]), match[2]
@@ -129,6 +210,20 @@ def prefix_decider(
             return "begin", short
         if key.startswith(end):
             return "end", short
-        raise DeciderError(f"key {key!r} is not in this family's begin ({begin}), layers ({layers}) or end ({end})")
+        return None
+
+    def decide(key: str) -> Placement:
+        if drop_re is not None and drop_re.search(key):
+            return None
+        where = place(key)
+        if where is None and base and not key.startswith(base):
+            where = place(base + key)
+        if where is None:
+            also = f" (with or without {base!r})" if base else ""
+            raise DeciderError(
+                f"key {key!r} is not in this family's begin ({', '.join(begin)}), layers ({layers}.N.*) "
+                f"or end ({', '.join(end)}){also}"
+            )
+        return where
 
     return decide

@@ -1,7 +1,14 @@
-"""The Llama family: llama, mistral, mixtral, qwen2, qwen3, gemma, gemma2, phi3 (and phi).
+"""The Llama family: llama, mistral, mixtral, qwen2/qwen3 (and their MoE variants), gemma, gemma2,
+phi3, phi, and other models with Llama's module layout (starcoder2, olmo, granite, ...).
 
-``model.embed_tokens`` -> begin; ``model.layers.N.*`` -> layer N; ``model.norm``, ``lm_head``
--> end. Rotary ``inv_freq`` buffers are dropped (the model rebuilds them).
+``model.embed_tokens.*`` -> begin as ``embed_tokens.*``; ``model.layers.N.rest`` -> layer N as
+``rest`` (a ``LlamaDecoderLayer``'s own state dict); ``model.norm.*`` (``model.final_layernorm.*``
+in phi) -> end as ``norm.*``; ``lm_head.*`` (and a classifier's ``score.*``) -> end unchanged.
+Keys saved from the base model (``LlamaModel``: ``embed_tokens.weight``, ``layers.0....``) give the
+same parts. Rotary ``inv_freq`` buffers are dropped (the model rebuilds them). Gemma ties the LM
+head to the embeddings: when no ``lm_head.weight`` is stored, end gets the embedding as
+``lm_head.weight``. Mixtral checkpoints keep their per-expert weights
+(``block_sparse_moe.experts.E.w1``); transformers 5 fuses them when it loads a layer.
 """
 
 from __future__ import annotations
@@ -10,26 +17,35 @@ import re
 
 from ._family import Family, prefix_decider, register
 
+__all__ = ["LLAMA_TYPES", "decider", "family"]
+
 LLAMA_TYPES = (
     "llama",
     "mistral",
     "mixtral",
     "qwen2",
-    "qwen3",
     "qwen2_moe",
+    "qwen3",
     "qwen3_moe",
     "gemma",
     "gemma2",
+    "gemma3_text",
     "phi3",
+    "phimoe",
     "phi",
+    "starcoder2",
+    "olmo",
+    "olmo2",
+    "stablelm",
+    "granite",
 )
 
 decider = prefix_decider(
     begin=("model.embed_tokens.",),
     layers="model.layers",
-    end=("model.norm.", "model.final_layernorm.", "lm_head."),
-    drop=r"rotary_emb\.inv_freq$",
-    strip="model.",
+    end=("model.norm.", "model.final_layernorm.", "lm_head.", "score."),
+    drop=r"(?:^|\.)(?:original_)?inv_freq$",
+    base="model.",
 )
 
 family = register(
@@ -37,9 +53,21 @@ family = register(
         name="llama",
         decider=decider,
         model_types=LLAMA_TYPES,
+        architectures=(
+            "LlamaForCausalLM",
+            "MistralForCausalLM",
+            "MixtralForCausalLM",
+            "Qwen2ForCausalLM",
+            "Qwen3ForCausalLM",
+            "GemmaForCausalLM",
+            "Gemma2ForCausalLM",
+            "Phi3ForCausalLM",
+            "PhiForCausalLM",
+        ),
         layers="model.layers",
+        base="model.",
         embed_key="model.embed_tokens.weight",
         head_key="lm_head.weight",
-        signature=re.compile(r"^model\.layers\.\d+\.self_attn\."),
+        signature=re.compile(r"^(?:model\.)?layers\.\d+\.self_attn\."),
     )
 )

@@ -1,0 +1,165 @@
+"""GGUF files (llama.cpp's format) as a tensor source, read with the ``gguf`` package
+(``pip install sepstore[gguf]``).
+
+The tensor table is read first from the memory-mapped file; a tensor's bytes are read only when
+it is asked for. Keys keep GGUF's own names (``token_embd.weight``, ``blk.3.attn_q.weight``,
+``output.weight``) and :mod:`sepstore.deciders.gguf` places them (a GGUF with no
+``output.weight`` gets ``token_embd.weight`` as its head in end, as llama.cpp uses it). Tensors
+stored unquantized (F32, F16, BF16, F64 and the integer types) are returned as they are: same
+dtype, same bits, with the shape in PyTorch order (GGUF lists dimensions innermost first; they
+are reversed here). Quantized tensors
+(Q8_0, Q4_0, Q4_K, ...) are dequantized with ``gguf.quants.dequantize`` to float32, which
+``convert``'s ``dtype`` then casts (``dtype="bf16"``); with no ``dtype`` they stay float32.
+Weights are stored in GGUF's own layout (llama.cpp's converter permutes Llama's Q/K projections
+for its RoPE), so a store made from a GGUF mirrors the GGUF, not the original HF checkpoint.
+
+GGUF files must be on local disk: a GGUF on another fsspec filesystem is a :class:`StoreError`
+(download it first). Nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import fsspec
+import numpy as np
+import torch
+from fsspec.implementations.local import LocalFileSystem
+
+from ..errors import StoreError, TensorError
+from .source import TensorInfo
+
+__all__ = ["GGUFFile"]
+
+
+#: GGUF types stored as plain arrays, and the torch dtype each is returned as (BF16 is handled apart).
+_PLAIN: dict[str, torch.dtype] = {
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "F64": torch.float64,
+    "I8": torch.int8,
+    "I16": torch.int16,
+    "I32": torch.int32,
+    "I64": torch.int64,
+}
+
+
+def _gguf() -> Any:
+    try:
+        import gguf
+    except ImportError:
+        raise StoreError("reading GGUF files needs the gguf package: pip install 'sepstore[gguf]'") from None
+    return gguf
+
+
+class GGUFFile:
+    """A local GGUF file: its tensor table read up front, each tensor read (and, if quantized,
+    dequantized to float32) when asked for. ``config`` is a small HF-like config from the GGUF
+    metadata (``model_type``, ``num_hidden_layers``, ``hidden_size``, ...)."""
+
+    def __init__(self, fs: fsspec.AbstractFileSystem, path: str, url: str) -> None:
+        self.url = url
+        if not isinstance(fs, LocalFileSystem):
+            raise StoreError(f"{url}: GGUF files are read from local disk only; download it first")
+        gguf = _gguf()
+        try:
+            reader = gguf.GGUFReader(path)
+        except (ValueError, KeyError, IndexError, OSError) as exc:
+            raise StoreError(f"{url}: not a GGUF file sepstore can read ({type(exc).__name__}: {exc})") from exc
+        self._reader = reader
+        self._swapped = reader.byte_order == "S"
+        self._tensors: dict[str, Any] = {}
+        self.index: dict[str, TensorInfo] = {}
+        quantized: set[Any] = set()
+        for tensor in reader.tensors:
+            shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))
+            kind = tensor.tensor_type.name
+            if kind in _PLAIN:
+                dtype = _PLAIN[kind]
+            elif kind == "BF16":
+                dtype = torch.bfloat16
+            else:
+                dtype = torch.float32
+                quantized.add(tensor.tensor_type)
+            self._tensors[tensor.name] = tensor
+            self.index[tensor.name] = TensorInfo(dtype, shape)
+        for qtype in sorted(quantized):
+            self._check_dequantizes(gguf, qtype)
+        self.config: dict[str, Any] | None = _config(reader)
+
+    def _check_dequantizes(self, gguf: Any, qtype: Any) -> None:
+        """Fail before any part is written if a quantization type cannot be read."""
+        names = [name for name, t in self._tensors.items() if t.tensor_type == qtype]
+        if self._swapped:
+            raise TensorError(f"{self.url}: quantized tensors in a big-endian GGUF are not supported ({names[:3]})")
+        _, type_size = gguf.GGML_QUANT_SIZES[qtype]
+        try:
+            gguf.quants.dequantize(np.zeros((1, type_size), dtype=np.uint8), qtype)
+        except NotImplementedError:
+            raise TensorError(
+                f"{self.url}: the installed gguf package cannot dequantize {qtype.name} (tensors {names[:3]}); "
+                "try a newer gguf"
+            ) from None
+
+    def read(self, key: str) -> torch.Tensor:
+        tensor = self._tensors[key]
+        info = self.index[key]
+        kind = tensor.tensor_type.name
+        data = tensor.data
+        try:
+            if kind in _PLAIN:
+                array = np.array(data, dtype=data.dtype.newbyteorder("="))
+            elif kind == "BF16":
+                raw = data.reshape(-1).view(np.dtype(np.int16).newbyteorder(">" if self._swapped else "<"))
+                return torch.from_numpy(raw.astype(np.int16)).view(torch.bfloat16).reshape(info.shape)
+            else:
+                array = np.ascontiguousarray(_gguf().quants.dequantize(data, tensor.tensor_type), dtype=np.float32)
+        except (ValueError, IndexError) as exc:
+            raise StoreError(f"{self.url}: cannot read tensor {key!r} ({type(exc).__name__}: {exc})") from exc
+        return torch.from_numpy(array).reshape(info.shape)
+
+    def close(self) -> None:
+        """Drop the memory map (tensors already read stay valid: they are copies)."""
+        self._tensors.clear()
+        self._reader = None
+
+
+def _config(reader: Any) -> dict[str, Any] | None:
+    """What the GGUF metadata says of the model, under Hugging Face config names."""
+
+    def value(key: str) -> Any:
+        field = reader.fields.get(key)
+        if field is None or not field.types or len(field.types) != 1:
+            return None
+        try:
+            got = field.contents()
+        except (ValueError, IndexError, UnicodeDecodeError):
+            return None
+        if isinstance(got, float):
+            return float(str(np.float32(got)))  # the float32 written, without float64 noise
+        return got if isinstance(got, int | str | bool) else None
+
+    arch = value("general.architecture")
+    if not isinstance(arch, str):
+        return None
+    config: dict[str, Any] = {"model_type": arch}
+    wanted = {
+        "num_hidden_layers": f"{arch}.block_count",
+        "hidden_size": f"{arch}.embedding_length",
+        "intermediate_size": f"{arch}.feed_forward_length",
+        "num_attention_heads": f"{arch}.attention.head_count",
+        "num_key_value_heads": f"{arch}.attention.head_count_kv",
+        "max_position_embeddings": f"{arch}.context_length",
+        "rms_norm_eps": f"{arch}.attention.layer_norm_rms_epsilon",
+        "rope_theta": f"{arch}.rope.freq_base",
+        "vocab_size": f"{arch}.vocab_size",
+    }
+    for name, key in wanted.items():
+        got = value(key)
+        if got is not None and not isinstance(got, str):
+            config[name] = got
+    if "vocab_size" not in config:
+        tokens = reader.fields.get("tokenizer.ggml.tokens")
+        if tokens is not None and tokens.data and tokens.data != [-1]:
+            config["vocab_size"] = len(tokens.data)
+    return config

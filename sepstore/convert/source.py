@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Protocol
 
 import torch
 
@@ -94,12 +94,3 @@ class LazyStateDict(Mapping[str, torch.Tensor]):
     def __repr__(self) -> str:
         return f"LazyStateDict({len(self)} tensors)"
 
-
-def config_value(config: Mapping[str, Any] | None, key: str, default: Any = None) -> Any:
-    """A value of a (possibly nested ``text_config``) HF config."""
-    if not config:
-        return default
-    if key in config:
-        return config[key]
-    text = config.get("text_config")
-    return text.get(key, default) if isinstance(text, Mapping) else default

@@ -93,4 +93,3 @@ class LazyStateDict(Mapping[str, torch.Tensor]):
 
     def __repr__(self) -> str:
         return f"LazyStateDict({len(self)} tensors)"
-

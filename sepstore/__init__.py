@@ -20,10 +20,12 @@ from .errors import (
     StoreError,
     TensorError,
 )
+from .gc import GcReport, gc
 from .load import LoadResult, PartStateDict, lazy_load, load, read_manifest
 from .manifest import Manifest, Tensor
 from .manifest import Part as ManifestPart
 from .module import Part
+from .plan import NodePlan, plan
 from .pull import PullReport, pull
 from .push import PushReport, push
 from .refs import Resolved, resolve
@@ -34,6 +36,7 @@ from .verify import PartCheck, VerifyReport, verify
 __all__ = [
     "Decider",
     "DeciderError",
+    "GcReport",
     "IntegrityError",
     "LoadResult",
     "Manifest",
@@ -41,6 +44,7 @@ __all__ = [
     "ManifestError",
     "ManifestPart",
     "ModuleMismatchError",
+    "NodePlan",
     "NotFoundError",
     "Part",
     "PartCheck",
@@ -63,8 +67,10 @@ __all__ = [
     "convert",
     "diff",
     "dump",
+    "gc",
     "lazy_load",
     "load",
+    "plan",
     "pull",
     "push",
     "read_manifest",

@@ -16,7 +16,9 @@ from . import __version__
 from .convert import convert
 from .diff import diff
 from .errors import IntegrityError, SepstoreError
+from .gc import DEFAULT_GRACE, gc
 from .load import select_parts
+from .plan import plan
 from .pull import pull
 from .push import push
 from .refs import resolve
@@ -178,6 +180,31 @@ def cmd_files(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    budgets = args.budget.split(",") if args.budget else None
+    nodes = plan(resolve(args.ref, **_ref_kwargs(args)), nodes=args.nodes, budgets=budgets)
+    if args.json:
+        _print_json([n.to_dict() for n in nodes])
+        return EXIT_OK
+    for n in nodes:
+        budget = f" of {human_bytes(n.budget)}" if n.budget else ""
+        print(f"node {n.node}: {n.spec:<16} {human_bytes(n.bytes):>11}{budget}")
+    return EXIT_OK
+
+
+def cmd_gc(args: argparse.Namespace) -> int:
+    report = gc(args.store, grace=args.grace, dry_run=args.dry_run)
+    if args.json:
+        _print_json(report.to_dict())
+        return EXIT_OK
+    verb = "would remove" if report.dry_run else "removed"
+    print(
+        f"{verb} {len(report.removed)} unreferenced files ({human_bytes(report.removed_bytes)}); kept {report.kept} "
+        f"referenced parts and {len(report.young)} unreferenced ones younger than {args.grace:g} s"
+    )
+    return EXIT_OK
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -295,6 +322,31 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("a", help="the version a node has (manifest path or URL)")
     p.add_argument("b", help="the version to move to")
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+    p = command(
+        "plan",
+        cmd_plan,
+        "split a model's layers over nodes, balancing bytes (begin on the first node, end on the last)",
+        "sepstore plan s3://models/store/manifests/acme/llama/v2.json --budget 24GiB,24GiB,16GiB",
+    )
+    _add_ref(p)
+    group = p.add_mutually_exclusive_group(required=True)
+    group.add_argument("--nodes", type=int, help="number of nodes, balanced by bytes")
+    group.add_argument("--budget", help="one memory budget per node, comma-separated (24GiB,16GB,...)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+    p = command(
+        "gc",
+        cmd_gc,
+        "delete parts no manifest in the store references (older than the grace period)",
+        "sepstore gc s3://models/store --dry-run",
+    )
+    p.add_argument("store", help="store root: a path or URL")
+    p.add_argument(
+        "--grace", type=float, default=DEFAULT_GRACE, help="keep files younger than this many seconds (default 3600)"
+    )
+    p.add_argument("--dry-run", action="store_true", help="only say what would be removed")
     p.add_argument("--json", action="store_true", help="print JSON")
 
     p = command(

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from collections.abc import Callable
 
 import torch
+from safetensors.torch import save_file
 
+from .convert import convert
 from .diff import diff
-from .dump import dump
 from .load import load
 from .verify import verify
 
@@ -56,47 +58,67 @@ def llama_decider(key: str) -> tuple[str, str] | tuple[str, int, str] | None:
     return "end", key.removeprefix("model.")
 
 
+CONFIG = {
+    "model_type": "llama",
+    "architectures": ["LlamaForCausalLM"],
+    "hidden_size": 256,
+    "intermediate_size": 688,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "vocab_size": 4096,
+    "tie_word_embeddings": False,
+}
+
+
+def _write_checkpoint(folder: str, state_dict: dict[str, torch.Tensor]) -> None:
+    """A Hugging Face model folder: ``model.safetensors`` and ``config.json``."""
+    os.makedirs(folder, exist_ok=True)
+    save_file(state_dict, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(CONFIG, f, indent=2)
+
+
 def run_demo(directory: str | os.PathLike[str] = "sepstore-demo", *, say: Callable[[str], None] = print) -> None:
-    """Publish two versions of a tiny Llama, diff them, load them as two nodes would, verify."""
-    store = os.path.abspath(os.fspath(directory))
-    if os.path.exists(store):
-        shutil.rmtree(store)
-    config = {
-        "model_type": "llama",
-        "architectures": ["LlamaForCausalLM"],
-        "hidden_size": 256,
-        "intermediate_size": 688,
-        "num_hidden_layers": 4,
-        "vocab_size": 4096,
-    }
+    """Convert two versions of a tiny Llama, diff them, load them as two nodes would, verify."""
+    root = os.path.abspath(os.fspath(directory))
+    if os.path.exists(root):
+        shutil.rmtree(root)
+    store = os.path.join(root, "store")
     v1 = tiny_llama_state_dict()
+    _write_checkpoint(os.path.join(root, "checkpoints", "v1"), v1)
     size = sum(t.nbytes for t in v1.values())
-    say(f"1. Built a seeded tiny Llama in memory: {len(v1)} tensors, {size:,} bytes of bf16.")
-    m1 = dump(llama_decider, v1, store, name=NAME, tag="v1", config=config)
+    say(f"1. Built a seeded tiny Llama (4 layers, {size / 2**20:.1f} MiB of bf16) as a Hugging Face folder:")
+    say(f"     {root}/checkpoints/v1")
+    m1 = convert(os.path.join(root, "checkpoints", "v1"), store, name=NAME, tag="v1", quiet=True)
     say(
-        f"2. Published {NAME}:v1 to {store}: begin, {m1.n_layers} layer parts and end, "
-        "each a safetensors file named by its BLAKE3 digest."
+        f"2. Converted it into the store {store} as {NAME}:v1 ({m1.metadata['decider']} decider, found from "
+        f"config.json): begin, {m1.n_layers} layer parts and end, each a safetensors file named by its BLAKE3 digest."
     )
     v2 = dict(v1)
     for layer in (1, 3):
         key = f"model.layers.{layer}.mlp.down_proj.weight"
         v2[key] = (v1[key].float() * 1.01).to(torch.bfloat16)
-    dump(llama_decider, v2, store, name=NAME, tag="v2", config=config)
+    _write_checkpoint(os.path.join(root, "checkpoints", "v2"), v2)
+    before = len(os.listdir(os.path.join(store, "parts", "blake3")))
+    convert(os.path.join(root, "checkpoints", "v2"), store, name=NAME, tag="v2", quiet=True)
+    written = len(os.listdir(os.path.join(store, "parts", "blake3"))) - before
+    say(f"3. Fine-tuned layers 1 and 3 and converted v2: {written} new part files; every unchanged part is shared.")
     url1 = os.path.join(store, "manifests", NAME, "v1.json")
     url2 = os.path.join(store, "manifests", NAME, "v2.json")
-    say("3. Fine-tuned layers 1 and 3 and published v2; unchanged parts are shared, not written again.")
     changes = diff(url1, url2)
-    say(f"4. diff v1 -> v2: {len(changes.changed)} parts changed, {changes.bytes_to_fetch:,} bytes for a v1 node:")
+    fetch = changes.bytes_to_fetch
+    say(f"4. diff v1 -> v2: {len(changes.changed)} parts changed, {fetch:,} bytes for a v1 node to fetch:")
     for p in changes.changed:
         say(f"     {p.part}: {p.status}, tensors {', '.join(p.tensors.changed)}, {p.bytes:,} bytes")
     for node, spec in (("A", "b 0-2"), ("B", "2-4 e")):
         psd = load(url2, spec)
-        say(f"5. Node {node} loaded '{spec}': {len(psd.to_dict())} tensors, every byte verified against v2.")
-    node_b = load(url2, "3-4")
-    if not torch.equal(node_b.mid[3]["mlp.down_proj.weight"], v2["model.layers.3.mlp.down_proj.weight"]):
-        raise RuntimeError("demo: layer 3 as loaded differs from what was published")
+        say(f"5. Node {node} loaded '{spec}' of v2: {len(psd.to_dict())} tensors, every byte verified first.")
+        for layer, tensors in psd.mid.items():
+            if not torch.equal(tensors["mlp.down_proj.weight"], v2[f"model.layers.{layer}.mlp.down_proj.weight"]):
+                raise RuntimeError(f"demo: layer {layer} as loaded differs from what was converted")
     report = verify(url2)
     verdict = "all verified" if report.ok else "FAILED"
     say(f"6. verify v2: {len(report.checks)} parts re-hashed, {verdict}; manifest digest {report.manifest_digest}.")
     say(f"Done. Next: sepstore info {url2}")
     say(f"      sepstore diff {url1} {url2}")
+    say(f"      sepstore plan {url2} --nodes 2")

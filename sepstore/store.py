@@ -135,8 +135,13 @@ class Store:
         return path if self.is_local else self.fs.unstrip_protocol(path)
 
     @property
+    def parts_dir(self) -> str:
+        """The parts folder, as a path on this store's filesystem."""
+        return self._path(PARTS_DIR)
+
+    @property
     def parts_url(self) -> str:
-        return self.url_of(self._path(PARTS_DIR))
+        return self.url_of(self.parts_dir)
 
     def part_path(self, digest: str) -> str:
         return self._path(PARTS_DIR, f"{digest_hex(digest)}.safetensors")

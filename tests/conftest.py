@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
+from servers import CountingMotoServer
 
 import sepstore
 from sepstore.demo import llama_decider, tiny_llama_state_dict
@@ -35,3 +38,20 @@ def store(tmp_path: Path, state_dict: dict[str, torch.Tensor]) -> Path:
 @pytest.fixture
 def manifest_path(store: Path) -> Path:
     return store / "manifests" / "model" / "latest.json"
+
+
+@pytest.fixture(scope="session")
+def moto_server() -> Iterator[CountingMotoServer]:
+    server = CountingMotoServer()
+    server.start()
+    saved = dict(os.environ)
+    os.environ.update(
+        AWS_ACCESS_KEY_ID="testing",
+        AWS_SECRET_ACCESS_KEY="testing",
+        AWS_DEFAULT_REGION="us-east-1",
+        AWS_ENDPOINT_URL=server.endpoint,
+    )
+    yield server
+    os.environ.clear()
+    os.environ.update(saved)
+    server.stop()

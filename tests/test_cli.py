@@ -29,7 +29,9 @@ def corrupt(store: Path, label: str) -> None:
     path.write_bytes(data)
 
 
-@pytest.mark.parametrize("command", ["convert", "push", "pull", "files", "info", "verify", "diff", "demo"])
+@pytest.mark.parametrize(
+    "command", ["convert", "push", "pull", "files", "info", "verify", "diff", "plan", "gc", "demo"]
+)
 def test_every_subcommand_has_help_with_an_example(command: str) -> None:
     result = run(command, "--help")
     assert result.returncode == 0
@@ -102,7 +104,10 @@ def test_demo_runs_to_the_end(tmp_path: Path) -> None:
     result = run("demo", tmp_path / "demo")
     assert result.returncode == 0, result.stderr
     assert "2 parts changed" in result.stdout and "all verified" in result.stdout
-    assert sepstore.verify(tmp_path / "demo", name="demo/tiny-llama", tag="v2").ok
+    assert sepstore.verify(tmp_path / "demo/store", name="demo/tiny-llama", tag="v2").ok
+    assert (
+        sepstore.read_manifest(tmp_path / "demo/store", name="demo/tiny-llama", tag="v1").metadata["decider"] == "llama"
+    )
 
 
 def test_convert_push_pull_files_from_the_command_line(tmp_path: Path, state_dict: dict[str, torch.Tensor]) -> None:
@@ -128,3 +133,17 @@ def test_convert_push_pull_files_from_the_command_line(tmp_path: Path, state_dic
     assert [row["part"] for row in json.loads(files.stdout)] == ["end"]
     unknown = run("convert", tmp_path / "nothing-here", tmp_path / "store")
     assert unknown.returncode == 2 and "no such checkpoint" in unknown.stderr
+
+
+def test_plan_and_gc_from_the_command_line(store: Path, manifest_path: Path) -> None:
+    planned = run("plan", manifest_path, "--nodes", "3", "--json")
+    assert planned.returncode == 0, planned.stderr
+    nodes = json.loads(planned.stdout)
+    assert nodes[0]["spec"].startswith("b ") and nodes[-1]["spec"].endswith(" e")
+    assert sum(n["bytes"] for n in nodes) == sepstore.read_manifest(manifest_path).total_bytes
+    assert run("plan", manifest_path).returncode == 2  # --nodes or --budget is required
+    over = run("plan", manifest_path, "--budget", "1KiB,1KiB")
+    assert over.returncode == 2 and "does not fit" in over.stderr
+    swept = run("gc", store, "--grace", "0", "--json")
+    assert swept.returncode == 0, swept.stderr
+    assert json.loads(swept.stdout)["removed"] == [] and json.loads(swept.stdout)["kept"] == 8

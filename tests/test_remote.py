@@ -4,7 +4,6 @@ dedup on republish, refuse corrupt parts without caching them, survive faults, s
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import textwrap
@@ -45,23 +44,6 @@ class Backend:
 
     def part_gets(self) -> list[Request]:
         return [r for r in self.requests or [] if r.method == "GET" and "/parts/blake3/" in r.path]
-
-
-@pytest.fixture(scope="session")
-def moto_server() -> Iterator[CountingMotoServer]:
-    server = CountingMotoServer()
-    server.start()
-    saved = dict(os.environ)
-    os.environ.update(
-        AWS_ACCESS_KEY_ID="testing",
-        AWS_SECRET_ACCESS_KEY="testing",
-        AWS_DEFAULT_REGION="us-east-1",
-        AWS_ENDPOINT_URL=server.endpoint,
-    )
-    yield server
-    os.environ.clear()
-    os.environ.update(saved)
-    server.stop()
 
 
 @pytest.fixture

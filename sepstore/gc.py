@@ -1,0 +1,96 @@
+"""gc: delete the parts no manifest in a store references, once they are older than a grace period."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from .manifest import decode_manifest
+from .store import Store, backend_errors
+
+__all__ = ["DEFAULT_GRACE", "GcReport", "gc"]
+
+#: Parts younger than this are kept even when unreferenced: a publish in flight writes its parts
+#: before its manifest.
+DEFAULT_GRACE = 3600.0
+
+
+@dataclass(frozen=True)
+class GcReport:
+    """What gc removed (or, in a dry run, would remove) and what it kept."""
+
+    removed: list[str]
+    removed_bytes: int
+    kept: int
+    young: list[str]
+    dry_run: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "removed": self.removed,
+            "removed_bytes": self.removed_bytes,
+            "kept": self.kept,
+            "young": self.young,
+            "dry_run": self.dry_run,
+        }
+
+
+def _mtime(info: dict[str, Any]) -> float | None:
+    """Modification time of a listing entry, across backends (local ``mtime``, S3 ``LastModified``)."""
+    for key in ("mtime", "LastModified", "last_modified", "created"):
+        value = info.get(key)
+        if isinstance(value, int | float):
+            return float(value)
+        if isinstance(value, dt.datetime):
+            return value.timestamp()
+    return None
+
+
+def gc(
+    store: str | os.PathLike[str] | Store,
+    *,
+    grace: float = DEFAULT_GRACE,
+    dry_run: bool = False,
+    storage_options: dict[str, Any] | None = None,
+) -> GcReport:
+    """Delete every part file (and leftover temporary file) that no manifest in ``store``
+    references and that is older than ``grace`` seconds. Every manifest must decode first: a store
+    with an unreadable manifest is left untouched (its parts cannot be told apart from orphans)."""
+    target = store if isinstance(store, Store) else Store(store, storage_options)
+    referenced: set[str] = set()
+    for name, tag in target.list_manifests():
+        url = target.url_of(target.manifest_path(name, tag))
+        manifest = decode_manifest(target.read_manifest_bytes(name, tag), source=url)
+        referenced.update(part.digest.removeprefix("blake3:") for _, part in manifest.labelled_parts())
+    folder = target.parts_dir
+    with backend_errors(target.url_of(folder)):
+        if not target.is_local:
+            target.fs.invalidate_cache(folder)
+        listing = target.fs.ls(folder, detail=True) if target.fs.exists(folder) else []
+    now = time.time()
+    removed: list[str] = []
+    young: list[str] = []
+    removed_bytes = kept = 0
+    for info in listing:
+        path = info["name"]
+        base = path.rsplit("/", 1)[-1]
+        stem = base.removesuffix(".safetensors")
+        if stem in referenced:
+            kept += 1
+            continue
+        is_part = base.endswith(".safetensors") and len(stem) == 64
+        if not (is_part or base.startswith(".tmp-")):
+            continue  # not ours: leave it
+        modified = _mtime(info)
+        if modified is None or now - modified < grace:
+            young.append(base)
+            continue
+        if not dry_run:
+            with backend_errors(target.url_of(path)):
+                target.fs.rm_file(path)
+        removed.append(base)
+        removed_bytes += int(info.get("size") or 0)
+    return GcReport(sorted(removed), removed_bytes, kept, sorted(young), dry_run)

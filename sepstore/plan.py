@@ -1,0 +1,118 @@
+"""plan: split a model's layers over nodes, balancing bytes; begin goes to the first, end to the last."""
+
+from __future__ import annotations
+
+import itertools
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import NotFoundError, SpecError
+from .manifest import Manifest
+from .refs import Ref, Resolved, resolve
+
+__all__ = ["NodePlan", "parse_size", "plan"]
+
+_UNITS = {"": 1, "B": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(I?)B?\s*$", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class NodePlan:
+    """One node's share: the part spec to load (``"b 0-7"``) and its bytes."""
+
+    node: int
+    spec: str
+    bytes: int
+    budget: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"node": self.node, "spec": self.spec, "bytes": self.bytes, "budget": self.budget}
+
+
+def parse_size(text: str) -> int:
+    """``"24GiB"``, ``"16G"``, ``"512MB"``, ``"1000"`` to bytes (``Ki``/``Mi``/``Gi`` are powers of 1024)."""
+    match = _SIZE.match(text)
+    if match is None:
+        raise SpecError(f"cannot read {text!r} as a size; write e.g. 24GiB, 16GB or 512MiB")
+    number, unit, binary = float(match[1]), match[2].upper(), bool(match[3])
+    factor = 1024 ** "KMGT".index(unit) * 1024 if binary and unit else _UNITS[unit]
+    return int(number * factor)
+
+
+def plan(
+    ref: Ref | Resolved | Manifest,
+    *,
+    nodes: int | None = None,
+    budgets: Sequence[int | str] | None = None,
+    storage_options: dict[str, Any] | None = None,
+) -> list[NodePlan]:
+    """Split the layers into one contiguous range per node, begin on the first and end on the last.
+
+    With ``nodes=N`` the largest node's bytes are as small as they can be; with ``budgets`` (bytes,
+    or sizes such as ``"24GiB"``) each node fits its budget and the fullest node, relative to its
+    budget, is as empty as it can be. The specs load directly with :func:`sepstore.load`.
+    """
+    manifest = ref if isinstance(ref, Manifest) else resolve(ref, storage_options=storage_options).manifest
+    if (nodes is None) == (budgets is None):
+        raise SpecError("give either nodes= (a count) or budgets= (one size per node)")
+    limits = [parse_size(b) if isinstance(b, str) else int(b) for b in budgets] if budgets is not None else None
+    count = len(limits) if limits is not None else int(nodes or 0)
+    layers = manifest.n_layers
+    if count < 1 or count > max(layers, 1):
+        raise SpecError(f"cannot split {layers} layers over {count} nodes: each node needs at least one layer")
+    missing = [i for i, p in enumerate(manifest.mid) if p is None]
+    if missing:
+        raise NotFoundError(f"model {manifest.name!r} has no parts yet for layers {missing[:10]}")
+    head = manifest.begin.size if manifest.begin else 0
+    tail = manifest.end.size if manifest.end else 0
+    sizes = [p.size for p in manifest.mid if p is not None]
+    cuts = _partition(sizes, head, tail, limits or [1] * count)
+    if cuts is None:
+        total = head + tail + sum(sizes)
+        raise SpecError(f"the model ({total} bytes, largest layer {max(sizes, default=0)}) does not fit these budgets")
+    out = []
+    for i, (start, stop) in enumerate(itertools.pairwise(cuts)):
+        tokens = (["b"] if i == 0 and manifest.begin else []) + ([f"{start}-{stop}"] if stop > start else [])
+        tokens += ["e"] if i == count - 1 and manifest.end else []
+        size = sum(sizes[start:stop]) + (head if i == 0 else 0) + (tail if i == count - 1 else 0)
+        out.append(NodePlan(i, " ".join(tokens), size, limits[i] if limits else None))
+    return out
+
+
+def _partition(sizes: list[int], head: int, tail: int, limits: list[int]) -> list[int] | None:
+    """Cut points ``[0, c1, ..., len(sizes)]`` minimising the largest ``load / limit``, each node
+    getting at least one layer and ``load <= limit`` when limits are real budgets (not all 1)."""
+    n, k = len(sizes), len(limits)
+    if n == 0:
+        return [0] * (k + 1)
+    prefix = [0]
+    for s in sizes:
+        prefix.append(prefix[-1] + s)
+    budgeted = any(limit != 1 for limit in limits)
+    inf = float("inf")
+
+    def cost(node: int, start: int, stop: int) -> float:
+        load = prefix[stop] - prefix[start] + (head if node == 0 else 0) + (tail if node == k - 1 else 0)
+        if budgeted and load > limits[node]:
+            return inf
+        return load / limits[node]
+
+    # best[j][i]: the smallest worst cost placing layers 0..i-1 on nodes 0..j
+    best = [[inf] * (n + 1) for _ in range(k)]
+    back = [[0] * (n + 1) for _ in range(k)]
+    for i in range(1, n + 1):
+        best[0][i] = cost(0, 0, i)
+    for j in range(1, k):
+        for i in range(j + 1, n + 1):
+            for cut in range(j, i):
+                worst = max(best[j - 1][cut], cost(j, cut, i))
+                if worst < best[j][i]:
+                    best[j][i], back[j][i] = worst, cut
+    if best[k - 1][n] == inf:
+        return None
+    cuts = [n]
+    for j in range(k - 1, 0, -1):
+        cuts.append(back[j][cuts[-1]])
+    return [0, *reversed(cuts)]

@@ -94,7 +94,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    report = verify(args.ref, args.spec, parts_url=args.parts_url, **_ref_kwargs(args))
+    report = verify(args.ref, args.spec, parts_url=args.parts_url, quiet=args.quiet, **_ref_kwargs(args))
     if args.json:
         _print_json(report.to_dict())
     else:
@@ -260,6 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_ref(p)
     p.add_argument("--spec", default="f", help="parts to verify, e.g. 'b 0-5' (default: f, all)")
     _add_parts_url(p)
+    _add_quiet(p)
     p.add_argument("--json", action="store_true", help="print JSON")
 
     p = command(

@@ -11,6 +11,7 @@ from .errors import IntegrityError, NotFoundError
 from .hashing import digest_buffer
 from .load import select_parts
 from .manifest import Part
+from .progress import progress
 from .reader import PartReader
 from .refs import Ref, Resolved, resolve
 from .safetensors_io import raw_bytes
@@ -66,6 +67,7 @@ def verify(
     digest: str | None = None,
     name: str | None = None,
     tag: str | None = None,
+    quiet: bool = False,
 ) -> VerifyReport:
     """Check every part ``spec`` names: size, file digest, header, and each tensor's digest.
 
@@ -80,7 +82,11 @@ def verify(
         chosen = list(resolved.manifest.labelled_parts())
     with tempfile.TemporaryDirectory(prefix="sepstore-verify-") as scratch:
         reader = PartReader(resolved, cache_dir=cache_dir if cache_dir is not None else scratch)
-        checks = [_check(reader, label, part) for label, part in chosen]
+        checks = []
+        with progress(sum(p.size for _, p in chosen), f"verify {resolved.manifest.name}", quiet=quiet) as bar:
+            for label, part in chosen:
+                checks.append(_check(reader, label, part))
+                bar.update(part.size)
     return VerifyReport(resolved.url, resolved.digest, checks)
 
 

@@ -152,12 +152,24 @@ class Cache:
             for item in todo:
                 got = locks.enter_context(_locked(self._lock(item), blocking=False))
                 (mine if got else theirs).append(item)
-            fetched += self._download([i for i in mine if not self.has(i.part.digest)], workers, bar)
+            fetched += self._download_verified([i for i in mine if not self.has(i.part.digest)], workers, bar)
         for item in theirs:  # another process is fetching these: wait for it, then take over if it died
             with _locked(self._lock(item), blocking=True):
                 if not self.has(item.part.digest):
-                    fetched += self._download([item], workers, bar)
+                    fetched += self._download_verified([item], workers, bar)
         return fetched
+
+    def _download_verified(self, items: list[Fetch], workers: int, bar: tqdm | None) -> list[Fetch]:
+        """Download ``items``; a part whose bytes do not match is fetched once more from scratch
+        (a flipped bit in transit), then refused with the :class:`IntegrityError`."""
+        failed = self._download(items, workers, bar)
+        if failed:
+            if bar is not None:
+                bar.total += sum(f.part.size for f, _ in failed)
+            again = self._download([f for f, _ in failed], workers, bar)
+            if again:
+                raise again[0][1]
+        return items
 
     def _incoming(self, item: Fetch, suffix: str) -> str:
         return os.path.join(self.incoming, digest_hex(item.part.digest) + suffix)
@@ -165,10 +177,17 @@ class Cache:
     def _lock(self, item: Fetch) -> str:
         return self._incoming(item, ".lock")
 
-    def _download(self, items: list[Fetch], workers: int, bar: tqdm | None) -> list[Fetch]:
+    def _download(self, items: list[Fetch], workers: int, bar: tqdm | None) -> list[tuple[Fetch, IntegrityError]]:
+        """Fetch ``items`` in parallel ranged reads; those whose bytes did not verify (and were discarded)."""
         downloads = [_Download(i, self.path(i.part.digest), self._incoming(i, ".partial")) for i in items]
-        if not downloads:
-            return []
+        failed: list[tuple[Fetch, IntegrityError]] = []
+
+        def finish(n: int) -> None:
+            try:
+                downloads[n].finish()
+            except IntegrityError as exc:
+                failed.append((downloads[n].item, exc))
+
         remaining: dict[int, int] = {}
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="sepstore-fetch") as pool:
             futures: dict[Future[None], int] = {}
@@ -180,7 +199,7 @@ class Cache:
                 futures.update({pool.submit(dl.fetch_chunk, c, bar): n for c in chunks})
             for n, count in remaining.items():
                 if count == 0:
-                    downloads[n].finish()
+                    finish(n)
             pending = set(futures)
             while pending:
                 done, pending = wait(pending, return_when=FIRST_EXCEPTION)
@@ -192,8 +211,8 @@ class Cache:
                     n = futures[future]
                     remaining[n] -= 1
                     if remaining[n] == 0:
-                        downloads[n].finish()
-        return items
+                        finish(n)
+        return failed
 
 
 def _digest(item: Fetch) -> str:

@@ -11,10 +11,11 @@ from typing import Any
 import fsspec
 from fsspec.core import split_protocol
 
+from .backends import open_url
 from .errors import IntegrityError, ManifestError, NotFoundError, StoreError
 from .hashing import digest_hex
 from .manifest import Manifest, Part, decode_manifest, manifest_digest
-from .store import MANIFESTS_DIR, Store, backend_errors, read_limited
+from .store import MANIFESTS_DIR, Store, read_limited
 
 __all__ = ["Ref", "Resolved", "resolve"]
 
@@ -66,10 +67,7 @@ def resolve(
     if url.endswith(".json"):
         if name is not None or tag is not None:
             raise StoreError(f"{url} is a manifest; name= and tag= are for a store root")
-        try:
-            fs, path = fsspec.core.url_to_fs(url, **options)
-        except (ImportError, ValueError) as exc:
-            raise StoreError(f"cannot open {url!r}: {exc}") from exc
+        fs, path = open_url(url, options)
         manifest_url = os.path.abspath(path) if split_protocol(url)[0] in _LOCAL else url
         data = read_limited(fs, path, manifest_url)
     else:
@@ -130,5 +128,4 @@ def _parts_location(manifest_url: str, manifest: Manifest) -> str:
 
 def open_fs(url: str, storage_options: dict[str, Any]) -> tuple[fsspec.AbstractFileSystem, str]:
     """The filesystem and path of a URL, with backend errors as sepstore's."""
-    with backend_errors(url):
-        return fsspec.core.url_to_fs(url, **storage_options)
+    return open_url(url, storage_options)

@@ -23,6 +23,7 @@ from typing import Any, BinaryIO, TypeVar
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
+from .backends import open_url
 from .errors import NotFoundError, SepstoreError, StoreError
 from .hashing import digest_hex
 from .manifest import MAX_MANIFEST_BYTES, NAME_PATTERN, TAG_PATTERN
@@ -112,10 +113,7 @@ class Store:
         url = os.fspath(url)
         if not isinstance(url, str) or not url:
             raise StoreError(f"a store location is a path or URL, got {url!r}")
-        try:
-            self.fs, root = fsspec.core.url_to_fs(url, **(storage_options or {}))
-        except (ImportError, ValueError) as exc:
-            raise StoreError(f"cannot open store {url!r}: {exc}") from exc
+        self.fs, root = open_url(url, storage_options)
         self.root: str = root.rstrip("/") or root
         self.url: str = self.fs.unstrip_protocol(self.root) if not self.is_local else self.root
 

@@ -15,6 +15,7 @@ from typing import Any
 
 import fsspec
 
+from ..backends import open_url
 from ..dump import Decider
 from ..errors import NotFoundError, StoreError
 from ..store import backend_errors
@@ -95,10 +96,7 @@ def _from_index(fs: fsspec.AbstractFileSystem, index_path: str) -> list[TensorSo
 def open_checkpoint(source: str | os.PathLike[str], storage_options: dict[str, Any] | None = None) -> Checkpoint:
     """Open the checkpoint at ``source`` (a path or any fsspec URL) without reading its tensors."""
     url = os.fspath(source)
-    try:
-        fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
-    except (ImportError, ValueError) as exc:
-        raise StoreError(f"cannot open {url!r}: {exc}") from exc
+    fs, path = open_url(url, storage_options)
     path = path.rstrip("/") or path
     with backend_errors(url):
         is_dir = fs.isdir(path)

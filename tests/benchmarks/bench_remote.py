@@ -1,0 +1,311 @@
+"""Remote benchmark: sepstore push/pull against plain s3fs put/get, on moto's S3 server on 127.0.0.1.
+
+Run by hand from the repository root (pytest skips tests/benchmarks):
+
+    .venv/bin/python tests/benchmarks/bench_remote.py                          # full size, 3 repeats
+    .venv/bin/python tests/benchmarks/bench_remote.py --layers 4 --repeats 2   # quick
+    .venv/bin/python tests/benchmarks/bench_remote.py --clean                  # delete --workdir at the end
+    .venv/bin/python tests/benchmarks/bench_remote.py --chunk-mib 32 128 --workers 8 16   # sweep pull settings
+
+It writes (or reuses) a seeded TinyLlama-1.1B-shaped checkpoint (bf16, about 2 GiB at full size) in
+``--checkpoint`` if given, else in ``./bench-load/checkpoint`` if a complete one with these layers is
+there (bench_load.py's), else in ``<workdir>/checkpoint``; dumps it into a local store as
+``tinyllama:v1`` (begin + 22 layers + end = 24 parts); starts moto's ``ThreadedMotoServer`` on
+127.0.0.1 (in a child process by default, so the server does not share the benchmark's GIL;
+``--server thread`` runs it in this process) and points the AWS environment variables at it.
+Then, interleaved, ``--repeats`` times each:
+
+- push: ``sepstore.push(store, "s3://bench/store")`` (HEAD per part, BLAKE3 of every local part,
+  upload, manifest last) against ``s3fs.S3FileSystem().put`` of the same part files to another
+  prefix. Both destinations are emptied before each call.
+- pull: ``sepstore.pull(manifest_url, "f", cache_dir=<empty folder>)`` (ranged GETs of
+  ``CHUNK_BYTES`` into the cache, every part hashed and checked before it gets its name) against
+  ``s3fs.S3FileSystem(skip_instance_cache=True).get([24 objects], [24 local paths])`` into an empty
+  folder. Both start without an s3fs instance (the instance cache is cleared before each call),
+  so both pay for a new session and new connections. Target: sepstore / s3fs <= 1.1x.
+- pull ``"b 0-5"`` (information only).
+
+``--chunk-mib`` and ``--workers`` take several values to time sepstore's pull with each
+combination (``sepstore.cache.CHUNK_BYTES`` and ``pull(workers=...)``) against the same baseline;
+``--skip-push`` pushes once untimed and times only the pulls.
+Also printed: BLAKE3 of all parts from the warm page cache (the verification's own cost).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import multiprocessing
+import os
+import shutil
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from multiprocessing.connection import Connection
+from pathlib import Path
+
+import s3fs
+import torch
+from _checkpoint import INDEX, read_state_dict, tinyllama_config, write_tinyllama_checkpoint
+from moto.server import ThreadedMotoServer
+
+import sepstore
+import sepstore.cache
+from sepstore.demo import llama_decider
+from sepstore.hashing import digest_file, digest_hex
+
+BUCKET = "bench"
+NAME, TAG = "tinyllama", "v1"
+STORE_URL = f"s3://{BUCKET}/store"
+BASELINE = f"{BUCKET}/baseline/parts/blake3"
+GB = 1e9
+
+
+# -- the server ----------------------------------------------------------------------------------
+
+
+def _serve(conn: Connection) -> None:
+    """Child process: run moto's server until the parent says stop."""
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # no line per request
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    conn.send(server.get_host_and_port())
+    conn.recv()
+    server.stop()
+
+
+@contextlib.contextmanager
+def moto_server(mode: str) -> Iterator[str]:
+    """moto's S3 server on 127.0.0.1, in a child process or this one; yields its endpoint URL."""
+    if mode == "thread":
+        logging.getLogger("werkzeug").setLevel(logging.WARNING)
+        server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+        server.start()
+        try:
+            host, port = server.get_host_and_port()
+            yield f"http://{host}:{port}"
+        finally:
+            server.stop()
+        return
+    ours, theirs = multiprocessing.get_context("spawn").Pipe()
+    process = multiprocessing.get_context("spawn").Process(target=_serve, args=(theirs,), daemon=True)
+    process.start()
+    try:
+        host, port = ours.recv()
+        yield f"http://{host}:{port}"
+    finally:
+        ours.send("stop")
+        process.join(10)
+        if process.is_alive():
+            process.terminate()
+
+
+def fresh_fs() -> s3fs.S3FileSystem:
+    """A new s3fs instance (new session, new connections), and no cached one left for sepstore."""
+    s3fs.S3FileSystem.clear_instance_cache()
+    return s3fs.S3FileSystem(skip_instance_cache=True)
+
+
+# -- preparing -----------------------------------------------------------------------------------
+
+
+def checkpoint_path(args: argparse.Namespace) -> Path:
+    """``--checkpoint``, else ``./bench-load/checkpoint`` if complete with these layers, else the workdir's."""
+    if args.checkpoint is not None:
+        return Path(args.checkpoint).resolve()
+    shared = Path("bench-load/checkpoint")
+    with contextlib.suppress(OSError, ValueError, KeyError):
+        config = json.loads((shared / "config.json").read_text())
+        if (shared / INDEX).is_file() and config["num_hidden_layers"] == args.layers:
+            return shared.resolve()
+    return args.workdir / "checkpoint"
+
+
+def prepare(args: argparse.Namespace) -> tuple[Path, list[tuple[str, int]]]:
+    """Write (or reuse) the checkpoint and dump it; the local store and its parts' (hex, size)."""
+    ckpt, store = checkpoint_path(args), args.workdir / "store"
+    start = time.perf_counter()
+    write_tinyllama_checkpoint(ckpt, layers=args.layers)
+    sd = read_state_dict(ckpt)
+    size = sum(v.nbytes for v in sd.values())
+    print(f"checkpoint: {args.layers} layers, {len(sd)} tensors, {size / 2**30:.2f} GiB bf16 at {ckpt}", end=" ")
+    print(f"(ready in {time.perf_counter() - start:.1f} s)")
+    shutil.rmtree(store, ignore_errors=True)
+    start = time.perf_counter()
+    manifest = sepstore.dump(llama_decider, sd, store, name=NAME, tag=TAG, config=tinyllama_config(args.layers))
+    del sd
+    parts = {p.digest: p.size for _, p in manifest.labelled_parts()}
+    print(f"dump: {len(parts)} parts, {sum(parts.values()) / GB:.3f} GB, {time.perf_counter() - start:.1f} s")
+    return store, [(digest_hex(d), s) for d, s in parts.items()]
+
+
+# -- the timed steps -----------------------------------------------------------------------------
+
+
+def part_files(store: Path, parts: list[tuple[str, int]]) -> list[str]:
+    return [str(store / "parts" / "blake3" / f"{h}.safetensors") for h, _ in parts]
+
+
+def empty_remote(prefix: str) -> None:
+    fs = fresh_fs()
+    if fs.exists(prefix):
+        fs.rm(prefix, recursive=True)
+    s3fs.S3FileSystem.clear_instance_cache()
+
+
+def push_sepstore(store: Path) -> None:
+    report = sepstore.push(store, STORE_URL, quiet=True)
+    if not report.uploaded or report.skipped:
+        raise RuntimeError(f"push uploaded {len(report.uploaded)}, skipped {len(report.skipped)}")
+
+
+def push_s3fs(store: Path, parts: list[tuple[str, int]]) -> None:
+    fresh_fs().put(part_files(store, parts), [f"{BASELINE}/{h}.safetensors" for h, _ in parts])
+
+
+def pull_sepstore(cache: Path, spec: str, chunk: int, workers: int) -> int:
+    """A verified pull into the empty cache ``cache``; bytes fetched."""
+    s3fs.S3FileSystem.clear_instance_cache()
+    sepstore.cache.CHUNK_BYTES = chunk
+    url = f"{STORE_URL}/manifests/{NAME}/{TAG}.json"
+    report = sepstore.pull(url, spec, cache_dir=cache, workers=workers, quiet=True)
+    if report.present_bytes or not all(os.path.exists(p) for p in report.paths.values()):
+        raise RuntimeError("pull did not fetch every part into the empty cache")
+    return report.fetched_bytes
+
+
+def pull_s3fs(folder: Path, parts: list[tuple[str, int]]) -> int:
+    """A plain s3fs get of the same part objects into the empty ``folder``; bytes fetched."""
+    fs = fresh_fs()
+    local = [str(folder / f"{h}.safetensors") for h, _ in parts]
+    fs.get([f"{BUCKET}/store/parts/blake3/{h}.safetensors" for h, _ in parts], local)
+    if [os.path.getsize(p) for p in local] != [s for _, s in parts]:
+        raise RuntimeError("s3fs get returned files of the wrong size")
+    return sum(s for _, s in parts)
+
+
+def timed(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def timed_in_empty(root: Path, fn: Callable[[Path], object]) -> float:
+    """Seconds for ``fn(folder)`` with a new empty folder, deleted afterwards (not timed)."""
+    folder = Path(tempfile.mkdtemp(prefix="pull-", dir=root))
+    try:
+        return timed(lambda: fn(folder))
+    finally:
+        shutil.rmtree(folder)
+
+
+# -- reporting -----------------------------------------------------------------------------------
+
+
+class Table:
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.rows: dict[str, list[float]] = {}
+
+    def add(self, label: str, seconds: float) -> None:
+        self.rows.setdefault(label, []).append(seconds)
+
+    def print(self, title: str) -> None:
+        print(f"\n{title:<52}{'min s':>9}{'median s':>10}{'GB/s':>8}   each repeat, s (GB/s from the median)")
+        for label, times in self.rows.items():
+            low, mid = min(times), statistics.median(times)
+            every = " ".join(f"{t:.2f}" for t in times)
+            print(f"{label:<52}{low:>9.3f}{mid:>10.3f}{self.total / GB / mid:>8.2f}   {every}")
+
+    def ratio(self, ours: str, theirs: str, target: float | None = None) -> None:
+        a, b = self.rows[ours], self.rows[theirs]
+        median = statistics.median(a) / statistics.median(b)
+        verdict = "" if target is None else f"   target <= {target}x: {'met' if median <= target else 'NOT met'}"
+        print(f"  {ours} / {theirs}: min {min(a) / min(b):.2f}x, median {median:.2f}x{verdict}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workdir", type=Path, default=Path("bench-remote"), help="scratch folder (./bench-remote)")
+    parser.add_argument("--checkpoint", type=Path, help="checkpoint folder to write or reuse")
+    parser.add_argument("--repeats", type=int, default=3, help="timed calls per variant (default 3)")
+    parser.add_argument("--layers", type=int, default=22, help="transformer layers (default 22, TinyLlama)")
+    parser.add_argument("--server", choices=("process", "thread"), default="process", help="where moto runs")
+    parser.add_argument("--chunk-mib", type=int, nargs="+", help="sepstore CHUNK_BYTES in MiB (default: library's)")
+    parser.add_argument("--workers", type=int, nargs="+", help="sepstore pull workers (default: library's)")
+    parser.add_argument("--skip-push", action="store_true", help="push once (untimed) and time only the pulls")
+    parser.add_argument("--clean", action="store_true", help="delete --workdir at the end")
+    args = parser.parse_args()
+    args.workdir = args.workdir.resolve()
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    chunks = [m * 2**20 for m in args.chunk_mib] if args.chunk_mib else [sepstore.cache.CHUNK_BYTES]
+    workers = args.workers or [sepstore.cache.DEFAULT_WORKERS]
+    default_chunk = sepstore.cache.CHUNK_BYTES
+    print(f"machine: {os.cpu_count()} cores, load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    print(f"torch {torch.__version__}, s3fs {s3fs.__version__}, moto server in a {args.server}")
+
+    store, parts = prepare(args)
+    total = sum(s for _, s in parts)
+    files = part_files(store, parts)
+    hashing = [timed(lambda: [digest_file(f) for f in files]) for _ in range(3)]
+    best = min(hashing)
+    print(f"BLAKE3 of all {len(parts)} parts, page cache warm: {best:.3f} s ({total / GB / best:.2f} GB/s)")
+
+    with moto_server(args.server) as endpoint:
+        os.environ.update(
+            AWS_ACCESS_KEY_ID="testing",
+            AWS_SECRET_ACCESS_KEY="testing",
+            AWS_DEFAULT_REGION="us-east-1",
+            AWS_ENDPOINT_URL=endpoint,
+        )
+        fresh_fs().mkdir(BUCKET)
+        print(f"moto S3 at {endpoint}, bucket {BUCKET}")
+
+        push = Table(total)
+        uploads: list[tuple[str, str, Callable[[], object]]] = [
+            ("sepstore push (verified)", STORE_URL, lambda: push_sepstore(store)),
+            ("s3fs put (plain)", BASELINE, lambda: push_s3fs(store, parts)),
+        ]
+        for i in range(args.repeats if not args.skip_push else 0):
+            for label, prefix, upload in uploads if i % 2 == 0 else uploads[::-1]:
+                empty_remote(prefix)
+                push.add(label, timed(upload))
+        empty_remote(BASELINE)
+        if args.skip_push:
+            empty_remote(STORE_URL)
+            push_sepstore(store)
+        else:
+            push.print(f"push {len(parts)} parts, {total / GB:.3f} GB")
+            push.ratio("sepstore push (verified)", "s3fs put (plain)")
+
+        pull = Table(total)
+        combos = [(c, w) for c in chunks for w in workers]
+        names = {(c, w): f"sepstore pull f ({c // 2**20} MiB chunks, {w} workers)" for c, w in combos}
+        gets: list[tuple[str, Callable[[Path], object]]] = [("s3fs get (plain)", lambda d: pull_s3fs(d, parts))]
+        gets += [(names[c, w], lambda d, c=c, w=w: pull_sepstore(d, "f", c, w)) for c, w in combos]
+        for i in range(args.repeats):
+            for name, get in gets if i % 2 == 0 else gets[::-1]:
+                pull.add(name, timed_in_empty(args.workdir, get))
+        pull.print(f"pull {len(parts)} parts, {total / GB:.3f} GB, empty cache")
+        for c, w in combos:
+            pull.ratio(names[c, w], "s3fs get (plain)", target=1.1)
+
+        spec, setting = f"b 0-{min(5, args.layers)}", (default_chunk, sepstore.cache.DEFAULT_WORKERS)
+        small, fetched = Table(0), list[int]()
+        for _ in range(args.repeats):
+            seconds = timed_in_empty(args.workdir, lambda d: fetched.append(pull_sepstore(d, spec, *setting)))
+            small.add(f"sepstore pull {spec!r}", seconds)
+        small.total = fetched[0]
+        small.print(f"pull {spec!r}, {small.total / GB:.3f} GB, empty cache (information)")
+    sepstore.cache.CHUNK_BYTES = default_chunk
+    print(f"\nload average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    shutil.rmtree(store)
+    if args.clean:
+        shutil.rmtree(args.workdir)
+
+
+if __name__ == "__main__":
+    main()

@@ -10,9 +10,8 @@ a process that finds a part locked fetches its other parts first, then waits for
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 
@@ -23,7 +22,7 @@ from .errors import IntegrityError
 from .hashing import digest_file, digest_hex
 from .manifest import Part
 from .retry import ShortReadError, with_retries
-from .store import PARTS_DIR
+from .store import PARTS_DIR, file_lock
 
 __all__ = ["CHUNK_BYTES", "Cache", "Fetch", "default_cache_dir"]
 
@@ -113,20 +112,6 @@ class _Download:
                 os.unlink(path)
 
 
-@contextlib.contextmanager
-def _locked(path: str, *, blocking: bool) -> Iterator[bool]:
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
-        except BlockingIOError:
-            yield False
-            return
-        yield True
-    finally:
-        os.close(fd)
-
-
 class Cache:
     """A verified cache of parts under ``root`` (default :func:`default_cache_dir`)."""
 
@@ -150,11 +135,11 @@ class Cache:
         with contextlib.ExitStack() as locks:
             mine, theirs = [], []
             for item in todo:
-                got = locks.enter_context(_locked(self._lock(item), blocking=False))
+                got = locks.enter_context(file_lock(self._lock(item), blocking=False))
                 (mine if got else theirs).append(item)
             fetched += self._download_verified([i for i in mine if not self.has(i.part.digest)], workers, bar)
         for item in theirs:  # another process is fetching these: wait for it, then take over if it died
-            with _locked(self._lock(item), blocking=True):
+            with file_lock(self._lock(item), blocking=True):
                 if not self.has(item.part.digest):
                     fetched += self._download_verified([item], workers, bar)
         return fetched

@@ -9,7 +9,7 @@ from typing import Any, Literal
 import torch
 
 from ._version import __version__
-from .errors import DeciderError, TensorError
+from .errors import DeciderError, StoreError, TensorError
 from .hashing import digest_buffer
 from .manifest import FORMAT_VERSION, Manifest, Part, Tensor, decode_manifest, encode_manifest
 from .progress import progress
@@ -163,42 +163,47 @@ def dump(
     check_name(name)
     check_tag(tag)
     groups = _group(decider, state_dict.keys())
-    existing: Resolved | None = None
-    if store.has_manifest(name, tag):
-        data = store.read_manifest_bytes(name, tag)
-        url = store.url_of(store.manifest_path(name, tag))
-        old = decode_manifest(data, source=url)
-        existing = Resolved(old, url, "", store.parts_url, dict(storage_options or {}))
-    previous = existing.manifest if existing is not None else None
-    begin = previous.begin if previous else None
-    end = previous.end if previous else None
-    mid: list[Part | None] = list(previous.mid) if previous else []
-    writer = _Writer(store, existing)
-    order = sorted(groups, key=lambda s: (s == "end", s != "begin", s if isinstance(s, int) else 0))
-    sizes = {slot: sum(_nbytes(state_dict, key) for key in group.values()) for slot, group in groups.items()}
-    with progress(sum(sizes.values()), f"dump {name}:{tag}", quiet=quiet) as bar:
-        for slot in order:
-            tensors = {new_key: _tensor(state_dict, key) for new_key, key in groups[slot].items()}
-            if slot == "begin":
-                begin = writer.merge(slot, tensors, begin)
-            elif slot == "end":
-                end = writer.merge(slot, tensors, end)
-            else:
-                layer = int(slot)
-                mid.extend([None] * (layer + 1 - len(mid)))
-                mid[layer] = writer.merge(layer, tensors, mid[layer])
-            del tensors
-            bar.update(sizes[slot])
-    meta = {**(previous.metadata if previous else {}), "sepstore_version": __version__, **(metadata or {})}
-    manifest = Manifest(
-        format_version=FORMAT_VERSION,
-        name=name,
-        parts=standard_parts_location(name),
-        begin=begin,
-        mid=mid,
-        end=end,
-        config=config if config is not None else (previous.config if previous else None),
-        metadata=dict(sorted(meta.items())),
-    )
-    store.write_manifest_bytes(name, tag, encode_manifest(manifest))
-    return manifest
+    with store.tag_lock(name, tag):  # calls into one tag combine: one at a time
+        existing: Resolved | None = None
+        if store.has_manifest(name, tag):
+            data = store.read_manifest_bytes(name, tag)
+            url = store.url_of(store.manifest_path(name, tag))
+            old = decode_manifest(data, source=url)
+            existing = Resolved(old, url, "", store.parts_url, dict(storage_options or {}))
+        previous = existing.manifest if existing is not None else None
+        begin = previous.begin if previous else None
+        end = previous.end if previous else None
+        mid: list[Part | None] = list(previous.mid) if previous else []
+        writer = _Writer(store, existing)
+        order = sorted(groups, key=lambda s: (s == "end", s != "begin", s if isinstance(s, int) else 0))
+        sizes = {slot: sum(_nbytes(state_dict, key) for key in group.values()) for slot, group in groups.items()}
+        with progress(sum(sizes.values()), f"dump {name}:{tag}", quiet=quiet) as bar:
+            for slot in order:
+                tensors = {new_key: _tensor(state_dict, key) for new_key, key in groups[slot].items()}
+                if slot == "begin":
+                    begin = writer.merge(slot, tensors, begin)
+                elif slot == "end":
+                    end = writer.merge(slot, tensors, end)
+                else:
+                    layer = int(slot)
+                    mid.extend([None] * (layer + 1 - len(mid)))
+                    mid[layer] = writer.merge(layer, tensors, mid[layer])
+                del tensors
+                bar.update(sizes[slot])
+        meta = {**(previous.metadata if previous else {}), "sepstore_version": __version__, **(metadata or {})}
+        manifest = Manifest(
+            format_version=FORMAT_VERSION,
+            name=name,
+            parts=standard_parts_location(name),
+            begin=begin,
+            mid=mid,
+            end=end,
+            config=config if config is not None else (previous.config if previous else None),
+            metadata=dict(sorted(meta.items())),
+        )
+        if not store.write_manifest_bytes(name, tag, encode_manifest(manifest), create=previous is None):
+            raise StoreError(
+                f"{store.url_of(store.manifest_path(name, tag))} was created by another publisher during this dump; "
+                "run the dump again to combine with it"
+            )
+        return manifest

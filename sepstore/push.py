@@ -114,8 +114,15 @@ def push(
             for size in pool.map(upload, todo):
                 bar.update(size)
     written = held != digest
-    if written:
-        store.write_manifest_bytes(manifest.name, out_tag, data)
+    if written and not store.write_manifest_bytes(manifest.name, out_tag, data, create=not force):
+        # another publisher created the tag since we looked: keep theirs unless it is this very manifest
+        held = manifest_digest(store.read_manifest_bytes(manifest.name, out_tag))
+        if held != digest:
+            raise StoreError(
+                f"{url} was published by someone else during this push ({held}); its parts are uploaded, "
+                "push again under another tag or with force=True (--force) to replace it"
+            )
+        written = False
     skipped = [parts[d] for d, there in present.items() if there]
     return PushReport(
         manifest_url=url,

@@ -159,7 +159,7 @@ def parse_header(prefix: memoryview | bytes, file_size: int, *, where: str) -> d
         if not isinstance(info, dict):
             raise bad(f"entry {name!r} is not an object")
         dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
-        if dtype not in DTYPES:
+        if not isinstance(dtype, str) or dtype not in DTYPES:
             raise bad(f"tensor {name!r} has unknown dtype {dtype!r}")
         if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
             raise bad(f"tensor {name!r} has invalid shape {shape!r}")

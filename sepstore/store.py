@@ -12,6 +12,7 @@ temporary name in the same folder and renamed into place; object stores make eac
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import re
 import secrets
@@ -58,6 +59,22 @@ def create_temp(folder: str | None, suffix: str) -> tuple[int, str]:
             return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), path
         except FileExistsError:
             continue
+
+
+@contextlib.contextmanager
+def file_lock(path: str, *, blocking: bool = True) -> Iterator[bool]:
+    """An exclusive ``flock`` on ``path`` (created if needed) for the ``with`` block; yields whether
+    it was taken (always, when ``blocking``). Several processes, or threads, exclude each other."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        yield True
+    finally:
+        os.close(fd)
 
 
 def standard_parts_location(name: str) -> str:
@@ -215,25 +232,48 @@ class Store:
         path = self.manifest_path(name, tag)
         return read_limited(self.fs, path, self.url_of(path))
 
-    def write_manifest_bytes(self, name: str, tag: str, data: bytes) -> str:
-        """Write a manifest atomically (replacing the tag's previous one); returns its URL."""
+    def write_manifest_bytes(self, name: str, tag: str, data: bytes, *, create: bool = False) -> bool:
+        """Write a manifest atomically, replacing the tag's previous one, or with ``create`` only if
+        the tag holds none yet; whether it was written. ``create`` is atomic on local disk (a hard
+        link) and on S3 (a conditional ``If-None-Match`` PUT); other backends check, then write."""
         path = self.manifest_path(name, tag)
-        url = self.url_of(path)
-        with backend_errors(url):
-            if self.is_local:
-                folder = os.path.dirname(path)
-                os.makedirs(folder, exist_ok=True)
-                fd, tmp = create_temp(folder, ".json")
+        with backend_errors(self.url_of(path)):
+            if not self.is_local:
                 try:
-                    with os.fdopen(fd, "wb") as out:
-                        out.write(data)
+                    self.fs.pipe_file(path, data, mode="create" if create else "overwrite")
+                except FileExistsError:
+                    return False
+                return True
+            folder = os.path.dirname(path)
+            os.makedirs(folder, exist_ok=True)
+            fd, tmp = create_temp(folder, ".json")
+            try:
+                with os.fdopen(fd, "wb") as out:
+                    out.write(data)
+                if not create:
                     os.replace(tmp, path)
-                finally:
-                    with contextlib.suppress(FileNotFoundError):
-                        os.unlink(tmp)
-            else:
-                self.fs.pipe_file(path, data)
-        return url
+                    return True
+                try:
+                    os.link(tmp, path)
+                except FileExistsError:
+                    return False
+                return True
+            finally:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp)
+
+    @contextlib.contextmanager
+    def tag_lock(self, name: str, tag: str) -> Iterator[None]:
+        """Serialise read-modify-writes of one tag between processes (local stores; a no-op on
+        object stores, where the last writer of a tag wins)."""
+        if not self.is_local:
+            yield
+            return
+        path = self.manifest_path(name, tag)
+        with backend_errors(self.url_of(path)):
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+        with file_lock(path + ".lock"):
+            yield
 
     def has_manifest(self, name: str, tag: str) -> bool:
         return self._exists(self.manifest_path(name, tag))

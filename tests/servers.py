@@ -27,24 +27,27 @@ class Request:
 
 @dataclass
 class Faults:
-    """Misbehaviour for requests whose path contains ``match``: the next ``drops`` are cut off
-    mid-body, the next ``errors`` answered 503."""
+    """Misbehaviour for requests whose path contains ``match``: the next ``errors`` are answered
+    503, the next ``drops`` cut off mid-body, the next ``stalls`` stop sending mid-body for
+    ``stall_seconds``, the next ``flips`` have one bit of their body flipped (HTTP server only for
+    the last two)."""
 
     match: str = ""
     drops: int = 0
     errors: int = 0
+    stalls: int = 0
+    flips: int = 0
+    stall_seconds: float = 30.0
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def take(self, path: str) -> str | None:
         if not self.match or self.match not in path:
             return None
         with self.lock:
-            if self.errors > 0:
-                self.errors -= 1
-                return "error"
-            if self.drops > 0:
-                self.drops -= 1
-                return "drop"
+            for kind in ("errors", "drops", "stalls", "flips"):
+                if getattr(self, kind) > 0:
+                    setattr(self, kind, getattr(self, kind) - 1)
+                    return kind.removesuffix("s")
         return None
 
 
@@ -85,6 +88,15 @@ def _cut(body: Iterable[bytes]) -> Iterator[bytes]:
     raise ConnectionResetError("fault injected: connection dropped mid-body")
 
 
+def _ranged(data: bytes, header: str | None) -> tuple[bytes, int, dict[str, str]]:
+    """The body, status and headers answering a ``Range: bytes=a-b`` request (or a whole one)."""
+    if not header or not header.startswith("bytes="):
+        return data, 200, {}
+    first, _, last = header.removeprefix("bytes=").partition("-")
+    start, end = int(first), min(int(last) if last else len(data) - 1, len(data) - 1)
+    return data[start : end + 1], 206, {"Content-Range": f"bytes {start}-{end}/{len(data)}"}
+
+
 class StaticServer:
     """An aiohttp server for the files under ``root``, with Range support (``FileResponse``)."""
 
@@ -105,15 +117,21 @@ class StaticServer:
         path = (self.root / request.path.lstrip("/")).resolve()
         if not path.is_relative_to(self.root.resolve()) or not path.is_file():
             return web.Response(status=404)
-        if fault == "drop":
-            data = path.read_bytes()
-            response = web.StreamResponse(headers={"Content-Length": str(len(data))})
-            await response.prepare(request)
-            await response.write(data[: len(data) // 2])
-            assert request.transport is not None
-            request.transport.close()
-            return response
-        return web.FileResponse(path)
+        if fault is None:
+            return web.FileResponse(path)
+        data, status, headers = _ranged(path.read_bytes(), request.headers.get("Range"))
+        if fault == "flip":
+            flipped = bytearray(data)
+            flipped[len(flipped) // 2] ^= 0x10
+            return web.Response(body=bytes(flipped), status=status, headers=headers)
+        response = web.StreamResponse(status=status, headers={**headers, "Content-Length": str(len(data))})
+        await response.prepare(request)
+        await response.write(data[: len(data) // 2])
+        if fault == "stall":
+            await asyncio.sleep(self.faults.stall_seconds)
+        assert request.transport is not None
+        request.transport.close()
+        return response
 
     async def _start(self) -> None:
         app = web.Application()
@@ -132,7 +150,7 @@ class StaticServer:
 
     def stop(self) -> None:
         if self._runner is not None:
-            asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(10)
+            asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(60)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(10)
 

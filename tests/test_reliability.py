@@ -143,6 +143,27 @@ def test_concurrent_dumps_into_one_tag_combine(tmp_path: Path) -> None:
     assert_consistent(tmp_path / "store")
 
 
+def test_concurrent_pushes_of_overlapping_models_into_one_store(tmp_path: Path) -> None:
+    base = tiny_llama_state_dict(layers=6, hidden=32, intermediate=64, vocab=128, seed=8)
+    for i in range(4):
+        variant = dict(base)
+        variant[f"model.layers.{i}.mlp.up_proj.weight"] = variant[f"model.layers.{i}.mlp.up_proj.weight"] + 1
+        sepstore.dump(llama_decider, variant, tmp_path / "src", tag=f"v{i}", quiet=True)
+    script = "import sys, sepstore; sepstore.push(sys.argv[1], sys.argv[2], quiet=True)"
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", script, str(tmp_path / f"src/manifests/model/v{i}.json"), str(tmp_path / "dest")],
+            stderr=subprocess.PIPE,
+        )
+        for i in range(4)
+    ]
+    for proc in procs:
+        assert proc.wait(timeout=180) == 0, proc.stderr.read() if proc.stderr else ""
+    assert sepstore.Store(tmp_path / "dest").list_manifests() == [("model", f"v{i}") for i in range(4)]
+    assert_consistent(tmp_path / "dest")
+    assert len(list((tmp_path / "dest/parts/blake3").glob("[0-9a-f]*"))) == 8 + 4  # shared parts stored once
+
+
 def race_pushes(sources: list[Path], dest: str) -> list[BaseException | None]:
     barrier = threading.Barrier(len(sources))
     results: list[BaseException | None] = [None] * len(sources)

@@ -22,6 +22,7 @@ from .errors import IntegrityError
 from .hashing import digest_file, digest_hex
 from .manifest import Part
 from .retry import ShortReadError, with_retries
+from .safetensors_io import pwrite_all
 from .store import PARTS_DIR, file_lock
 
 __all__ = ["CHUNK_BYTES", "Cache", "Fetch", "default_cache_dir"]
@@ -87,7 +88,7 @@ class _Download:
         data = with_retries(read, item.url)
         fd = os.open(self.partial, os.O_WRONLY)
         try:
-            os.pwrite(fd, data, start)
+            pwrite_all(fd, data, start)
         finally:
             os.close(fd)
         with open(self.log, "a") as log:

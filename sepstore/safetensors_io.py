@@ -11,6 +11,7 @@ every tensor starts at an offset that is a multiple of its element size.
 from __future__ import annotations
 
 import json
+import os
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -27,7 +28,9 @@ __all__ = [
     "TensorRecord",
     "dtype_name",
     "parse_header",
+    "pwrite_all",
     "raw_bytes",
+    "write_all",
     "write_part",
 ]
 
@@ -56,6 +59,25 @@ _NAMES: dict[torch.dtype, str] = {dtype: name for name, dtype in DTYPES.items()}
 
 #: Refuse headers larger than this before reading them (safetensors' own limit is 100 MB).
 MAX_HEADER_BYTES = 100_000_000
+
+#: Large buffers are written in pieces of this size: single multi-MiB writes were 2x slower here
+#: (the kernel then fills huge page-cache folios, slow to come by on some VMs; see bench_convert.py).
+WRITE_PIECE = 1024 * 1024
+
+
+def write_all(out: BinaryIO, data: memoryview | bytes) -> None:
+    """``out.write(data)`` in ``WRITE_PIECE`` slices (zero-copy views)."""
+    view = memoryview(data).cast("B")
+    for start in range(0, len(view), WRITE_PIECE):
+        out.write(view[start : start + WRITE_PIECE])
+
+
+def pwrite_all(fd: int, data: memoryview | bytes, offset: int) -> None:
+    """``os.pwrite`` of all of ``data`` at ``offset``, in ``WRITE_PIECE`` slices."""
+    view = memoryview(data).cast("B")
+    done = 0
+    while done < len(view):
+        done += os.pwrite(fd, view[done : done + WRITE_PIECE], offset + done)
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -111,7 +133,7 @@ def write_part(tensors: Mapping[str, torch.Tensor], out: BinaryIO) -> WrittenPar
     for name in order:
         dtype, shape, data = prepared[name]
         file_hasher.update(data)
-        out.write(data)
+        write_all(out, data)
         records[name] = TensorRecord(dtype, shape, digest_buffer(data))
     size = 8 + len(header_bytes) + offset
     return WrittenPart(digest_of(file_hasher), size, dict(sorted(records.items())))

@@ -29,6 +29,7 @@ from .errors import NotFoundError, SepstoreError, StoreError
 from .hashing import digest_hex
 from .manifest import MAX_MANIFEST_BYTES, NAME_PATTERN, TAG_PATTERN
 from .retry import ClientError, ClientResponseError
+from .safetensors_io import WRITE_PIECE
 
 __all__ = [
     "PARTS_DIR",
@@ -220,7 +221,7 @@ class Store:
         fd, tmp = create_temp(self._staging(), ".safetensors")
         try:
             with os.fdopen(fd, "wb") as out, open(path, "rb") as src:
-                shutil.copyfileobj(src, out, 16 * 1024 * 1024)
+                shutil.copyfileobj(src, out, WRITE_PIECE)
             return self._commit(tmp, digest)
         finally:
             with contextlib.suppress(FileNotFoundError):

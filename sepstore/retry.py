@@ -23,6 +23,14 @@ except ImportError:  # pragma: no cover - only without aiohttp
     ClientError = ClientResponseError = OSError  # type: ignore[assignment, misc]
 
 
+try:  # botocore checks S3 bodies against their CRC: a mismatch is corruption in transit, worth a retry
+    from botocore.exceptions import FlexibleChecksumError
+
+    _IN_TRANSIT: tuple[type[BaseException], ...] = (FlexibleChecksumError,)
+except ImportError:  # pragma: no cover - only without s3fs
+    _IN_TRANSIT = ()
+
+
 class ShortReadError(StoreError):
     """A server sent fewer bytes than asked for."""
 
@@ -33,9 +41,16 @@ def is_transient(exc: BaseException) -> bool:
         return False
     if isinstance(exc, ClientResponseError):
         return exc.status >= 500 or exc.status in (408, 429)
-    return isinstance(
-        exc, ShortReadError | ClientError | asyncio.TimeoutError | TimeoutError | ConnectionError | OSError
+    transient = (
+        ShortReadError,
+        ClientError,
+        asyncio.TimeoutError,
+        TimeoutError,
+        ConnectionError,
+        OSError,
+        *_IN_TRANSIT,
     )
+    return isinstance(exc, transient)
 
 
 def with_retries(call: Callable[[], T], url: str, *, attempts: int = ATTEMPTS) -> T:

@@ -28,7 +28,7 @@ from .backends import open_url
 from .errors import NotFoundError, SepstoreError, StoreError
 from .hashing import digest_hex
 from .manifest import MAX_MANIFEST_BYTES, NAME_PATTERN, TAG_PATTERN
-from .retry import ClientError, ClientResponseError
+from .retry import ClientResponseError
 from .safetensors_io import WRITE_PIECE
 
 __all__ = [
@@ -109,7 +109,7 @@ def backend_errors(url: str) -> Iterator[None]:
         raise NotFoundError(f"{url}: not found") from None
     except NotImplementedError as exc:
         raise StoreError(f"{url}: this backend cannot do that (read-only, such as HTTP?)") from exc
-    except (OSError, ValueError, ClientError, TimeoutError) as exc:
+    except Exception as exc:  # a backend's own errors, or its failures on a hostile server's answers
         if isinstance(exc, ClientResponseError) and exc.status == 405:
             raise StoreError(f"{url}: the server refused to write (HTTP stores are read-only)") from exc
         raise StoreError(f"{url}: {type(exc).__name__}: {exc}") from exc

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from aiohttp import web
+from aiohttp import ClientSession, web
 from moto.server import DomainDispatcherApplication, ThreadedMotoServer, create_backend_app
 from werkzeug.serving import make_server
 
@@ -97,11 +97,12 @@ def _ranged(data: bytes, header: str | None) -> tuple[bytes, int, dict[str, str]
     return data[start : end + 1], 206, {"Content-Range": f"bytes {start}-{end}/{len(data)}"}
 
 
-class StaticServer:
-    """An aiohttp server for the files under ``root``, with Range support (``FileResponse``)."""
+class _LoopbackServer:
+    """An aiohttp server on 127.0.0.1 in a thread of its own, recording requests and faults."""
 
-    def __init__(self, root: Path) -> None:
-        self.root = root
+    methods: tuple[str, ...] = ("GET", "HEAD")
+
+    def __init__(self) -> None:
         self.requests: list[Request] = []
         self.faults = Faults()
         self._loop = asyncio.new_event_loop()
@@ -110,19 +111,21 @@ class StaticServer:
         self.port = 0
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
+        raise NotImplementedError
+
+    async def _serve(self, request: web.Request) -> web.StreamResponse:
         self.requests.append(Request(request.method, request.path, request.headers.get("Range")))
-        fault = self.faults.take(request.path)
-        if fault == "error":
-            return web.Response(status=503)
-        path = (self.root / request.path.lstrip("/")).resolve()
-        if not path.is_relative_to(self.root.resolve()) or not path.is_file():
-            return web.Response(status=404)
-        if fault is None:
-            return web.FileResponse(path)
-        data, status, headers = _ranged(path.read_bytes(), request.headers.get("Range"))
+        return await self._handle(request)
+
+    async def _faulty(
+        self, request: web.Request, data: bytes, status: int, headers: dict[str, str], fault: str
+    ) -> web.StreamResponse:
+        """Answer with ``data``, spoilt as ``fault`` says: a flipped bit, or half the body and then
+        a dropped connection (after a stall, for ``stall``)."""
         if fault == "flip":
             flipped = bytearray(data)
-            flipped[len(flipped) // 2] ^= 0x10
+            if flipped:
+                flipped[len(flipped) // 2] ^= 0x10
             return web.Response(body=bytes(flipped), status=status, headers=headers)
         response = web.StreamResponse(status=status, headers={**headers, "Content-Length": str(len(data))})
         await response.prepare(request)
@@ -134,16 +137,16 @@ class StaticServer:
         return response
 
     async def _start(self) -> None:
-        app = web.Application()
-        app.router.add_route("GET", "/{tail:.*}", self._handle)
-        app.router.add_route("HEAD", "/{tail:.*}", self._handle)
+        app = web.Application(client_max_size=2**31)
+        for method in self.methods:
+            app.router.add_route(method, "/{tail:.*}", self._serve)
         self._runner = web.AppRunner(app)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
         await site.start()
         self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
 
-    def start(self) -> StaticServer:
+    def start(self) -> _LoopbackServer:
         self._thread.start()
         asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(10)
         return self
@@ -157,3 +160,56 @@ class StaticServer:
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+
+class StaticServer(_LoopbackServer):
+    """A static file server for the files under ``root``, with Range support (``FileResponse``)."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__()
+        self.root = root
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        fault = self.faults.take(request.path)
+        if fault == "error":
+            return web.Response(status=503)
+        path = (self.root / request.path.lstrip("/")).resolve()
+        if not path.is_relative_to(self.root.resolve()) or not path.is_file():
+            return web.Response(status=404)
+        if fault is None:
+            return web.FileResponse(path)
+        data, status, headers = _ranged(path.read_bytes(), request.headers.get("Range"))
+        return await self._faulty(request, data, status, headers, fault)
+
+
+class FaultProxy(_LoopbackServer):
+    """A reverse proxy in front of ``upstream`` (an HTTP server, or moto's S3) that spoils the
+    responses to GETs as its ``faults`` say: 503s, dropped connections, stalls, flipped bits."""
+
+    methods = ("GET", "HEAD", "PUT", "POST", "DELETE")
+    _HOP = ("host", "content-length", "transfer-encoding", "connection", "content-encoding")
+
+    def __init__(self, upstream: str) -> None:
+        super().__init__()
+        self.upstream = upstream.rstrip("/")
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        fault = self.faults.take(request.path) if request.method == "GET" else None
+        if fault == "error":
+            return web.Response(status=503)
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in self._HOP}
+        async with (
+            ClientSession(auto_decompress=False) as session,
+            session.request(
+                request.method, self.upstream + request.path_qs, headers=headers, data=await request.read()
+            ) as answer,
+        ):
+            data = await answer.read()
+            back = {k: v for k, v in answer.headers.items() if k.lower() not in self._HOP}
+            status = answer.status
+        if request.method == "HEAD":
+            length = answer.headers.get("Content-Length")
+            return web.Response(status=status, headers={**back, **({"Content-Length": length} if length else {})})
+        if fault is None:
+            return web.Response(body=data, status=status, headers=back)
+        return await self._faulty(request, data, status, back, fault)

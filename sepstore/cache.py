@@ -23,7 +23,7 @@ from .hashing import digest_file, digest_hex
 from .manifest import Part
 from .retry import ShortReadError, with_retries
 from .safetensors_io import pwrite_all
-from .store import PARTS_DIR, file_lock
+from .store import PARTS_DIR, backend_errors, file_lock
 
 __all__ = ["CHUNK_BYTES", "Cache", "Fetch", "default_cache_dir"]
 
@@ -129,8 +129,9 @@ class Cache:
 
     def fetch(self, items: Sequence[Fetch], *, workers: int = DEFAULT_WORKERS, bar: tqdm | None = None) -> list[Fetch]:
         """Bring every part of ``items`` into the cache; returns those this call fetched."""
-        os.makedirs(self.parts, exist_ok=True)
-        os.makedirs(self.incoming, exist_ok=True)
+        with backend_errors(self.root):
+            os.makedirs(self.parts, exist_ok=True)
+            os.makedirs(self.incoming, exist_ok=True)
         todo = sorted({i.part.digest: i for i in items if not self.has(i.part.digest)}.values(), key=_digest)
         fetched: list[Fetch] = []
         with contextlib.ExitStack() as locks:

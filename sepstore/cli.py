@@ -370,9 +370,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"sepstore: error: {exc}", file=sys.stderr)
         return EXIT_VERIFY if isinstance(exc, IntegrityError) else EXIT_USAGE
-    except KeyboardInterrupt:
-        print("sepstore: interrupted", file=sys.stderr)
-        return 130
     except BrokenPipeError:  # stdout closed early (`sepstore files ... | head`): not an error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_OK
+    except OSError as exc:  # the local disk: a cache folder that cannot be made, a full disk, ...
+        if args.debug:
+            raise
+        print(f"sepstore: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("sepstore: interrupted", file=sys.stderr)
+        return 130

@@ -9,7 +9,7 @@ from typing import Any, Literal
 import torch
 
 from ._version import __version__
-from .errors import DeciderError, StoreError, TensorError
+from .errors import DeciderError, ManifestError, StoreError, TensorError
 from .hashing import digest_buffer
 from .manifest import FORMAT_VERSION, Manifest, Part, Tensor, decode_manifest, encode_manifest
 from .progress import progress
@@ -138,6 +138,16 @@ class _Writer:
         return self.write(merged)
 
 
+def _check_extras(name: str, config: dict[str, Any] | None, metadata: Mapping[str, str] | None) -> None:
+    """Refuse, before any part is written, a config or metadata the manifest could not hold."""
+    probe = Manifest(FORMAT_VERSION, name, standard_parts_location(name), None, [], None, config, dict(metadata or {}))
+    try:
+        data = encode_manifest(probe)
+    except (TypeError, ValueError) as exc:
+        raise ManifestError(f"config= cannot be stored as JSON: {exc}") from None
+    decode_manifest(data, source="config= and metadata= (metadata values must be strings)")
+
+
 def dump(
     decider: Decider,
     state_dict: Mapping[str, torch.Tensor],
@@ -162,6 +172,7 @@ def dump(
     store = Store(out_path, storage_options)
     check_name(name)
     check_tag(tag)
+    _check_extras(name, config, metadata)
     groups = _group(decider, state_dict.keys())
     with store.tag_lock(name, tag):  # calls into one tag combine: one at a time
         existing: Resolved | None = None

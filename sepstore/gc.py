@@ -49,6 +49,16 @@ def _mtime(info: dict[str, Any]) -> float | None:
     return None
 
 
+def _referenced(store: Store) -> set[str]:
+    """The hex digests of every part every manifest in ``store`` names (all must decode)."""
+    referenced: set[str] = set()
+    for name, tag in store.list_manifests():
+        url = store.url_of(store.manifest_path(name, tag))
+        manifest = decode_manifest(store.read_manifest_bytes(name, tag), source=url)
+        referenced.update(part.digest.removeprefix("blake3:") for _, part in manifest.labelled_parts())
+    return referenced
+
+
 def gc(
     store: str | os.PathLike[str] | Store,
     *,
@@ -60,16 +70,13 @@ def gc(
     references and that is older than ``grace`` seconds. Every manifest must decode first: a store
     with an unreadable manifest is left untouched (its parts cannot be told apart from orphans)."""
     target = store if isinstance(store, Store) else Store(store, storage_options)
-    referenced: set[str] = set()
-    for name, tag in target.list_manifests():
-        url = target.url_of(target.manifest_path(name, tag))
-        manifest = decode_manifest(target.read_manifest_bytes(name, tag), source=url)
-        referenced.update(part.digest.removeprefix("blake3:") for _, part in manifest.labelled_parts())
+    referenced = _referenced(target)
     folder = target.parts_dir
     with backend_errors(target.url_of(folder)):
         if not target.is_local:
             target.fs.invalidate_cache(folder)
         listing = target.fs.ls(folder, detail=True) if target.fs.exists(folder) else []
+    referenced |= _referenced(target)  # and what was published while the parts were listed
     now = time.time()
     removed: list[str] = []
     young: list[str] = []

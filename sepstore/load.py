@@ -183,7 +183,10 @@ def lazy_load(
     unexpected: list[str] = []
     for label, tensors in iter_parts(resolved, spec, verify=verify, cache_dir=cache_dir):
         prefixed = {f"{label}.{key}": value for key, value in tensors.items()}
-        result = module.load_state_dict(prefixed, strict=False)
+        try:
+            result = module.load_state_dict(prefixed, strict=False)
+        except RuntimeError as exc:  # shapes that do not fit the module's parameters
+            raise ModuleMismatchError(f"part {label} does not fit the module: {exc}") from exc
         unexpected.extend(result.unexpected_keys)
         if strict and result.unexpected_keys:
             raise ModuleMismatchError(

@@ -16,7 +16,7 @@ from .manifest import Part, encode_manifest, manifest_digest
 from .progress import progress
 from .reader import PartReader
 from .refs import Ref, Resolved, resolve
-from .store import Store, check_tag, standard_parts_location
+from .store import Store, backend_errors, check_tag, standard_parts_location
 
 __all__ = ["PushReport", "push"]
 
@@ -100,7 +100,8 @@ def push(
         label, part = item
         path = reader.path(part)
         if reader.cache is None:  # a local source is read in place: verify it now
-            got = digest_file(path)
+            with backend_errors(path):
+                got = digest_file(path)
             if got != part.digest or os.path.getsize(path) != part.size:
                 raise IntegrityError(f"part {label} ({path}): digest is {got}, manifest says {part.digest}")
         store.put_part_file(path, part.digest)

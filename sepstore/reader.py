@@ -7,6 +7,7 @@ tensors are views into it, so a verified load reads each byte once and copies no
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterable
 
@@ -80,7 +81,20 @@ class PartReader:
         return fetched
 
     def read(self, label: str, part: Part, *, verify: bool = True) -> dict[str, torch.Tensor]:
-        """The part's tensors on the CPU, sorted by name, after checking size, digest and header."""
+        """The part's tensors on the CPU, sorted by name, after checking size, digest and header.
+
+        A cached copy that no longer matches its digest (a disk fault, a hand edit) is deleted
+        and fetched again, once."""
+        try:
+            return self._read(label, part, verify=verify)
+        except IntegrityError:
+            if self.cache is None or part.digest in self._fresh:
+                raise
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.cache.path(part.digest))
+            return self._read(label, part, verify=verify)
+
+    def _read(self, label: str, part: Part, *, verify: bool) -> dict[str, torch.Tensor]:
         self.prefetch([(label, part)], desc=f"fetch {label}")
         path = self.path(part)
         where = f"part {label} ({path})"

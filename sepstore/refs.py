@@ -61,7 +61,7 @@ def resolve(
     if isinstance(ref, Resolved):
         return ref
     options = dict(storage_options or {})
-    url = os.fspath(ref)
+    url = os.fspath(ref) if isinstance(ref, str | os.PathLike) else None
     if not isinstance(url, str) or not url:
         raise NotFoundError(f"a model reference is a manifest URL or a store root, got {ref!r}")
     if url.endswith(".json"):
@@ -88,7 +88,7 @@ def _pick(store: Store, name: str | None, tag: str | None) -> tuple[str, str]:
         return name, tag
     found = store.list_manifests()
     candidates = [(n, t) for n, t in found if name in (None, n) and tag in (None, t)]
-    if name is not None and len(candidates) > 1:
+    if len(candidates) > 1 and len({n for n, _ in candidates}) == 1:
         latest = [(n, t) for n, t in candidates if t == "latest"]
         candidates = latest or candidates
     if len(candidates) == 1:
@@ -98,7 +98,10 @@ def _pick(store: Store, name: str | None, tag: str | None) -> tuple[str, str]:
         where = f"{store.url}/{MANIFESTS_DIR}"
         raise NotFoundError(f"no {what}{f' with tag {tag!r}' if tag else ''} in store {store.url} (looked in {where})")
     listing = ", ".join(f"{n}:{t}" for n, t in candidates)
-    raise NotFoundError(f"store {store.url} holds several {what} ({listing}); pass name= and tag= to pick one")
+    several = "versions" if len({n for n, _ in candidates}) == 1 else "models"
+    raise NotFoundError(
+        f"store {store.url} holds several {several} ({listing}); pick one with name= and tag= (--name/--tag)"
+    )
 
 
 def _parts_location(manifest_url: str, manifest: Manifest) -> str:
@@ -118,7 +121,8 @@ def _parts_location(manifest_url: str, manifest: Manifest) -> str:
     folder = posixpath.dirname(path)
     joined = posixpath.normpath(posixpath.join(folder, parts))
     # The store root is above the manifests/ folder; a manifest outside one only reaches below itself.
-    cut = (folder + "/").rfind(f"/{MANIFESTS_DIR}/")
+    own = f"/{MANIFESTS_DIR}/{manifest.name}"
+    cut = len(folder) - len(own) if folder.endswith(own) else (folder + "/").rfind(f"/{MANIFESTS_DIR}/")
     root = (folder[:cut] or "/") if cut >= 0 else folder
     inside = joined == root or joined.startswith(root.rstrip("/") + "/")
     if not inside:

@@ -128,9 +128,10 @@ class Store:
     """A store rooted at ``url`` (a local path, ``file://``, ``s3://``, ``memory://``, ...)."""
 
     def __init__(self, url: str | os.PathLike[str], storage_options: dict[str, Any] | None = None) -> None:
-        url = os.fspath(url)
-        if not isinstance(url, str) or not url:
+        location = os.fspath(url) if isinstance(url, str | os.PathLike) else None
+        if not isinstance(location, str) or not location:
             raise StoreError(f"a store location is a path or URL, got {url!r}")
+        url = location
         self.fs, root = open_url(url, storage_options)
         self.root: str = root.rstrip("/") or root
         self.url: str = self.fs.unstrip_protocol(self.root) if not self.is_local else self.root
@@ -181,6 +182,9 @@ class Store:
         """File the local file ``tmp`` under ``digest`` unless that part exists; whether it was new."""
         final = self.part_path(digest)
         if self._exists(final):
+            if self.is_local:  # in use again: restart its gc grace period (gc also re-reads manifests)
+                with backend_errors(self.url_of(final)), contextlib.suppress(FileNotFoundError):
+                    os.utime(final)
             return False
         with backend_errors(self.url_of(final)):
             if self.is_local:

@@ -1,0 +1,104 @@
+"""Edge cases found in review: each once crashed, lost data or said the wrong thing."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import sepstore
+import sepstore.cli
+from sepstore.demo import llama_decider, tiny_llama_state_dict
+
+
+def small() -> dict[str, torch.Tensor]:
+    return tiny_llama_state_dict(layers=2, hidden=16, intermediate=16, vocab=32, seed=9)
+
+
+def test_a_part_published_again_restarts_its_gc_grace_period(tmp_path: Path) -> None:
+    sepstore.dump(llama_decider, small(), tmp_path, tag="old")
+    (tmp_path / "manifests/model/old.json").unlink()
+    old = time.time() - 7200
+    for path in (tmp_path / "parts/blake3").iterdir():
+        os.utime(path, (old, old))
+    sepstore.dump(llama_decider, small(), tmp_path, tag="new")  # the same parts, reused
+    assert sepstore.gc(tmp_path).removed == []
+    assert sepstore.verify(tmp_path, name="model", tag="new").ok
+
+
+def test_a_model_named_like_the_manifests_folder_loads(tmp_path: Path) -> None:
+    sepstore.dump(llama_decider, small(), tmp_path, name="acme/manifests", tag="v1")
+    assert sepstore.load(tmp_path / "manifests/acme/manifests/v1.json", "b").begin
+
+
+def test_one_model_with_several_tags_defaults_to_latest(tmp_path: Path) -> None:
+    for tag in ("v1", "latest", "v2"):
+        sepstore.dump(llama_decider, small(), tmp_path, tag=tag)
+    assert sepstore.resolve(tmp_path).url.endswith("/manifests/model/latest.json")
+    (tmp_path / "manifests/model/latest.json").unlink()
+    with pytest.raises(sepstore.NotFoundError, match=r"several versions .*--name/--tag"):
+        sepstore.resolve(tmp_path)
+
+
+def test_a_corrupted_cached_part_is_fetched_again(tmp_path: Path) -> None:
+    url = f"memory://edge-{tmp_path.name}"
+    sd = small()
+    sepstore.dump(llama_decider, sd, url)
+    cache = tmp_path / "cache"
+    sepstore.pull(url, "b", cache_dir=cache, quiet=True)
+    (cached,) = (cache / "parts/blake3").iterdir()
+    cached.write_bytes(cached.read_bytes()[:-1] + b"\xff")
+    psd = sepstore.load(url, "b", cache_dir=cache)
+    assert torch.equal(psd.begin["embed_tokens.weight"], sd["model.embed_tokens.weight"])  # type: ignore[index]
+    assert sepstore.hashing.digest_file(cached) == f"blake3:{cached.stem}"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"), [({"metadata": {"a": 5}}, "metadata"), ({"config": {"a": object()}}, "JSON")]
+)
+def test_metadata_and_config_the_manifest_cannot_hold_are_refused_before_writing(
+    tmp_path: Path, kwargs: dict[str, object], match: str
+) -> None:
+    with pytest.raises(sepstore.ManifestError, match=match):
+        sepstore.dump(llama_decider, small(), tmp_path, **kwargs)  # type: ignore[arg-type]
+    assert not (tmp_path / "parts").exists()
+
+
+def test_lazy_load_into_a_module_of_other_shapes_is_a_module_mismatch(tmp_path: Path) -> None:
+    sepstore.dump(lambda k: ("end", k), {"w.weight": torch.ones(3, 3)}, tmp_path)
+    module = nn.Module()
+    module.end = nn.ModuleDict({"w": nn.Linear(2, 2, bias=False)})
+    with pytest.raises(sepstore.ModuleMismatchError, match="does not fit"):
+        sepstore.lazy_load(module, tmp_path, "e")
+
+
+def test_pushing_a_store_with_a_missing_part_is_not_found(tmp_path: Path) -> None:
+    manifest = sepstore.dump(llama_decider, small(), tmp_path / "src")
+    (tmp_path / "src/parts/blake3" / f"{manifest.end.digest[7:]}.safetensors").unlink()  # type: ignore[union-attr]
+    with pytest.raises(sepstore.NotFoundError):
+        sepstore.push(tmp_path / "src", tmp_path / "dest", quiet=True)
+    assert not (tmp_path / "dest/manifests").exists()
+
+
+@pytest.mark.parametrize("ref", [5, None, ["a"]])
+def test_references_of_the_wrong_type_are_sepstore_errors(ref: object) -> None:
+    with pytest.raises(sepstore.SepstoreError):
+        sepstore.load(ref)  # type: ignore[arg-type]
+    with pytest.raises(sepstore.SepstoreError):
+        sepstore.gc(ref)  # type: ignore[arg-type]
+
+
+def test_a_cache_that_cannot_be_made_is_one_line_and_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    url = f"memory://edge-cli-{tmp_path.name}"
+    sepstore.dump(llama_decider, small(), url)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    with pytest.raises(sepstore.StoreError, match="a-file"):
+        sepstore.pull(url, cache_dir=blocker, quiet=True)
+    assert sepstore.cli.main(["pull", url, "--cache-dir", str(blocker), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("sepstore: error:") and len(err.strip().splitlines()) == 1

@@ -68,7 +68,7 @@ class _Download:
         done: set[int] = set()
         if os.path.exists(self.partial) and os.path.getsize(self.partial) == self.item.part.size:
             with contextlib.suppress(FileNotFoundError), open(self.log) as log:
-                done = {int(line) for line in log if line.strip().isdigit()}
+                done = {int(line) for line in log if line.endswith("\n") and line[:-1].isdigit()}  # whole lines only
         else:
             self.discard()
         with open(self.partial, "ab") as f:

@@ -86,6 +86,9 @@ def _tensor(state_dict: Mapping[str, torch.Tensor], key: str) -> torch.Tensor:
         dtype_name(value.dtype)
     except TypeError as exc:
         raise TensorError(f"state-dict key {key!r}: {exc}") from None
+    if value.layout != torch.strided or value.is_meta or value.is_nested:
+        kind = "meta" if value.is_meta else "nested" if value.is_nested else str(value.layout).removeprefix("torch.")
+        raise TensorError(f"state-dict key {key!r} is a {kind} tensor; only dense tensors with data can be stored")
     return value
 
 
@@ -95,7 +98,7 @@ def _nbytes(state_dict: Mapping[str, torch.Tensor], key: str) -> int:
     if sized is not None:
         return int(sized(key))
     value = state_dict[key]
-    return value.nbytes if isinstance(value, torch.Tensor) else 0
+    return value.numel() * value.element_size() if isinstance(value, torch.Tensor) else 0
 
 
 def _as_part(written: WrittenPart) -> Part:

@@ -8,6 +8,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from .errors import StoreError
 from .manifest import decode_manifest
 from .store import Store, backend_errors
 
@@ -69,6 +70,8 @@ def gc(
     """Delete every part file (and leftover temporary file) that no manifest in ``store``
     references and that is older than ``grace`` seconds. Every manifest must decode first: a store
     with an unreadable manifest is left untouched (its parts cannot be told apart from orphans)."""
+    if grace < 0:
+        raise StoreError(f"grace must be a number of seconds >= 0, got {grace}")
     target = store if isinstance(store, Store) else Store(store, storage_options)
     referenced = _referenced(target)
     folder = target.parts_dir

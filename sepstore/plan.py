@@ -57,7 +57,11 @@ def plan(
     manifest = ref if isinstance(ref, Manifest) else resolve(ref, storage_options=storage_options).manifest
     if (nodes is None) == (budgets is None):
         raise SpecError("give either nodes= (a count) or budgets= (one size per node)")
-    limits = [parse_size(b) if isinstance(b, str) else int(b) for b in budgets] if budgets is not None else None
+    if budgets is not None and (isinstance(budgets, str) or not all(isinstance(b, str | int) for b in budgets)):
+        raise SpecError(f"budgets= is a list of sizes (bytes or e.g. '24GiB'), got {budgets!r}")
+    if nodes is not None and (type(nodes) is not int):
+        raise SpecError(f"nodes= is a whole number of nodes, got {nodes!r}")
+    limits = [parse_size(b) if isinstance(b, str) else b for b in budgets] if budgets is not None else None
     count = len(limits) if limits is not None else int(nodes or 0)
     layers = manifest.n_layers
     if count < 1 or count > max(layers, 1):

@@ -102,3 +102,24 @@ def test_a_cache_that_cannot_be_made_is_one_line_and_exit_2(tmp_path: Path, caps
     assert sepstore.cli.main(["pull", url, "--cache-dir", str(blocker), "--quiet"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("sepstore: error:") and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    ("value", "kind"), [(torch.ones(2, 2).to_sparse(), "sparse_coo"), (torch.empty(2, device="meta"), "meta")]
+)
+def test_tensors_without_dense_data_are_tensor_errors(tmp_path: Path, value: torch.Tensor, kind: str) -> None:
+    with pytest.raises(sepstore.TensorError, match=kind):
+        sepstore.dump(lambda k: ("begin", k), {"x": value}, tmp_path)
+
+
+@pytest.mark.parametrize("kwargs", [{"budgets": "24GiB"}, {"budgets": [None]}, {"nodes": 2.5}, {"nodes": True}])
+def test_plan_arguments_of_the_wrong_type_are_spec_errors(tmp_path: Path, kwargs: dict[str, object]) -> None:
+    sepstore.dump(llama_decider, small(), tmp_path)
+    with pytest.raises(sepstore.SpecError):
+        sepstore.plan(tmp_path, **kwargs)  # type: ignore[arg-type]
+
+
+def test_a_negative_gc_grace_is_refused(tmp_path: Path) -> None:
+    sepstore.dump(llama_decider, small(), tmp_path)
+    with pytest.raises(sepstore.StoreError, match="grace"):
+        sepstore.gc(tmp_path, grace=-5)

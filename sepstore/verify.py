@@ -77,9 +77,8 @@ def verify(
     or a server that cannot be reached, still raises.
     """
     resolved = resolve(ref, name=name, tag=tag, storage_options=storage_options, parts_url=parts_url, digest=digest)
-    parsed, chosen = select_parts(resolved.manifest, spec) if spec != "f" else (None, [])
-    if parsed is None:  # the whole model: every part there is, also of a dump still in progress
-        chosen = list(resolved.manifest.labelled_parts())
+    # "f" checks every part there is, also of a dump still in progress (which "f" cannot load)
+    chosen = list(resolved.manifest.labelled_parts()) if spec == "f" else select_parts(resolved.manifest, spec)[1]
     with tempfile.TemporaryDirectory(prefix="sepstore-verify-") as scratch:
         reader = PartReader(resolved, cache_dir=cache_dir if cache_dir is not None else scratch)
         checks = []

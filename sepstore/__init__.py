@@ -5,6 +5,10 @@ is a safetensors file named by its BLAKE3 digest, listed by a manifest. Nodes lo
 they run, from local disk or any fsspec URL, every byte verified.
 """
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
 from ._version import __version__
 from .convert import convert
 from .diff import ManifestDiff, PartDiff, TensorChanges, diff
@@ -24,7 +28,6 @@ from .gc import GcReport, gc
 from .load import LoadResult, PartStateDict, lazy_load, load, read_manifest
 from .manifest import Manifest, Tensor
 from .manifest import Part as ManifestPart
-from .module import Part
 from .plan import NodePlan, plan
 from .pull import PullReport, pull
 from .push import PushReport, push
@@ -32,6 +35,9 @@ from .refs import Resolved, resolve
 from .spec import PartSpec
 from .store import Store
 from .verify import PartCheck, VerifyReport, verify
+
+if TYPE_CHECKING:
+    from .module import Part
 
 __all__ = [
     "Decider",
@@ -77,3 +83,13 @@ __all__ = [
     "resolve",
     "verify",
 ]
+
+
+def __getattr__(name: str) -> object:
+    """``sepstore.Part`` is an ``nn.Module``: torch is imported when it is first asked for, so that
+    ``import sepstore`` (and every command that builds no tensor) stays free of torch."""
+    if name == "Part":
+        from .module import Part
+
+        return Part
+    raise AttributeError(f"module 'sepstore' has no attribute {name!r}")

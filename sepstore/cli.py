@@ -17,11 +17,11 @@ from .convert import convert
 from .diff import diff
 from .errors import IntegrityError, SepstoreError
 from .gc import DEFAULT_GRACE, gc
-from .load import select_parts
 from .plan import plan
 from .pull import pull
 from .push import push
 from .refs import resolve
+from .spec import select_parts
 from .store import Store
 from .verify import verify
 

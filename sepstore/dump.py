@@ -4,19 +4,21 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any, Literal
-
-import torch
+from typing import TYPE_CHECKING, Any, Literal
 
 from ._version import __version__
-from .errors import DeciderError, ManifestError, StoreError, TensorError
+from .errors import DeciderError, ManifestError, StoreError
 from .hashing import digest_buffer
 from .manifest import FORMAT_VERSION, Manifest, Part, Tensor, decode_manifest, encode_manifest
 from .progress import progress
-from .reader import PartReader
 from .refs import Resolved
-from .safetensors_io import WrittenPart, dtype_name, raw_bytes, write_part
+from .safetensors_io import RawTensor, WrittenPart, write_part
 from .store import Store, check_name, check_tag, standard_parts_location
+
+if TYPE_CHECKING:
+    import torch
+
+    from .reader import PartReader
 
 __all__ = ["Decider", "Placement", "dump"]
 
@@ -78,18 +80,15 @@ def _group(decider: Decider, keys: Iterable[str]) -> dict[Slot, dict[str, str]]:
     return groups
 
 
-def _tensor(state_dict: Mapping[str, torch.Tensor], key: str) -> torch.Tensor:
-    value = state_dict[key]
-    if not isinstance(value, torch.Tensor):
-        raise TensorError(f"state-dict key {key!r} holds a {type(value).__name__}, not a tensor")
-    try:
-        dtype_name(value.dtype)
-    except TypeError as exc:
-        raise TensorError(f"state-dict key {key!r}: {exc}") from None
-    if value.layout != torch.strided or value.is_meta or value.is_nested:
-        kind = "meta" if value.is_meta else "nested" if value.is_nested else str(value.layout).removeprefix("torch.")
-        raise TensorError(f"state-dict key {key!r} is a {kind} tensor; only dense tensors with data can be stored")
-    return value
+def _tensor(state_dict: Mapping[str, torch.Tensor], key: str) -> RawTensor:
+    """The bytes to store for ``key``: a torch tensor's (checked), or a raw tensor as ``convert``
+    passes them (torch is imported only for state dicts that hold torch tensors)."""
+    value: object = state_dict[key]
+    if isinstance(value, RawTensor):
+        return value
+    from .tensors import as_raw
+
+    return as_raw(value, key)
 
 
 def _nbytes(state_dict: Mapping[str, torch.Tensor], key: str) -> int:
@@ -97,8 +96,13 @@ def _nbytes(state_dict: Mapping[str, torch.Tensor], key: str) -> int:
     sized = getattr(state_dict, "nbytes_of", None)
     if sized is not None:
         return int(sized(key))
-    value = state_dict[key]
-    return value.numel() * value.element_size() if isinstance(value, torch.Tensor) else 0
+    value: Any = state_dict[key]
+    if isinstance(value, RawTensor):
+        return value.nbytes
+    try:
+        return int(value.numel() * value.element_size())  # a torch tensor, even a sparse one
+    except (AttributeError, TypeError, RuntimeError):
+        return 0  # not a tensor: _tensor says so when its part is built
 
 
 def _as_part(written: WrittenPart) -> Part:
@@ -112,14 +116,23 @@ class _Writer:
     def __init__(self, store: Store, existing: Resolved | None) -> None:
         self.store = store
         self.existing = existing
-        self.reader = PartReader(existing) if existing is not None else None
+        self._reader: PartReader | None = None
 
-    def write(self, tensors: Mapping[str, torch.Tensor]) -> Part:
-        written = self.store.add_part(lambda out: write_part(tensors, out), lambda w: w.digest)
+    def write(self, tensors: Mapping[str, RawTensor]) -> Part:
+        written = self.store.add_part(lambda fd: write_part(tensors, fd), lambda w: w.digest)
         return _as_part(written)
 
-    def merge(self, slot: Slot, tensors: dict[str, torch.Tensor], old: Part | None) -> Part:
-        if old is None or self.reader is None:
+    def _read(self, label: str, part: Part) -> dict[str, RawTensor]:
+        from .reader import PartReader
+        from .tensors import as_raw
+
+        assert self.existing is not None
+        if self._reader is None:
+            self._reader = PartReader(self.existing)
+        return {key: as_raw(value, f"{label}.{key}") for key, value in self._reader.read(label, part).items()}
+
+    def merge(self, slot: Slot, tensors: dict[str, RawTensor], old: Part | None) -> Part:
+        if old is None:
             return self.write(tensors)
         label = _label(slot)
         fresh = False
@@ -128,7 +141,7 @@ class _Writer:
             if before is None:
                 fresh = True
                 continue
-            now = Tensor(dtype_name(value.dtype), tuple(value.shape), digest_buffer(raw_bytes(value)))
+            now = Tensor(value.dtype, value.shape, digest_buffer(value.read()))
             if now != before:
                 raise DeciderError(
                     f"{label}.{key} is already in this model with other content "
@@ -137,7 +150,7 @@ class _Writer:
                 )
         if not fresh:
             return old
-        merged = {**self.reader.read(label, old), **tensors}
+        merged = {**self._read(label, old), **tensors}
         return self.write(merged)
 
 

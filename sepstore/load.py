@@ -5,20 +5,21 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
-import torch
-from torch import nn
-
-from .errors import ModuleMismatchError, NotFoundError, SpecError
-from .manifest import Manifest, Part
+from .errors import ModuleMismatchError, SpecError, TensorError
+from .manifest import Manifest
 from .reader import PartReader
 from .refs import Ref, Resolved, resolve
-from .spec import PartSpec
+from .spec import PartSpec, select_parts
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 __all__ = ["LoadResult", "PartStateDict", "lazy_load", "load", "read_manifest"]
 
-Tensors = dict[str, torch.Tensor]
+Tensors = dict[str, "torch.Tensor"]
 
 
 @dataclass
@@ -77,25 +78,6 @@ def read_manifest(
     return resolve(ref, name=name, tag=tag, storage_options=storage_options, digest=digest).manifest
 
 
-def select_parts(manifest: Manifest, spec: str | PartSpec) -> tuple[PartSpec, list[tuple[str, Part]]]:
-    parsed = spec if isinstance(spec, PartSpec) else PartSpec.parse(spec, manifest.n_layers)
-    chosen: list[tuple[str, Part]] = []
-    if parsed.begin and (manifest.begin is not None or not parsed.full):
-        if manifest.begin is None:
-            raise NotFoundError(f"model {manifest.name!r} has no begin part (spec {str(parsed)!r})")
-        chosen.append(("begin", manifest.begin))
-    for layer in parsed.layers:
-        part = manifest.mid[layer]
-        if part is None:
-            raise NotFoundError(f"model {manifest.name!r} has no part for layer {layer} yet (incomplete dump?)")
-        chosen.append((f"mid.{layer}", part))
-    if parsed.end and (manifest.end is not None or not parsed.full):
-        if manifest.end is None:
-            raise NotFoundError(f"model {manifest.name!r} has no end part (spec {str(parsed)!r})")
-        chosen.append(("end", manifest.end))
-    return parsed, chosen
-
-
 def iter_parts(
     resolved: Resolved,
     spec: str | PartSpec,
@@ -105,10 +87,15 @@ def iter_parts(
     cache_dir: str | os.PathLike[str] | None = None,
 ) -> Iterator[tuple[str, Tensors]]:
     """Yield ``(label, tensors)`` part by part, each verified before it is yielded."""
+    import torch
+
+    try:
+        target = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise TensorError(f"cannot load onto device {device!r}: {exc}") from None
     _, chosen = select_parts(resolved.manifest, spec)
     reader = PartReader(resolved, cache_dir=cache_dir)
     reader.prefetch(chosen, desc=f"fetch {resolved.manifest.name}")
-    target = torch.device(device)
     for label, part in chosen:
         tensors = reader.read(label, part, verify=verify)
         if target.type != "cpu":

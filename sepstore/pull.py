@@ -7,9 +7,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from .cache import DEFAULT_WORKERS
-from .load import select_parts
 from .reader import PartReader
 from .refs import Ref, Resolved, resolve
+from .spec import select_parts
 
 __all__ = ["PullReport", "pull"]
 

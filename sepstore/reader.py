@@ -10,8 +10,8 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
-import torch
 from fsspec.implementations.local import LocalFileSystem
 
 from .cache import DEFAULT_WORKERS, Cache, Fetch
@@ -20,7 +20,10 @@ from .hashing import digest_buffer, digest_hex
 from .manifest import Part
 from .progress import progress
 from .refs import Resolved, open_fs
-from .safetensors_io import DTYPES, HeaderEntry, parse_header
+from .safetensors_io import HeaderEntry, parse_header
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["PartReader", "check_header"]
 
@@ -95,6 +98,10 @@ class PartReader:
             return self._read(label, part, verify=verify)
 
     def _read(self, label: str, part: Part, *, verify: bool) -> dict[str, torch.Tensor]:
+        import torch
+
+        from .tensors import DTYPES
+
         self.prefetch([(label, part)], desc=f"fetch {label}")
         path = self.path(part)
         where = f"part {label} ({path})"

@@ -5,30 +5,34 @@ from __future__ import annotations
 
 import asyncio
 import random
+import sys
 import time
 from collections.abc import Callable
 from typing import TypeVar
 
 from .errors import NotFoundError, StoreError
 
-__all__ = ["ATTEMPTS", "is_transient", "with_retries"]
+__all__ = ["ATTEMPTS", "http_status", "is_transient", "with_retries"]
 
 T = TypeVar("T")
 ATTEMPTS = 5
 BASE_DELAY = 0.2
 
-try:  # aiohttp backs fsspec's HTTP and s3fs; it is there whenever those are
-    from aiohttp import ClientError, ClientResponseError
-except ImportError:  # pragma: no cover - only without aiohttp
-    ClientError = ClientResponseError = OSError  # type: ignore[assignment, misc]
+
+def _loaded(module: str, *names: str) -> tuple[type[BaseException], ...]:
+    """Exception classes of a backend library (aiohttp behind fsspec's HTTP and s3fs, botocore),
+    looked up only once it is imported: until then none of its errors can have been raised, and
+    commands that stay on local disk do not pay for importing it."""
+    loaded = sys.modules.get(module)
+    return tuple(getattr(loaded, name) for name in names) if loaded is not None else ()
 
 
-try:  # botocore checks S3 bodies against their CRC: a mismatch is corruption in transit, worth a retry
-    from botocore.exceptions import FlexibleChecksumError
-
-    _IN_TRANSIT: tuple[type[BaseException], ...] = (FlexibleChecksumError,)
-except ImportError:  # pragma: no cover - only without s3fs
-    _IN_TRANSIT = ()
+def http_status(exc: BaseException) -> int | None:
+    """The HTTP status of an error answer from an HTTP or S3 server, else ``None``."""
+    if isinstance(exc, _loaded("aiohttp", "ClientResponseError")):
+        status = getattr(exc, "status", None)
+        return status if isinstance(status, int) else None
+    return None
 
 
 class ShortReadError(StoreError):
@@ -39,18 +43,13 @@ def is_transient(exc: BaseException) -> bool:
     """Whether another try could succeed: not for missing objects, refusals or bad requests."""
     if isinstance(exc, FileNotFoundError | PermissionError | NotImplementedError):
         return False
-    if isinstance(exc, ClientResponseError):
-        return exc.status >= 500 or exc.status in (408, 429)
-    transient = (
-        ShortReadError,
-        ClientError,
-        asyncio.TimeoutError,
-        TimeoutError,
-        ConnectionError,
-        OSError,
-        *_IN_TRANSIT,
-    )
-    return isinstance(exc, transient)
+    status = http_status(exc)
+    if status is not None:
+        return status >= 500 or status in (408, 429)
+    # botocore checks S3 bodies against their CRC: a mismatch is corruption in transit, worth a retry
+    in_transit = _loaded("botocore.exceptions", "FlexibleChecksumError")
+    transient = (ShortReadError, asyncio.TimeoutError, TimeoutError, ConnectionError, OSError)
+    return isinstance(exc, (*transient, *_loaded("aiohttp", "ClientError"), *in_transit))
 
 
 def with_retries(call: Callable[[], T], url: str, *, attempts: int = ATTEMPTS) -> T:

@@ -1,11 +1,15 @@
-"""Reading and writing part files: plain safetensors files with deterministic bytes.
+"""Reading and writing part files: plain safetensors files with deterministic bytes, without torch.
 
 sepstore writes safetensors itself rather than through ``safetensors.torch.save`` so that a part
-streams to disk tensor by tensor while its file digest and every tensor digest are computed in the
-same pass, with no whole-part buffer in memory. The layout is what any safetensors reader expects:
-an 8-byte little-endian header length, a JSON header (keys sorted, padded with spaces to a multiple
-of 8), then the tensor bytes, ordered by alignment (largest element first) and then by name, so
-every tensor starts at an offset that is a multiple of its element size.
+streams to disk tensor by tensor, with no whole-part buffer in memory, while its file digest and
+every tensor digest are computed beside the writing. The layout is what any safetensors reader
+expects: an 8-byte little-endian header length, a JSON header (keys sorted, padded with spaces to
+a multiple of 8), then the tensor bytes, ordered by alignment (largest element first) and then by
+name, so every tensor starts at an offset that is a multiple of its element size.
+
+Tensors to write are :class:`RawTensor` values (dtype name, shape, bytes): a buffer in memory (a
+torch tensor's, see :mod:`sepstore.tensors`) or a byte range of a source file, which is copied
+into the part by the kernel (``copy_file_range``) without passing through this process.
 """
 
 from __future__ import annotations
@@ -14,48 +18,52 @@ import json
 import os
 import struct
 from collections.abc import Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import BinaryIO
+from mmap import ACCESS_READ, mmap
 
-import torch
+from blake3 import blake3
 
 from .errors import IntegrityError
-from .hashing import Hasher, digest_buffer, digest_of
+from .hashing import Hasher, digest_of
 
 __all__ = [
-    "DTYPES",
+    "FLOATING",
+    "ITEMSIZE",
+    "BufferTensor",
     "HeaderEntry",
+    "RawTensor",
     "TensorRecord",
-    "dtype_name",
+    "WrittenPart",
+    "copy_range",
     "parse_header",
     "pwrite_all",
-    "raw_bytes",
-    "write_all",
     "write_part",
 ]
 
-#: safetensors dtype name -> torch dtype, for every dtype safetensors' torch API knows.
-DTYPES: dict[str, torch.dtype] = {
-    "BOOL": torch.bool,
-    "U8": torch.uint8,
-    "I8": torch.int8,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
-    "F8_E4M3FNUZ": torch.float8_e4m3fnuz,
-    "F8_E5M2FNUZ": torch.float8_e5m2fnuz,
-    "I16": torch.int16,
-    "U16": torch.uint16,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I32": torch.int32,
-    "U32": torch.uint32,
-    "F32": torch.float32,
-    "I64": torch.int64,
-    "U64": torch.uint64,
-    "F64": torch.float64,
-    "C64": torch.complex64,
+#: Bytes per element of every safetensors dtype sepstore stores (those safetensors' torch API knows).
+ITEMSIZE: dict[str, int] = {
+    "BOOL": 1,
+    "U8": 1,
+    "I8": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+    "F8_E4M3FNUZ": 1,
+    "F8_E5M2FNUZ": 1,
+    "I16": 2,
+    "U16": 2,
+    "F16": 2,
+    "BF16": 2,
+    "I32": 4,
+    "U32": 4,
+    "F32": 4,
+    "I64": 8,
+    "U64": 8,
+    "F64": 8,
+    "C64": 8,
 }
-_NAMES: dict[torch.dtype, str] = {dtype: name for name, dtype in DTYPES.items()}
+#: The floating-point dtypes (what ``convert``'s ``dtype`` casts).
+FLOATING = frozenset({"F8_E4M3", "F8_E5M2", "F8_E4M3FNUZ", "F8_E5M2FNUZ", "F16", "BF16", "F32", "F64"})
 
 #: Refuse headers larger than this before reading them (safetensors' own limit is 100 MB).
 MAX_HEADER_BYTES = 100_000_000
@@ -64,12 +72,8 @@ MAX_HEADER_BYTES = 100_000_000
 #: (the kernel then fills huge page-cache folios, slow to come by on some VMs; see bench_convert.py).
 WRITE_PIECE = 1024 * 1024
 
-
-def write_all(out: BinaryIO, data: memoryview | bytes) -> None:
-    """``out.write(data)`` in ``WRITE_PIECE`` slices (zero-copy views)."""
-    view = memoryview(data).cast("B")
-    for start in range(0, len(view), WRITE_PIECE):
-        out.write(view[start : start + WRITE_PIECE])
+#: A part is written, and hashed behind the writing, in pieces of this size.
+HASH_PIECE = 16 * 1024 * 1024
 
 
 def pwrite_all(fd: int, data: memoryview | bytes, offset: int) -> None:
@@ -80,18 +84,63 @@ def pwrite_all(fd: int, data: memoryview | bytes, offset: int) -> None:
         done += os.pwrite(fd, view[done : done + WRITE_PIECE], offset + done)
 
 
-def dtype_name(dtype: torch.dtype) -> str:
-    """The safetensors name of a torch dtype; a ``TypeError`` for dtypes safetensors lacks."""
-    try:
-        return _NAMES[dtype]
-    except KeyError:
-        raise TypeError(f"safetensors cannot store tensors of dtype {dtype}") from None
+def copy_range(src: int, src_offset: int, dst: int, dst_offset: int, count: int) -> int:
+    """Copy ``count`` bytes between two files at the given offsets, in the kernel where it can
+    (``copy_file_range``), else through a buffer; returns how many were copied (fewer only when
+    ``src`` ends first)."""
+    done = 0
+    fast = hasattr(os, "copy_file_range")
+    while done < count:
+        if fast:
+            try:
+                n = os.copy_file_range(src, dst, count - done, src_offset + done, dst_offset + done)
+            except OSError:  # EXDEV, EINVAL, ENOSYS, EOPNOTSUPP: not between these files here
+                fast = False
+                continue
+        else:
+            data = os.pread(src, min(count - done, WRITE_PIECE), src_offset + done)
+            n = len(data)
+            pwrite_all(dst, data, dst_offset + done)
+        if n == 0:
+            break
+        done += n
+    return done
 
 
-def raw_bytes(tensor: torch.Tensor) -> memoryview:
-    """The tensor's bytes in row-major order, without a copy when it is already contiguous."""
-    flat = tensor.detach().cpu().contiguous().reshape(-1)
-    return memoryview(flat.view(torch.uint8).numpy()).cast("B")
+class RawTensor:
+    """A tensor as a part file holds it: a safetensors dtype name, a shape and row-major bytes."""
+
+    __slots__ = ("dtype", "nbytes", "shape")
+
+    def __init__(self, dtype: str, shape: tuple[int, ...]) -> None:
+        self.dtype, self.shape = dtype, shape
+        n = ITEMSIZE[dtype]
+        for d in shape:
+            n *= d
+        self.nbytes = n
+
+    def read(self) -> memoryview:
+        """All of the tensor's bytes."""
+        raise NotImplementedError
+
+    def write_into(self, fd: int, at: int, start: int, stop: int) -> None:
+        """Write the tensor's bytes ``[start, stop)`` into the file ``fd`` at offset ``at``."""
+        pwrite_all(fd, self.read()[start:stop], at)
+
+
+class BufferTensor(RawTensor):
+    """A tensor whose bytes are in memory (anything with the buffer protocol; never copied)."""
+
+    __slots__ = ("data",)
+
+    def __init__(self, dtype: str, shape: tuple[int, ...], data: memoryview | bytes | bytearray) -> None:
+        super().__init__(dtype, shape)
+        self.data = memoryview(data).cast("B")
+        if len(self.data) != self.nbytes:
+            raise ValueError(f"{len(self.data)} bytes for a {dtype}{list(shape)} tensor of {self.nbytes}")
+
+    def read(self) -> memoryview:
+        return self.data
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,32 +159,67 @@ class WrittenPart:
     tensors: dict[str, TensorRecord]
 
 
-def write_part(tensors: Mapping[str, torch.Tensor], out: BinaryIO) -> WrittenPart:
-    """Write ``tensors`` to ``out`` as a safetensors file; returns its digest, size and table.
-
-    Every byte goes through the file hasher once; each tensor's bytes also through its own.
-    """
-    prepared = {name: (dtype_name(t.dtype), tuple(t.shape), raw_bytes(t)) for name, t in tensors.items()}
-    order = sorted(prepared, key=lambda n: (-DTYPES[prepared[n][0]].itemsize, n))
+def _layout(tensors: Mapping[str, RawTensor]) -> tuple[list[tuple[str, int]], bytes]:
+    """Each tensor's name and offset in file order, and the file's length prefix plus header."""
+    order = sorted(tensors, key=lambda n: (-ITEMSIZE[tensors[n].dtype], n))
     header: dict[str, object] = {}
     offset = 0
     for name in order:
-        dtype, shape, data = prepared[name]
-        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + data.nbytes]}
-        offset += data.nbytes
+        t = tensors[name]
+        header[name] = {"dtype": t.dtype, "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
+        offset += t.nbytes
     header_bytes = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
     header_bytes += b" " * (-len(header_bytes) % 8)
-    file_hasher = Hasher()
-    for chunk in (struct.pack("<Q", len(header_bytes)), header_bytes):
-        file_hasher.update(chunk)
-        out.write(chunk)
-    records: dict[str, TensorRecord] = {}
+    base = 8 + len(header_bytes)
+    placed, offset = [], base
     for name in order:
-        dtype, shape, data = prepared[name]
-        file_hasher.update(data)
-        write_all(out, data)
-        records[name] = TensorRecord(dtype, shape, digest_buffer(data))
-    size = 8 + len(header_bytes) + offset
+        placed.append((name, offset))
+        offset += tensors[name].nbytes
+    return placed, struct.pack("<Q", len(header_bytes)) + header_bytes
+
+
+def write_part(tensors: Mapping[str, RawTensor], fd: int) -> WrittenPart:
+    """Write ``tensors`` as a safetensors file into the empty, readable and writable file ``fd``;
+    returns its digest, size and table.
+
+    The bytes are written piece by piece while a second thread hashes each piece once written, read
+    back through a memory map of ``fd`` itself: the digests are of the bytes in the file, whatever
+    happens to the sources meanwhile. Every byte goes through the file hasher once and through its
+    tensor's hasher once.
+    """
+    placed, head = _layout(tensors)
+    size = len(head) + sum(t.nbytes for t in tensors.values())
+    os.ftruncate(fd, size)
+    pwrite_all(fd, head, 0)
+    file_hasher = Hasher()
+    file_hasher.update(head)
+    digests: dict[str, blake3] = {}
+    with mmap(fd, size, access=ACCESS_READ) as mapped:
+        view = memoryview(mapped)
+        hashing = ThreadPoolExecutor(1, "sepstore-hash")
+
+        def hash_piece(tensor_hasher: blake3, lo: int, hi: int) -> None:
+            piece = view[lo:hi]
+            file_hasher.update(piece)
+            tensor_hasher.update(piece)
+
+        try:
+            pending: list[Future[None]] = []
+            for name, at in placed:
+                tensor = tensors[name]
+                digests[name] = Hasher()
+                for start in range(0, tensor.nbytes, HASH_PIECE):
+                    stop = min(start + HASH_PIECE, tensor.nbytes)
+                    tensor.write_into(fd, at + start, start, stop)
+                    pending.append(hashing.submit(hash_piece, digests[name], at + start, at + stop))
+            for future in pending:
+                future.result()
+        finally:
+            hashing.shutdown(cancel_futures=True)
+            view.release()
+    records = {
+        name: TensorRecord(tensors[name].dtype, tensors[name].shape, digest_of(digests[name])) for name, _ in placed
+    }
     return WrittenPart(digest_of(file_hasher), size, dict(sorted(records.items())))
 
 
@@ -181,7 +265,7 @@ def parse_header(prefix: memoryview | bytes, file_size: int, *, where: str) -> d
         if not isinstance(info, dict):
             raise bad(f"entry {name!r} is not an object")
         dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
-        if not isinstance(dtype, str) or dtype not in DTYPES:
+        if not isinstance(dtype, str) or dtype not in ITEMSIZE:
             raise bad(f"tensor {name!r} has unknown dtype {dtype!r}")
         if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
             raise bad(f"tensor {name!r} has invalid shape {shape!r}")
@@ -195,7 +279,7 @@ def parse_header(prefix: memoryview | bytes, file_size: int, *, where: str) -> d
         numel = 1
         for d in shape:
             numel *= d
-        if offsets[1] - offsets[0] != numel * DTYPES[dtype].itemsize:
+        if offsets[1] - offsets[0] != numel * ITEMSIZE[dtype]:
             raise bad(f"tensor {name!r}: {offsets[1] - offsets[0]} bytes for shape {shape} of {dtype}")
         entries[name] = HeaderEntry(dtype, tuple(shape), base + offsets[0], base + offsets[1])
     position = base

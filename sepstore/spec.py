@@ -5,9 +5,10 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from .errors import SpecError
+from .errors import NotFoundError, SpecError
+from .manifest import Manifest, Part
 
-__all__ = ["PartSpec"]
+__all__ = ["PartSpec", "select_parts"]
 
 _RANGE = re.compile(r"^(\d+)-(\d+)$")
 
@@ -86,3 +87,24 @@ class PartSpec:
             return "f"
         tokens = (["b"] if self.begin else []) + [f"{r.start}-{r.stop}" for r in self.ranges]
         return " ".join(tokens + (["e"] if self.end else []))
+
+
+def select_parts(manifest: Manifest, spec: str | PartSpec) -> tuple[PartSpec, list[tuple[str, Part]]]:
+    """The parsed spec and the ``(label, part)`` pairs it selects from ``manifest``, in spec order;
+    a :class:`NotFoundError` for a selected part the manifest lacks."""
+    parsed = spec if isinstance(spec, PartSpec) else PartSpec.parse(spec, manifest.n_layers)
+    chosen: list[tuple[str, Part]] = []
+    if parsed.begin and (manifest.begin is not None or not parsed.full):
+        if manifest.begin is None:
+            raise NotFoundError(f"model {manifest.name!r} has no begin part (spec {str(parsed)!r})")
+        chosen.append(("begin", manifest.begin))
+    for layer in parsed.layers:
+        part = manifest.mid[layer]
+        if part is None:
+            raise NotFoundError(f"model {manifest.name!r} has no part for layer {layer} yet (incomplete dump?)")
+        chosen.append((f"mid.{layer}", part))
+    if parsed.end and (manifest.end is not None or not parsed.full):
+        if manifest.end is None:
+            raise NotFoundError(f"model {manifest.name!r} has no end part (spec {str(parsed)!r})")
+        chosen.append(("end", manifest.end))
+    return parsed, chosen

@@ -19,7 +19,7 @@ import secrets
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
-from typing import Any, BinaryIO, TypeVar
+from typing import Any, TypeVar
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
@@ -28,7 +28,7 @@ from .backends import open_url
 from .errors import NotFoundError, SepstoreError, StoreError
 from .hashing import digest_hex
 from .manifest import MAX_MANIFEST_BYTES, NAME_PATTERN, TAG_PATTERN
-from .retry import ClientResponseError
+from .retry import http_status
 from .safetensors_io import WRITE_PIECE
 
 __all__ = [
@@ -57,7 +57,7 @@ def create_temp(folder: str | None, suffix: str) -> tuple[int, str]:
     while True:
         path = os.path.join(folder, f".tmp-{secrets.token_hex(8)}{suffix}")
         try:
-            return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), path
+            return os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666), path
         except FileExistsError:
             continue
 
@@ -110,7 +110,7 @@ def backend_errors(url: str) -> Iterator[None]:
     except NotImplementedError as exc:
         raise StoreError(f"{url}: this backend cannot do that (read-only, such as HTTP?)") from exc
     except Exception as exc:  # a backend's own errors, or its failures on a hostile server's answers
-        if isinstance(exc, ClientResponseError) and exc.status == 405:
+        if http_status(exc) == 405:
             raise StoreError(f"{url}: the server refused to write (HTTP stores are read-only)") from exc
         raise StoreError(f"{url}: {type(exc).__name__}: {exc}") from exc
 
@@ -202,16 +202,18 @@ class Store:
             os.makedirs(staging, exist_ok=True)
         return staging
 
-    def add_part(self, write: Callable[[BinaryIO], T], digest_of: Callable[[T], str]) -> T:
-        """Write a part with ``write(file)`` and file it under the digest that ``digest_of`` reads.
+    def add_part(self, write: Callable[[int], T], digest_of: Callable[[T], str]) -> T:
+        """Write a part with ``write(fd)`` and file it under the digest that ``digest_of`` reads.
 
-        The bytes go to a temporary file first; an existing part with that digest is kept as it
-        is, never rewritten.
+        ``fd`` is a new, empty temporary file, open for reading and writing; an existing part with
+        that digest is kept as it is, never rewritten.
         """
         fd, tmp = create_temp(self._staging(), ".safetensors")
         try:
-            with os.fdopen(fd, "wb") as out:
-                result = write(out)
+            try:
+                result = write(fd)
+            finally:
+                os.close(fd)
             self._commit(tmp, digest_of(result))
         finally:
             with contextlib.suppress(FileNotFoundError):

@@ -9,12 +9,11 @@ from typing import Any
 
 from .errors import IntegrityError, NotFoundError
 from .hashing import digest_buffer
-from .load import select_parts
 from .manifest import Part
 from .progress import progress
 from .reader import PartReader
 from .refs import Ref, Resolved, resolve
-from .safetensors_io import raw_bytes
+from .spec import select_parts
 
 __all__ = ["PartCheck", "VerifyReport", "verify"]
 
@@ -90,6 +89,8 @@ def verify(
 
 
 def _check(reader: PartReader, label: str, part: Part) -> PartCheck:
+    from .tensors import raw_bytes
+
     url = reader.resolved.part_url(part)
     try:
         tensors = reader.read(label, part, verify=True)

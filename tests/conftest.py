@@ -20,7 +20,7 @@ def same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Bit-exact equality (NaNs included), shape and dtype too."""
     if a.dtype != b.dtype or a.shape != b.shape:
         return False
-    return bytes(sepstore.safetensors_io.raw_bytes(a)) == bytes(sepstore.safetensors_io.raw_bytes(b))
+    return bytes(sepstore.tensors.raw_bytes(a)) == bytes(sepstore.tensors.raw_bytes(b))
 
 
 @pytest.fixture

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
+import subprocess
+import sys
 import uuid
 from pathlib import Path
 
@@ -18,7 +22,11 @@ from conftest import same_bytes
 import sepstore
 from sepstore.convert.files import SafetensorsFile
 from sepstore.convert.source import TensorInfo
+from sepstore.deciders.llama import decider as llama_decider
 from sepstore.demo import tiny_llama_state_dict
+from sepstore.hashing import digest_file
+from sepstore.safetensors_io import RawTensor
+from sepstore.tensors import to_torch
 
 CONFIG = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "num_hidden_layers": 3}
 N = 3
@@ -215,6 +223,61 @@ def test_sharded_folder_given_by_its_index_json(tmp_path: Path) -> None:
     assert_same_model(tmp_path / "b", sd)
 
 
+def test_local_safetensors_parts_equal_a_dump_of_the_tensors_with_or_without_copy_file_range(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Local shards are copied into parts by the kernel; a filesystem that cannot (EXDEV across
+    mounts, no copy_file_range) gets the same bytes through a buffer; both equal a plain dump."""
+    sd = small_llama()
+    src = hf_folder(tmp_path / "m", sd, shards=2)
+    dumped = sepstore.dump(llama_decider, sd, tmp_path / "dumped", name="m", quiet=True)
+    kernel = sepstore.convert(src, tmp_path / "kernel", name="m")
+    calls: list[int] = []
+
+    def no_copy_file_range(*args: object) -> int:
+        calls.append(1)
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+    monkeypatch.setattr(os, "copy_file_range", no_copy_file_range)
+    buffered = sepstore.convert(src, tmp_path / "buffered", name="m")
+    assert calls, "the kernel copy was tried first"
+    assert part_digests(kernel) == part_digests(buffered) == part_digests(dumped)
+    assert_same_model(tmp_path / "buffered", sd)
+
+
+def test_converting_safetensors_never_imports_torch(tmp_path: Path) -> None:
+    src = hf_folder(tmp_path / "m", small_llama(), shards=2)
+    code = (
+        "import sys, sepstore\n"
+        f"sepstore.convert({str(src)!r}, {str(tmp_path / 'store')!r}, quiet=True)\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+    assert sepstore.verify(tmp_path / "store", name="m").ok
+
+
+def test_a_shard_truncated_during_convert_is_an_integrity_error_and_leaves_no_part(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    src = hf_folder(tmp_path / "m", small_llama())
+    shard = src / "model.safetensors"
+    original = SafetensorsFile.__init__
+
+    def truncate_after_index(self: SafetensorsFile, *args: object) -> None:
+        original(self, *args)  # type: ignore[arg-type]
+        os.truncate(shard, shard.stat().st_size - 100)  # the last tensor loses its tail
+
+    monkeypatch.setattr(SafetensorsFile, "__init__", truncate_after_index)
+    with pytest.raises(sepstore.IntegrityError, match=r"model\.safetensors.*truncated"):
+        sepstore.convert(src, tmp_path / "store")
+    assert not list((tmp_path / "store").rglob(".tmp-*")), "the part being written is removed"
+    assert not list((tmp_path / "store").glob("manifests/**/*.json"))
+    written = list((tmp_path / "store").glob("parts/blake3/*.safetensors"))
+    assert len(written) < N + 2, "the truncated part was not filed"
+    for part in written:  # the parts done before it are whole: each is named by its digest
+        assert digest_file(part) == f"blake3:{part.stem}"
+
+
 # --- what is not a checkpoint -----------------------------------------------------------------
 
 
@@ -243,7 +306,7 @@ def test_reads_are_grouped_by_part_and_never_repeated(tmp_path: Path, monkeypatc
     reads: list[str] = []
     original = SafetensorsFile.read
 
-    def recording_read(self: SafetensorsFile, key: str) -> torch.Tensor:
+    def recording_read(self: SafetensorsFile, key: str) -> RawTensor:
         reads.append(key)
         return original(self, key)
 
@@ -332,9 +395,9 @@ def test_gguf_index_and_reads(gguf_file: tuple[Path, dict[str, np.ndarray]]) -> 
     path, tensors = gguf_file
     source = GGUFFile(fsspec.filesystem("file"), str(path), str(path))
     assert list(source.index) == list(tensors)
-    assert source.index["blk.1.attn_q.weight"] == TensorInfo(torch.float32, (16, 32))
-    assert source.index["blk.1.ffn_ids"].dtype == torch.int32
-    assert source.index["output.weight"] == TensorInfo(torch.float32, (64, 32))
+    assert source.index["blk.1.attn_q.weight"] == TensorInfo("F32", (16, 32))
+    assert source.index["blk.1.ffn_ids"].dtype == "I32"
+    assert source.index["output.weight"] == TensorInfo("F32", (64, 32))
     assert source.config == {
         "model_type": "llama",
         "num_hidden_layers": 2,
@@ -344,8 +407,8 @@ def test_gguf_index_and_reads(gguf_file: tuple[Path, dict[str, np.ndarray]]) -> 
     }
     for name, array in tensors.items():
         if name != "output.weight":
-            assert same_bytes(source.read(name), torch.from_numpy(array)), name
-    head = source.read("output.weight")
+            assert same_bytes(to_torch(source.read(name)), torch.from_numpy(array)), name
+    head = to_torch(source.read("output.weight"))
     assert head.dtype == torch.float32 and head.shape == (64, 32)
     assert torch.allclose(head, torch.from_numpy(tensors["output.weight"]), atol=0.05)
 
@@ -400,8 +463,8 @@ def test_gguf_bf16_is_bit_exact(tmp_path: Path) -> None:
     writer.write_tensors_to_file()
     writer.close()
     source = GGUFFile(fsspec.filesystem("file"), str(path), str(path))
-    assert source.index["blk.0.w"] == TensorInfo(torch.bfloat16, (3, 8))
-    assert same_bytes(source.read("blk.0.w"), weight)
+    assert source.index["blk.0.w"] == TensorInfo("BF16", (3, 8))
+    assert same_bytes(to_torch(source.read("blk.0.w")), weight)
 
 
 def test_gguf_decider() -> None:

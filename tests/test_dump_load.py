@@ -17,7 +17,7 @@ from torch import nn
 
 import sepstore
 from sepstore.demo import llama_decider
-from sepstore.safetensors_io import DTYPES
+from sepstore.tensors import DTYPES
 
 
 def expected_parts(sd: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:

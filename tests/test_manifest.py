@@ -456,6 +456,20 @@ def test_committed_example_store_verifies(tmp_path: Path) -> None:
     assert report.manifest_digest == manifest_digest(EXAMPLE_MANIFEST.read_bytes())
 
 
+def test_dumping_the_example_tensors_again_writes_the_committed_parts_byte_for_byte(tmp_path: Path) -> None:
+    """The part writer is deterministic across sepstore versions: same tensors, same digests."""
+    state = tiny_llama_state_dict(layers=3, hidden=8, intermediate=16, vocab=32, seed=1)
+    again = sepstore.dump(llama_decider, state, tmp_path / "store", name="examples/tiny-llama", tag="v1", quiet=True)
+    committed = sepstore.read_manifest(EXAMPLE_MANIFEST)
+    assert [(label, part.digest) for label, part in again.labelled_parts()] == [
+        (label, part.digest) for label, part in committed.labelled_parts()
+    ]
+    for _, part in committed.labelled_parts():
+        hex_ = part.digest.removeprefix("blake3:")
+        written = tmp_path / "store" / "parts" / "blake3" / f"{hex_}.safetensors"
+        assert written.read_bytes() == (EXAMPLE_STORE / "parts" / "blake3" / f"{hex_}.safetensors").read_bytes()
+
+
 def test_committed_example_manifest_is_in_canonical_encoding() -> None:
     data = EXAMPLE_MANIFEST.read_bytes()
     assert encode_manifest(decode_manifest(data, source=str(EXAMPLE_MANIFEST))) == data

@@ -6,10 +6,9 @@ before the next, so peak memory is about one part whatever the model's size.
 
 from __future__ import annotations
 
+import contextlib
 import os
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from ..deciders import Family, detect, get
 from ..dump import Decider, dump
@@ -18,26 +17,37 @@ from ..manifest import Manifest
 from .checkpoint import Checkpoint, open_checkpoint
 from .source import LazyStateDict
 
+if TYPE_CHECKING:
+    import torch
+
 __all__ = ["Checkpoint", "convert", "open_checkpoint", "parse_dtype"]
 
+#: ``--dtype`` spellings -> safetensors dtype name.
 _DTYPES = {
-    "bf16": torch.bfloat16,
-    "bfloat16": torch.bfloat16,
-    "f16": torch.float16,
-    "fp16": torch.float16,
-    "float16": torch.float16,
-    "f32": torch.float32,
-    "fp32": torch.float32,
-    "float32": torch.float32,
+    "bf16": "BF16",
+    "bfloat16": "BF16",
+    "f16": "F16",
+    "fp16": "F16",
+    "float16": "F16",
+    "f32": "F32",
+    "fp32": "F32",
+    "float32": "F32",
 }
+#: How a dtype is named in a manifest's metadata (torch's names).
+_LONG = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64"}
 
 
-def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
-    """``"bf16"``, ``"fp16"``, ``"fp32"`` (or a floating torch dtype) to a torch dtype."""
-    if dtype is None or isinstance(dtype, torch.dtype):
-        if isinstance(dtype, torch.dtype) and not dtype.is_floating_point:
-            raise TensorError(f"--dtype must be a floating-point type, got {dtype}")
-        return dtype
+def parse_dtype(dtype: str | torch.dtype | None) -> str | None:
+    """``"bf16"``, ``"fp16"``, ``"fp32"`` (or a floating torch dtype) to a safetensors dtype name."""
+    if dtype is None:
+        return None
+    if not isinstance(dtype, str):
+        from ..tensors import dtype_name
+
+        name = dtype_name(dtype)
+        if name not in _LONG:
+            raise TensorError(f"--dtype must be a floating-point type (bf16, fp16, fp32 or fp64), got {dtype}")
+        return name
     try:
         return _DTYPES[dtype.lower()]
     except KeyError:
@@ -64,39 +74,40 @@ def convert(
     and the keys), a built-in family name (``"llama"``, ``"gpt2"``, ...) or a function.
     ``dtype`` casts floating-point tensors (``"bf16"``). ``name`` defaults to the folder's name.
     """
-    checkpoint = open_checkpoint(source, storage_options)
-    keys = [key for src in checkpoint.sources for key in src.index]
-    family: Family | None = None
-    if callable(decider):
-        chosen, decider_name = decider, getattr(decider, "__qualname__", "custom")
-    elif decider == "auto" and checkpoint.decider is not None:
-        chosen, decider_name = checkpoint.decider, checkpoint.decider_name or "auto"
-    elif decider == "auto" and checkpoint.family is not None:
-        family = get(checkpoint.family)
-        chosen, decider_name = family.decider, family.name
-    else:
-        family = detect(keys, checkpoint.config) if decider == "auto" else get(decider)
-        chosen, decider_name = family.decider, family.name
-    aliases = family.tied_head(keys, checkpoint.config) if family is not None else {}
-    state = LazyStateDict(checkpoint.sources, aliases=aliases, dtype=parse_dtype(dtype))
-    metadata = {
-        "source": checkpoint.url,
-        "source_format": checkpoint.kind,
-        "decider": decider_name,
-    }
-    if dtype is not None:
-        metadata["dtype"] = str(parse_dtype(dtype)).removeprefix("torch.")
-    architectures = (checkpoint.config or {}).get("architectures")
-    if isinstance(architectures, list) and architectures:
-        metadata["architecture"] = str(architectures[0])
-    return dump(
-        chosen,
-        state,
-        out_path,
-        name=name or checkpoint.default_name,
-        tag=tag,
-        config=checkpoint.config,
-        metadata=metadata,
-        storage_options=dest_storage_options,
-        quiet=quiet,
-    )
+    dtype_name = parse_dtype(dtype)
+    with contextlib.closing(open_checkpoint(source, storage_options)) as checkpoint:
+        keys = [key for src in checkpoint.sources for key in src.index]
+        family: Family | None = None
+        if callable(decider):
+            chosen, decider_name = decider, getattr(decider, "__qualname__", "custom")
+        elif decider == "auto" and checkpoint.decider is not None:
+            chosen, decider_name = checkpoint.decider, checkpoint.decider_name or "auto"
+        elif decider == "auto" and checkpoint.family is not None:
+            family = get(checkpoint.family)
+            chosen, decider_name = family.decider, family.name
+        else:
+            family = detect(keys, checkpoint.config) if decider == "auto" else get(decider)
+            chosen, decider_name = family.decider, family.name
+        aliases = family.tied_head(keys, checkpoint.config) if family is not None else {}
+        state = LazyStateDict(checkpoint.sources, aliases=aliases, dtype=dtype_name)
+        metadata = {
+            "source": checkpoint.url,
+            "source_format": checkpoint.kind,
+            "decider": decider_name,
+        }
+        if dtype_name is not None:
+            metadata["dtype"] = _LONG[dtype_name]
+        architectures = (checkpoint.config or {}).get("architectures")
+        if isinstance(architectures, list) and architectures:
+            metadata["architecture"] = str(architectures[0])
+        return dump(
+            chosen,
+            state,
+            out_path,
+            name=name or checkpoint.default_name,
+            tag=tag,
+            config=checkpoint.config,
+            metadata=metadata,
+            storage_options=dest_storage_options,
+            quiet=quiet,
+        )

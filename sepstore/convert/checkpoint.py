@@ -44,6 +44,13 @@ class Checkpoint:
     #: ... or the built-in family its names always belong to (GGUF).
     family: str | None = None
 
+    def close(self) -> None:
+        """Close the files the sources hold open."""
+        for source in self.sources:
+            close = getattr(source, "close", None)
+            if close is not None:
+                close()
+
     @property
     def default_name(self) -> str:
         """A model name from the checkpoint's folder or file name."""

@@ -4,24 +4,57 @@ filesystem) and PyTorch pickles (``.bin``/``.pth``, always ``weights_only=True``
 from __future__ import annotations
 
 import io
+import os
 import struct
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import fsspec
-import torch
 from fsspec.implementations.local import LocalFileSystem
 
-from ..errors import IntegrityError, StoreError
-from ..safetensors_io import DTYPES, MAX_HEADER_BYTES, HeaderEntry, parse_header
+from ..errors import IntegrityError, StoreError, TensorError
+from ..safetensors_io import MAX_HEADER_BYTES, BufferTensor, HeaderEntry, RawTensor, copy_range, parse_header
 from ..store import backend_errors
 from .source import TensorInfo
 
-__all__ = ["PickleFile", "SafetensorsFile"]
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["FileRange", "PickleFile", "SafetensorsFile"]
+
+
+class FileRange(RawTensor):
+    """A tensor's bytes in a local file, copied into a part by the kernel, never through Python."""
+
+    __slots__ = ("fd", "start", "where")
+
+    def __init__(self, entry: HeaderEntry, fd: int, where: str) -> None:
+        super().__init__(entry.dtype, entry.shape)
+        self.fd, self.start, self.where = fd, entry.start, where
+
+    def _short(self, got: int) -> IntegrityError:
+        return IntegrityError(f"{self.where} is truncated ({got} of {self.nbytes} bytes left)")
+
+    def read(self) -> memoryview:
+        data = bytearray(self.nbytes)
+        view = memoryview(data)
+        done = 0
+        while done < self.nbytes:
+            n = os.preadv(self.fd, [view[done:]], self.start + done)
+            if n == 0:
+                raise self._short(done)
+            done += n
+        return view
+
+    def write_into(self, fd: int, at: int, start: int, stop: int) -> None:
+        got = copy_range(self.fd, self.start + start, fd, at, stop - start)
+        if got != stop - start:
+            raise self._short(start + got)
 
 
 class SafetensorsFile:
-    """A safetensors file whose header is read first and each tensor on demand, by byte range."""
+    """A safetensors file whose header is read first and each tensor on demand, by byte range:
+    a local file's ranges are copied into parts by the kernel, a remote one's read into memory."""
 
     def __init__(self, fs: fsspec.AbstractFileSystem, path: str, url: str) -> None:
         self.fs, self.path, self.url = fs, path, url
@@ -33,22 +66,32 @@ class SafetensorsFile:
                 if length <= MAX_HEADER_BYTES and 8 + length <= size:
                     head += fs.cat_file(path, start=8, end=8 + length)
         self._entries: dict[str, HeaderEntry] = parse_header(head, size, where=url)
-        self.index: dict[str, TensorInfo] = {k: TensorInfo(DTYPES[e.dtype], e.shape) for k, e in self._entries.items()}
+        self.index: dict[str, TensorInfo] = {k: TensorInfo(e.dtype, e.shape) for k, e in self._entries.items()}
+        self._local = isinstance(fs, LocalFileSystem)
+        self._fd: int | None = None
         self._file: Any = None
 
-    def read(self, key: str) -> torch.Tensor:
+    def read(self, key: str) -> RawTensor:
         entry = self._entries[key]
-        out = torch.empty(entry.end - entry.start, dtype=torch.uint8)
+        where = f"{self.url}: tensor {key!r}"
         with backend_errors(self.url):
+            if self._local:
+                if self._fd is None:
+                    self._fd = os.open(self.path, os.O_RDONLY)
+                return FileRange(entry, self._fd, where)
             if self._file is None:
                 self._file = self.fs.open(self.path, "rb")
             self._file.seek(entry.start)
-            got = self._file.readinto(memoryview(out.numpy()))
-        if got != entry.end - entry.start:
-            raise IntegrityError(f"{self.url}: tensor {key!r} is truncated ({got} of {entry.end - entry.start} bytes)")
-        return out.view(DTYPES[entry.dtype]).reshape(entry.shape)
+            data = bytearray(entry.end - entry.start)
+            got = self._file.readinto(data)
+        if got != len(data):
+            raise IntegrityError(f"{where} is truncated ({got} of {len(data)} bytes)")
+        return BufferTensor(entry.dtype, entry.shape, data)
 
     def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
         if self._file is not None:
             self._file.close()
             self._file = None
@@ -59,6 +102,8 @@ class PickleFile:
     for local zip-format files, memory-mapped so tensors are read only when asked for."""
 
     def __init__(self, fs: fsspec.AbstractFileSystem, path: str, url: str) -> None:
+        from ..tensors import dtype_name
+
         self.url = url
         with backend_errors(url):
             source: str | io.BytesIO = path if isinstance(fs, LocalFileSystem) else io.BytesIO(fs.cat_file(path))
@@ -68,13 +113,22 @@ class PickleFile:
             raise StoreError(f"{url}: cannot be loaded as weights only ({type(exc).__name__}: {exc})") from exc
         state = _state_dict_of(loaded, url)
         self._tensors = state
-        self.index: dict[str, TensorInfo] = {k: TensorInfo(t.dtype, tuple(t.shape)) for k, t in state.items()}
+        self.index: dict[str, TensorInfo] = {}
+        for key, tensor in state.items():
+            try:
+                self.index[key] = TensorInfo(dtype_name(tensor.dtype), tuple(tensor.shape))
+            except TypeError as exc:
+                raise TensorError(f"{url}: tensor {key!r}: {exc}") from None
 
-    def read(self, key: str) -> torch.Tensor:
-        return self._tensors[key]
+    def read(self, key: str) -> RawTensor:
+        from ..tensors import as_raw
+
+        return as_raw(self._tensors[key], key)
 
 
 def _load_weights(source: str | io.BytesIO) -> object:
+    import torch
+
     if isinstance(source, str):
         try:
             return torch.load(source, map_location="cpu", weights_only=True, mmap=True)
@@ -90,6 +144,8 @@ def _state_dict_of(loaded: object, url: str) -> dict[str, torch.Tensor]:
         loaded = loaded["state_dict"]
     if not isinstance(loaded, Mapping):
         raise StoreError(f"{url}: holds a {type(loaded).__name__}, not a state dict")
+    import torch
+
     tensors = {str(k): v for k, v in loaded.items() if isinstance(v, torch.Tensor)}
     if not tensors:
         raise StoreError(f"{url}: holds no tensors")

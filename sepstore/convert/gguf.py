@@ -23,25 +23,17 @@ from typing import Any
 
 import fsspec
 import numpy as np
-import torch
 from fsspec.implementations.local import LocalFileSystem
 
 from ..errors import StoreError, TensorError
+from ..safetensors_io import BufferTensor, RawTensor
 from .source import TensorInfo
 
 __all__ = ["GGUFFile"]
 
 
-#: GGUF types stored as plain arrays, and the torch dtype each is returned as (BF16 is handled apart).
-_PLAIN: dict[str, torch.dtype] = {
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "F64": torch.float64,
-    "I8": torch.int8,
-    "I16": torch.int16,
-    "I32": torch.int32,
-    "I64": torch.int64,
-}
+#: GGUF types stored as plain arrays (their names are safetensors' too; BF16 is handled apart).
+_PLAIN = frozenset({"F32", "F16", "F64", "I8", "I16", "I32", "I64"})
 
 
 def _gguf() -> Any:
@@ -74,12 +66,10 @@ class GGUFFile:
         for tensor in reader.tensors:
             shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))
             kind = tensor.tensor_type.name
-            if kind in _PLAIN:
-                dtype = _PLAIN[kind]
-            elif kind == "BF16":
-                dtype = torch.bfloat16
+            if kind in _PLAIN or kind == "BF16":
+                dtype = kind
             else:
-                dtype = torch.float32
+                dtype = "F32"
                 quantized.add(tensor.tensor_type)
             self._tensors[tensor.name] = tensor
             self.index[tensor.name] = TensorInfo(dtype, shape)
@@ -101,7 +91,7 @@ class GGUFFile:
                 "try a newer gguf"
             ) from None
 
-    def read(self, key: str) -> torch.Tensor:
+    def read(self, key: str) -> RawTensor:
         tensor = self._tensors[key]
         info = self.index[key]
         kind = tensor.tensor_type.name
@@ -111,12 +101,12 @@ class GGUFFile:
                 array = np.array(data, dtype=data.dtype.newbyteorder("="))
             elif kind == "BF16":
                 raw = data.reshape(-1).view(np.dtype(np.int16).newbyteorder(">" if self._swapped else "<"))
-                return torch.from_numpy(raw.astype(np.int16)).view(torch.bfloat16).reshape(info.shape)
+                array = raw.astype(np.int16)
             else:
                 array = np.ascontiguousarray(_gguf().quants.dequantize(data, tensor.tensor_type), dtype=np.float32)
         except (ValueError, IndexError) as exc:
             raise StoreError(f"{self.url}: cannot read tensor {key!r} ({type(exc).__name__}: {exc})") from exc
-        return torch.from_numpy(array).reshape(info.shape)
+        return BufferTensor(info.dtype, info.shape, memoryview(np.ascontiguousarray(array)).cast("B"))
 
     def close(self) -> None:
         """Drop the memory map (tensors already read stay valid: they are copies)."""

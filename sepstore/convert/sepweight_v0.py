@@ -7,10 +7,10 @@ import re
 from collections.abc import Mapping
 
 import fsspec
-import torch
 
 from ..dump import Placement
 from ..errors import DeciderError
+from ..safetensors_io import RawTensor
 from .files import PickleFile
 from .source import TensorInfo
 
@@ -35,7 +35,7 @@ class SepweightV0Part:
             self._names[f"{label}.{short}"] = key
         self.index: Mapping[str, TensorInfo] = {new: file.index[old] for new, old in self._names.items()}
 
-    def read(self, key: str) -> torch.Tensor:
+    def read(self, key: str) -> RawTensor:
         return self._file.read(self._names[key])
 
 

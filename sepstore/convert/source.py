@@ -11,9 +11,8 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-import torch
-
 from ..errors import DeciderError
+from ..safetensors_io import FLOATING, ITEMSIZE, RawTensor
 
 __all__ = ["LazyStateDict", "TensorInfo", "TensorSource"]
 
@@ -22,12 +21,13 @@ __all__ = ["LazyStateDict", "TensorInfo", "TensorSource"]
 class TensorInfo:
     """What the index says of a tensor, before any of its bytes are read."""
 
-    dtype: torch.dtype
+    #: The safetensors dtype name (``"BF16"``).
+    dtype: str
     shape: tuple[int, ...]
 
     @property
     def nbytes(self) -> int:
-        n = self.dtype.itemsize
+        n = ITEMSIZE[self.dtype]
         for d in self.shape:
             n *= d
         return n
@@ -39,16 +39,16 @@ class TensorSource(Protocol):
     #: Every tensor in the file, by checkpoint key, read without reading tensor data.
     index: Mapping[str, TensorInfo]
 
-    def read(self, key: str) -> torch.Tensor:
-        """The tensor's data, on the CPU, in the file's own dtype."""
+    def read(self, key: str) -> RawTensor:
+        """The tensor's bytes, in the file's own dtype (a file range, or a buffer once read)."""
         ...
 
 
-class LazyStateDict(Mapping[str, torch.Tensor]):
+class LazyStateDict(Mapping[str, RawTensor]):
     """A state dict over several sources whose tensors are read when asked for, one by one.
 
     ``aliases`` map an extra key onto an existing one (a tied LM head onto the embeddings);
-    ``dtype`` casts floating-point tensors as they are read.
+    ``dtype`` (a safetensors dtype name) casts floating-point tensors as they are read.
     """
 
     def __init__(
@@ -56,7 +56,7 @@ class LazyStateDict(Mapping[str, torch.Tensor]):
         sources: Sequence[TensorSource],
         *,
         aliases: Mapping[str, str] | None = None,
-        dtype: torch.dtype | None = None,
+        dtype: str | None = None,
     ) -> None:
         self._where: dict[str, tuple[TensorSource, str]] = {}
         for source in sources:
@@ -71,18 +71,20 @@ class LazyStateDict(Mapping[str, torch.Tensor]):
     def info(self, key: str) -> TensorInfo:
         source, name = self._where[key]
         info = source.index[name]
-        if self.dtype is not None and info.dtype.is_floating_point:
+        if self.dtype is not None and info.dtype in FLOATING:
             return TensorInfo(self.dtype, info.shape)
         return info
 
     def nbytes_of(self, key: str) -> int:
         return self.info(key).nbytes
 
-    def __getitem__(self, key: str) -> torch.Tensor:
+    def __getitem__(self, key: str) -> RawTensor:
         source, name = self._where[key]
         tensor = source.read(name)
-        if self.dtype is not None and tensor.dtype.is_floating_point and tensor.dtype != self.dtype:
-            tensor = tensor.to(self.dtype)
+        if self.dtype is not None and tensor.dtype in FLOATING and tensor.dtype != self.dtype:
+            from ..tensors import cast
+
+            tensor = cast(tensor, self.dtype)
         return tensor
 
     def __iter__(self) -> Iterator[str]:

@@ -17,8 +17,9 @@ Each contender runs as its own subprocess, into a fresh empty destination in ``-
 - cp -r: ``cp -r CHECKPOINT DEST`` (the floor: read and write every byte once, nothing else);
 - llm_sepweight: a Python process that loads the whole state dict (``read_state_dict``, i.e.
   safetensors ``load_file`` per shard) and calls ``llm_sepweight.dump(decider, sd, Path(dest))`` once;
-- baseline: ``python -c "import sepstore, torch"``, the interpreter and imports every Python
-  contender pays before doing anything.
+- baseline: ``python -m sepstore --version``, the interpreter and imports convert pays before
+  doing anything (a safetensors convert never imports torch; llm_sepweight's import of torch alone
+  is about 1.5 s more).
 
 Each is run once untimed first (so all read the checkpoint from a warm page cache; no cache is
 dropped), then ``--repeats`` times, interleaved. Before every run the previous output is deleted
@@ -91,7 +92,7 @@ def command(contender: str, checkpoint: Path, dest: Path) -> list[str]:
         return ["cp", "-r", str(checkpoint), str(dest)]
     if contender == "llm_sepweight":
         return [PYTHON, str(HERE), "--sepweight-child", str(checkpoint), str(dest)]
-    return [PYTHON, "-c", "import sepstore, torch"]
+    return [PYTHON, "-m", "sepstore", "--version"]
 
 
 def run_child(argv: list[str]) -> tuple[float, int]:
@@ -195,7 +196,7 @@ def report(runs: dict[str, Runs], sizes: dict[str, int], source_bytes: int) -> N
     convert_rss, sepweight_rss, base_rss = max(runs["convert"].rss), max(runs["llm_sepweight"].rss), max(base.rss)
     largest = max(sizes, key=lambda slot: sizes[slot])
     mids = [v for k, v in sizes.items() if k.startswith("mid.")]
-    print(f"\ninterpreter baseline (import sepstore, torch): {gib(base_rss)} GiB RSS, {min(base.seconds):.2f} s")
+    print(f"\ninterpreter baseline (python -m sepstore --version): {gib(base_rss)} GiB RSS, {min(base.seconds):.2f} s")
     print(
         f"parts: {len(sizes)}, largest {largest} {sizes[largest] / MIB:.1f} MiB "
         f"(begin {sizes['begin'] / MIB:.1f}, end {sizes['end'] / MIB:.1f}, "

@@ -60,6 +60,24 @@ def _referenced(store: Store) -> set[str]:
     return referenced
 
 
+def _listing(store: Store) -> list[dict[str, Any]]:
+    """Every entry of the parts folder, and the temporary files a killed publisher left among the
+    manifests (``manifests/<name>/.tmp-*.json``; lock files stay, another process may hold one)."""
+    entries: list[dict[str, Any]] = []
+    for folder in (store.parts_dir, store.manifests_dir):
+        with backend_errors(store.url_of(folder)):
+            if not store.is_local:
+                store.fs.invalidate_cache(folder)
+            if not store.fs.exists(folder):
+                continue
+            if folder == store.parts_dir:
+                entries += store.fs.ls(folder, detail=True)
+            else:
+                found = store.fs.find(folder, detail=True).values()
+                entries += [info for info in found if info["name"].rsplit("/", 1)[-1].startswith(".tmp-")]
+    return entries
+
+
 def gc(
     store: str | os.PathLike[str] | Store,
     *,
@@ -67,18 +85,14 @@ def gc(
     dry_run: bool = False,
     storage_options: dict[str, Any] | None = None,
 ) -> GcReport:
-    """Delete every part file (and leftover temporary file) that no manifest in ``store``
-    references and that is older than ``grace`` seconds. Every manifest must decode first: a store
+    """Delete every part file that no manifest in ``store`` references, and every temporary file
+    an interrupted write left, once older than ``grace`` seconds. Every manifest must decode first: a store
     with an unreadable manifest is left untouched (its parts cannot be told apart from orphans)."""
     if grace < 0:
         raise StoreError(f"grace must be a number of seconds >= 0, got {grace}")
     target = store if isinstance(store, Store) else Store(store, storage_options)
     referenced = _referenced(target)
-    folder = target.parts_dir
-    with backend_errors(target.url_of(folder)):
-        if not target.is_local:
-            target.fs.invalidate_cache(folder)
-        listing = target.fs.ls(folder, detail=True) if target.fs.exists(folder) else []
+    listing = _listing(target)
     referenced |= _referenced(target)  # and what was published while the parts were listed
     now = time.time()
     removed: list[str] = []

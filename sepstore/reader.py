@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 from fsspec.implementations.local import LocalFileSystem
 
 from .cache import DEFAULT_WORKERS, Cache, Fetch
-from .errors import IntegrityError, NotFoundError
+from .errors import IntegrityError, NotFoundError, StoreError
 from .hashing import digest_buffer, digest_hex
 from .manifest import Part
 from .progress import progress
@@ -49,6 +49,8 @@ class PartReader:
     def __init__(
         self, resolved: Resolved, *, cache_dir: str | os.PathLike[str] | None = None, workers: int = DEFAULT_WORKERS
     ) -> None:
+        if type(workers) is not int or workers < 1:
+            raise StoreError(f"workers= is a whole number of parallel transfers >= 1, got {workers!r}")
         self.resolved = resolved
         self.fs, self.base = open_fs(resolved.parts_url, resolved.storage_options)
         self.cache = None if isinstance(self.fs, LocalFileSystem) else Cache(cache_dir)

@@ -60,6 +60,8 @@ def resolve(
     """
     if isinstance(ref, Resolved):
         return ref
+    if parts_url is not None and not isinstance(parts_url, str | os.PathLike):
+        raise StoreError(f"parts_url= is a path or URL of a parts folder, got {parts_url!r}")
     options = dict(storage_options or {})
     url = os.fspath(ref) if isinstance(ref, str | os.PathLike) else None
     if not isinstance(url, str) or not url:
@@ -79,7 +81,7 @@ def resolve(
     if digest is not None and got != digest:
         raise IntegrityError(f"{manifest_url}: manifest digest is {got}, but {digest} was pinned")
     manifest = decode_manifest(data, source=manifest_url)
-    location = parts_url.rstrip("/") if parts_url else _parts_location(manifest_url, manifest)
+    location = os.fspath(parts_url).rstrip("/") if parts_url else _parts_location(manifest_url, manifest)
     return Resolved(manifest, manifest_url, got, location, options, data)
 
 

@@ -57,14 +57,20 @@ def with_retries(call: Callable[[], T], url: str, *, attempts: int = ATTEMPTS) -
     attempt = 0
     while True:
         attempt += 1
+        failure: BaseException
         try:
             return call()
-        except FileNotFoundError:
-            raise NotFoundError(f"{url}: not found") from None
+        except FileNotFoundError as exc:
+            # fsspec's HTTP filesystem reports any failed look-up as "not found", the real failure
+            # (a 503, a dropped connection) as its cause: only a cause that is not transient is final
+            if exc.__cause__ is None or not is_transient(exc.__cause__):
+                raise NotFoundError(f"{url}: not found") from None
+            failure = exc.__cause__
         except Exception as exc:
             if isinstance(exc, StoreError) and not isinstance(exc, ShortReadError):
                 raise
-            if not is_transient(exc) or attempt == attempts:
-                tries = f" after {attempt} tries" if attempt > 1 else ""
-                raise StoreError(f"{url}: {type(exc).__name__}: {exc}{tries}") from exc
-            time.sleep(BASE_DELAY * 2 ** (attempt - 1) * (0.5 + random.random()))
+            failure = exc
+        if not is_transient(failure) or attempt == attempts:
+            tries = f" after {attempt} tries" if attempt > 1 else ""
+            raise StoreError(f"{url}: {type(failure).__name__}: {failure}{tries}") from failure
+        time.sleep(BASE_DELAY * 2 ** (attempt - 1) * (0.5 + random.random()))

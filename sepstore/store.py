@@ -28,7 +28,7 @@ from .backends import open_url
 from .errors import NotFoundError, SepstoreError, StoreError
 from .hashing import digest_hex
 from .manifest import MAX_MANIFEST_BYTES, NAME_PATTERN, TAG_PATTERN
-from .retry import http_status
+from .retry import http_status, with_retries
 from .safetensors_io import WRITE_PIECE
 
 __all__ = [
@@ -116,9 +116,16 @@ def backend_errors(url: str) -> Iterator[None]:
 
 
 def read_limited(fs: fsspec.AbstractFileSystem, path: str, url: str, limit: int = MAX_MANIFEST_BYTES) -> bytes:
-    """Read a small object whole, refusing one larger than ``limit`` without reading it all."""
-    with backend_errors(url), fs.open(path, "rb") as f:
-        data = f.read(limit + 1)
+    """Read a small object whole, refusing one larger than ``limit`` without reading it all; from a
+    remote backend, transient failures (dropped connections, 5xx) are retried."""
+
+    def read() -> bytes:
+        with fs.open(path, "rb") as f:
+            data: bytes = f.read(limit + 1)
+        return data
+
+    with backend_errors(url):
+        data = read() if isinstance(fs, LocalFileSystem) else with_retries(read, url)
     if len(data) > limit:
         raise StoreError(f"{url}: larger than {limit} bytes; not a manifest")
     return data
@@ -155,6 +162,11 @@ class Store:
     def parts_dir(self) -> str:
         """The parts folder, as a path on this store's filesystem."""
         return self._path(PARTS_DIR)
+
+    @property
+    def manifests_dir(self) -> str:
+        """The manifests folder, as a path on this store's filesystem."""
+        return self._path(MANIFESTS_DIR)
 
     @property
     def parts_url(self) -> str:
@@ -287,7 +299,7 @@ class Store:
 
     def list_manifests(self) -> list[tuple[str, str]]:
         """Every ``(name, tag)`` in the store, sorted."""
-        base = self._path(MANIFESTS_DIR)
+        base = self.manifests_dir
         with backend_errors(self.url_of(base)):
             if not self.is_local:
                 self.fs.invalidate_cache(base)

@@ -123,3 +123,29 @@ def test_a_negative_gc_grace_is_refused(tmp_path: Path) -> None:
     sepstore.dump(llama_decider, small(), tmp_path)
     with pytest.raises(sepstore.StoreError, match="grace"):
         sepstore.gc(tmp_path, grace=-5)
+
+
+def test_a_bad_device_is_refused_before_anything_is_fetched(tmp_path: Path) -> None:
+    store = f"memory://edge-device-{tmp_path.name}/store"  # remote: parts go through the cache
+    sepstore.dump(llama_decider, small(), store, name="m", quiet=True)
+    cache = tmp_path / "cache"
+    with pytest.raises(sepstore.TensorError, match="bogus"):
+        sepstore.load(store, "f", name="m", device="bogus", cache_dir=cache)
+    assert not cache.exists() or not any(cache.rglob("*.safetensors"))
+    assert sepstore.load(store, "b", name="m", cache_dir=cache).begin is not None
+    assert any(cache.rglob("*.safetensors")), "the same load with a real device does fill the cache"
+
+
+@pytest.mark.parametrize("workers", [0, -1, 2.5, "8"])
+def test_workers_must_be_a_positive_whole_number(tmp_path: Path, workers: object) -> None:
+    sepstore.dump(llama_decider, small(), tmp_path / "store", name="m", quiet=True)
+    with pytest.raises(sepstore.StoreError, match="workers="):
+        sepstore.pull(tmp_path / "store", "f", name="m", workers=workers, cache_dir=tmp_path / "cache")  # type: ignore[arg-type]
+
+
+def test_parts_url_must_be_a_path_or_url(tmp_path: Path) -> None:
+    sepstore.dump(llama_decider, small(), tmp_path / "store", name="m", quiet=True)
+    with pytest.raises(sepstore.StoreError, match="parts_url="):
+        sepstore.load(tmp_path / "store", "f", name="m", parts_url=5)  # type: ignore[arg-type]
+    mirror = sepstore.load(tmp_path / "store", "f", name="m", parts_url=tmp_path / "store" / "parts" / "blake3")
+    assert mirror.begin is not None

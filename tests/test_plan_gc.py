@@ -110,17 +110,20 @@ def test_gc_removes_old_orphans_and_keeps_every_referenced_part(tmp_path: Path) 
     stray = parts / ".tmp-deadbeef.safetensors"
     stray.write_bytes(b"half a part")
     (parts / "README").write_text("not ours")
+    manifest_temp = tmp_path / "manifests/model/.tmp-0123abcd.json"  # a publisher killed mid-write
+    manifest_temp.write_text("{")
     assert sepstore.gc(tmp_path).removed == []  # everything is younger than the default hour
     old = time.time() - 7200
-    for path in parts.iterdir():
+    for path in [*parts.iterdir(), manifest_temp]:
         os.utime(path, (old, old))
     dry = sepstore.gc(tmp_path, dry_run=True)
-    assert {r.removesuffix(".safetensors") for r in dry.removed} == only_v1 | {".tmp-deadbeef"}
-    assert len(list(parts.iterdir())) == len(v2) + 3
+    assert {r.removesuffix(".safetensors") for r in dry.removed} == only_v1 | {".tmp-deadbeef", ".tmp-0123abcd.json"}
+    assert len(list(parts.iterdir())) == len(v2) + 3 and manifest_temp.exists()
     report = sepstore.gc(tmp_path)
     assert report.removed == dry.removed and report.kept == len(v2)
     assert {p.stem for p in parts.iterdir() if p.suffix == ".safetensors"} == v2
     assert (parts / "README").exists()
+    assert not manifest_temp.exists()
     assert sepstore.verify(tmp_path, name="model", tag="v2").ok
 
 

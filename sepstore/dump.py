@@ -192,8 +192,9 @@ def dump(
     groups = _group(decider, state_dict.keys())
     with store.tag_lock(name, tag):  # calls into one tag combine: one at a time
         existing: Resolved | None = None
+        version: str | None = None
         if store.has_manifest(name, tag):
-            data = store.read_manifest_bytes(name, tag)
+            data, version = store.read_manifest_version(name, tag)
             url = store.url_of(store.manifest_path(name, tag))
             old = decode_manifest(data, source=url)
             existing = Resolved(old, url, "", store.parts_url, dict(storage_options or {}))
@@ -228,9 +229,10 @@ def dump(
             config=config if config is not None else (previous.config if previous else None),
             metadata=dict(sorted(meta.items())),
         )
-        if not store.write_manifest_bytes(name, tag, encode_manifest(manifest), create=previous is None):
+        data = encode_manifest(manifest)
+        if not store.write_manifest_bytes(name, tag, data, create=previous is None, if_version=version):
             raise StoreError(
-                f"{store.url_of(store.manifest_path(name, tag))} was created by another publisher during this dump; "
+                f"{store.url_of(store.manifest_path(name, tag))} was written by another publisher during this dump; "
                 "run the dump again to combine with it"
             )
         return manifest

@@ -115,6 +115,14 @@ def backend_errors(url: str) -> Iterator[None]:
         raise StoreError(f"{url}: {type(exc).__name__}: {exc}") from exc
 
 
+def _s3_code(exc: BaseException) -> str | None:
+    """The S3 error code behind an s3fs exception (s3fs keeps botocore's error as the cause)."""
+    response = getattr(exc.__cause__, "response", None)
+    error = response.get("Error") if isinstance(response, dict) else None
+    code = error.get("Code") if isinstance(error, dict) else None
+    return code if isinstance(code, str) else None
+
+
 def read_limited(fs: fsspec.AbstractFileSystem, path: str, url: str, limit: int = MAX_MANIFEST_BYTES) -> bytes:
     """Read a small object whole, refusing one larger than ``limit`` without reading it all; from a
     remote backend, transient failures (dropped connections, 5xx) are retried."""
@@ -251,17 +259,54 @@ class Store:
         path = self.manifest_path(name, tag)
         return read_limited(self.fs, path, self.url_of(path))
 
-    def write_manifest_bytes(self, name: str, tag: str, data: bytes, *, create: bool = False) -> bool:
-        """Write a manifest atomically, replacing the tag's previous one, or with ``create`` only if
-        the tag holds none yet; whether it was written. ``create`` is atomic on local disk (a hard
-        link) and on S3 (a conditional ``If-None-Match`` PUT); other backends check, then write."""
+    @property
+    def _conditional(self) -> bool:
+        """Whether the backend replaces an object only if it is unchanged (S3's ``If-Match``)."""
+        protocols = self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,)
+        return "s3" in protocols
+
+    def _etag(self, path: str) -> str:
+        with backend_errors(self.url_of(path)):
+            self.fs.invalidate_cache(path)
+            return str(self.fs.info(path)["ETag"])
+
+    def read_manifest_version(self, name: str, tag: str) -> tuple[bytes, str | None]:
+        """The tag's manifest and a token for this version of it (S3's ETag), to pass as
+        ``write_manifest_bytes(..., if_version=)``; ``None`` on backends that cannot replace
+        conditionally (on local disk, :meth:`tag_lock` serialises writers instead)."""
+        if not self._conditional:
+            return self.read_manifest_bytes(name, tag), None
+        path = self.manifest_path(name, tag)
+        for _ in range(5):
+            before = self._etag(path)
+            data = self.read_manifest_bytes(name, tag)
+            if self._etag(path) == before:
+                return data, before
+        raise StoreError(f"{self.url_of(path)} keeps changing while it is read; try again later")
+
+    def write_manifest_bytes(
+        self, name: str, tag: str, data: bytes, *, create: bool = False, if_version: str | None = None
+    ) -> bool:
+        """Write a manifest atomically, replacing the tag's previous one; whether it was written.
+
+        With ``create``, only if the tag holds none yet: atomic on local disk (a hard link) and on
+        S3 (a conditional ``If-None-Match`` PUT); other backends check, then write. With
+        ``if_version`` (from :meth:`read_manifest_version`), only if the manifest is still that
+        version (S3's ``If-Match``)."""
         path = self.manifest_path(name, tag)
         with backend_errors(self.url_of(path)):
             if not self.is_local:
                 try:
-                    self.fs.pipe_file(path, data, mode="create" if create else "overwrite")
+                    if if_version is not None:
+                        self.fs.pipe_file(path, data, IfMatch=if_version)
+                    else:
+                        self.fs.pipe_file(path, data, mode="create" if create else "overwrite")
                 except FileExistsError:
                     return False
+                except OSError as exc:
+                    if _s3_code(exc) in ("PreconditionFailed", "ConditionalRequestConflict"):
+                        return False
+                    raise
                 return True
             folder = os.path.dirname(path)
             os.makedirs(folder, exist_ok=True)
@@ -284,7 +329,7 @@ class Store:
     @contextlib.contextmanager
     def tag_lock(self, name: str, tag: str) -> Iterator[None]:
         """Serialise read-modify-writes of one tag between processes (local stores; a no-op on
-        object stores, where the last writer of a tag wins)."""
+        object stores, where S3 writes conditionally instead, see :meth:`read_manifest_version`)."""
         if not self.is_local:
             yield
             return

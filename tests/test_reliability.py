@@ -16,7 +16,7 @@ import textwrap
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -142,6 +142,46 @@ def test_concurrent_dumps_into_one_tag_combine(tmp_path: Path) -> None:
     combined = sepstore.read_manifest(tmp_path / "store")
     assert (combined.begin, combined.mid, combined.end) == (whole.begin, whole.mid, whole.end)
     assert_consistent(tmp_path / "store")
+
+
+class _PublishesMeanwhile(dict):  # type: ignore[type-arg]
+    """A state dict that, when dump first reads a tensor (after it has read the tag's manifest),
+    lets another publisher combine its own layer into the same tag."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor], other: Callable[[], object]) -> None:
+        super().__init__(tensors)
+        self.other: Callable[[], object] | None = other
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if self.other is not None:
+            other, self.other = self.other, None
+            other()
+        return super().__getitem__(key)
+
+
+def test_combining_dumps_on_s3_never_lose_another_publishers_layer(moto_server: CountingMotoServer) -> None:
+    """S3 has no locks: a dump that combines with a manifest replaces it only if it is unchanged
+    (If-Match), so a publisher that lost the race is told to run again instead of dropping a layer."""
+    sd = tiny_llama_state_dict(layers=3, hidden=16, intermediate=16, vocab=32, seed=11)
+    bucket = f"combine-{uuid.uuid4().hex[:12]}"
+    fsspec.filesystem("s3").mkdir(bucket)
+    store = f"s3://{bucket}/store"
+    layer = {k: v for k, v in sd.items() if k.startswith(("model.layers.0.", "model.embed"))}
+    sepstore.dump(llama_decider, layer, store, name="m", quiet=True)
+    second = {k: v for k, v in sd.items() if k.startswith("model.layers.1.")}
+    third = {k: v for k, v in sd.items() if k.startswith("model.layers.2.")}
+
+    def other() -> object:
+        return sepstore.dump(llama_decider, second, store, name="m", quiet=True)
+
+    with pytest.raises(sepstore.StoreError, match=r"another publisher.*run the dump again"):
+        sepstore.dump(llama_decider, _PublishesMeanwhile(third, other), store, name="m", quiet=True)
+    kept = sepstore.read_manifest(store, name="m")
+    assert kept.mid[1] is not None, "the other publisher's layer is still there"
+    sepstore.dump(llama_decider, third, store, name="m", quiet=True)  # the retry the error asks for
+    final = sepstore.read_manifest(store, name="m")
+    assert all(part is not None for part in final.mid) and len(final.mid) == 3
+    assert sepstore.verify(store, name="m").ok
 
 
 def test_concurrent_pushes_of_overlapping_models_into_one_store(tmp_path: Path) -> None:

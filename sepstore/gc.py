@@ -10,7 +10,7 @@ from typing import Any
 
 from .errors import StoreError
 from .manifest import decode_manifest
-from .store import Store, backend_errors
+from .store import TEMP_PATTERN, Store, backend_errors
 
 __all__ = ["DEFAULT_GRACE", "GcReport", "gc"]
 
@@ -74,7 +74,7 @@ def _listing(store: Store) -> list[dict[str, Any]]:
                 entries += store.fs.ls(folder, detail=True)
             else:
                 found = store.fs.find(folder, detail=True).values()
-                entries += [info for info in found if info["name"].rsplit("/", 1)[-1].startswith(".tmp-")]
+                entries += [info for info in found if TEMP_PATTERN.match(info["name"].rsplit("/", 1)[-1])]
     return entries
 
 
@@ -106,7 +106,7 @@ def gc(
             kept += 1
             continue
         is_part = base.endswith(".safetensors") and len(stem) == 64
-        if not (is_part or base.startswith(".tmp-")):
+        if not (is_part or TEMP_PATTERN.match(base)):
             continue  # not ours: leave it
         modified = _mtime(info)
         if modified is None or now - modified < grace:

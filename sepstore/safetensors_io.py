@@ -14,6 +14,7 @@ into the part by the kernel (``copy_file_range``) without passing through this p
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import struct
@@ -21,8 +22,6 @@ from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from mmap import ACCESS_READ, mmap
-
-from blake3 import blake3
 
 from .errors import IntegrityError
 from .hashing import Hasher, digest_of
@@ -37,6 +36,7 @@ __all__ = [
     "WrittenPart",
     "copy_range",
     "parse_header",
+    "pread_exact",
     "pwrite_all",
     "write_part",
 ]
@@ -95,16 +95,29 @@ def copy_range(src: int, src_offset: int, dst: int, dst_offset: int, count: int)
             try:
                 n = os.copy_file_range(src, dst, count - done, src_offset + done, dst_offset + done)
             except OSError:  # EXDEV, EINVAL, ENOSYS, EOPNOTSUPP: not between these files here
+                n = 0
+            if n == 0:  # an error, or a filesystem that copies nothing: the buffer says if src ended
                 fast = False
                 continue
         else:
             data = os.pread(src, min(count - done, WRITE_PIECE), src_offset + done)
             n = len(data)
+            if n == 0:
+                break
             pwrite_all(dst, data, dst_offset + done)
-        if n == 0:
-            break
         done += n
     return done
+
+
+def pread_exact(fd: int, count: int, offset: int) -> bytearray:
+    """``count`` bytes of ``fd`` from ``offset`` (fewer only where the file ends first)."""
+    data = bytearray()
+    while len(data) < count:
+        chunk = os.pread(fd, min(count - len(data), HASH_PIECE), offset + len(data))
+        if not chunk:
+            break
+        data += chunk
+    return data
 
 
 class RawTensor:
@@ -183,9 +196,9 @@ def write_part(tensors: Mapping[str, RawTensor], fd: int) -> WrittenPart:
     returns its digest, size and table.
 
     The bytes are written piece by piece while a second thread hashes each piece once written, read
-    back through a memory map of ``fd`` itself: the digests are of the bytes in the file, whatever
-    happens to the sources meanwhile. Every byte goes through the file hasher once and through its
-    tensor's hasher once.
+    back from ``fd`` itself (through a memory map, or ``pread`` where the file cannot be mapped): the
+    digests are of the bytes in the file, whatever happens to the sources meanwhile. Every byte goes
+    through the file hasher once and through its tensor's hasher once.
     """
     placed, head = _layout(tensors)
     size = len(head) + sum(t.nbytes for t in tensors.values())
@@ -193,34 +206,42 @@ def write_part(tensors: Mapping[str, RawTensor], fd: int) -> WrittenPart:
     pwrite_all(fd, head, 0)
     file_hasher = Hasher()
     file_hasher.update(head)
-    digests: dict[str, blake3] = {}
-    with mmap(fd, size, access=ACCESS_READ) as mapped:
-        view = memoryview(mapped)
-        hashing = ThreadPoolExecutor(1, "sepstore-hash")
+    digests = {name: Hasher() for name, _ in placed}
+    try:
+        mapped: mmap | None = mmap(fd, size, access=ACCESS_READ)
+    except OSError:  # a filesystem that cannot map files (FUSE with direct_io): read back instead
+        mapped = None
 
-        def hash_piece(tensor_hasher: blake3, lo: int, hi: int) -> None:
-            piece = view[lo:hi]
+    def hash_piece(name: str, lo: int, hi: int) -> None:
+        if mapped is None:
+            data = pread_exact(fd, hi - lo, lo)
+            file_hasher.update(data)
+            digests[name].update(data)
+            return
+        with memoryview(mapped) as whole, whole[lo:hi] as piece:  # released even if hashing fails
             file_hasher.update(piece)
-            tensor_hasher.update(piece)
+            digests[name].update(piece)
 
+    hashing = ThreadPoolExecutor(1, "sepstore-hash")
+    try:
+        pending: list[Future[None]] = []
+        for name, at in placed:
+            tensor = tensors[name]
+            for start in range(0, tensor.nbytes, HASH_PIECE):
+                stop = min(start + HASH_PIECE, tensor.nbytes)
+                tensor.write_into(fd, at + start, start, stop)
+                pending.append(hashing.submit(hash_piece, name, at + start, at + stop))
+        for future in pending:
+            future.result()
+    finally:
         try:
-            pending: list[Future[None]] = []
-            for name, at in placed:
-                tensor = tensors[name]
-                digests[name] = Hasher()
-                for start in range(0, tensor.nbytes, HASH_PIECE):
-                    stop = min(start + HASH_PIECE, tensor.nbytes)
-                    tensor.write_into(fd, at + start, start, stop)
-                    pending.append(hashing.submit(hash_piece, digests[name], at + start, at + stop))
-            for future in pending:
-                future.result()
-        finally:
             hashing.shutdown(cancel_futures=True)
-            view.release()
-    records = {
-        name: TensorRecord(tensors[name].dtype, tensors[name].shape, digest_of(digests[name])) for name, _ in placed
-    }
-    return WrittenPart(digest_of(file_hasher), size, dict(sorted(records.items())))
+        finally:
+            if mapped is not None:
+                with contextlib.suppress(BufferError):  # interrupted while a piece is hashed: GC closes it
+                    mapped.close()
+    records = {name: TensorRecord(t.dtype, t.shape, digest_of(digests[name])) for name, t in sorted(tensors.items())}
+    return WrittenPart(digest_of(file_hasher), size, records)
 
 
 @dataclass(frozen=True, slots=True)

@@ -33,6 +33,7 @@ from .safetensors_io import WRITE_PIECE
 
 __all__ = [
     "PARTS_DIR",
+    "TEMP_PATTERN",
     "Store",
     "backend_errors",
     "check_name",
@@ -48,6 +49,10 @@ _NAME_RE = re.compile(NAME_PATTERN)
 _TAG_RE = re.compile(TAG_PATTERN)
 
 T = TypeVar("T")
+
+
+#: What :func:`create_temp` names files (``gc`` removes stale ones by this pattern, nothing else).
+TEMP_PATTERN = re.compile(r"^\.tmp-[0-9a-f]{16}\.(?:safetensors|json)$")
 
 
 def create_temp(folder: str | None, suffix: str) -> tuple[int, str]:
@@ -93,8 +98,10 @@ def check_name(name: str) -> str:
 
 
 def check_tag(tag: str) -> str:
-    if not isinstance(tag, str) or not _TAG_RE.match(tag):
-        raise StoreError(f"invalid tag {tag!r}: one segment of letters, digits, '.', '_' and '-' (e.g. 'v1')")
+    if not isinstance(tag, str) or not _TAG_RE.match(tag) or tag.startswith("."):
+        raise StoreError(
+            f"invalid tag {tag!r}: one segment of letters, digits, '.', '_' and '-', not starting with '.' (e.g. 'v1')"
+        )
     return tag
 
 
@@ -232,6 +239,8 @@ class Store:
         try:
             try:
                 result = write(fd)
+            except OSError as exc:  # a full disk, a quota: the part being written here
+                raise StoreError(f"{self.url_of(self.parts_dir)}: cannot write a part ({exc})") from exc
             finally:
                 os.close(fd)
             self._commit(tmp, digest_of(result))
@@ -356,6 +365,6 @@ class Store:
             relative = path[len(base) :].strip("/")
             name, _, filename = relative.rpartition("/")
             tag, dot, ext = filename.rpartition(".")
-            if dot and ext == "json" and not tag.startswith(".tmp-") and _NAME_RE.match(name) and _TAG_RE.match(tag):
+            if dot and ext == "json" and not tag.startswith(".") and _NAME_RE.match(name) and _TAG_RE.match(tag):
                 out.append((name, tag))
         return sorted(out)

@@ -12,6 +12,7 @@ from servers import CountingMotoServer
 
 import sepstore
 from sepstore.demo import llama_decider, tiny_llama_state_dict
+from sepstore.tensors import raw_bytes
 
 N_LAYERS = 6
 
@@ -20,7 +21,7 @@ def same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Bit-exact equality (NaNs included), shape and dtype too."""
     if a.dtype != b.dtype or a.shape != b.shape:
         return False
-    return bytes(sepstore.tensors.raw_bytes(a)) == bytes(sepstore.tensors.raw_bytes(b))
+    return bytes(raw_bytes(a)) == bytes(raw_bytes(b))
 
 
 @pytest.fixture

@@ -117,11 +117,20 @@ def test_dtype_casts_floating_tensors_only(tmp_path: Path) -> None:
             assert tensor.dtype == ("I64" if name == "mlp.expert_ids" else "BF16"), name
 
 
-def test_unknown_dtype_is_a_tensor_error(tmp_path: Path) -> None:
+@pytest.mark.parametrize("dtype", ["int3", "fp8", torch.complex128, torch.int64, torch.float8_e4m3fn, 5])
+def test_unknown_dtype_is_a_tensor_error(tmp_path: Path, dtype: object) -> None:
     src = hf_folder(tmp_path / "m", small_llama())
-    with pytest.raises(sepstore.TensorError, match="int3"):
-        sepstore.convert(src, tmp_path / "store", dtype="int3")
-    assert not (tmp_path / "store" / "manifests").exists()
+    with pytest.raises(sepstore.TensorError, match=r"unknown dtype .*use one of bf16, fp16, fp32, fp64"):
+        sepstore.convert(src, tmp_path / "store", dtype=dtype)  # type: ignore[arg-type]
+    assert not (tmp_path / "store").exists()
+
+
+@pytest.mark.parametrize("dtype", ["fp64", torch.float64])
+def test_dtype_fp64(tmp_path: Path, dtype: object) -> None:
+    sd = small_llama(torch.float32)
+    manifest = sepstore.convert(hf_folder(tmp_path / "m", sd), tmp_path / "store", dtype=dtype)  # type: ignore[arg-type]
+    assert manifest.metadata["dtype"] == "float64"
+    assert_same_model(tmp_path / "store", {k: v.double() for k, v in sd.items()})
 
 
 # --- single files -------------------------------------------------------------------------------

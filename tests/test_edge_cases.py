@@ -149,3 +149,11 @@ def test_parts_url_must_be_a_path_or_url(tmp_path: Path) -> None:
         sepstore.load(tmp_path / "store", "f", name="m", parts_url=5)  # type: ignore[arg-type]
     mirror = sepstore.load(tmp_path / "store", "f", name="m", parts_url=tmp_path / "store" / "parts" / "blake3")
     assert mirror.begin is not None
+
+
+@pytest.mark.parametrize("tag", [".tmp-0123456789abcdef", ".hidden"])
+def test_tags_starting_with_a_dot_are_refused(tmp_path: Path, tag: str) -> None:
+    """They would be hidden from listings, and gc could take one for a temporary file."""
+    with pytest.raises(sepstore.StoreError, match=r"not starting with '\.'"):
+        sepstore.dump(llama_decider, small(), tmp_path / "store", tag=tag, quiet=True)
+    assert not (tmp_path / "store" / "parts").exists()

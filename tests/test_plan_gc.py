@@ -107,23 +107,30 @@ def test_gc_removes_old_orphans_and_keeps_every_referenced_part(tmp_path: Path) 
     only_v1, v2 = two_versions(str(tmp_path))
     (tmp_path / "manifests/model/v1.json").unlink()
     parts = tmp_path / "parts/blake3"
-    stray = parts / ".tmp-deadbeef.safetensors"
+    stray = parts / ".tmp-00000000deadbeef.safetensors"
     stray.write_bytes(b"half a part")
     (parts / "README").write_text("not ours")
-    manifest_temp = tmp_path / "manifests/model/.tmp-0123abcd.json"  # a publisher killed mid-write
+    manifest_temp = tmp_path / "manifests/model/.tmp-0123456789abcdef.json"  # a publisher killed mid-write
     manifest_temp.write_text("{")
+    lookalike = tmp_path / "manifests/model/.tmp-notours.json"  # not a name sepstore gives its temp files
+    lookalike.write_text("{")
     assert sepstore.gc(tmp_path).removed == []  # everything is younger than the default hour
     old = time.time() - 7200
-    for path in [*parts.iterdir(), manifest_temp]:
+    for path in [*parts.iterdir(), manifest_temp, lookalike]:
         os.utime(path, (old, old))
     dry = sepstore.gc(tmp_path, dry_run=True)
-    assert {r.removesuffix(".safetensors") for r in dry.removed} == only_v1 | {".tmp-deadbeef", ".tmp-0123abcd.json"}
+    assert {r.removesuffix(".safetensors") for r in dry.removed} == only_v1 | {
+        ".tmp-00000000deadbeef",
+        ".tmp-0123456789abcdef.json",
+    }
     assert len(list(parts.iterdir())) == len(v2) + 3 and manifest_temp.exists()
     report = sepstore.gc(tmp_path)
     assert report.removed == dry.removed and report.kept == len(v2)
     assert {p.stem for p in parts.iterdir() if p.suffix == ".safetensors"} == v2
     assert (parts / "README").exists()
     assert not manifest_temp.exists()
+    assert (tmp_path / "manifests/model/v2.json.lock").exists(), "lock files stay: another process may hold one"
+    assert lookalike.exists()
     assert sepstore.verify(tmp_path, name="model", tag="v2").ok
 
 

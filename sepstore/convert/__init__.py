@@ -32,26 +32,30 @@ _DTYPES = {
     "f32": "F32",
     "fp32": "F32",
     "float32": "F32",
+    "f64": "F64",
+    "fp64": "F64",
+    "float64": "F64",
 }
 #: How a dtype is named in a manifest's metadata (torch's names).
 _LONG = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64"}
 
 
 def parse_dtype(dtype: str | torch.dtype | None) -> str | None:
-    """``"bf16"``, ``"fp16"``, ``"fp32"`` (or a floating torch dtype) to a safetensors dtype name."""
+    """``"bf16"``, ``"fp16"``, ``"fp32"``, ``"fp64"`` (or such a torch dtype) to a safetensors dtype name."""
     if dtype is None:
         return None
-    if not isinstance(dtype, str):
+    if isinstance(dtype, str):
+        name = _DTYPES.get(dtype.lower())
+    else:
         from ..tensors import dtype_name
 
-        name = dtype_name(dtype)
-        if name not in _LONG:
-            raise TensorError(f"--dtype must be a floating-point type (bf16, fp16, fp32 or fp64), got {dtype}")
-        return name
-    try:
-        return _DTYPES[dtype.lower()]
-    except KeyError:
-        raise TensorError(f"unknown dtype {dtype!r}; use one of bf16, fp16, fp32") from None
+        try:
+            name = dtype_name(dtype)
+        except TypeError:  # not a torch dtype, or one safetensors lacks
+            name = None
+    if name not in _LONG:
+        raise TensorError(f"unknown dtype {dtype!r} for convert; use one of bf16, fp16, fp32, fp64")
+    return name
 
 
 def convert(

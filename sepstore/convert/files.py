@@ -3,6 +3,7 @@ filesystem) and PyTorch pickles (``.bin``/``.pth``, always ``weights_only=True``
 
 from __future__ import annotations
 
+import errno
 import io
 import os
 import struct
@@ -13,7 +14,15 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from ..errors import IntegrityError, StoreError, TensorError
-from ..safetensors_io import MAX_HEADER_BYTES, BufferTensor, HeaderEntry, RawTensor, copy_range, parse_header
+from ..safetensors_io import (
+    MAX_HEADER_BYTES,
+    BufferTensor,
+    HeaderEntry,
+    RawTensor,
+    copy_range,
+    parse_header,
+    pread_exact,
+)
 from ..store import backend_errors
 from .source import TensorInfo
 
@@ -22,9 +31,13 @@ if TYPE_CHECKING:
 
 __all__ = ["FileRange", "PickleFile", "SafetensorsFile"]
 
+#: Errors of the file written to, not of the checkpoint read from.
+_DESTINATION_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+
 
 class FileRange(RawTensor):
-    """A tensor's bytes in a local file, copied into a part by the kernel, never through Python."""
+    """A tensor's bytes in a local file: copied into a part by the kernel where the filesystems
+    allow (``copy_file_range``), else through a small buffer; read whole only when asked to."""
 
     __slots__ = ("fd", "start", "where")
 
@@ -32,24 +45,28 @@ class FileRange(RawTensor):
         super().__init__(entry.dtype, entry.shape)
         self.fd, self.start, self.where = fd, entry.start, where
 
-    def _short(self, got: int) -> IntegrityError:
-        return IntegrityError(f"{self.where} is truncated ({got} of {self.nbytes} bytes left)")
+    def _check(self, got: int, wanted: int) -> None:
+        if got != wanted:
+            raise IntegrityError(
+                f"{self.where}: the file is shorter than its header says (truncated while being read?)"
+            )
 
     def read(self) -> memoryview:
-        data = bytearray(self.nbytes)
-        view = memoryview(data)
-        done = 0
-        while done < self.nbytes:
-            n = os.preadv(self.fd, [view[done:]], self.start + done)
-            if n == 0:
-                raise self._short(done)
-            done += n
-        return view
+        try:
+            data = pread_exact(self.fd, self.nbytes, self.start)
+        except OSError as exc:
+            raise StoreError(f"{self.where}: cannot be read ({exc})") from exc
+        self._check(len(data), self.nbytes)
+        return memoryview(data)
 
     def write_into(self, fd: int, at: int, start: int, stop: int) -> None:
-        got = copy_range(self.fd, self.start + start, fd, at, stop - start)
-        if got != stop - start:
-            raise self._short(start + got)
+        try:
+            got = copy_range(self.fd, self.start + start, fd, at, stop - start)
+        except OSError as exc:
+            if exc.errno in _DESTINATION_ERRNOS:
+                raise  # the part being written: the store says so
+            raise StoreError(f"{self.where}: cannot be copied ({exc})") from exc
+        self._check(got, stop - start)
 
 
 class SafetensorsFile:

@@ -4,13 +4,16 @@ Parts are fetched in bounded-concurrency ranged reads into ``incoming/<hex>.part
 log beside it records finished ranges, so a killed pull resumes where it stopped), hashed, and renamed
 to their digest name only when size and digest match: the cache never holds a file under a name
 its bytes do not have. A per-part ``flock`` keeps several processes from fetching the same part;
-a process that finds a part locked fetches its other parts first, then waits for that one.
+a process that finds a part locked fetches its other parts first, then waits for that one. A
+server that ignores ``Range`` (``python -m http.server``) answers the first read of a part with all
+of it: that is written whole, and the part's other reads are skipped.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import threading
 from collections.abc import Sequence
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -54,6 +57,9 @@ class _Download:
     final: str
     partial: str
     log: str = field(init=False)
+    #: Chunk indices already in the partial file (and counted on the progress bar).
+    logged: set[int] = field(init=False, default_factory=set)
+    lock: threading.Lock = field(init=False, default_factory=threading.Lock)
 
     def __post_init__(self) -> None:
         self.log = self.partial + ".done"
@@ -73,28 +79,38 @@ class _Download:
             self.discard()
         with open(self.partial, "ab") as f:
             f.truncate(self.item.part.size)
+        self.logged = done & set(range(len(self.ranges)))
         return [i for i in range(len(self.ranges)) if i not in done]
 
     def fetch_chunk(self, index: int, bar: tqdm | None) -> None:
+        if len(self.logged) == len(self.ranges):
+            return  # a server that ignores ranges already sent the whole part
         start, end = self.ranges[index]
-        item = self.item
+        item, size = self.item, self.item.part.size
 
         def read() -> bytes:
             data = item.fs.cat_file(item.src, start=start, end=end)
-            if len(data) != end - start:
-                raise ShortReadError(f"got {len(data)} bytes for range {start}-{end}")
+            if len(data) not in (end - start, size):
+                raise ShortReadError(f"got {len(data)} bytes for range {start}-{end} of a {size}-byte part")
             return data
 
         data = with_retries(read, item.url)
-        fd = os.open(self.partial, os.O_WRONLY)
-        try:
-            pwrite_all(fd, data, start)
-        finally:
-            os.close(fd)
-        with open(self.log, "a") as log:
-            log.write(f"{index}\n")
+        whole = len(data) != end - start  # a static server that ignores Range: the whole part came
+        offset, indices = (0, range(len(self.ranges))) if whole else (start, [index])
+        with self.lock:
+            new = [i for i in indices if i not in self.logged]
+            if not new:
+                return
+            fd = os.open(self.partial, os.O_WRONLY)
+            try:
+                pwrite_all(fd, data, offset)
+            finally:
+                os.close(fd)
+            with open(self.log, "a") as log:
+                log.write("".join(f"{i}\n" for i in new))
+            self.logged.update(new)
         if bar is not None:
-            bar.update(len(data))
+            bar.update(sum(self.ranges[i][1] - self.ranges[i][0] for i in new))
 
     def finish(self) -> None:
         """Verify the partial file and rename it into place, or delete it and refuse it."""

@@ -40,6 +40,11 @@ def human_bytes(n: float) -> str:
     return f"{n / 1024:.1f} TiB"
 
 
+def counted(n: int, noun: str) -> str:
+    """``1 part``, ``2 parts``."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
 def _print_json(data: Any) -> None:
     json.dump(data, sys.stdout, indent=2)
     sys.stdout.write("\n")
@@ -85,11 +90,12 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(f"manifest:  {resolved.url}")
     print(f"digest:    {resolved.digest}")
     print(f"layers:    {m.n_layers}")
-    print(f"size:      {human_bytes(m.total_bytes)} in {len(parts)} parts")
+    print(f"size:      {human_bytes(m.total_bytes)} in {counted(len(parts), 'part')}")
     if config:
         print("config:    " + ", ".join(f"{k} {v}" for k, v in summary.items() if v is not None))
     for p in parts:
-        print(f"  {p['part']:<10} {human_bytes(p['size']):>11}  {p['tensors']:>4} tensors  {','.join(p['dtypes'])}")
+        tensors = counted(p["tensors"], "tensor")
+        print(f"  {p['part']:<10} {human_bytes(p['size']):>11}  {tensors:>11}  {','.join(p['dtypes'])}")
     return EXIT_OK
 
 
@@ -101,7 +107,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
         for check in report.checks:
             status = "ok" if check.ok else f"FAILED: {check.error}"
             print(f"{check.part:<10} {human_bytes(check.size):>11}  {status}")
-        verdict = "verified" if report.ok else f"{len(report.failures)} of {len(report.checks)} parts failed"
+        verdict = "verified" if report.ok else f"{len(report.failures)} of {counted(len(report.checks), 'part')} failed"
         print(f"{report.manifest_url} ({report.manifest_digest}): {verdict}")
     return EXIT_OK if report.ok else EXIT_VERIFY
 
@@ -115,13 +121,21 @@ def cmd_diff(args: argparse.Namespace) -> int:
         detail = ", ".join(f"{kind} {', '.join(names)}" for kind, names in p.tensors.to_dict().items() if names)
         print(f"{p.part:<10} {p.status:<8} {human_bytes(p.bytes):>11}  {detail}")
     same = len(result.parts) - len(result.changed)
-    print(f"{len(result.changed)} parts differ, {same} same; {human_bytes(result.bytes_to_fetch)} to fetch")
+    differ = counted(len(result.changed), "part") + (" differs" if len(result.changed) == 1 else " differ")
+    print(f"{differ}, {same} same; {human_bytes(result.bytes_to_fetch)} to fetch")
     return EXIT_OK
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
     manifest = convert(
-        args.source, args.dest, decider=args.decider, name=args.name, tag=args.tag, dtype=args.dtype, quiet=args.quiet
+        args.source,
+        args.dest,
+        decider=args.decider,
+        name=args.name,
+        tag=args.tag,
+        dtype=args.dtype,
+        force=args.force,
+        quiet=args.quiet,
     )
     store = Store(args.dest)
     url = store.url_of(store.manifest_path(manifest.name, args.tag))
@@ -131,7 +145,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
         )
         return EXIT_OK
     print(f"converted {manifest.metadata.get('source', args.source)} ({manifest.metadata.get('decider')} decider)")
-    print(f"{manifest.name}:{args.tag}: {manifest.n_layers} layers, {human_bytes(manifest.total_bytes)} -> {url}")
+    size = f"{counted(manifest.n_layers, 'layer')}, {human_bytes(manifest.total_bytes)}"
+    print(f"{manifest.name}:{args.tag}: {size} -> {url}")
     return EXIT_OK
 
 
@@ -143,7 +158,7 @@ def cmd_push(args: argparse.Namespace) -> int:
         _print_json(report.to_dict())
         return EXIT_OK
     print(
-        f"uploaded {len(report.uploaded)} parts ({human_bytes(report.uploaded_bytes)}), "
+        f"uploaded {counted(len(report.uploaded), 'part')} ({human_bytes(report.uploaded_bytes)}), "
         f"skipped {len(report.skipped)} already there ({human_bytes(report.skipped_bytes)})"
     )
     state = "published" if report.manifest_written else "already published"
@@ -159,7 +174,7 @@ def cmd_pull(args: argparse.Namespace) -> int:
         _print_json(report.to_dict())
         return EXIT_OK
     print(
-        f"fetched {len(report.fetched)} parts ({human_bytes(report.fetched_bytes)}), "
+        f"fetched {counted(len(report.fetched), 'part')} ({human_bytes(report.fetched_bytes)}), "
         f"{human_bytes(report.present_bytes)} already local; all verified"
     )
     return EXIT_OK
@@ -199,8 +214,9 @@ def cmd_gc(args: argparse.Namespace) -> int:
         return EXIT_OK
     verb = "would remove" if report.dry_run else "removed"
     print(
-        f"{verb} {len(report.removed)} unreferenced files ({human_bytes(report.removed_bytes)}); kept {report.kept} "
-        f"referenced parts and {len(report.young)} unreferenced ones younger than {args.grace:g} s"
+        f"{verb} {counted(len(report.removed), 'unreferenced file')} ({human_bytes(report.removed_bytes)}); "
+        f"kept {counted(report.kept, 'referenced part')} and {len(report.young)} unreferenced younger than "
+        f"{args.grace:g} s"
     )
     return EXIT_OK
 
@@ -233,12 +249,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"sepstore {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    common = argparse.ArgumentParser(add_help=False)  # --debug after the command works too
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
     def command(
         name: str, func: Callable[[argparse.Namespace], int], help: str, example: str
     ) -> argparse.ArgumentParser:
         p = sub.add_parser(
             name,
+            parents=[common],
             help=help,
             description=help,
             epilog=f"example:\n  {example}",
@@ -274,7 +293,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", help="model name in the store (default: the checkpoint folder's name)")
     p.add_argument("--tag", default="latest", help="tag of this version (default: latest)")
     p.add_argument("--decider", default="auto", help="built-in decider (llama, gpt2, ...; default: auto)")
-    p.add_argument("--dtype", help="cast floating-point tensors: bf16, fp16 or fp32 (default: keep)")
+    p.add_argument("--dtype", help="cast floating-point tensors: bf16, fp16, fp32 or fp64 (default: keep)")
+    p.add_argument("--force", action="store_true", help="replace the tag if it exists (default: combine with it)")
     _add_quiet(p)
     p.add_argument("--json", action="store_true", help="print JSON")
 
@@ -356,7 +376,9 @@ def build_parser() -> argparse.ArgumentParser:
         "build a small model, publish two versions, diff, load and verify them",
         "sepstore demo ./sepstore-demo",
     )
-    p.add_argument("dir", nargs="?", default="sepstore-demo", help="where to write the demo store")
+    p.add_argument(
+        "dir", nargs="?", default="sepstore-demo", help="where to write the demo store (default: ./sepstore-demo)"
+    )
     return parser
 
 

@@ -110,9 +110,9 @@ def run_demo(directory: str | os.PathLike[str] = "sepstore-demo", *, say: Callab
     say(f"4. diff v1 -> v2: {len(changes.changed)} parts changed, {fetch:,} bytes for a v1 node to fetch:")
     for p in changes.changed:
         say(f"     {p.part}: {p.status}, tensors {', '.join(p.tensors.changed)}, {p.bytes:,} bytes")
-    for node, spec in (("A", "b 0-2"), ("B", "2-4 e")):
+    for step, node, spec in (("5a", "A", "b 0-2"), ("5b", "B", "2-4 e")):
         psd = load(url2, spec)
-        say(f"5. Node {node} loaded '{spec}' of v2: {len(psd.to_dict())} tensors, every byte verified first.")
+        say(f"{step}. Node {node} loaded '{spec}' of v2: {len(psd.to_dict())} tensors, every byte verified first.")
         for layer, tensors in psd.mid.items():
             if not torch.equal(tensors["mlp.down_proj.weight"], v2[f"model.layers.{layer}.mlp.down_proj.weight"]):
                 raise RuntimeError(f"demo: layer {layer} as loaded differs from what was converted")

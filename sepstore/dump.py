@@ -146,7 +146,8 @@ class _Writer:
                 raise DeciderError(
                     f"{label}.{key} is already in this model with other content "
                     f"({before.dtype}{list(before.shape)} {before.digest}, now {now.dtype}{list(now.shape)} "
-                    f"{now.digest}); dump it under another name or tag"
+                    f"{now.digest}); store it under another name or tag, or replace the tag (force=True, "
+                    "convert --force)"
                 )
         if not fresh:
             return old
@@ -165,7 +166,7 @@ def _check_extras(name: str, config: dict[str, Any] | None, metadata: Mapping[st
 
 
 def dump(
-    decider: Decider,
+    decider: Decider | str,
     state_dict: Mapping[str, torch.Tensor],
     out_path: str | os.PathLike[str],
     *,
@@ -174,6 +175,7 @@ def dump(
     config: dict[str, Any] | None = None,
     metadata: Mapping[str, str] | None = None,
     storage_options: dict[str, Any] | None = None,
+    force: bool = False,
     quiet: bool = False,
 ) -> Manifest:
     """Split ``state_dict`` with ``decider`` and store it at ``out_path`` as ``name``/``tag``.
@@ -182,9 +184,15 @@ def dump(
     mapping (as ``convert`` passes), peak memory is about one part. Calls into the same store,
     name and tag combine: the manifest afterwards describes the union of every state dict given
     (so a sharded checkpoint can be dumped shard by shard). A key given twice with different
-    content is a :class:`DeciderError`. Parts are written before the manifest, so a reader never
-    sees a manifest whose parts are missing.
+    content is a :class:`DeciderError`; ``force=True`` replaces the tag's manifest instead of
+    combining with it. Parts are written before the manifest, so a reader never sees a manifest
+    whose parts are missing. ``decider`` is a function or a built-in family's name (``"llama"``,
+    see :mod:`sepstore.deciders`).
     """
+    if isinstance(decider, str):
+        from .deciders import get
+
+        decider = get(decider).decider
     store = Store(out_path, storage_options)
     check_name(name)
     check_tag(tag)
@@ -193,7 +201,7 @@ def dump(
     with store.tag_lock(name, tag):  # calls into one tag combine: one at a time
         existing: Resolved | None = None
         version: str | None = None
-        if store.has_manifest(name, tag):
+        if not force and store.has_manifest(name, tag):
             data, version = store.read_manifest_version(name, tag)
             url = store.url_of(store.manifest_path(name, tag))
             old = decode_manifest(data, source=url)
@@ -230,7 +238,7 @@ def dump(
             metadata=dict(sorted(meta.items())),
         )
         data = encode_manifest(manifest)
-        if not store.write_manifest_bytes(name, tag, data, create=previous is None, if_version=version):
+        if not store.write_manifest_bytes(name, tag, data, create=not force and previous is None, if_version=version):
             raise StoreError(
                 f"{store.url_of(store.manifest_path(name, tag))} was written by another publisher during this dump; "
                 "run the dump again to combine with it"

@@ -91,6 +91,7 @@ def gc(
     if grace < 0:
         raise StoreError(f"grace must be a number of seconds >= 0, got {grace}")
     target = store if isinstance(store, Store) else Store(store, storage_options)
+    target.require()
     referenced = _referenced(target)
     listing = _listing(target)
     referenced |= _referenced(target)  # and what was published while the parts were listed

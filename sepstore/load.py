@@ -61,6 +61,19 @@ class PartStateDict:
             out[f"end.{key}"] = value
         return out
 
+    def __repr__(self) -> str:
+        """Which parts are loaded and how many tensors each holds, never the tensors' values."""
+        shown = [f"begin={len(self.begin)} tensors"] if self.begin is not None else []
+        if self.mid:
+            layers = sorted(self.mid)
+            span = f"{layers[0]}-{layers[-1] + 1}" if layers == list(range(layers[0], layers[-1] + 1)) else layers
+            shown.append(f"mid={span} ({sum(len(t) for t in self.mid.values())} tensors)")
+        if self.end is not None:
+            shown.append(f"end={len(self.end)} tensors")
+        if self.main_range is not None:
+            shown.append(f"main_range={_show(self.main_range)}")
+        return f"PartStateDict({', '.join(shown)})"
+
 
 def _show(r: range) -> str:
     return f"{r.start}-{r.stop}"
@@ -91,7 +104,8 @@ def iter_parts(
 
     try:
         target = torch.device(device)
-    except (RuntimeError, TypeError) as exc:
+        torch.empty(0, device=target)  # an unknown device, or one this torch was not built for
+    except (RuntimeError, TypeError, AssertionError) as exc:
         raise TensorError(f"cannot load onto device {device!r}: {exc}") from None
     _, chosen = select_parts(resolved.manifest, spec)
     reader = PartReader(resolved, cache_dir=cache_dir)

@@ -64,7 +64,9 @@ def plan(
     limits = [parse_size(b) if isinstance(b, str) else b for b in budgets] if budgets is not None else None
     count = len(limits) if limits is not None else int(nodes or 0)
     layers = manifest.n_layers
-    if count < 1 or count > max(layers, 1):
+    if count < 1:
+        raise SpecError(f"a plan needs at least one node, got {count}")
+    if count > max(layers, 1):
         raise SpecError(f"cannot split {layers} layers over {count} nodes: each node needs at least one layer")
     missing = [i for i, p in enumerate(manifest.mid) if p is None]
     if missing:

@@ -97,13 +97,16 @@ def _pick(store: Store, name: str | None, tag: str | None) -> tuple[str, str]:
         return candidates[0]
     what = f"model {name!r}" if name is not None else "models"
     if not candidates:
+        store.require()
         where = f"{store.url}/{MANIFESTS_DIR}"
         raise NotFoundError(f"no {what}{f' with tag {tag!r}' if tag else ''} in store {store.url} (looked in {where})")
     listing = ", ".join(f"{n}:{t}" for n, t in candidates)
-    several = "versions" if len({n for n, _ in candidates}) == 1 else "models"
-    raise NotFoundError(
-        f"store {store.url} holds several {several} ({listing}); pick one with name= and tag= (--name/--tag)"
-    )
+    if len({n for n, _ in candidates}) == 1:
+        raise NotFoundError(
+            f"model {candidates[0][0]!r} in store {store.url} has no 'latest' tag but several others ({listing}); "
+            "pick one with tag= (--tag)"
+        )
+    raise NotFoundError(f"store {store.url} holds several models ({listing}); pick one with name= (--name) and tag=")
 
 
 def _parts_location(manifest_url: str, manifest: Manifest) -> str:

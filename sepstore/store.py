@@ -348,6 +348,14 @@ class Store:
         with file_lock(path + ".lock"):
             yield
 
+    def require(self) -> None:
+        """A :class:`NotFoundError` when nothing at all is at the store's location."""
+        with backend_errors(self.url):
+            if not self.is_local:
+                self.fs.invalidate_cache(self.root)
+            if not self.fs.exists(self.root):
+                raise NotFoundError(f"{self.url}: no store there (no such folder or bucket)")
+
     def has_manifest(self, name: str, tag: str) -> bool:
         return self._exists(self.manifest_path(name, tag))
 

@@ -163,11 +163,13 @@ class _LoopbackServer:
 
 
 class StaticServer(_LoopbackServer):
-    """A static file server for the files under ``root``, with Range support (``FileResponse``)."""
+    """A static file server for the files under ``root``, with Range support (``FileResponse``),
+    or, with ``ranges=False``, answering every GET with the whole file (as ``python -m http.server``)."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, *, ranges: bool = True) -> None:
         super().__init__()
         self.root = root
+        self.ranges = ranges
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         fault = self.faults.take(request.path)
@@ -176,6 +178,8 @@ class StaticServer(_LoopbackServer):
         path = (self.root / request.path.lstrip("/")).resolve()
         if not path.is_relative_to(self.root.resolve()) or not path.is_file():
             return web.Response(status=404)
+        if fault is None and not self.ranges:
+            return web.Response(body=path.read_bytes())
         if fault is None:
             return web.FileResponse(path)
         data, status, headers = _ranged(path.read_bytes(), request.headers.get("Range"))

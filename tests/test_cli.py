@@ -77,13 +77,13 @@ def test_diff_json_lists_changed_parts_and_bytes(tmp_path: Path, state_dict: dic
     assert [(p["part"], p["status"]) for p in data["parts"] if p["status"] != "same"] == [("mid.2", "changed")]
     assert data["bytes_to_fetch"] == manifest.mid[2].size  # type: ignore[union-attr]
     text = run("diff", a, b)
-    assert "mid.2" in text.stdout and "1 parts differ" in text.stdout
+    assert "mid.2" in text.stdout and "1 part differs" in text.stdout
 
 
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (("info", "/nonexistent/store"), "no models"),
+        (("info", "/nonexistent/store"), "no store there"),
         (("verify", "STORE", "--spec", "0-99"), "0-99"),
         (("info", "/nonexistent/m.json"), "not found"),
     ],
@@ -104,6 +104,7 @@ def test_demo_runs_to_the_end(tmp_path: Path) -> None:
     result = run("demo", tmp_path / "demo")
     assert result.returncode == 0, result.stderr
     assert "2 parts changed" in result.stdout and "all verified" in result.stdout
+    assert "5a. Node A" in result.stdout and "5b. Node B" in result.stdout
     assert sepstore.verify(tmp_path / "demo/store", name="demo/tiny-llama", tag="v2").ok
     assert (
         sepstore.read_manifest(tmp_path / "demo/store", name="demo/tiny-llama", tag="v1").metadata["decider"] == "llama"
@@ -133,6 +134,32 @@ def test_convert_push_pull_files_from_the_command_line(tmp_path: Path, state_dic
     assert [row["part"] for row in json.loads(files.stdout)] == ["end"]
     unknown = run("convert", tmp_path / "nothing-here", tmp_path / "store")
     assert unknown.returncode == 2 and "no such checkpoint" in unknown.stderr
+
+
+def test_convert_into_an_existing_tag_combines_unless_forced(
+    tmp_path: Path, state_dict: dict[str, torch.Tensor]
+) -> None:
+    folder = tmp_path / "m"
+    folder.mkdir()
+    safetensors.torch.save_file(state_dict, folder / "model.safetensors")
+    (folder / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    assert run("convert", folder, tmp_path / "store", "--quiet").returncode == 0
+    again = run("convert", folder, tmp_path / "store", "--quiet", "--dtype", "fp32")
+    assert again.returncode == 2 and "already in this model with other content" in again.stderr
+    assert "convert --force" in again.stderr
+    forced = run("convert", folder, tmp_path / "store", "--quiet", "--dtype", "fp32", "--force")
+    assert forced.returncode == 0, forced.stderr
+    manifest = sepstore.read_manifest(tmp_path / "store")
+    assert manifest.metadata["dtype"] == "float32"
+    assert {t.dtype for _, p in manifest.labelled_parts() for t in p.tensors.values()} == {"F32"}
+
+
+def test_debug_shows_the_traceback_before_or_after_the_command(tmp_path: Path) -> None:
+    for args in (("--debug", "info", tmp_path / "nope"), ("info", tmp_path / "nope", "--debug")):
+        result = run(*args)
+        assert result.returncode == 1 and "Traceback" in result.stderr and "NotFoundError" in result.stderr, args
+    plain = run("info", tmp_path / "nope")
+    assert plain.returncode == 2 and "Traceback" not in plain.stderr
 
 
 def test_plan_and_gc_from_the_command_line(store: Path, manifest_path: Path) -> None:

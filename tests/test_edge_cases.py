@@ -40,8 +40,9 @@ def test_one_model_with_several_tags_defaults_to_latest(tmp_path: Path) -> None:
         sepstore.dump(llama_decider, small(), tmp_path, tag=tag)
     assert sepstore.resolve(tmp_path).url.endswith("/manifests/model/latest.json")
     (tmp_path / "manifests/model/latest.json").unlink()
-    with pytest.raises(sepstore.NotFoundError, match=r"several versions .*--name/--tag"):
-        sepstore.resolve(tmp_path)
+    for name in (None, "model"):
+        with pytest.raises(sepstore.NotFoundError, match=r"'model' .*no 'latest' tag.*model:v1, model:v2.*tag="):
+            sepstore.resolve(tmp_path, name=name)
 
 
 def test_a_corrupted_cached_part_is_fetched_again(tmp_path: Path) -> None:
@@ -157,3 +158,41 @@ def test_tags_starting_with_a_dot_are_refused(tmp_path: Path, tag: str) -> None:
     with pytest.raises(sepstore.StoreError, match=r"not starting with '\.'"):
         sepstore.dump(llama_decider, small(), tmp_path / "store", tag=tag, quiet=True)
     assert not (tmp_path / "store" / "parts").exists()
+
+
+def test_a_device_this_torch_cannot_use_is_a_tensor_error(tmp_path: Path) -> None:
+    sepstore.dump(llama_decider, small(), tmp_path / "store", name="m", quiet=True)
+    unusable = "meta:0" if torch.cuda.is_available() else "cuda"
+    with pytest.raises(sepstore.TensorError, match="cannot load onto device"):
+        sepstore.load(tmp_path / "store", "b", device=unusable)
+
+
+def test_a_store_that_is_not_there_is_not_found(tmp_path: Path) -> None:
+    with pytest.raises(sepstore.NotFoundError, match="no store there"):
+        sepstore.gc(tmp_path / "nope")
+    with pytest.raises(sepstore.NotFoundError, match="no store there"):
+        sepstore.read_manifest(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(sepstore.NotFoundError, match="no models"):
+        sepstore.read_manifest(tmp_path / "empty")
+
+
+def test_dump_takes_a_built_in_deciders_name(tmp_path: Path) -> None:
+    by_name = sepstore.dump("llama", small(), tmp_path / "a", quiet=True)
+    by_function = sepstore.dump(llama_decider, small(), tmp_path / "b", quiet=True)
+    assert list(by_name.labelled_parts()) == list(by_function.labelled_parts())
+    with pytest.raises(sepstore.DeciderError, match="lama"):
+        sepstore.dump("lama", small(), tmp_path / "c", quiet=True)
+
+
+def test_a_part_state_dict_shows_what_it_holds_not_its_values(tmp_path: Path) -> None:
+    sepstore.dump(llama_decider, small(), tmp_path, quiet=True)
+    shown = repr(sepstore.load(tmp_path, "b 0-1 e"))
+    assert shown.startswith("PartStateDict(begin=1 tensors, mid=0-1 (9 tensors), end=2 tensors")
+    assert "tensor(" not in shown
+
+
+def test_a_plan_for_no_nodes_says_so(tmp_path: Path) -> None:
+    sepstore.dump(llama_decider, small(), tmp_path, quiet=True)
+    with pytest.raises(sepstore.SpecError, match="at least one node, got 0"):
+        sepstore.plan(tmp_path, nodes=0)

@@ -224,6 +224,30 @@ def test_large_parts_are_fetched_as_concurrent_ranged_reads(
         assert "bytes=4096-8191" in ranges
 
 
+def test_a_static_server_without_range_support_serves_large_parts_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``python -m http.server`` answers a ranged GET with the whole file: the part is taken whole
+    from the first answer and its other chunks are not asked for again and again."""
+    monkeypatch.setattr(sepstore.cache, "CHUNK_BYTES", 1024)
+    monkeypatch.setattr(sepstore.retry, "ATTEMPTS", 1)  # no retry may hide a refused answer
+    sd = v1()
+    manifest = sepstore.dump(llama_decider, sd, tmp_path / "www" / "store", name="tiny", tag="v1", quiet=True)
+    server = StaticServer(tmp_path / "www", ranges=False).start()
+    try:
+        url = f"{server.url}/store/manifests/tiny/v1.json"
+        report = sepstore.pull(url, "b 0-2", cache_dir=tmp_path / "cache", workers=1, quiet=True)
+        psd = sepstore.load(url, "b 0-2", cache_dir=tmp_path / "cache")
+        part_gets = [r for r in server.requests if r.method == "GET" and "/parts/" in r.path]
+        assert sepstore.verify(url, cache_dir=tmp_path / "verify-cache").ok
+    finally:
+        server.stop()
+    assert manifest.begin is not None and manifest.begin.size > 8 * 1024
+    assert len(report.fetched) == 3
+    assert same_bytes(psd.begin["embed_tokens.weight"], sd["model.embed_tokens.weight"])  # type: ignore[index]
+    assert len(part_gets) == 3, "one GET per part, each answered with the whole part"
+
+
 @pytest.mark.parametrize("fault", ["drops", "errors"])
 @pytest.mark.parametrize("where", ["/parts/blake3/", "/manifests/"])
 def test_dropped_connections_and_503s_are_retried(

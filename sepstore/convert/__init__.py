@@ -68,6 +68,7 @@ def convert(
     dtype: str | torch.dtype | None = None,
     storage_options: dict[str, Any] | None = None,
     dest_storage_options: dict[str, Any] | None = None,
+    force: bool = False,
     quiet: bool = False,
 ) -> Manifest:
     """Convert the checkpoint at ``source`` into the store at ``out_path`` as ``name``/``tag``.
@@ -77,6 +78,8 @@ def convert(
     directory, on local disk or any fsspec URL. ``decider`` is ``"auto"`` (from ``config.json``
     and the keys), a built-in family name (``"llama"``, ``"gpt2"``, ...) or a function.
     ``dtype`` casts floating-point tensors (``"bf16"``). ``name`` defaults to the folder's name.
+    Converting into a tag that exists combines with it (as :func:`sepstore.dump` does); ``force``
+    replaces it.
     """
     dtype_name = parse_dtype(dtype)
     with contextlib.closing(open_checkpoint(source, storage_options)) as checkpoint:
@@ -113,5 +116,6 @@ def convert(
             config=checkpoint.config,
             metadata=metadata,
             storage_options=dest_storage_options,
+            force=force,
             quiet=quiet,
         )

@@ -1,7 +1,8 @@
 """Built-in deciders: where each key of a model family's checkpoint goes (begin, layer N, end).
 
-Each family is a :class:`Family` in its own module; its ``decider`` is a plain function usable
-with :func:`sepstore.dump`:
+Each family is a :class:`Family` in its own module (``from sepstore.deciders.llama import
+decider``, or ``sepstore.deciders.get("llama").decider``); its ``decider`` is a plain function for
+:func:`sepstore.dump`, which also takes the family's name (``dump("llama", ...)``):
 
 - ``sepstore.deciders.llama``: llama, mistral, mixtral, qwen2/qwen3, gemma, gemma2, phi3, phi, ...
 - ``sepstore.deciders.gpt2``: gpt2 (and gpt_bigcode)

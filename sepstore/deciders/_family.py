@@ -153,7 +153,7 @@ def detect(keys: Iterable[str], config: Mapping[str, Any] | None = None) -> Fami
         what = f"keys no built-in decider places: {_sample(everywhere or keys)}"
     raise DeciderError(
         f"cannot tell which decider places this checkpoint (model_type {model_type!r}; tried: {tried}); "
-        f"pass decider= one of {', '.join(sorted(_REGISTRY))} or a function. {what}"
+        f"pass decider= (--decider) one of {', '.join(sorted(_REGISTRY))} or a function. {what}"
     )
 
 

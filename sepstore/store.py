@@ -69,18 +69,36 @@ def create_temp(folder: str | None, suffix: str) -> tuple[int, str]:
 
 @contextlib.contextmanager
 def file_lock(path: str, *, blocking: bool = True) -> Iterator[bool]:
-    """An exclusive ``flock`` on ``path`` (created if needed) for the ``with`` block; yields whether
-    it was taken (always, when ``blocking``). Several processes, or threads, exclude each other."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
-    try:
+    """An exclusive ``flock`` on ``path`` for the ``with`` block; yields whether it was taken
+    (always, when ``blocking``). Several processes, or threads, exclude each other.
+
+    The lock file exists only while the lock is held: its holder deletes it before letting go, and
+    a waiter that then gets the lock on the deleted file sees that the path no longer names it and
+    tries again, so no stale ``.lock`` files pile up beside manifests or in the cache.
+    """
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
-        except BlockingIOError:
-            yield False
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+            except BlockingIOError:
+                yield False
+                return
+            held = os.fstat(fd)
+            try:
+                now = os.stat(path)
+            except FileNotFoundError:
+                continue  # its holder deleted it while this one waited: lock the next file
+            if (now.st_dev, now.st_ino) != (held.st_dev, held.st_ino):
+                continue
+            try:
+                yield True
+            finally:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
             return
-        yield True
-    finally:
-        os.close(fd)
+        finally:
+            os.close(fd)
 
 
 def standard_parts_location(name: str) -> str:

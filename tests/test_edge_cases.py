@@ -196,3 +196,14 @@ def test_a_plan_for_no_nodes_says_so(tmp_path: Path) -> None:
     sepstore.dump(llama_decider, small(), tmp_path, quiet=True)
     with pytest.raises(sepstore.SpecError, match="at least one node, got 0"):
         sepstore.plan(tmp_path, nodes=0)
+
+
+def test_no_lock_files_are_left_behind(tmp_path: Path) -> None:
+    sd = small()
+    sepstore.dump(llama_decider, sd, tmp_path / "store", name="acme/m", tag="v1", quiet=True)
+    sepstore.dump(llama_decider, sd, tmp_path / "store", name="acme/m", tag="v1", quiet=True)  # combines
+    store = f"memory://edge-locks-{tmp_path.name}/store"
+    sepstore.push(tmp_path / "store", store, quiet=True)
+    sepstore.pull(store, "f", cache_dir=tmp_path / "cache", quiet=True)
+    left = [p for p in tmp_path.rglob("*.lock")]
+    assert left == [], "a lock file lives only while it is held"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import stat
+import threading
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ import torch
 import sepstore
 from sepstore.demo import llama_decider
 from sepstore.hashing import digest_file
+from sepstore.store import file_lock
 
 
 def test_every_part_is_named_by_the_blake3_of_its_bytes(store: Path) -> None:
@@ -66,3 +68,36 @@ def test_manifest_lists_parts_relative_to_itself(tmp_path: Path, state_dict: dic
     moved = tmp_path.parent / f"{tmp_path.name}-moved"
     tmp_path.rename(moved)  # a store is relocatable: nothing in it is an absolute path
     assert sepstore.verify(moved / "manifests/org/team/model/v1.json").ok
+
+
+def test_file_lock_excludes_and_leaves_no_file_even_while_holders_delete_it(tmp_path: Path) -> None:
+    """Each holder deletes the lock file before letting go; waiters that locked the deleted file
+    must notice and lock the new one, or two would hold the lock at once."""
+    lock, counter = str(tmp_path / "x.lock"), tmp_path / "counter"
+    counter.write_text("0")
+    inside = 0
+    overlaps = 0
+    guard = threading.Lock()
+
+    def work() -> None:
+        nonlocal inside, overlaps
+        for _ in range(200):
+            with file_lock(lock):
+                with guard:
+                    inside += 1
+                    overlaps += inside > 1
+                value = int(counter.read_text())
+                counter.write_text(str(value + 1))
+                with guard:
+                    inside -= 1
+
+    threads = [threading.Thread(target=work) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert overlaps == 0
+    assert counter.read_text() == str(6 * 200)
+    assert not os.path.exists(lock)
+    with file_lock(lock) as first, file_lock(lock, blocking=False) as second:
+        assert first and not second

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterable
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterable
+from mmap import ACCESS_READ, mmap
+from typing import TYPE_CHECKING, TypeVar
 
 from fsspec.implementations.local import LocalFileSystem
 
@@ -26,6 +27,8 @@ if TYPE_CHECKING:
     import torch
 
 __all__ = ["PartReader", "check_header"]
+
+T = TypeVar("T")
 
 
 def check_header(header: dict[str, HeaderEntry], part: Part, where: str) -> None:
@@ -90,20 +93,26 @@ class PartReader:
 
         A cached copy that no longer matches its digest (a disk fault, a hand edit) is deleted
         and fetched again, once."""
+        return self._repairing(part, lambda: self._read(label, part, verify=verify))
+
+    def check(self, label: str, part: Part) -> None:
+        """Check a part as :meth:`read` does and every tensor's digest too, without torch; an
+        :class:`IntegrityError` (or :class:`NotFoundError`) says what is wrong."""
+        self._repairing(part, lambda: self._check(label, part))
+
+    def _repairing(self, part: Part, attempt: Callable[[], T]) -> T:
         try:
-            return self._read(label, part, verify=verify)
+            return attempt()
         except IntegrityError:
             if self.cache is None or part.digest in self._fresh:
                 raise
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.cache.path(part.digest))
-            return self._read(label, part, verify=verify)
+            return attempt()
 
-    def _read(self, label: str, part: Part, *, verify: bool) -> dict[str, torch.Tensor]:
-        import torch
-
-        from .tensors import DTYPES
-
+    def _locate(self, label: str, part: Part) -> tuple[str, str]:
+        """The part's local path (fetched first if need be) once its size is right, and how
+        errors name it."""
         self.prefetch([(label, part)], desc=f"fetch {label}")
         path = self.path(part)
         where = f"part {label} ({path})"
@@ -113,15 +122,43 @@ class PartReader:
             raise NotFoundError(f"part {label} of {self.resolved.url} is missing: {path}") from None
         if size != part.size:
             raise IntegrityError(f"{where}: file is {size} bytes, manifest says {part.size}")
-        storage = torch.UntypedStorage.from_file(path, shared=False, nbytes=size)
-        data = torch.empty(0, dtype=torch.uint8).set_(storage)
-        view = data.numpy()
+        return path, where
+
+    def _header(self, data: memoryview, part: Part, where: str, *, verify: bool) -> dict[str, HeaderEntry]:
+        """The part's header, once its digest (unless fetched and so checked in this call, or not
+        ``verify``) and its header match the manifest."""
         if verify and part.digest not in self._fresh:
-            got = digest_buffer(view)
+            got = digest_buffer(data)
             if got != part.digest:
                 raise IntegrityError(f"{where}: digest is {got}, manifest says {part.digest}")
-        header = parse_header(memoryview(view), size, where=where)
+        header = parse_header(data, part.size, where=where)
         check_header(header, part, where)
+        return header
+
+    def _check(self, label: str, part: Part) -> None:
+        path, where = self._locate(label, part)
+        with (
+            open(path, "rb") as file,
+            mmap(file.fileno(), 0, access=ACCESS_READ) as mapped,
+            memoryview(mapped) as data,
+        ):
+            for name, entry in self._header(data, part, where, verify=True).items():
+                with data[entry.start : entry.end] as raw:
+                    got = digest_buffer(raw)
+                if got != part.tensors[name].digest:
+                    raise IntegrityError(
+                        f"{where}: tensor {name!r} digest is {got}, manifest says {part.tensors[name].digest}"
+                    )
+
+    def _read(self, label: str, part: Part, *, verify: bool) -> dict[str, torch.Tensor]:
+        import torch
+
+        from .tensors import DTYPES
+
+        path, where = self._locate(label, part)
+        storage = torch.UntypedStorage.from_file(path, shared=False, nbytes=part.size)
+        data = torch.empty(0, dtype=torch.uint8).set_(storage)
+        header = self._header(memoryview(data.numpy()), part, where, verify=verify)
         tensors: dict[str, torch.Tensor] = {}
         for name, entry in header.items():
             dtype = DTYPES[entry.dtype]

@@ -136,6 +136,18 @@ def test_starting_up_imports_neither_torch_nor_aiohttp(code: str) -> None:
     assert out.stdout.strip() == "[]"
 
 
+def test_verifying_a_store_never_imports_torch(tmp_path: Path) -> None:
+    sepstore.dump(llama_decider, state_dict(), tmp_path / "store", name="m", quiet=True)
+    code = (
+        "import sys, sepstore\n"
+        f"report = sepstore.verify({str(tmp_path / 'store')!r}, name='m', quiet=True)\n"
+        "assert report.ok and len(report.checks) == 4, report\n"
+        "print('torch' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip() == "False"
+
+
 def test_the_part_module_is_imported_on_first_use() -> None:
     assert issubclass(sepstore.Part, torch.nn.Module)
     with pytest.raises(AttributeError, match="no attribute 'Nope'"):

@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from . import __version__
+from ._text import counted, human_bytes
 from .convert import convert
 from .diff import diff
 from .errors import IntegrityError, SepstoreError
@@ -28,21 +29,6 @@ from .verify import verify
 __all__ = ["main"]
 
 EXIT_OK, EXIT_VERIFY, EXIT_USAGE = 0, 1, 2
-
-
-def human_bytes(n: float) -> str:
-    if n < 1024:
-        return f"{n:.0f} B"
-    for unit in ("KiB", "MiB", "GiB"):
-        n /= 1024
-        if n < 1024:
-            return f"{n:.1f} {unit}"
-    return f"{n / 1024:.1f} TiB"
-
-
-def counted(n: int, noun: str) -> str:
-    """``1 part``, ``2 parts``."""
-    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
 def _print_json(data: Any) -> None:

@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NamedTuple
 
+from ._text import counted
 from .errors import ModuleMismatchError, SpecError, TensorError
 from .manifest import Manifest
 from .reader import PartReader
@@ -63,15 +64,15 @@ class PartStateDict:
 
     def __repr__(self) -> str:
         """Which parts are loaded and how many tensors each holds, never the tensors' values."""
-        shown = [f"begin={len(self.begin)} tensors"] if self.begin is not None else []
+        shown = [f"begin: {counted(len(self.begin), 'tensor')}"] if self.begin is not None else []
         if self.mid:
             layers = sorted(self.mid)
             span = f"{layers[0]}-{layers[-1] + 1}" if layers == list(range(layers[0], layers[-1] + 1)) else layers
-            shown.append(f"mid={span} ({sum(len(t) for t in self.mid.values())} tensors)")
+            shown.append(f"mid {span}: {counted(sum(len(t) for t in self.mid.values()), 'tensor')}")
         if self.end is not None:
-            shown.append(f"end={len(self.end)} tensors")
+            shown.append(f"end: {counted(len(self.end), 'tensor')}")
         if self.main_range is not None:
-            shown.append(f"main_range={_show(self.main_range)}")
+            shown.append(f"main_range {_show(self.main_range)}")
         return f"PartStateDict({', '.join(shown)})"
 
 

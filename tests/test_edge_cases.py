@@ -188,7 +188,7 @@ def test_dump_takes_a_built_in_deciders_name(tmp_path: Path) -> None:
 def test_a_part_state_dict_shows_what_it_holds_not_its_values(tmp_path: Path) -> None:
     sepstore.dump(llama_decider, small(), tmp_path, quiet=True)
     shown = repr(sepstore.load(tmp_path, "b 0-1 e"))
-    assert shown.startswith("PartStateDict(begin=1 tensors, mid=0-1 (9 tensors), end=2 tensors")
+    assert shown == "PartStateDict(begin: 1 tensor, mid 0-1: 9 tensors, end: 2 tensors, main_range 0-1)"
     assert "tensor(" not in shown
 
 

@@ -80,15 +80,21 @@ def _group(decider: Decider, keys: Iterable[str]) -> dict[Slot, dict[str, str]]:
     return groups
 
 
-def _tensor(state_dict: Mapping[str, torch.Tensor], key: str) -> RawTensor:
-    """The bytes to store for ``key``: a torch tensor's (checked), or a raw tensor as ``convert``
-    passes them (torch is imported only for state dicts that hold torch tensors)."""
-    value: object = state_dict[key]
-    if isinstance(value, RawTensor):
-        return value
-    from .tensors import as_raw
+def _tensors(state_dict: Mapping[str, torch.Tensor], keys: dict[str, str]) -> dict[str, RawTensor]:
+    """A part's tensors, ``{name in the part: bytes to store}`` for ``{name: state-dict key}``:
+    torch tensors checked (torch is imported only for state dicts that hold them), or the raw
+    tensors ``convert``'s lazy mapping reads all at once (``read_many``: concurrently, remotely)."""
+    many = getattr(state_dict, "read_many", None)
+    values: Mapping[str, object] = many(list(keys.values())) if many is not None else state_dict
+    out: dict[str, RawTensor] = {}
+    for name, key in keys.items():
+        value = values[key]
+        if not isinstance(value, RawTensor):
+            from .tensors import as_raw
 
-    return as_raw(value, key)
+            value = as_raw(value, key)
+        out[name] = value
+    return out
 
 
 def _nbytes(state_dict: Mapping[str, torch.Tensor], key: str) -> int:
@@ -215,7 +221,7 @@ def dump(
         sizes = {slot: sum(_nbytes(state_dict, key) for key in group.values()) for slot, group in groups.items()}
         with progress(sum(sizes.values()), f"dump {name}:{tag}", quiet=quiet) as bar:
             for slot in order:
-                tensors = {new_key: _tensor(state_dict, key) for new_key, key in groups[slot].items()}
+                tensors = _tensors(state_dict, groups[slot])
                 if slot == "begin":
                     begin = writer.merge(slot, tensors, begin)
                 elif slot == "end":

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
 
 import fsspec
@@ -18,8 +19,10 @@ import pytest
 import safetensors.torch
 import torch
 from conftest import same_bytes
+from servers import StaticServer
 
 import sepstore
+from sepstore.convert import files as convert_files
 from sepstore.convert.files import SafetensorsFile
 from sepstore.convert.source import TensorInfo
 from sepstore.deciders.llama import decider as llama_decider
@@ -220,6 +223,35 @@ def test_memory_url_converts_as_local_disk(tmp_path: Path) -> None:
     assert_same_model(tmp_path / "remote-store", sd)
 
 
+def test_an_http_checkpoint_is_read_by_concurrent_ranged_reads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(convert_files, "READ_PIECE", 256)  # several reads per tensor
+    sd = small_llama()
+    local = hf_folder(tmp_path / "www" / "m", sd, shards=2)
+    want = sepstore.convert(local, tmp_path / "local-store", name="m")
+    server = StaticServer(tmp_path / "www").start()
+    try:
+        got = sepstore.convert(f"{server.url}/m/model.safetensors.index.json", tmp_path / "store", name="m")
+    finally:
+        server.stop()
+    assert part_digests(got) == part_digests(want)
+    assert got.config == CONFIG
+    ranged = [r for r in server.requests if r.method == "GET" and r.path.endswith(".safetensors") and r.range]
+    lengths = [int(b) - int(a) + 1 for a, b in (r.range.removeprefix("bytes=").split("-") for r in ranged if r.range)]
+    assert lengths.count(256) > len(sd), "tensors larger than READ_PIECE are read in several ranges"
+    assert_same_model(tmp_path / "store", sd)
+
+
+def test_an_http_server_that_ignores_ranges_is_a_clear_error(tmp_path: Path) -> None:
+    hf_folder(tmp_path / "www" / "m", small_llama(), shards=2)
+    server = StaticServer(tmp_path / "www", ranges=False).start()
+    try:
+        with pytest.raises(sepstore.StoreError, match=r"ignores Range requests.*download the checkpoint"):
+            sepstore.convert(f"{server.url}/m/model.safetensors.index.json", tmp_path / "store", name="m")
+    finally:
+        server.stop()
+    assert not list((tmp_path / "store").glob("manifests/**/*.json"))
+
+
 def test_sharded_folder_given_by_its_index_json(tmp_path: Path) -> None:
     sd = small_llama()
     src = hf_folder(tmp_path / "sharded-llama", sd, shards=3)
@@ -313,13 +345,13 @@ def test_reads_are_grouped_by_part_and_never_repeated(tmp_path: Path, monkeypatc
     sd = small_llama()
     src = hf_folder(tmp_path / "m", sd, shards=3)
     reads: list[str] = []
-    original = SafetensorsFile.read
+    original = SafetensorsFile.read_many
 
-    def recording_read(self: SafetensorsFile, key: str) -> RawTensor:
-        reads.append(key)
-        return original(self, key)
+    def recording_read(self: SafetensorsFile, keys: Sequence[str]) -> dict[str, RawTensor]:
+        reads.extend(keys)
+        return original(self, keys)
 
-    monkeypatch.setattr(SafetensorsFile, "read", recording_read)
+    monkeypatch.setattr(SafetensorsFile, "read_many", recording_read)
     sepstore.convert(src, tmp_path / "store")
     assert sorted(reads) == sorted(sd), "every key read exactly once"
     labels = [sepstore_name(key)[0] for key in reads]

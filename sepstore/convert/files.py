@@ -7,13 +7,16 @@ import errno
 import io
 import os
 import struct
-from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
+from ..cache import DEFAULT_WORKERS
 from ..errors import IntegrityError, StoreError, TensorError
+from ..retry import ShortReadError, with_retries
 from ..safetensors_io import (
     MAX_HEADER_BYTES,
     BufferTensor,
@@ -30,6 +33,9 @@ if TYPE_CHECKING:
     import torch
 
 __all__ = ["FileRange", "PickleFile", "SafetensorsFile"]
+
+#: A remote tensor is read in ranges of this size, several at once.
+READ_PIECE = 16 * 1024 * 1024
 
 #: Errors of the file written to, not of the checkpoint read from.
 _DESTINATION_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
@@ -76,7 +82,7 @@ class SafetensorsFile:
     def __init__(self, fs: fsspec.AbstractFileSystem, path: str, url: str) -> None:
         self.fs, self.path, self.url = fs, path, url
         with backend_errors(url):
-            size = int(fs.size(path))
+            self.size = size = int(fs.size(path))
             head = fs.cat_file(path, start=0, end=min(8, size))
             if len(head) == 8:
                 (length,) = struct.unpack("<Q", head)
@@ -86,32 +92,51 @@ class SafetensorsFile:
         self.index: dict[str, TensorInfo] = {k: TensorInfo(e.dtype, e.shape) for k, e in self._entries.items()}
         self._local = isinstance(fs, LocalFileSystem)
         self._fd: int | None = None
-        self._file: Any = None
 
     def read(self, key: str) -> RawTensor:
-        entry = self._entries[key]
-        where = f"{self.url}: tensor {key!r}"
-        with backend_errors(self.url):
-            if self._local:
+        return self.read_many([key])[key]
+
+    def read_many(self, keys: Sequence[str]) -> dict[str, RawTensor]:
+        """Several tensors: from a local file as ranges the writer copies, from a remote one read
+        into memory by concurrent ranged reads (a part's tensors at a time: network latency is
+        paid once per part, not once per tensor)."""
+        if self._local:
+            with backend_errors(self.url):
                 if self._fd is None:
                     self._fd = os.open(self.path, os.O_RDONLY)
-                return FileRange(entry, self._fd, where)
-            if self._file is None:
-                self._file = self.fs.open(self.path, "rb")
-            self._file.seek(entry.start)
-            data = bytearray(entry.end - entry.start)
-            got = self._file.readinto(data)
-        if got != len(data):
-            raise IntegrityError(f"{where} is truncated ({got} of {len(data)} bytes)")
-        return BufferTensor(entry.dtype, entry.shape, data)
+            return {key: FileRange(self._entries[key], self._fd, f"{self.url}: tensor {key!r}") for key in keys}
+        buffers = {key: bytearray(self._entries[key].end - self._entries[key].start) for key in keys}
+        pieces = [
+            (key, lo, min(lo + READ_PIECE, len(buffers[key])))
+            for key in keys
+            for lo in range(0, len(buffers[key]), READ_PIECE)
+        ]
+
+        def fetch(key: str, lo: int, hi: int) -> None:
+            start = self._entries[key].start
+
+            def read() -> bytes:
+                data = self.fs.cat_file(self.path, start=start + lo, end=start + hi)
+                if len(data) == self.size != hi - lo:
+                    raise StoreError(
+                        f"{self.url}: the server ignores Range requests and sends the whole file each time; "
+                        "download the checkpoint and convert the local copy"
+                    )
+                if len(data) != hi - lo:
+                    raise ShortReadError(f"got {len(data)} bytes for range {start + lo}-{start + hi}")
+                return data
+
+            memoryview(buffers[key])[lo:hi] = with_retries(read, self.url)
+
+        with ThreadPoolExecutor(min(DEFAULT_WORKERS, len(pieces)) or 1, "sepstore-read") as pool:
+            for future in [pool.submit(fetch, *piece) for piece in pieces]:
+                future.result()
+        return {key: BufferTensor(self._entries[key].dtype, self._entries[key].shape, buffers[key]) for key in keys}
 
     def close(self) -> None:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
-        if self._file is not None:
-            self._file.close()
-            self._file = None
 
 
 class PickleFile:

@@ -79,13 +79,24 @@ class LazyStateDict(Mapping[str, RawTensor]):
         return self.info(key).nbytes
 
     def __getitem__(self, key: str) -> RawTensor:
-        source, name = self._where[key]
-        tensor = source.read(name)
-        if self.dtype is not None and tensor.dtype in FLOATING and tensor.dtype != self.dtype:
-            from ..tensors import cast
+        return self.read_many([key])[key]
 
-            tensor = cast(tensor, self.dtype)
-        return tensor
+    def read_many(self, keys: Sequence[str]) -> dict[str, RawTensor]:
+        """The tensors of ``keys`` (a part's), each source asked once for all of its own: a remote
+        source reads them concurrently."""
+        names: dict[TensorSource, list[str]] = {}
+        for key in keys:
+            source, name = self._where[key]
+            names.setdefault(source, []).append(name)
+        read = {source: _read_all(source, wanted) for source, wanted in names.items()}
+        return {key: self._cast(read[self._where[key][0]][self._where[key][1]]) for key in keys}
+
+    def _cast(self, tensor: RawTensor) -> RawTensor:
+        if self.dtype is None or tensor.dtype not in FLOATING or tensor.dtype == self.dtype:
+            return tensor
+        from ..tensors import cast
+
+        return cast(tensor, self.dtype)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._where)
@@ -95,3 +106,9 @@ class LazyStateDict(Mapping[str, RawTensor]):
 
     def __repr__(self) -> str:
         return f"LazyStateDict({len(self)} tensors)"
+
+
+def _read_all(source: TensorSource, names: Sequence[str]) -> dict[str, RawTensor]:
+    """``source.read_many(names)`` where the source reads several at once, else one by one."""
+    many = getattr(source, "read_many", None)
+    return dict(many(names)) if many is not None else {name: source.read(name) for name in names}

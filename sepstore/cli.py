@@ -9,6 +9,7 @@ import argparse
 import json
 import os
 import sys
+import traceback
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -221,7 +222,7 @@ def _add_ref(p: argparse.ArgumentParser) -> None:
 
 
 def _add_parts_url(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--parts-url", help="read part files from this location (a mirror) instead; still verified")
+    p.add_argument("--parts-url", help="read part files from this mirror instead (reads are still verified)")
 
 
 def _add_quiet(p: argparse.ArgumentParser) -> None:
@@ -375,7 +376,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args))
     except SepstoreError as exc:
         if args.debug:
-            raise
+            traceback.print_exc()
         print(f"sepstore: error: {exc}", file=sys.stderr)
         return EXIT_VERIFY if isinstance(exc, IntegrityError) else EXIT_USAGE
     except BrokenPipeError:  # stdout closed early (`sepstore files ... | head`): not an error
@@ -383,7 +384,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_OK
     except OSError as exc:  # the local disk: a cache folder that cannot be made, a full disk, ...
         if args.debug:
-            raise
+            traceback.print_exc()
         print(f"sepstore: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal
@@ -161,13 +162,24 @@ class _Writer:
         return self.write(merged)
 
 
+def _as_json(config: dict[str, Any] | None) -> dict[str, Any] | None:
+    """``config`` as it reads back from JSON (``config.json``): int keys such as a transformers
+    config's ``id2label`` become strings, tuples lists."""
+    if config is None:
+        return None
+    try:
+        return dict(json.loads(json.dumps(config)))
+    except (TypeError, ValueError) as exc:
+        raise ManifestError(f"config= cannot be stored as JSON: {exc}") from None
+
+
 def _check_extras(name: str, config: dict[str, Any] | None, metadata: Mapping[str, str] | None) -> None:
     """Refuse, before any part is written, a config or metadata the manifest could not hold."""
     probe = Manifest(FORMAT_VERSION, name, standard_parts_location(name), None, [], None, config, dict(metadata or {}))
     try:
         data = encode_manifest(probe)
     except (TypeError, ValueError) as exc:
-        raise ManifestError(f"config= cannot be stored as JSON: {exc}") from None
+        raise ManifestError(f"metadata= cannot be stored as JSON: {exc} (its values must be strings)") from None
     decode_manifest(data, source="config= and metadata= (metadata values must be strings)")
 
 
@@ -202,6 +214,7 @@ def dump(
     store = Store(out_path, storage_options)
     check_name(name)
     check_tag(tag)
+    config = _as_json(config)
     _check_extras(name, config, metadata)
     groups = _group(decider, state_dict.keys())
     with store.tag_lock(name, tag):  # calls into one tag combine: one at a time

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from ._text import human_bytes
 from .errors import NotFoundError, SpecError
 from .manifest import Manifest
 from .refs import Ref, Resolved, resolve
@@ -77,7 +78,10 @@ def plan(
     cuts = _partition(sizes, head, tail, limits or [1] * count)
     if cuts is None:
         total = head + tail + sum(sizes)
-        raise SpecError(f"the model ({total} bytes, largest layer {max(sizes, default=0)}) does not fit these budgets")
+        raise SpecError(
+            f"the model ({human_bytes(total)}, largest layer {human_bytes(max(sizes, default=0))}) does not fit "
+            f"these budgets ({', '.join(human_bytes(b) for b in limits or [])})"
+        )
     out = []
     for i, (start, stop) in enumerate(itertools.pairwise(cuts)):
         tokens = (["b"] if i == 0 and manifest.begin else []) + ([f"{start}-{stop}"] if stop > start else [])

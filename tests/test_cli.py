@@ -157,7 +157,7 @@ def test_convert_into_an_existing_tag_combines_unless_forced(
 def test_debug_shows_the_traceback_before_or_after_the_command(tmp_path: Path) -> None:
     for args in (("--debug", "info", tmp_path / "nope"), ("info", tmp_path / "nope", "--debug")):
         result = run(*args)
-        assert result.returncode == 1 and "Traceback" in result.stderr and "NotFoundError" in result.stderr, args
+        assert result.returncode == 2 and "Traceback" in result.stderr and "NotFoundError" in result.stderr, args
     plain = run("info", tmp_path / "nope")
     assert plain.returncode == 2 and "Traceback" not in plain.stderr
 

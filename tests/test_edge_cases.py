@@ -59,7 +59,12 @@ def test_a_corrupted_cached_part_is_fetched_again(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    ("kwargs", "match"), [({"metadata": {"a": 5}}, "metadata"), ({"config": {"a": object()}}, "JSON")]
+    ("kwargs", "match"),
+    [
+        ({"metadata": {"a": 5}}, "metadata"),
+        ({"metadata": {"a": object()}}, "metadata= cannot be stored as JSON"),
+        ({"config": {"a": object()}}, "config= cannot be stored as JSON"),
+    ],
 )
 def test_metadata_and_config_the_manifest_cannot_hold_are_refused_before_writing(
     tmp_path: Path, kwargs: dict[str, object], match: str
@@ -207,3 +212,10 @@ def test_no_lock_files_are_left_behind(tmp_path: Path) -> None:
     sepstore.pull(store, "f", cache_dir=tmp_path / "cache", quiet=True)
     left = [p for p in tmp_path.rglob("*.lock")]
     assert left == [], "a lock file lives only while it is held"
+
+
+def test_a_transformers_config_with_int_keys_is_stored_as_json_reads_it(tmp_path: Path) -> None:
+    config = {"model_type": "llama", "id2label": {0: "LABEL_0", 1: "LABEL_1"}, "shape": (2, 3)}
+    manifest = sepstore.dump(llama_decider, small(), tmp_path, config=config, quiet=True)
+    assert manifest.config == {"model_type": "llama", "id2label": {"0": "LABEL_0", "1": "LABEL_1"}, "shape": [2, 3]}
+    assert sepstore.read_manifest(tmp_path).config == manifest.config

@@ -5,8 +5,8 @@ log beside it records finished ranges, so a killed pull resumes where it stopped
 to their digest name only when size and digest match: the cache never holds a file under a name
 its bytes do not have. A per-part ``flock`` keeps several processes from fetching the same part;
 a process that finds a part locked fetches its other parts first, then waits for that one. A
-server that ignores ``Range`` (``python -m http.server``) answers the first read of a part with all
-of it: that is written whole, and the part's other reads are skipped.
+part's first chunk is asked for alone: a server that ignores ``Range`` (``python -m http.server``)
+answers it with the whole part, which is written whole, and the part's other chunks are skipped.
 """
 
 from __future__ import annotations
@@ -192,6 +192,7 @@ class Cache:
                 failed.append((downloads[n].item, exc))
 
         remaining: dict[int, int] = {}
+        rest: dict[int, list[int]] = {}  # chunks asked for once the part's first answer is in
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="sepstore-fetch") as pool:
             futures: dict[Future[None], int] = {}
             for n, dl in enumerate(downloads):
@@ -199,10 +200,13 @@ class Cache:
                 if bar is not None:
                     bar.update(sum(e - s for i, (s, e) in enumerate(dl.ranges) if i not in chunks))
                 remaining[n] = len(chunks)
-                futures.update({pool.submit(dl.fetch_chunk, c, bar): n for c in chunks})
-            for n, count in remaining.items():
-                if count == 0:
+                if not chunks:
                     finish(n)
+                    continue
+                # One chunk first: a server that ignores Range answers it with the whole part, and
+                # the part's other chunks are then never asked for (not once per chunk in flight).
+                futures[pool.submit(dl.fetch_chunk, chunks[0], bar)] = n
+                rest[n] = chunks[1:]
             pending = set(futures)
             while pending:
                 done, pending = wait(pending, return_when=FIRST_EXCEPTION)
@@ -212,6 +216,10 @@ class Cache:
                             other.cancel()
                         future.result()
                     n = futures[future]
+                    for chunk in rest.pop(n, []):
+                        later = pool.submit(downloads[n].fetch_chunk, chunk, bar)
+                        futures[later] = n
+                        pending.add(later)
                     remaining[n] -= 1
                     if remaining[n] == 0:
                         finish(n)

@@ -235,7 +235,7 @@ def test_a_static_server_without_range_support_serves_large_parts_whole(
     server = StaticServer(tmp_path / "www", ranges=False).start()
     try:
         url = f"{server.url}/store/manifests/tiny/v1.json"
-        report = sepstore.pull(url, "b 0-2", cache_dir=tmp_path / "cache", workers=1, quiet=True)
+        report = sepstore.pull(url, "b 0-2", cache_dir=tmp_path / "cache", quiet=True)  # 8 workers
         psd = sepstore.load(url, "b 0-2", cache_dir=tmp_path / "cache")
         part_gets = [r for r in server.requests if r.method == "GET" and "/parts/" in r.path]
         assert sepstore.verify(url, cache_dir=tmp_path / "verify-cache").ok

@@ -129,8 +129,14 @@ class SafetensorsFile:
             memoryview(buffers[key])[lo:hi] = with_retries(read, self.url)
 
         with ThreadPoolExecutor(min(DEFAULT_WORKERS, len(pieces)) or 1, "sepstore-read") as pool:
-            for future in [pool.submit(fetch, *piece) for piece in pieces]:
-                future.result()
+            futures = [pool.submit(fetch, *piece) for piece in pieces]
+            try:
+                for future in futures:
+                    future.result()
+            except BaseException:
+                for future in futures:  # fail now, without fetching the rest of the part first
+                    future.cancel()
+                raise
         return {key: BufferTensor(self._entries[key].dtype, self._entries[key].shape, buffers[key]) for key in keys}
 
     def close(self) -> None:

@@ -89,7 +89,11 @@ class LazyStateDict(Mapping[str, RawTensor]):
             source, name = self._where[key]
             names.setdefault(source, []).append(name)
         read = {source: _read_all(source, wanted) for source, wanted in names.items()}
-        return {key: self._cast(read[self._where[key][0]][self._where[key][1]]) for key in keys}
+        out: dict[str, RawTensor] = {}
+        for key in keys:
+            source, name = self._where[key]
+            out[key] = self._cast(read[source][name])
+        return out
 
     def _cast(self, tensor: RawTensor) -> RawTensor:
         if self.dtype is None or tensor.dtype not in FLOATING or tensor.dtype == self.dtype:

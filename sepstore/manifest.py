@@ -6,6 +6,8 @@ turns every failure into a :class:`~sepstore.errors.ManifestError` that names th
 
 from __future__ import annotations
 
+import inspect
+import json
 from collections.abc import Iterator
 from typing import Annotated, Any, Final
 
@@ -149,5 +151,23 @@ def manifest_digest(data: bytes) -> str:
 
 
 def schema() -> dict[str, Any]:
-    """The JSON Schema of the manifest format, generated from the types above."""
-    return msgspec.json.schema(Manifest)
+    """The JSON Schema of the manifest format, generated from the types above.
+
+    It is normalised so that it does not depend on how a msgspec release formats it: descriptions
+    (the types' docstrings) are dedented with :func:`inspect.cleandoc` (msgspec 0.23 started to
+    dedent them itself) and the alternatives of each ``anyOf`` are sorted (their order changed too).
+    """
+    return _normalised(msgspec.json.schema(Manifest))
+
+
+def _normalised(node: Any) -> Any:
+    if isinstance(node, list):
+        return [_normalised(value) for value in node]
+    if not isinstance(node, dict):
+        return node
+    out = {key: _normalised(value) for key, value in node.items()}
+    if isinstance(out.get("description"), str):
+        out["description"] = inspect.cleandoc(out["description"])
+    if isinstance(out.get("anyOf"), list):
+        out["anyOf"] = sorted(out["anyOf"], key=lambda alternative: json.dumps(alternative, sort_keys=True))
+    return out

@@ -19,6 +19,7 @@ from .errors import (
     ManifestError,
     ModuleMismatchError,
     NotFoundError,
+    RefError,
     SepstoreError,
     SpecError,
     StoreError,
@@ -29,9 +30,9 @@ from .load import LoadResult, PartStateDict, lazy_load, load, read_manifest
 from .manifest import Manifest, Tensor
 from .manifest import Part as ManifestPart
 from .plan import NodePlan, plan
-from .pull import PullReport, pull
+from .pull import PartFile, PullReport, files, pull
 from .push import PushReport, push
-from .refs import Resolved, resolve
+from .refs import ModelRef, RefLike, RefOptions, Resolved, resolve
 from .spec import PartSpec
 from .store import Store
 from .verify import PartCheck, VerifyReport, verify
@@ -49,17 +50,22 @@ __all__ = [
     "ManifestDiff",
     "ManifestError",
     "ManifestPart",
+    "ModelRef",
     "ModuleMismatchError",
     "NodePlan",
     "NotFoundError",
     "Part",
     "PartCheck",
     "PartDiff",
+    "PartFile",
     "PartSpec",
     "PartStateDict",
     "Placement",
     "PullReport",
     "PushReport",
+    "RefError",
+    "RefLike",
+    "RefOptions",
     "Resolved",
     "SepstoreError",
     "SpecError",
@@ -73,6 +79,7 @@ __all__ = [
     "convert",
     "diff",
     "dump",
+    "files",
     "gc",
     "lazy_load",
     "load",

@@ -17,13 +17,12 @@ from . import __version__
 from ._text import counted, human_bytes
 from .convert import convert
 from .diff import diff
-from .errors import IntegrityError, SepstoreError
+from .errors import IntegrityError, RefError, SepstoreError
 from .gc import DEFAULT_GRACE, gc
 from .plan import plan
-from .pull import pull
+from .pull import files, pull
 from .push import push
-from .refs import resolve
-from .spec import select_parts
+from .refs import ModelRef, RefOptions, is_manifest_url, resolve
 from .store import Store
 from .verify import verify
 
@@ -37,12 +36,19 @@ def _print_json(data: Any) -> None:
     sys.stdout.write("\n")
 
 
-def _ref_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    return {"name": args.name, "tag": args.tag}
+def _ref_options(args: argparse.Namespace) -> RefOptions:
+    """The reference options a command was given (``None`` where it has no such flag)."""
+    return RefOptions(
+        name=args.name,
+        tag=args.tag,
+        digest=args.digest,
+        parts_url=getattr(args, "parts_url", None),
+        cache_dir=getattr(args, "cache_dir", None),
+    )
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    resolved = resolve(args.ref, **_ref_kwargs(args))
+    resolved = resolve(args.ref, **_ref_options(args))
     m = resolved.manifest
     parts = [
         {
@@ -87,7 +93,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    report = verify(args.ref, args.spec, parts_url=args.parts_url, quiet=args.quiet, **_ref_kwargs(args))
+    report = verify(args.ref, args.spec, quiet=args.quiet, **_ref_options(args))
     if args.json:
         _print_json(report.to_dict())
     else:
@@ -99,8 +105,29 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return EXIT_OK if report.ok else EXIT_VERIFY
 
 
+def _diff_sides(args: argparse.Namespace) -> tuple[ModelRef, ModelRef]:
+    """A and B, each with its ``--name``/``--tag``: given twice, the first is A's and the second
+    B's; given once, it is for each side that is a store root."""
+    refs = (args.a, args.b)
+    roots = [i for i, ref in enumerate(refs) if not is_manifest_url(ref)] or [0, 1]  # none: ModelRef says why
+    chosen: list[dict[str, str | None]] = [{"name": None, "tag": None}, {"name": None, "tag": None}]
+    for key in ("name", "tag"):
+        values: list[str] = getattr(args, key) or []
+        if len(values) > 2:
+            raise RefError(
+                f"--{key} is given once (for each store root) or twice (for A, then B), not {len(values)} times"
+            )
+        for i in range(2):
+            if len(values) == 2:
+                chosen[i][key] = values[i]
+            elif values and i in roots:
+                chosen[i][key] = values[0]
+    a, b = (ModelRef(ref, name=c["name"], tag=c["tag"]) for ref, c in zip(refs, chosen, strict=True))
+    return a, b
+
+
 def cmd_diff(args: argparse.Namespace) -> int:
-    result = diff(args.a, args.b)
+    result = diff(*_diff_sides(args))
     if args.json:
         _print_json(result.to_dict())
         return EXIT_OK
@@ -138,9 +165,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_push(args: argparse.Namespace) -> int:
-    report = push(
-        args.ref, args.dest, name=args.name, tag=args.tag, dest_tag=args.as_tag, force=args.force, quiet=args.quiet
-    )
+    report = push(args.ref, args.dest, dest_tag=args.as_tag, force=args.force, quiet=args.quiet, **_ref_options(args))
     if args.json:
         _print_json(report.to_dict())
         return EXIT_OK
@@ -154,9 +179,7 @@ def cmd_push(args: argparse.Namespace) -> int:
 
 
 def cmd_pull(args: argparse.Namespace) -> int:
-    report = pull(
-        args.ref, args.spec, cache_dir=args.cache_dir, parts_url=args.parts_url, quiet=args.quiet, **_ref_kwargs(args)
-    )
+    report = pull(args.ref, args.spec, quiet=args.quiet, **_ref_options(args))
     if args.json:
         _print_json(report.to_dict())
         return EXIT_OK
@@ -168,23 +191,18 @@ def cmd_pull(args: argparse.Namespace) -> int:
 
 
 def cmd_files(args: argparse.Namespace) -> int:
-    resolved = resolve(args.ref, parts_url=args.parts_url, **_ref_kwargs(args))
-    _, chosen = select_parts(resolved.manifest, args.spec)
-    rows = [
-        {"part": label, "url": resolved.part_url(part), "digest": part.digest, "size": part.size}
-        for label, part in chosen
-    ]
+    found = files(args.ref, args.spec, **_ref_options(args))
     if args.json:
-        _print_json(rows)
+        _print_json([f.to_dict() for f in found])
     else:
-        for row in rows:
-            print(row["url"])
+        for f in found:
+            print(f.url)
     return EXIT_OK
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
     budgets = args.budget.split(",") if args.budget else None
-    nodes = plan(resolve(args.ref, **_ref_kwargs(args)), nodes=args.nodes, budgets=budgets)
+    nodes = plan(args.ref, nodes=args.nodes, budgets=budgets, **_ref_options(args))
     if args.json:
         _print_json([n.to_dict() for n in nodes])
         return EXIT_OK
@@ -219,6 +237,7 @@ def _add_ref(p: argparse.ArgumentParser) -> None:
     p.add_argument("ref", help="manifest path or URL, or a store root")
     p.add_argument("--name", help="model name, when REF is a store holding several models")
     p.add_argument("--tag", help="tag of that model (default: latest, or the only one)")
+    p.add_argument("--digest", help="pin the manifest's digest (blake3:<hex>); any other manifest is refused")
 
 
 def _add_parts_url(p: argparse.ArgumentParser) -> None:
@@ -328,8 +347,11 @@ def build_parser() -> argparse.ArgumentParser:
         "compare two versions: changed parts and tensors, bytes to fetch",
         "sepstore diff ./store/manifests/llama/v1.json ./store/manifests/llama/v2.json",
     )
-    p.add_argument("a", help="the version a node has (manifest path or URL)")
+    p.add_argument("a", help="the version a node has: manifest path or URL, or a store root")
     p.add_argument("b", help="the version to move to")
+    side = "given once, for each side that is a store root; twice, for A then B"
+    p.add_argument("--name", action="append", help=f"model name in a store root ({side})")
+    p.add_argument("--tag", action="append", help=f"tag of that model ({side})")
     p.add_argument("--json", action="store_true", help="print JSON")
 
     p = command(

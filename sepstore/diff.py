@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from .manifest import Manifest, Part
-from .refs import Ref, Resolved, resolve
+from .refs import RefLike, RefOptions, manifest_of
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 __all__ = ["ManifestDiff", "PartDiff", "TensorChanges", "diff"]
 
@@ -62,15 +65,14 @@ def _compare(old: Part, new: Part) -> TensorChanges:
     )
 
 
-def _manifest(x: Ref | Resolved | Manifest, storage_options: dict[str, Any] | None) -> Manifest:
-    return x if isinstance(x, Manifest) else resolve(x, storage_options=storage_options).manifest
+def diff(a: RefLike | Manifest, b: RefLike | Manifest, **options: Unpack[RefOptions]) -> ManifestDiff:
+    """Compare two versions part by part (``begin``, ``mid.<i>``, ``end``) and tensor by tensor.
 
-
-def diff(
-    a: Ref | Resolved | Manifest, b: Ref | Resolved | Manifest, *, storage_options: dict[str, Any] | None = None
-) -> ManifestDiff:
-    """Compare two versions part by part (``begin``, ``mid.<i>``, ``end``) and tensor by tensor."""
-    old, new = _manifest(a, storage_options), _manifest(b, storage_options)
+    ``a`` and ``b`` are as for :func:`sepstore.read_manifest`, or :class:`Manifest` objects; the
+    options apply to both sides (to give each side its own, pass :class:`sepstore.ModelRef` s:
+    ``diff(ModelRef(store, tag="v1"), ModelRef(store, tag="v2"))``).
+    """
+    old, new = manifest_of("diff", a, options), manifest_of("diff", b, options)
     old_parts, new_parts = dict(old.labelled_parts()), dict(new.labelled_parts())
     have = {p.digest for p in old_parts.values()}
     labels = [label for label, _ in old.labelled_parts()]

@@ -222,9 +222,7 @@ def dump(
         version: str | None = None
         if not force and store.has_manifest(name, tag):
             data, version = store.read_manifest_version(name, tag)
-            url = store.url_of(store.manifest_path(name, tag))
-            old = decode_manifest(data, source=url)
-            existing = Resolved(old, url, "", store.parts_url, dict(storage_options or {}))
+            existing = Resolved(data, store.url_of(store.manifest_path(name, tag)), store.parts_url, storage_options)
         previous = existing.manifest if existing is not None else None
         begin = previous.begin if previous else None
         end = previous.end if previous else None

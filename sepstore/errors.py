@@ -8,6 +8,7 @@ __all__ = [
     "ManifestError",
     "ModuleMismatchError",
     "NotFoundError",
+    "RefError",
     "SepstoreError",
     "SpecError",
     "StoreError",
@@ -41,6 +42,10 @@ class NotFoundError(SepstoreError, FileNotFoundError):
 
 class StoreError(SepstoreError):
     """The store cannot be read or written (permissions, conflicting content, backend failure)."""
+
+
+class RefError(StoreError):
+    """A model reference, or an option given with it, is malformed or cannot apply where it was given."""
 
 
 class ModuleMismatchError(SepstoreError):

@@ -5,18 +5,19 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 from ._text import counted
 from .errors import ModuleMismatchError, SpecError, TensorError
 from .manifest import Manifest
 from .reader import PartReader
-from .refs import Ref, Resolved, resolve
+from .refs import FETCH_OPTIONS, MANIFEST_OPTIONS, RefLike, RefOptions, Resolved, open_ref
 from .spec import PartSpec, select_parts
 
 if TYPE_CHECKING:
     import torch
     from torch import nn
+    from typing_extensions import Unpack
 
 __all__ = ["LoadResult", "PartStateDict", "lazy_load", "load", "read_manifest"]
 
@@ -80,16 +81,10 @@ def _show(r: range) -> str:
     return f"{r.start}-{r.stop}"
 
 
-def read_manifest(
-    ref: Ref,
-    *,
-    name: str | None = None,
-    tag: str | None = None,
-    storage_options: dict[str, Any] | None = None,
-    digest: str | None = None,
-) -> Manifest:
-    """Read and validate the manifest that ``ref`` names (see :func:`load` for ``ref``)."""
-    return resolve(ref, name=name, tag=tag, storage_options=storage_options, digest=digest).manifest
+def read_manifest(ref: RefLike, **options: Unpack[RefOptions]) -> Manifest:
+    """Read and validate the manifest that ``ref`` names (see :func:`load`); ``parts_url`` and
+    ``cache_dir`` do not apply."""
+    return open_ref("read_manifest", ref, options, MANIFEST_OPTIONS).manifest
 
 
 def iter_parts(
@@ -119,29 +114,27 @@ def iter_parts(
 
 
 def load(
-    ref: Ref | Resolved,
+    ref: RefLike,
     spec: str = "f",
     *,
     verify: bool = True,
     device: str | torch.device = "cpu",
-    cache_dir: str | os.PathLike[str] | None = None,
-    storage_options: dict[str, Any] | None = None,
-    parts_url: str | None = None,
-    digest: str | None = None,
-    name: str | None = None,
-    tag: str | None = None,
+    **options: Unpack[RefOptions],
 ) -> PartStateDict:
     """Load the parts ``spec`` names from the model at ``ref``, every byte verified.
 
-    ``ref`` is a manifest path or URL, or a store root (with ``name``/``tag`` when it holds more
-    than one model). ``digest`` pins the manifest's own digest; ``parts_url`` reads parts from a
-    mirror. On the CPU the tensors are read-only-safe views of memory-mapped files (writes to them
-    stay private); ``device`` moves them.
+    ``ref`` is a manifest path or URL, a store root (with ``name``/``tag`` when it holds more
+    than one model), a :class:`~sepstore.ModelRef` or a :class:`~sepstore.Resolved`. The
+    options (:class:`~sepstore.RefOptions`): ``digest`` pins the manifest's own digest,
+    ``parts_url`` reads parts from a mirror, ``storage_options`` go to fsspec, ``cache_dir`` keeps
+    remote parts. On the CPU the tensors are read-only-safe views of memory-mapped files (writes
+    to them stay private); ``device`` moves them.
     """
-    resolved = resolve(ref, name=name, tag=tag, storage_options=storage_options, parts_url=parts_url, digest=digest)
+    resolved = open_ref("load", ref, options, FETCH_OPTIONS)
     parsed, _ = select_parts(resolved.manifest, spec)
     result = PartStateDict(main_range=parsed.main_range)
-    for label, tensors in iter_parts(resolved, parsed, verify=verify, device=device, cache_dir=cache_dir):
+    chosen = iter_parts(resolved, parsed, verify=verify, device=device, cache_dir=options.get("cache_dir"))
+    for label, tensors in chosen:
         if label == "begin":
             result.begin = tensors
         elif label == "end":
@@ -160,30 +153,25 @@ class LoadResult(NamedTuple):
 
 def lazy_load(
     module: nn.Module,
-    ref: Ref | Resolved,
+    ref: RefLike,
     spec: str = "f",
     *,
     strict: bool = True,
     verify: bool = True,
-    cache_dir: str | os.PathLike[str] | None = None,
-    storage_options: dict[str, Any] | None = None,
-    parts_url: str | None = None,
-    digest: str | None = None,
-    name: str | None = None,
-    tag: str | None = None,
+    **options: Unpack[RefOptions],
 ) -> LoadResult:
     """Load ``spec`` into ``module`` one part at a time, so peak memory is about one part.
 
     Keys are ``begin.X``, ``mid.<layer>.X`` and ``end.X``, as in a :class:`sepstore.Part`.
     Tensors are copied onto the device of the module's own parameters. With ``strict`` (the
     default) a key the module lacks, or a module key no part provided, is a
-    :class:`ModuleMismatchError`.
+    :class:`ModuleMismatchError`. ``ref`` and the options are as for :func:`load`.
     """
-    resolved = resolve(ref, name=name, tag=tag, storage_options=storage_options, parts_url=parts_url, digest=digest)
+    resolved = open_ref("lazy_load", ref, options, FETCH_OPTIONS)
     expected = set(module.state_dict().keys())
     loaded: set[str] = set()
     unexpected: list[str] = []
-    for label, tensors in iter_parts(resolved, spec, verify=verify, cache_dir=cache_dir):
+    for label, tensors in iter_parts(resolved, spec, verify=verify, cache_dir=options.get("cache_dir")):
         prefixed = {f"{label}.{key}": value for key, value in tensors.items()}
         try:
             result = module.load_state_dict(prefixed, strict=False)

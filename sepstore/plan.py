@@ -6,12 +6,15 @@ import itertools
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ._text import human_bytes
 from .errors import NotFoundError, SpecError
 from .manifest import Manifest
-from .refs import Ref, Resolved, resolve
+from .refs import RefLike, RefOptions, manifest_of
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 __all__ = ["NodePlan", "parse_size", "plan"]
 
@@ -43,19 +46,20 @@ def parse_size(text: str) -> int:
 
 
 def plan(
-    ref: Ref | Resolved | Manifest,
+    ref: RefLike | Manifest,
     *,
     nodes: int | None = None,
     budgets: Sequence[int | str] | None = None,
-    storage_options: dict[str, Any] | None = None,
+    **options: Unpack[RefOptions],
 ) -> list[NodePlan]:
     """Split the layers into one contiguous range per node, begin on the first and end on the last.
 
     With ``nodes=N`` the largest node's bytes are as small as they can be; with ``budgets`` (bytes,
     or sizes such as ``"24GiB"``) each node fits its budget and the fullest node, relative to its
     budget, is as empty as it can be. The specs load directly with :func:`sepstore.load`.
+    ``ref`` is as for :func:`sepstore.read_manifest`, or a :class:`Manifest` (then no option applies).
     """
-    manifest = ref if isinstance(ref, Manifest) else resolve(ref, storage_options=storage_options).manifest
+    manifest = manifest_of("plan", ref, options)
     if (nodes is None) == (budgets is None):
         raise SpecError("give either nodes= (a count) or budgets= (one size per node)")
     if budgets is not None and (isinstance(budgets, str) or not all(isinstance(b, str | int) for b in budgets)):

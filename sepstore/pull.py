@@ -1,17 +1,20 @@
-"""pull: bring the parts a spec needs into the local cache, verified, in parallel."""
+"""pull: bring the parts a spec needs into the local cache, verified, in parallel; files: where
+they are, for other download tools."""
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .cache import DEFAULT_WORKERS
 from .reader import PartReader
-from .refs import Ref, Resolved, resolve
+from .refs import FETCH_OPTIONS, PARTS_OPTIONS, RefLike, RefOptions, open_ref
 from .spec import select_parts
 
-__all__ = ["PullReport", "pull"]
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
+__all__ = ["PartFile", "PullReport", "files", "pull"]
 
 
 @dataclass(frozen=True)
@@ -37,25 +40,20 @@ class PullReport:
 
 
 def pull(
-    ref: Ref | Resolved,
+    ref: RefLike,
     spec: str = "f",
     *,
-    cache_dir: str | os.PathLike[str] | None = None,
-    storage_options: dict[str, Any] | None = None,
-    parts_url: str | None = None,
-    digest: str | None = None,
-    name: str | None = None,
-    tag: str | None = None,
     workers: int = DEFAULT_WORKERS,
     quiet: bool = False,
+    **options: Unpack[RefOptions],
 ) -> PullReport:
     """Fetch the parts ``spec`` names into the cache (``$SEPSTORE_CACHE``, default
     ``~/.cache/sepstore``), each verified before it gets its name; parts already cached are not
     fetched again, so moving a node from v1 to v2 fetches only the changed parts. A local store's
-    parts are used where they are."""
-    resolved = resolve(ref, name=name, tag=tag, storage_options=storage_options, parts_url=parts_url, digest=digest)
+    parts are used where they are. ``ref`` and the options are as for :func:`sepstore.load`."""
+    resolved = open_ref("pull", ref, options, FETCH_OPTIONS)
     _, chosen = select_parts(resolved.manifest, spec)
-    reader = PartReader(resolved, cache_dir=cache_dir, workers=workers)
+    reader = PartReader(resolved, cache_dir=options.get("cache_dir"), workers=workers)
     fetched = reader.prefetch(chosen, desc=f"pull {resolved.manifest.name}", quiet=quiet)
     fetched_digests = {f.part.digest for f in fetched}
     sizes = {part.digest: part.size for _, part in chosen}
@@ -67,3 +65,24 @@ def pull(
         present_bytes=sum(size for d, size in sizes.items() if d not in fetched_digests),
         paths={label: reader.path(part) for label, part in chosen},
     )
+
+
+@dataclass(frozen=True)
+class PartFile:
+    """Where one part's file is, and what it must be."""
+
+    part: str
+    url: str
+    digest: str
+    size: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"part": self.part, "url": self.url, "digest": self.digest, "size": self.size}
+
+
+def files(ref: RefLike, spec: str = "f", **options: Unpack[RefOptions]) -> list[PartFile]:
+    """The part files ``spec`` names, with their URLs (``parts_url`` applied), digests and sizes,
+    for tools that download by URL; nothing is fetched, so ``cache_dir`` does not apply."""
+    resolved = open_ref("files", ref, options, PARTS_OPTIONS)
+    _, chosen = select_parts(resolved.manifest, spec)
+    return [PartFile(label, resolved.part_url(part), part.digest, part.size) for label, part in chosen]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
@@ -15,8 +15,11 @@ from .hashing import digest_file
 from .manifest import Part, encode_manifest, manifest_digest
 from .progress import progress
 from .reader import PartReader
-from .refs import Ref, Resolved, resolve
+from .refs import FETCH_OPTIONS, RefLike, RefOptions, Resolved, open_ref
 from .store import Store, backend_errors, check_tag, standard_parts_location
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 __all__ = ["PushReport", "push"]
 
@@ -56,30 +59,28 @@ def _publishable(resolved: Resolved) -> bytes:
 
 
 def push(
-    ref: Ref | Resolved,
+    ref: RefLike,
     dest: str | os.PathLike[str],
     *,
-    name: str | None = None,
-    tag: str | None = None,
     dest_tag: str | None = None,
     force: bool = False,
-    storage_options: dict[str, Any] | None = None,
     dest_storage_options: dict[str, Any] | None = None,
-    cache_dir: str | os.PathLike[str] | None = None,
     workers: int = DEFAULT_WORKERS,
     quiet: bool = False,
+    **options: Unpack[RefOptions],
 ) -> PushReport:
     """Publish the model at ``ref`` into the store ``dest`` (a path or any fsspec URL).
 
     Parts the destination already has are skipped (dedup across versions and models); every
     other part is verified against the manifest before it is uploaded, and the manifest is
     written last. A tag that already holds a different manifest is refused unless ``force``.
-    ``dest_tag`` publishes under another tag (default: the source's).
+    ``dest_tag`` publishes under another tag (default: the source's). ``ref`` and the options are
+    as for :func:`sepstore.load`: they pick, pin and read the source.
     """
-    src = resolve(ref, name=name, tag=tag, storage_options=storage_options)
+    src = open_ref("push", ref, options, FETCH_OPTIONS)
     store = Store(dest, dest_storage_options)
     manifest = src.manifest
-    out_tag = check_tag(dest_tag or tag or src.tag)
+    out_tag = check_tag(dest_tag or src.tag)
     data = _publishable(src)
     digest = manifest_digest(data)
     url = store.url_of(store.manifest_path(manifest.name, out_tag))
@@ -94,7 +95,7 @@ def push(
     parts: dict[str, tuple[str, Part]] = {}
     for label, part in manifest.labelled_parts():
         parts.setdefault(part.digest, (label, part))
-    reader = PartReader(src, cache_dir=cache_dir, workers=workers)
+    reader = PartReader(src, cache_dir=options.get("cache_dir"), workers=workers)
 
     def upload(item: tuple[str, Part]) -> int:
         label, part = item

@@ -1,38 +1,177 @@
-"""From a reference (manifest URL, or store root plus name/tag) to a verified manifest and the
-location of its parts."""
+"""References to a model version, normalised and checked in one place, and resolved into a manifest
+whose bytes, digest and parts location agree.
+
+Every function that reads a model (``load``, ``lazy_load``, ``read_manifest``, ``verify``, ``pull``,
+``push``, ``plan``, ``diff``, ``files``) takes a reference (:data:`RefLike`) plus the options of
+:class:`RefOptions`, and hands both to :func:`open_ref`: an option that function cannot use is an
+error, and an option given with an already-resolved reference is applied (a pin is checked, a
+mirror used) or refused, never ignored.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import posixpath
+import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, Final, Literal, TypedDict
 
 import fsspec
 from fsspec.core import split_protocol
 
 from .backends import open_url
-from .errors import IntegrityError, ManifestError, NotFoundError, StoreError
-from .hashing import digest_hex
+from .errors import IntegrityError, ManifestError, NotFoundError, RefError
+from .hashing import DIGEST_PATTERN, digest_hex
 from .manifest import Manifest, Part, decode_manifest, manifest_digest
-from .store import MANIFESTS_DIR, Store, read_limited
+from .store import MANIFESTS_DIR, Store, check_name, check_tag, read_limited
 
-__all__ = ["Ref", "Resolved", "resolve"]
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
+__all__ = [
+    "FETCH_OPTIONS",
+    "MANIFEST_OPTIONS",
+    "PARTS_OPTIONS",
+    "ModelRef",
+    "Option",
+    "Ref",
+    "RefLike",
+    "RefOptions",
+    "Resolved",
+    "manifest_of",
+    "open_ref",
+    "resolve",
+]
 
 Ref = str | os.PathLike[str]
 _LOCAL = {None, "file", "local"}
+_PIN = re.compile(DIGEST_PATTERN)
+# Percent escapes a server may decode into a path separator or a dot segment ("%2e%2e" is ".."):
+# in `parts` they would climb out of the store after the location was checked.
+_PATH_ESCAPE = re.compile(r"%(?:2e|2f|5c|25)", re.IGNORECASE)
+
+
+class RefOptions(TypedDict, total=False):
+    """The options every function that reads a model takes, beside the reference itself.
+
+    ``name``/``tag`` pick a manifest in a store root (left out: the only model, tag ``latest`` or
+    the only tag); ``digest`` pins the manifest's own digest (``blake3:<hex>``); ``parts_url``
+    reads the parts from a mirror (still verified); ``storage_options`` go to fsspec;
+    ``cache_dir`` is where remote parts are kept (default ``$SEPSTORE_CACHE``). ``None`` is the
+    same as leaving an option out.
+    """
+
+    name: str | None
+    tag: str | None
+    digest: str | None
+    parts_url: str | os.PathLike[str] | None
+    storage_options: Mapping[str, Any] | None
+    cache_dir: str | os.PathLike[str] | None
+
+
+Option = Literal["name", "tag", "digest", "parts_url", "storage_options", "cache_dir"]
+#: Options that pick, pin and read a manifest: what a function needing only the manifest takes.
+MANIFEST_OPTIONS: Final[frozenset[Option]] = frozenset({"name", "tag", "digest", "storage_options"})
+#: ... and locate its parts.
+PARTS_OPTIONS: Final[frozenset[Option]] = MANIFEST_OPTIONS | {"parts_url"}
+#: ... and fetch them into a cache.
+FETCH_OPTIONS: Final[frozenset[Option]] = PARTS_OPTIONS | {"cache_dir"}
+_WHY_NOT: Final[dict[str, str]] = {
+    "parts_url": "it reads no parts",
+    "cache_dir": "it fetches no parts",
+}
+
+
+def is_manifest_url(url: str) -> bool:
+    """Whether ``url`` names a manifest file rather than a store root."""
+    return url.endswith(".json")
+
+
+def _absolute(url: str) -> str:
+    return os.path.abspath(url) if split_protocol(url)[0] in _LOCAL else url
 
 
 @dataclass(frozen=True)
-class Resolved:
-    """A manifest read and checked, with where its bytes came from and where its parts live."""
+class ModelRef:
+    """A reference to one model version, checked when it is made: a manifest URL or path, or a
+    store root (``url``) with ``name``/``tag``; with an optional ``digest`` pin, a ``parts_url``
+    mirror and the ``storage_options`` fsspec opens ``url`` with. ``url`` may be given as a path."""
 
-    manifest: Manifest
     url: str
-    digest: str
+    name: str | None = None
+    tag: str | None = None
+    digest: str | None = None
+    parts_url: str | None = None
+    storage_options: Mapping[str, Any] = field(default_factory=dict, hash=False)
+
+    def __post_init__(self) -> None:
+        url = os.fspath(self.url) if isinstance(self.url, str | os.PathLike) else None
+        if not isinstance(url, str) or not url:
+            raise RefError(f"a model reference is a manifest URL or path, or a store root; got {self.url!r}")
+        if is_manifest_url(url) and (self.name is not None or self.tag is not None):
+            raise RefError(f"{url} is a manifest; name= and tag= are for a store root")
+        if self.name is not None:
+            check_name(self.name)
+        if self.tag is not None:
+            check_tag(self.tag)
+        if self.digest is not None and (not isinstance(self.digest, str) or not _PIN.fullmatch(self.digest)):
+            raise RefError(f"digest= pins a manifest's digest, blake3:<64 lowercase hex>; got {self.digest!r}")
+        object.__setattr__(self, "url", url)
+        object.__setattr__(self, "parts_url", _parts_url(self.parts_url))
+        object.__setattr__(self, "storage_options", _storage_options(self.storage_options))
+
+
+def _parts_url(value: object) -> str | None:
+    if value is None:
+        return None
+    location = os.fspath(value) if isinstance(value, str | os.PathLike) else None
+    if not isinstance(location, str) or not location.strip("/"):
+        raise RefError(f"parts_url= is a path or URL of a parts folder, got {value!r}")
+    return location.rstrip("/")
+
+
+def _storage_options(value: object) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise RefError(f"storage_options= is a mapping of fsspec options, got {value!r}")
+    return dict(value)
+
+
+@dataclass(frozen=True, init=False)
+class Resolved:
+    """A manifest read and checked: its bytes, and the digest and manifest derived from them (so
+    the three cannot disagree), with the URL it was read from and where its parts live.
+
+    ``Resolved(data, url)`` decodes ``data`` and finds the parts from the manifest's own
+    ``parts`` (checked to stay inside the store); ``parts_url`` names a mirror instead.
+    """
+
+    data: bytes = field(repr=False)
+    url: str
     parts_url: str
-    storage_options: dict[str, Any] = field(default_factory=dict)
-    data: bytes = field(default=b"", repr=False)  # the manifest's bytes, as read
+    storage_options: Mapping[str, Any] = field(hash=False)
+    manifest: Manifest = field(init=False, repr=False, compare=False, hash=False)
+    digest: str = field(init=False, compare=False)
+
+    def __init__(
+        self,
+        data: bytes,
+        url: str,
+        parts_url: str | os.PathLike[str] | None = None,
+        storage_options: Mapping[str, Any] | None = None,
+    ) -> None:
+        url = _absolute(url)
+        manifest = decode_manifest(bytes(data), source=url)
+        location = _parts_url(parts_url)
+        object.__setattr__(self, "data", bytes(data))
+        object.__setattr__(self, "url", url)
+        object.__setattr__(self, "parts_url", location if location is not None else _parts_location(url, manifest))
+        object.__setattr__(self, "storage_options", _storage_options(storage_options))
+        object.__setattr__(self, "manifest", manifest)
+        object.__setattr__(self, "digest", manifest_digest(self.data))
 
     @property
     def tag(self) -> str:
@@ -43,46 +182,108 @@ class Resolved:
         return f"{self.parts_url}/{digest_hex(part.digest)}.safetensors"
 
 
-def resolve(
-    ref: Ref | Resolved,
-    *,
-    name: str | None = None,
-    tag: str | None = None,
-    storage_options: dict[str, Any] | None = None,
-    parts_url: str | None = None,
-    digest: str | None = None,
-) -> Resolved:
+RefLike = str | os.PathLike[str] | ModelRef | Resolved
+
+
+def resolve(ref: RefLike, **options: Unpack[RefOptions]) -> Resolved:
     """Read the manifest ``ref`` names and check it (and its digest, when ``digest`` pins one).
 
-    ``ref`` is a manifest's path or URL (``.../manifests/llama/v2.json``) or a store root; in a
-    store, ``name``/``tag`` pick the manifest, and may be left out when the store holds just one
-    model (``tag`` then defaults to ``latest`` or the only tag).
+    ``ref`` is a manifest's path or URL (``.../manifests/llama/v2.json``), a store root, a
+    :class:`ModelRef`, or a :class:`Resolved` (returned as is, or with ``parts_url`` applied and
+    ``digest`` checked). See :class:`RefOptions` for the options; ``cache_dir`` does not apply.
+
+    Raises:
+        RefError: a malformed option, or one that cannot apply to ``ref``.
+        NotFoundError: no manifest there. IntegrityError: the pinned digest differs.
+        ManifestError: the manifest does not decode, or its parts lie outside its store.
     """
+    return open_ref("resolve", ref, options, PARTS_OPTIONS)
+
+
+def open_ref(caller: str, ref: RefLike, options: Mapping[str, object], uses: frozenset[Option]) -> Resolved:
+    """What every public function does with its reference: refuse options ``caller`` cannot use
+    (all but ``uses``), merge the rest into ``ref`` and resolve it. ``cache_dir`` is left to the
+    caller, which reads it from ``options``."""
+    given = _given(caller, options, uses)
+    given.pop("cache_dir", None)
     if isinstance(ref, Resolved):
+        return _apply(caller, ref, given)
+    if isinstance(ref, ModelRef):
+        return _read(_merge(caller, ref, given))
+    if not isinstance(ref, str | os.PathLike):
+        raise RefError(
+            f"{caller}(): a model reference is a manifest URL or path, a store root, a ModelRef or a Resolved; "
+            f"got {ref!r}"
+        )
+    return _read(ModelRef(os.fspath(ref), **given))
+
+
+def manifest_of(caller: str, ref: RefLike | Manifest, options: Mapping[str, object]) -> Manifest:
+    """The manifest of a reference, or ``ref`` itself when it is one (then no option applies)."""
+    if isinstance(ref, Manifest):
+        for key in _given(caller, options, MANIFEST_OPTIONS):
+            raise RefError(f"{caller}(): {key}= cannot apply to a Manifest object, which is already read")
         return ref
-    if parts_url is not None and not isinstance(parts_url, str | os.PathLike):
-        raise StoreError(f"parts_url= is a path or URL of a parts folder, got {parts_url!r}")
-    options = dict(storage_options or {})
-    url = os.fspath(ref) if isinstance(ref, str | os.PathLike) else None
-    if not isinstance(url, str) or not url:
-        raise NotFoundError(f"a model reference is a manifest URL or a store root, got {ref!r}")
-    if url.endswith(".json"):
-        if name is not None or tag is not None:
-            raise StoreError(f"{url} is a manifest; name= and tag= are for a store root")
-        fs, path = open_url(url, options)
-        manifest_url = os.path.abspath(path) if split_protocol(url)[0] in _LOCAL else url
+    return open_ref(caller, ref, options, MANIFEST_OPTIONS).manifest
+
+
+def _given(caller: str, options: Mapping[str, object], uses: frozenset[Option]) -> dict[str, Any]:
+    """The options given (not ``None``), once each is known and one ``caller`` uses."""
+    known = RefOptions.__optional_keys__
+    for key in options:
+        if key not in known:
+            raise TypeError(f"{caller}() got an unexpected keyword argument {key!r}")
+    given = {k: v for k, v in options.items() if v is not None}
+    for key in given:
+        if key not in uses:
+            why = _WHY_NOT.get(key, "it does not read a model")
+            raise RefError(f"{caller}() does not take {key}=: {why}")
+    return given
+
+
+def _apply(caller: str, resolved: Resolved, given: dict[str, Any]) -> Resolved:
+    """Options given with an already-resolved reference: a pin is checked, a mirror applied, and
+    what would pick or read another manifest is refused."""
+    for key in ("name", "tag", "storage_options"):
+        if key in given:
+            raise RefError(
+                f"{caller}(): {key}= cannot apply to an already-resolved reference ({resolved.url}); "
+                "pass it to resolve() instead"
+            )
+    if "digest" in given:
+        _check_pin(resolved.url, resolved.digest, ModelRef(resolved.url, digest=given["digest"]).digest)
+    if "parts_url" in given:
+        return dataclasses.replace(resolved, parts_url=given["parts_url"])
+    return resolved
+
+
+def _merge(caller: str, ref: ModelRef, given: dict[str, Any]) -> ModelRef:
+    """``ref`` with the options it leaves open filled in; one that contradicts it is refused."""
+    for key, value in given.items():
+        held = getattr(ref, key)
+        if held and held != getattr(ModelRef(ref.url, **{key: value}), key):
+            raise RefError(f"{caller}(): {key}={value!r} contradicts the reference's {key}={held!r}")
+    return dataclasses.replace(ref, **given) if given else ref
+
+
+def _check_pin(url: str, got: str, pinned: str | None) -> None:
+    if pinned is not None and got != pinned:
+        raise IntegrityError(f"{url}: manifest digest is {got}, but {pinned} was pinned")
+
+
+def _read(ref: ModelRef) -> Resolved:
+    """Read the manifest a checked reference names, pin first, then decode it."""
+    if is_manifest_url(ref.url):
+        fs, path = open_url(ref.url, ref.storage_options)
+        manifest_url = _absolute(ref.url)
         data = read_limited(fs, path, manifest_url)
     else:
-        store = Store(url, options)
-        name, tag = _pick(store, name, tag)
+        store = Store(ref.url, dict(ref.storage_options))
+        name, tag = _pick(store, ref.name, ref.tag)
         manifest_url = store.url_of(store.manifest_path(name, tag))
         data = store.read_manifest_bytes(name, tag)
-    got = manifest_digest(data)
-    if digest is not None and got != digest:
-        raise IntegrityError(f"{manifest_url}: manifest digest is {got}, but {digest} was pinned")
-    manifest = decode_manifest(data, source=manifest_url)
-    location = os.fspath(parts_url).rstrip("/") if parts_url else _parts_location(manifest_url, manifest)
-    return Resolved(manifest, manifest_url, got, location, options, data)
+    _check_pin(manifest_url, manifest_digest(data), ref.digest)
+    return Resolved(data, manifest_url, ref.parts_url, ref.storage_options)
 
 
 def _pick(store: Store, name: str | None, tag: str | None) -> tuple[str, str]:
@@ -97,7 +298,7 @@ def _pick(store: Store, name: str | None, tag: str | None) -> tuple[str, str]:
         return candidates[0]
     what = f"model {name!r}" if name is not None else "models"
     if not candidates:
-        store.require()
+        _require(store)
         where = f"{store.url}/{MANIFESTS_DIR}"
         raise NotFoundError(f"no {what}{f' with tag {tag!r}' if tag else ''} in store {store.url} (looked in {where})")
     listing = ", ".join(f"{n}:{t}" for n, t in candidates)
@@ -109,10 +310,36 @@ def _pick(store: Store, name: str | None, tag: str | None) -> tuple[str, str]:
     raise NotFoundError(f"store {store.url} holds several models ({listing}); pick one with name= (--name) and tag=")
 
 
+def _require(store: Store) -> None:
+    """A store root with no manifests must at least exist; one that looks like a mistyped manifest
+    URL (``.../v1.jsn``, or anything under ``manifests/``) is said to be one."""
+    base = posixpath.basename(store.url)
+    mistyped = posixpath.splitext(base)[1] != "" or f"/{MANIFESTS_DIR}/" in store.url
+    if not mistyped:
+        store.require()
+        return
+    try:
+        store.require()
+    except NotFoundError:
+        raise NotFoundError(
+            f"{store.url}: nothing there; a manifest URL ends in .json (.../{MANIFESTS_DIR}/<name>/<tag>.json), "
+            f"a store root is the folder holding {MANIFESTS_DIR}/ and parts/"
+        ) from None
+    raise NotFoundError(
+        f"{store.url} is neither a manifest (a manifest URL ends in .json) nor a store root "
+        f"(no {MANIFESTS_DIR}/ folder with manifests in it)"
+    )
+
+
 def _parts_location(manifest_url: str, manifest: Manifest) -> str:
     """Where a manifest's parts live, refusing locations outside its store or of another protocol."""
     protocol, path = split_protocol(manifest_url)
     parts = manifest.parts
+    if _PATH_ESCAPE.search(parts):
+        raise ManifestError(
+            f"{manifest_url}: field `parts` {parts!r} has a percent escape of '.', '/', '\\' or '%', which a "
+            "server would decode after the location was checked; refused"
+        )
     parts_protocol = split_protocol(parts)[0]
     local = protocol in _LOCAL
     if parts_protocol is not None or parts.startswith("/"):
@@ -135,6 +362,6 @@ def _parts_location(manifest_url: str, manifest: Manifest) -> str:
     return joined if local else f"{protocol}://{joined}"
 
 
-def open_fs(url: str, storage_options: dict[str, Any]) -> tuple[fsspec.AbstractFileSystem, str]:
+def open_fs(url: str, storage_options: Mapping[str, Any]) -> tuple[fsspec.AbstractFileSystem, str]:
     """The filesystem and path of a URL, with backend errors as sepstore's."""
     return open_url(url, storage_options)

@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
-import os
 import tempfile
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import IntegrityError, NotFoundError
 from .manifest import Part
 from .progress import progress
 from .reader import PartReader
-from .refs import Ref, Resolved, resolve
+from .refs import FETCH_OPTIONS, RefLike, RefOptions, open_ref
 from .spec import select_parts
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 __all__ = ["PartCheck", "VerifyReport", "verify"]
 
@@ -55,26 +57,17 @@ class VerifyReport:
         }
 
 
-def verify(
-    ref: Ref | Resolved,
-    spec: str = "f",
-    *,
-    cache_dir: str | os.PathLike[str] | None = None,
-    storage_options: dict[str, Any] | None = None,
-    parts_url: str | None = None,
-    digest: str | None = None,
-    name: str | None = None,
-    tag: str | None = None,
-    quiet: bool = False,
-) -> VerifyReport:
+def verify(ref: RefLike, spec: str = "f", *, quiet: bool = False, **options: Unpack[RefOptions]) -> VerifyReport:
     """Check every part ``spec`` names: size, file digest, header, and each tensor's digest.
 
     A remote store's parts are fetched into a temporary folder, so what is checked is what the
     server holds (pass ``cache_dir`` to check, and fill, a cache instead). Failures of parts are
     collected in the report (``report.ok``), not raised; a manifest that cannot be read or decoded,
-    or a server that cannot be reached, still raises.
+    or a server that cannot be reached, still raises. ``ref`` and the options are as for
+    :func:`sepstore.load`.
     """
-    resolved = resolve(ref, name=name, tag=tag, storage_options=storage_options, parts_url=parts_url, digest=digest)
+    resolved = open_ref("verify", ref, options, FETCH_OPTIONS)
+    cache_dir = options.get("cache_dir")
     # "f" checks every part there is, also of a dump still in progress (which "f" cannot load)
     chosen = list(resolved.manifest.labelled_parts()) if spec == "f" else select_parts(resolved.manifest, spec)[1]
     with tempfile.TemporaryDirectory(prefix="sepstore-verify-") as scratch:

@@ -40,6 +40,7 @@ __all__ = [
     "RefLike",
     "RefOptions",
     "Resolved",
+    "is_manifest_url",
     "manifest_of",
     "open_ref",
     "resolve",
@@ -163,15 +164,15 @@ class Resolved:
         parts_url: str | os.PathLike[str] | None = None,
         storage_options: Mapping[str, Any] | None = None,
     ) -> None:
-        url = _absolute(url)
-        manifest = decode_manifest(bytes(data), source=url)
+        data, url = bytes(data), _absolute(url)
+        manifest = decode_manifest(data, source=url)
         location = _parts_url(parts_url)
-        object.__setattr__(self, "data", bytes(data))
+        object.__setattr__(self, "data", data)
         object.__setattr__(self, "url", url)
         object.__setattr__(self, "parts_url", location if location is not None else _parts_location(url, manifest))
         object.__setattr__(self, "storage_options", _storage_options(storage_options))
         object.__setattr__(self, "manifest", manifest)
-        object.__setattr__(self, "digest", manifest_digest(self.data))
+        object.__setattr__(self, "digest", manifest_digest(data))
 
     @property
     def tag(self) -> str:

@@ -345,7 +345,8 @@ def build_parser() -> argparse.ArgumentParser:
         "diff",
         cmd_diff,
         "compare two versions: changed parts and tensors, bytes to fetch",
-        "sepstore diff ./store/manifests/llama/v1.json ./store/manifests/llama/v2.json",
+        "sepstore diff ./store/manifests/llama/v1.json ./store/manifests/llama/v2.json\n"
+        "  sepstore diff ./store ./store --name llama --tag v1 --tag v2",
     )
     p.add_argument("a", help="the version a node has: manifest path or URL, or a store root")
     p.add_argument("b", help="the version to move to")

@@ -46,6 +46,7 @@ __all__ = [
     "resolve",
 ]
 
+#: A manifest's path or URL, or a store root's.
 Ref = str | os.PathLike[str]
 _LOCAL = {None, "file", "local"}
 _PIN = re.compile(DIGEST_PATTERN)
@@ -79,10 +80,8 @@ MANIFEST_OPTIONS: Final[frozenset[Option]] = frozenset({"name", "tag", "digest",
 PARTS_OPTIONS: Final[frozenset[Option]] = MANIFEST_OPTIONS | {"parts_url"}
 #: ... and fetch them into a cache.
 FETCH_OPTIONS: Final[frozenset[Option]] = PARTS_OPTIONS | {"cache_dir"}
-_WHY_NOT: Final[dict[str, str]] = {
-    "parts_url": "it reads no parts",
-    "cache_dir": "it fetches no parts",
-}
+# Why a function may not take an option: only these two are ever left out of its `uses`.
+_WHY_NOT: Final[dict[str, str]] = {"parts_url": "it reads no parts", "cache_dir": "it fetches no parts"}
 
 
 def is_manifest_url(url: str) -> bool:
@@ -117,11 +116,16 @@ class ModelRef:
             check_name(self.name)
         if self.tag is not None:
             check_tag(self.tag)
-        if self.digest is not None and (not isinstance(self.digest, str) or not _PIN.fullmatch(self.digest)):
-            raise RefError(f"digest= pins a manifest's digest, blake3:<64 lowercase hex>; got {self.digest!r}")
+        _pin(self.digest)
         object.__setattr__(self, "url", url)
         object.__setattr__(self, "parts_url", _parts_url(self.parts_url))
         object.__setattr__(self, "storage_options", _storage_options(self.storage_options))
+
+
+def _pin(value: object) -> str | None:
+    if value is None or (isinstance(value, str) and _PIN.fullmatch(value)):
+        return value
+    raise RefError(f"digest= pins a manifest's digest, blake3:<64 lowercase hex>; got {value!r}")
 
 
 def _parts_url(value: object) -> str | None:
@@ -183,7 +187,8 @@ class Resolved:
         return f"{self.parts_url}/{digest_hex(part.digest)}.safetensors"
 
 
-RefLike = str | os.PathLike[str] | ModelRef | Resolved
+#: What every function that reads a model takes as its reference.
+RefLike = Ref | ModelRef | Resolved
 
 
 def resolve(ref: RefLike, **options: Unpack[RefOptions]) -> Resolved:
@@ -237,8 +242,7 @@ def _given(caller: str, options: Mapping[str, object], uses: frozenset[Option]) 
     given = {k: v for k, v in options.items() if v is not None}
     for key in given:
         if key not in uses:
-            why = _WHY_NOT.get(key, "it does not read a model")
-            raise RefError(f"{caller}() does not take {key}=: {why}")
+            raise RefError(f"{caller}() does not take {key}=: {_WHY_NOT[key]}")
     return given
 
 
@@ -252,7 +256,7 @@ def _apply(caller: str, resolved: Resolved, given: dict[str, Any]) -> Resolved:
                 "pass it to resolve() instead"
             )
     if "digest" in given:
-        _check_pin(resolved.url, resolved.digest, ModelRef(resolved.url, digest=given["digest"]).digest)
+        _check_pin(resolved.url, resolved.digest, _pin(given["digest"]))
     if "parts_url" in given:
         return dataclasses.replace(resolved, parts_url=given["parts_url"])
     return resolved
@@ -260,11 +264,12 @@ def _apply(caller: str, resolved: Resolved, given: dict[str, Any]) -> Resolved:
 
 def _merge(caller: str, ref: ModelRef, given: dict[str, Any]) -> ModelRef:
     """``ref`` with the options it leaves open filled in; one that contradicts it is refused."""
-    for key, value in given.items():
-        held = getattr(ref, key)
-        if held and held != getattr(ModelRef(ref.url, **{key: value}), key):
+    merged = dataclasses.replace(ref, **given)
+    for key in given:
+        held, value = getattr(ref, key), getattr(merged, key)
+        if held and held != value:
             raise RefError(f"{caller}(): {key}={value!r} contradicts the reference's {key}={held!r}")
-    return dataclasses.replace(ref, **given) if given else ref
+    return merged
 
 
 def _check_pin(url: str, got: str, pinned: str | None) -> None:

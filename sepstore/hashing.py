@@ -7,9 +7,13 @@ import re
 
 from blake3 import blake3
 
-__all__ = ["DIGEST_PATTERN", "Hasher", "digest_buffer", "digest_file", "digest_hex", "digest_of"]
+__all__ = ["DIGEST_PATTERN", "END", "Hasher", "digest_buffer", "digest_file", "digest_hex", "digest_of"]
 
-DIGEST_PATTERN = r"^blake3:[0-9a-f]{64}$"
+#: ``$(?!\n)`` ends every pattern sepstore checks: in Python ``$`` also matches before a final
+#: newline, and msgspec applies ``Meta(pattern=)`` with ``re.search``; in JSON Schema (ECMA-262)
+#: ``$`` is the end already and the lookahead changes nothing.
+END = r"$(?!\n)"
+DIGEST_PATTERN = rf"^blake3:[0-9a-f]{{64}}{END}"
 _DIGEST_RE = re.compile(DIGEST_PATTERN)
 _PREFIX = "blake3:"
 
@@ -44,6 +48,6 @@ def digest_of(hasher: blake3) -> str:
 
 def digest_hex(digest: str) -> str:
     """The hex of a validated ``blake3:<hex>`` digest; refuses anything else."""
-    if not _DIGEST_RE.match(digest):
+    if not _DIGEST_RE.fullmatch(digest):
         raise ValueError(f"not a blake3 digest: {digest!r}")
     return digest[len(_PREFIX) :]

@@ -15,7 +15,8 @@ import msgspec
 from msgspec import Meta, Struct
 
 from .errors import ManifestError
-from .hashing import DIGEST_PATTERN, digest_buffer
+from .hashing import DIGEST_PATTERN, END, digest_buffer
+from .safetensors_io import shape_problem
 
 __all__ = [
     "FORMAT",
@@ -36,22 +37,28 @@ FORMAT_VERSION: Final = 1
 MAX_MANIFEST_BYTES: Final = 64 * 1024 * 1024
 
 _SEGMENT = r"(?!\.\.?(?:/|$))[A-Za-z0-9._-]+"
-NAME_PATTERN: Final = rf"^{_SEGMENT}(?:/{_SEGMENT})*$"
-TAG_PATTERN: Final = rf"^{_SEGMENT}$"
+NAME_PATTERN: Final = rf"^{_SEGMENT}(?:/{_SEGMENT})*{END}"
+TAG_PATTERN: Final = rf"^{_SEGMENT}{END}"
+TENSOR_NAME_PATTERN: Final = rf"^(?!__metadata__$).+{END}"
 
 Digest = Annotated[str, Meta(pattern=DIGEST_PATTERN, description="blake3:<64 lowercase hex>")]
-DTypeName = Annotated[str, Meta(pattern=r"^[A-Z][A-Z0-9_]*$", description="safetensors dtype, e.g. BF16")]
-TensorName = Annotated[str, Meta(pattern=r"^(?!__metadata__$).+$", max_length=4096)]
+DTypeName = Annotated[str, Meta(pattern=rf"^[A-Z][A-Z0-9_]*{END}", description="safetensors dtype, e.g. BF16")]
+TensorName = Annotated[str, Meta(pattern=TENSOR_NAME_PATTERN, max_length=4096)]
 ModelName = Annotated[str, Meta(pattern=NAME_PATTERN, max_length=512)]
-NonNegative = Annotated[int, Meta(ge=0)]
+Dimension = Annotated[int, Meta(ge=0, le=2**63 - 1)]
 
 
 class Tensor(Struct, frozen=True, forbid_unknown_fields=True):
     """One tensor of a part: safetensors dtype, shape and BLAKE3 of its raw bytes."""
 
     dtype: DTypeName
-    shape: tuple[NonNegative, ...]
+    shape: tuple[Dimension, ...]
     digest: Digest
+
+    def __post_init__(self) -> None:
+        problem = shape_problem(self.shape)
+        if problem is not None:  # msgspec reports it as a ValidationError at this tensor's path
+            raise ValueError(f"shape {list(self.shape)!r:.200}: {problem}")
 
 
 class Part(Struct, frozen=True, forbid_unknown_fields=True):

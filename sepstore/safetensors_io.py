@@ -35,6 +35,7 @@ __all__ = [
     "TensorRecord",
     "WrittenPart",
     "copy_range",
+    "header_end",
     "parse_header",
     "pread_exact",
     "pwrite_all",
@@ -67,6 +68,10 @@ FLOATING = frozenset({"F8_E4M3", "F8_E5M2", "F8_E4M3FNUZ", "F8_E5M2FNUZ", "F16",
 
 #: Refuse headers larger than this before reading them (safetensors' own limit is 100 MB).
 MAX_HEADER_BYTES = 100_000_000
+
+#: The most elements a tensor may have, counting each zero dimension as 1 so that no partial
+#: product of its shape is larger either: torch keeps sizes and element counts in int64.
+MAX_ELEMENTS = 2**63 - 1
 
 #: Large buffers are written in pieces of this size: single multi-MiB writes were 2x slower here
 #: (the kernel then fills huge page-cache folios, slow to come by on some VMs; see bench_convert.py).
@@ -254,13 +259,37 @@ class HeaderEntry:
     end: int
 
 
+def shape_problem(shape: tuple[int, ...] | list[int]) -> str | None:
+    """Why ``shape`` cannot be a tensor's (a dimension that is not an int >= 0, or too many elements
+    for torch), or ``None`` when it can."""
+    volume = 1
+    for d in shape:
+        if type(d) is not int or d < 0:
+            return f"dimension {d!r} is not a whole number >= 0"
+        volume *= max(d, 1)
+        if volume > MAX_ELEMENTS:
+            return f"more than {MAX_ELEMENTS} elements"
+    return None
+
+
+def header_end(prefix: bytes | memoryview, file_size: int) -> int:
+    """How many of a file's first bytes :func:`parse_header` needs, from its first 8: the length
+    prefix and the header, or just the prefix when the length cannot be right (it then says why)."""
+    if len(prefix) < 8:
+        return 8
+    (length,) = struct.unpack("<Q", bytes(prefix[:8]))
+    return 8 + length if length <= MAX_HEADER_BYTES and 8 + length <= file_size else 8
+
+
 def parse_header(prefix: memoryview | bytes, file_size: int, *, where: str) -> dict[str, HeaderEntry]:
     """Parse and validate a safetensors header from the file's first bytes.
 
     ``prefix`` must hold at least the first 8 bytes; the header length is checked against
     ``file_size`` before the header is decoded, so a hostile length allocates nothing. Offsets must
     tile the data section exactly (no gaps, no overlaps, nothing outside the file), and each
-    tensor's byte length must equal its shape times its element size.
+    tensor's byte length must equal its shape times its element size, and its shape must be one torch
+    can hold. ``__metadata__``, if present, must be what safetensors allows: a flat map of strings to
+    strings.
     """
 
     def bad(why: str) -> IntegrityError:
@@ -277,9 +306,13 @@ def parse_header(prefix: memoryview | bytes, file_size: int, *, where: str) -> d
         raw = json.loads(bytes(prefix[8 : 8 + length]))
     except (ValueError, UnicodeDecodeError) as exc:
         raise bad(f"not JSON ({exc})") from None
+    except RecursionError:
+        raise bad("JSON nested too deeply") from None
     if not isinstance(raw, dict):
         raise bad("not a JSON object")
-    raw.pop("__metadata__", None)
+    metadata = raw.pop("__metadata__", {})
+    if not (isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())):
+        raise bad("__metadata__ is not a map of strings to strings")
     base = 8 + length
     entries: dict[str, HeaderEntry] = {}
     for name, info in raw.items():
@@ -287,21 +320,22 @@ def parse_header(prefix: memoryview | bytes, file_size: int, *, where: str) -> d
             raise bad(f"entry {name!r} is not an object")
         dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
         if not isinstance(dtype, str) or dtype not in ITEMSIZE:
-            raise bad(f"tensor {name!r} has unknown dtype {dtype!r}")
-        if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
-            raise bad(f"tensor {name!r} has invalid shape {shape!r}")
+            raise bad(f"tensor {name!r} has unknown dtype {dtype!r:.200}")
+        problem = shape_problem(shape) if isinstance(shape, list) else "not a list"
+        if problem is not None:
+            raise bad(f"tensor {name!r} has invalid shape {shape!r:.200}: {problem}")
         if not (
             isinstance(offsets, list)
             and len(offsets) == 2
             and all(type(o) is int for o in offsets)
             and 0 <= offsets[0] <= offsets[1]
         ):
-            raise bad(f"tensor {name!r} has invalid data_offsets {offsets!r}")
+            raise bad(f"tensor {name!r} has invalid data_offsets {offsets!r:.200}")
         numel = 1
         for d in shape:
             numel *= d
         if offsets[1] - offsets[0] != numel * ITEMSIZE[dtype]:
-            raise bad(f"tensor {name!r}: {offsets[1] - offsets[0]} bytes for shape {shape} of {dtype}")
+            raise bad(f"tensor {name!r}: {offsets[1] - offsets[0]} bytes for shape {shape!r:.200} of {dtype}")
         entries[name] = HeaderEntry(dtype, tuple(shape), base + offsets[0], base + offsets[1])
     position = base
     for entry in sorted(entries.values(), key=lambda e: (e.start, e.end)):

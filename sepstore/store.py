@@ -107,7 +107,7 @@ def standard_parts_location(name: str) -> str:
 
 
 def check_name(name: str) -> str:
-    if not isinstance(name, str) or not _NAME_RE.match(name):
+    if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
         raise StoreError(
             f"invalid model name {name!r}: use segments of letters, digits, '.', '_' and '-' joined by '/' "
             "(e.g. 'meta-llama/Llama-3-8B'), never '.' or '..'"
@@ -116,7 +116,7 @@ def check_name(name: str) -> str:
 
 
 def check_tag(tag: str) -> str:
-    if not isinstance(tag, str) or not _TAG_RE.match(tag) or tag.startswith("."):
+    if not isinstance(tag, str) or not _TAG_RE.fullmatch(tag) or tag.startswith("."):
         raise StoreError(
             f"invalid tag {tag!r}: one segment of letters, digits, '.', '_' and '-', not starting with '.' (e.g. 'v1')"
         )

@@ -392,7 +392,7 @@ def test_json_schema_describes_the_manifest_fields() -> None:
     manifest = schema["$defs"]["Manifest"]
     assert {"format", "format_version", "name", "parts", "begin", "mid", "end"} <= set(manifest["properties"])
     assert manifest["properties"]["format"] == {"enum": [FORMAT]}
-    assert schema["$defs"]["Part"]["properties"]["digest"]["pattern"] == r"^blake3:[0-9a-f]{64}$"
+    assert schema["$defs"]["Part"]["properties"]["digest"]["pattern"] == r"^blake3:[0-9a-f]{64}$(?!\n)"
 
 
 # --- format compatibility: the committed example store ---------------------------------------------

@@ -94,6 +94,7 @@ def iter_parts(
     verify: bool = True,
     device: str | torch.device = "cpu",
     cache_dir: str | os.PathLike[str] | None = None,
+    mmap: bool = False,
 ) -> Iterator[tuple[str, Tensors]]:
     """Yield ``(label, tensors)`` part by part, each verified before it is yielded."""
     import torch
@@ -103,14 +104,16 @@ def iter_parts(
         torch.empty(0, device=target)  # an unknown device, or one this torch was not built for
     except (RuntimeError, TypeError, AssertionError) as exc:
         raise TensorError(f"cannot load onto device {device!r}: {exc}") from None
+    if mmap and target.type != "cpu":
+        raise TensorError(
+            f"mmap=True returns views of the part files on the CPU, but device is {device!r}; "
+            "drop mmap=True (the verified bytes are then copied onto the device)"
+        )
     _, chosen = select_parts(resolved.manifest, spec)
     reader = PartReader(resolved, cache_dir=cache_dir)
     reader.prefetch(chosen, desc=f"fetch {resolved.manifest.name}")
     for label, part in chosen:
-        tensors = reader.read(label, part, verify=verify)
-        if target.type != "cpu":
-            tensors = {k: v.to(target) for k, v in tensors.items()}
-        yield label, tensors
+        yield label, reader.read(label, part, verify=verify, mmap=mmap, device=target)
 
 
 def load(
@@ -119,6 +122,7 @@ def load(
     *,
     verify: bool = True,
     device: str | torch.device = "cpu",
+    mmap: bool = False,
     **options: Unpack[RefOptions],
 ) -> PartStateDict:
     """Load the parts ``spec`` names from the model at ``ref``, every byte verified.
@@ -127,13 +131,16 @@ def load(
     than one model), a :class:`~sepstore.ModelRef` or a :class:`~sepstore.Resolved`. The
     options (:class:`~sepstore.RefOptions`): ``digest`` pins the manifest's own digest,
     ``parts_url`` reads parts from a mirror, ``storage_options`` go to fsspec, ``cache_dir`` keeps
-    remote parts. On the CPU the tensors are read-only-safe views of memory-mapped files (writes
-    to them stay private); ``device`` moves them.
+    remote parts. Each part file is read once into memory of its own and hashed as it is read, so
+    the tensors are the verified bytes and nothing done to the files later changes them; ``device``
+    gets one copy of those bytes. ``mmap=True`` (CPU only) returns views of memory-mapped part
+    files instead, without copying: they are valid only while no one writes to or truncates the
+    files, so it is refused for files other users could change (see SECURITY.md).
     """
     resolved = open_ref("load", ref, options, FETCH_OPTIONS)
     parsed, _ = select_parts(resolved.manifest, spec)
     result = PartStateDict(main_range=parsed.main_range)
-    chosen = iter_parts(resolved, parsed, verify=verify, device=device, cache_dir=options.get("cache_dir"))
+    chosen = iter_parts(resolved, parsed, verify=verify, device=device, cache_dir=options.get("cache_dir"), mmap=mmap)
     for label, tensors in chosen:
         if label == "begin":
             result.begin = tensors
@@ -158,6 +165,7 @@ def lazy_load(
     *,
     strict: bool = True,
     verify: bool = True,
+    mmap: bool = False,
     **options: Unpack[RefOptions],
 ) -> LoadResult:
     """Load ``spec`` into ``module`` one part at a time, so peak memory is about one part.
@@ -165,13 +173,15 @@ def lazy_load(
     Keys are ``begin.X``, ``mid.<layer>.X`` and ``end.X``, as in a :class:`sepstore.Part`.
     Tensors are copied onto the device of the module's own parameters. With ``strict`` (the
     default) a key the module lacks, or a module key no part provided, is a
-    :class:`ModuleMismatchError`. ``ref`` and the options are as for :func:`load`.
+    :class:`ModuleMismatchError`. ``ref`` and the options are as for :func:`load`. ``mmap=True``
+    copies straight from memory-mapped part files, saving one copy of each part, under
+    :func:`load`'s condition for it.
     """
     resolved = open_ref("lazy_load", ref, options, FETCH_OPTIONS)
     expected = set(module.state_dict().keys())
     loaded: set[str] = set()
     unexpected: list[str] = []
-    for label, tensors in iter_parts(resolved, spec, verify=verify, cache_dir=options.get("cache_dir")):
+    for label, tensors in iter_parts(resolved, spec, verify=verify, cache_dir=options.get("cache_dir"), mmap=mmap):
         prefixed = {f"{label}.{key}": value for key, value in tensors.items()}
         try:
             result = module.load_state_dict(prefixed, strict=False)

@@ -1,8 +1,9 @@
 """Opening one part: locate its bytes (store or cache), verify them, and return its tensors.
 
-A local part file is memory-mapped once (copy-on-write, so a caller writing to a tensor never
-touches the file); the digest is computed from that same mapping with BLAKE3's threads and the
-tensors are views into it, so a verified load reads each byte once and copies nothing.
+A local part file is read once, in pieces, into memory of its own, and each piece is hashed as
+soon as it is there: the digest is of exactly the bytes the tensors are built from, and nothing
+done to the file afterwards (a write, a truncation) reaches them. ``mmap=True`` keeps the file's
+pages instead (zero copies, under the condition :func:`_mapped` states and checks).
 """
 
 from __future__ import annotations
@@ -10,18 +11,20 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Callable, Iterable
-from mmap import ACCESS_READ, mmap
+from io import FileIO
+from mmap import ACCESS_COPY
+from mmap import mmap as memory_map
 from typing import TYPE_CHECKING, TypeVar
 
 from fsspec.implementations.local import LocalFileSystem
 
 from .cache import DEFAULT_WORKERS, Cache, Fetch
 from .errors import IntegrityError, NotFoundError, StoreError
-from .hashing import digest_buffer, digest_hex
+from .hashing import Hasher, digest_buffer, digest_hex, digest_of
 from .manifest import Part
 from .progress import progress
 from .refs import Resolved, open_fs
-from .safetensors_io import HeaderEntry, parse_header
+from .safetensors_io import HASH_PIECE, HeaderEntry, header_end, parse_header
 
 if TYPE_CHECKING:
     import torch
@@ -88,12 +91,17 @@ class PartReader:
         self._fresh.update(f.part.digest for f in fetched)
         return fetched
 
-    def read(self, label: str, part: Part, *, verify: bool = True) -> dict[str, torch.Tensor]:
-        """The part's tensors on the CPU, sorted by name, after checking size, digest and header.
+    def read(
+        self, label: str, part: Part, *, verify: bool = True, mmap: bool = False, device: torch.device | None = None
+    ) -> dict[str, torch.Tensor]:
+        """The part's tensors, sorted by name, after checking size, digest and header.
 
-        A cached copy that no longer matches its digest (a disk fault, a hand edit) is deleted
-        and fetched again, once."""
-        return self._repairing(part, lambda: self._read(label, part, verify=verify))
+        The file is read once into fresh memory and hashed as it is read, so the tensors are
+        exactly the bytes verified and nothing done to the file later changes them; with ``mmap``
+        they are views of a memory map instead (see :func:`_mapped`). On a ``device`` other than
+        the CPU they are one copy of those verified bytes. A cached copy that no longer matches
+        its digest (a disk fault, a hand edit) is deleted and fetched again, once."""
+        return self._repairing(part, lambda: self._read(label, part, verify=verify, mmap=mmap, device=device))
 
     def check(self, label: str, part: Part) -> None:
         """Check a part as :meth:`read` does and every tensor's digest too, without torch; an
@@ -124,41 +132,50 @@ class PartReader:
             raise IntegrityError(f"{where}: file is {size} bytes, manifest says {part.size}")
         return path, where
 
-    def _header(self, data: memoryview, part: Part, where: str, *, verify: bool) -> dict[str, HeaderEntry]:
-        """The part's header, once its digest (unless fetched and so checked in this call, or not
-        ``verify``) and its header match the manifest."""
-        if verify and part.digest not in self._fresh:
-            got = digest_buffer(data)
-            if got != part.digest:
-                raise IntegrityError(f"{where}: digest is {got}, manifest says {part.digest}")
-        header = parse_header(data, part.size, where=where)
-        check_header(header, part, where)
-        return header
-
     def _check(self, label: str, part: Part) -> None:
+        """One pass over the file in bounded pieces: the file's digest, then its header, then
+        every tensor's digest (no memory map, so a file truncated meanwhile is an error, not a crash)."""
         path, where = self._locate(label, part)
-        with (
-            open(path, "rb") as file,
-            mmap(file.fileno(), 0, access=ACCESS_READ) as mapped,
-            memoryview(mapped) as data,
-        ):
-            for name, entry in self._header(data, part, where, verify=True).items():
-                with data[entry.start : entry.end] as raw:
-                    got = digest_buffer(raw)
-                if got != part.tensors[name].digest:
-                    raise IntegrityError(
-                        f"{where}: tensor {name!r} digest is {got}, manifest says {part.tensors[name].digest}"
-                    )
+        with open(path, "rb", buffering=0) as file:
+            head = bytearray(8)
+            _fill(file, memoryview(head), part, where)
+            head += bytes(header_end(head, part.size) - 8)
+            _fill(file, memoryview(head)[8:], part, where)
+            try:
+                header, broken = parse_header(head, part.size, where=where), None
+            except IntegrityError as exc:
+                header, broken = {}, exc
+            whole = Hasher()
+            whole.update(head)
+            spans = sorted((entry.start, entry.end, name, Hasher()) for name, entry in header.items())
+            piece = memoryview(bytearray(min(HASH_PIECE, part.size)))
+            for at in range(len(head), part.size, HASH_PIECE):
+                data = piece[: min(HASH_PIECE, part.size - at)]
+                _fill(file, data, part, where)
+                whole.update(data)
+                for start, end, _, hasher in spans:  # the tensors tile the data: few overlap a piece
+                    if start < at + len(data) and end > at:
+                        hasher.update(data[max(start - at, 0) : min(end - at, len(data))])
+        _compare(digest_of(whole), part.digest, where, "digest")
+        if broken is not None:
+            raise broken
+        check_header(header, part, where)
+        for _, _, name, hasher in spans:
+            _compare(digest_of(hasher), part.tensors[name].digest, where, f"tensor {name!r} digest")
 
-    def _read(self, label: str, part: Part, *, verify: bool) -> dict[str, torch.Tensor]:
-        import torch
-
+    def _read(
+        self, label: str, part: Part, *, verify: bool, mmap: bool, device: torch.device | None
+    ) -> dict[str, torch.Tensor]:
         from .tensors import DTYPES
 
         path, where = self._locate(label, part)
-        storage = torch.UntypedStorage.from_file(path, shared=False, nbytes=part.size)
-        data = torch.empty(0, dtype=torch.uint8).set_(storage)
-        header = self._header(memoryview(data.numpy()), part, where, verify=verify)
+        data = _mapped(path, part, where) if mmap else _copied(path, part, where, verify=verify)
+        if mmap and verify:
+            _compare(digest_buffer(memoryview(data.numpy())), part.digest, where, "digest")
+        header = parse_header(memoryview(data.numpy()), part.size, where=where)
+        check_header(header, part, where)
+        if device is not None and device.type != "cpu":
+            data = data.to(device)  # the verified bytes themselves, in one transfer
         tensors: dict[str, torch.Tensor] = {}
         for name, entry in header.items():
             dtype = DTYPES[entry.dtype]
@@ -167,3 +184,61 @@ class PartReader:
                 raw = raw.clone()  # misaligned (not written by sepstore): one copy to align it
             tensors[name] = raw.view(dtype).reshape(entry.shape)
         return dict(sorted(tensors.items()))
+
+
+def _compare(got: str, expected: str, where: str, what: str) -> None:
+    if got != expected:
+        raise IntegrityError(f"{where}: {what} is {got}, manifest says {expected}")
+
+
+def _fill(file: FileIO, into: memoryview, part: Part, where: str) -> None:
+    """Fill ``into`` with the file's next bytes; a file that ends first (truncated since its size
+    was checked) is an :class:`IntegrityError`."""
+    done = 0
+    while done < len(into):
+        n = file.readinto(into[done:])
+        if not n:
+            raise IntegrityError(f"{where}: file ended at byte {file.tell()}, manifest says {part.size} bytes")
+        done += n
+
+
+def _copied(path: str, part: Part, where: str, *, verify: bool) -> torch.Tensor:
+    """The part's bytes read into fresh memory in pieces, each hashed (if ``verify``) right after
+    it is read: the digest is of exactly these bytes, and no one else can change them."""
+    import torch
+
+    data = torch.empty(part.size, dtype=torch.uint8)
+    hasher = Hasher()
+    with open(path, "rb", buffering=0) as file, memoryview(data.numpy()) as whole:
+        for at in range(0, part.size, HASH_PIECE):
+            with whole[at : at + HASH_PIECE] as piece:
+                _fill(file, piece, part, where)
+                if verify:
+                    hasher.update(piece)
+    if verify:
+        _compare(digest_of(hasher), part.digest, where, "digest")
+    return data
+
+
+def _mapped(path: str, part: Part, where: str) -> torch.Tensor:
+    """The part's bytes as a copy-on-write memory map of the file (``mmap=True``).
+
+    Its tensors stay valid only while the file is not written to or truncated: another writer's
+    bytes would show through, and a truncation kills the process with SIGBUS. So the file must be
+    one that only this user (or root) can change, as its permissions show.
+    """
+    import torch
+
+    with open(path, "rb") as file:
+        info = os.fstat(file.fileno())
+        if info.st_mode & 0o022 or info.st_uid not in (os.getuid(), 0):
+            who = "other users can write to it" if info.st_mode & 0o022 else f"it belongs to user {info.st_uid}"
+            raise StoreError(
+                f"{where}: mmap=True maps only part files that no other user can change, but {who}; "
+                "load without mmap=True (the bytes are then copied), or make the file private"
+            )
+        try:
+            mapped = memory_map(file.fileno(), part.size, access=ACCESS_COPY)
+        except ValueError:  # shorter than part.size: truncated since its size was checked
+            raise IntegrityError(f"{where}: file is shorter than the {part.size} bytes the manifest says") from None
+    return torch.frombuffer(mapped, dtype=torch.uint8)

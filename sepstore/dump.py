@@ -10,7 +10,16 @@ from typing import TYPE_CHECKING, Any, Literal
 from ._version import __version__
 from .errors import DeciderError, ManifestError, StoreError
 from .hashing import digest_buffer
-from .manifest import FORMAT_VERSION, Manifest, Part, Tensor, decode_manifest, encode_manifest
+from .manifest import (
+    FORMAT_VERSION,
+    MAX_TENSOR_NAME,
+    Manifest,
+    Part,
+    Tensor,
+    decode_manifest,
+    encode_manifest,
+    is_tensor_name,
+)
 from .progress import progress
 from .refs import Resolved
 from .safetensors_io import RawTensor, WrittenPart, write_part
@@ -51,8 +60,11 @@ def place(decider: Decider, key: str) -> tuple[Slot, str] | None:
     section, *rest = where
     section = "begin" if section == "start" else section
     new_key = rest[-1] if rest else None
-    if not isinstance(new_key, str) or not new_key or new_key == "__metadata__":
-        raise DeciderError(f"decider returned {where!r} for key {key!r}: the new key must be a non-empty string")
+    if not is_tensor_name(new_key):
+        raise DeciderError(
+            f"decider returned {where!r} for key {key!r}: the new key must be a non-empty string of one line "
+            f"(at most {MAX_TENSOR_NAME} characters, not '__metadata__')"
+        )
     if section in ("begin", "end") and len(rest) == 1:
         return section, new_key
     if section == "mid" and len(rest) == 2:

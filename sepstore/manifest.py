@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import re
 from collections.abc import Iterator
 from typing import Annotated, Any, Final
 
@@ -40,12 +41,18 @@ _SEGMENT = r"(?!\.\.?(?:/|$))[A-Za-z0-9._-]+"
 NAME_PATTERN: Final = rf"^{_SEGMENT}(?:/{_SEGMENT})*{END}"
 TAG_PATTERN: Final = rf"^{_SEGMENT}{END}"
 TENSOR_NAME_PATTERN: Final = rf"^(?!__metadata__$).+{END}"
+MAX_TENSOR_NAME: Final = 4096
 
 Digest = Annotated[str, Meta(pattern=DIGEST_PATTERN, description="blake3:<64 lowercase hex>")]
 DTypeName = Annotated[str, Meta(pattern=rf"^[A-Z][A-Z0-9_]*{END}", description="safetensors dtype, e.g. BF16")]
-TensorName = Annotated[str, Meta(pattern=TENSOR_NAME_PATTERN, max_length=4096)]
+TensorName = Annotated[str, Meta(pattern=TENSOR_NAME_PATTERN, max_length=MAX_TENSOR_NAME)]
 ModelName = Annotated[str, Meta(pattern=NAME_PATTERN, max_length=512)]
 Dimension = Annotated[int, Meta(ge=0, le=2**63 - 1)]
+
+
+def is_tensor_name(name: object) -> bool:
+    """Whether a manifest can hold ``name`` as a tensor's name (one line, not ``__metadata__``)."""
+    return isinstance(name, str) and len(name) <= MAX_TENSOR_NAME and bool(re.fullmatch(TENSOR_NAME_PATTERN, name))
 
 
 class Tensor(Struct, frozen=True, forbid_unknown_fields=True):

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from test_cli import run
 from test_integrity import forged_store, safetensors_bytes, table
 
@@ -132,6 +133,13 @@ def test_dump_refuses_a_name_or_tag_ending_in_a_newline_and_writes_nothing(tmp_p
     with pytest.raises(sepstore.StoreError, match="invalid tag"):
         sepstore.dump(llama_decider, sd, tmp_path / "store", tag="v1\n", quiet=True)
     assert not (tmp_path / "store").exists() or not list((tmp_path / "store").rglob("*\n*"))
+
+
+@pytest.mark.parametrize("key", ["w\n", "x" * 4097, "__metadata__", ""])
+def test_dump_refuses_tensor_names_a_manifest_cannot_hold(tmp_path: Path, key: str) -> None:
+    with pytest.raises(sepstore.DeciderError, match="one line"):
+        sepstore.dump(lambda k: ("mid", 0, k), {key: torch.ones(2)}, tmp_path / "store", quiet=True)
+    assert not (tmp_path / "store" / "manifests").exists()
 
 
 def test_push_of_a_manifest_named_with_a_final_newline_is_refused(tmp_path: Path, store: Path) -> None:

@@ -9,11 +9,11 @@ pages instead (zero copies, under the condition :func:`_mapped` states and check
 from __future__ import annotations
 
 import contextlib
+import mmap as mmap_module  # `mmap` is a keyword of read
 import os
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from io import FileIO
-from mmap import ACCESS_COPY
-from mmap import mmap as memory_map
 from typing import TYPE_CHECKING, TypeVar
 
 from fsspec.implementations.local import LocalFileSystem
@@ -24,7 +24,7 @@ from .hashing import Hasher, digest_buffer, digest_hex, digest_of
 from .manifest import Part
 from .progress import progress
 from .refs import Resolved, open_fs
-from .safetensors_io import HASH_PIECE, HeaderEntry, header_end, parse_header
+from .safetensors_io import HeaderEntry, header_end, parse_header
 
 if TYPE_CHECKING:
     import torch
@@ -32,6 +32,11 @@ if TYPE_CHECKING:
 __all__ = ["PartReader", "check_header"]
 
 T = TypeVar("T")
+
+#: Parts are read in pieces of this size, each hashed by a second thread while the next is read,
+#: so that it is hashed while still in the CPU's cache: with 4 MiB pieces hashing added about
+#: 15% to the read here, with 16 MiB pieces or without the second thread 40-60% (bench_load.py).
+READ_PIECE = 4 * 1024 * 1024
 
 
 def check_header(header: dict[str, HeaderEntry], part: Part, where: str) -> None:
@@ -148,9 +153,9 @@ class PartReader:
             whole = Hasher()
             whole.update(head)
             spans = sorted((entry.start, entry.end, name, Hasher()) for name, entry in header.items())
-            piece = memoryview(bytearray(min(HASH_PIECE, part.size)))
-            for at in range(len(head), part.size, HASH_PIECE):
-                data = piece[: min(HASH_PIECE, part.size - at)]
+            piece = memoryview(bytearray(min(READ_PIECE, part.size)))
+            for at in range(len(head), part.size, READ_PIECE):
+                data = piece[: min(READ_PIECE, part.size - at)]
                 _fill(file, data, part, where)
                 whole.update(data)
                 for start, end, _, hasher in spans:  # the tensors tile the data: few overlap a piece
@@ -203,18 +208,23 @@ def _fill(file: FileIO, into: memoryview, part: Part, where: str) -> None:
 
 
 def _copied(path: str, part: Part, where: str, *, verify: bool) -> torch.Tensor:
-    """The part's bytes read into fresh memory in pieces, each hashed (if ``verify``) right after
-    it is read: the digest is of exactly these bytes, and no one else can change them."""
+    """The part's bytes read into fresh memory in pieces, each hashed (if ``verify``) by a second
+    thread right after it is read: the digest is of exactly these bytes, and no one else can
+    change them."""
     import torch
 
     data = torch.empty(part.size, dtype=torch.uint8)
     hasher = Hasher()
-    with open(path, "rb", buffering=0) as file, memoryview(data.numpy()) as whole:
-        for at in range(0, part.size, HASH_PIECE):
-            with whole[at : at + HASH_PIECE] as piece:
-                _fill(file, piece, part, where)
-                if verify:
-                    hasher.update(piece)
+    with open(path, "rb", buffering=0) as file, ThreadPoolExecutor(1, "sepstore-hash") as hashing:
+        whole = memoryview(data.numpy())
+        hashed = []
+        for at in range(0, part.size, READ_PIECE):
+            piece = whole[at : at + READ_PIECE]
+            _fill(file, piece, part, where)
+            if verify:  # one thread: the pieces are hashed in order
+                hashed.append(hashing.submit(hasher.update, piece))
+        for future in hashed:
+            future.result()
     if verify:
         _compare(digest_of(hasher), part.digest, where, "digest")
     return data
@@ -238,7 +248,7 @@ def _mapped(path: str, part: Part, where: str) -> torch.Tensor:
                 "load without mmap=True (the bytes are then copied), or make the file private"
             )
         try:
-            mapped = memory_map(file.fileno(), part.size, access=ACCESS_COPY)
+            mapped = mmap_module.mmap(file.fileno(), part.size, access=mmap_module.ACCESS_COPY)
         except ValueError:  # shorter than part.size: truncated since its size was checked
             raise IntegrityError(f"{where}: file is shorter than the {part.size} bytes the manifest says") from None
     return torch.frombuffer(mapped, dtype=torch.uint8)

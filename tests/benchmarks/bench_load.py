@@ -10,17 +10,18 @@ It writes a seeded synthetic checkpoint (Hugging Face layout, bf16, about 2 GiB 
 ``--workdir`` (kept and reused by later runs unless ``--clean``), dumps it with ``sepstore.dump``
 and ``llm_sepweight.dump`` (timed once each), loads ``"b 0-5"`` once with each loader (page cache
 warm from then on; results compared), then times ``load(..., "b 0-5").to_dict()`` for sepstore
-(verify=True, verify=False) and llm_sepweight, interleaved, in two settings:
+(verify=True, verify=False, mmap=True) and llm_sepweight, interleaved, in two settings:
 
 - "one process": all calls in one spawned process, after a warm-up call each. Repeated calls can
   reuse memory the allocator kept, which helps llm_sepweight (its ``torch.load`` copies every byte
   into fresh memory, so it pays a page fault per 4 KiB page unless the allocator recycles pages).
 - "fresh process": each call in a new process, as a node loading its weights once would do.
 
-Two variants each: "load only" times the call alone (sepstore returns views of a copy-on-write mmap,
-so unverified it reads only headers, verified it reads every byte once to hash it; llm_sepweight
-reads every byte); "load + sum" also sums every tensor inside the timed region, so every byte is
-touched on every side.
+Two variants each: "load only" times the call alone (sepstore reads every byte once into memory of
+its own, hashing it as it lands unless verify=False; with mmap=True it returns views of a
+copy-on-write mmap, so it reads every byte once to hash it and copies nothing; llm_sepweight reads
+every byte); "load + sum" also sums every tensor inside the timed region, so every byte is touched
+on every side.
 """
 
 from __future__ import annotations
@@ -44,7 +45,15 @@ import sepstore
 from sepstore.demo import llama_decider
 
 Tensors = dict[str, torch.Tensor]
-LOADERS = ("sepstore verify=True", "sepstore verify=False", "llm_sepweight")
+#: Each loader and the keywords sepstore.load gets (None: llm_sepweight).
+OPTIONS: dict[str, dict[str, bool] | None] = {
+    "sepstore verify=True": {},
+    "sepstore verify=False": {"verify": False},
+    "sepstore mmap=True": {"mmap": True},
+    "llm_sepweight": None,
+}
+LOADERS = tuple(OPTIONS)
+SEPSTORE = LOADERS[:-1]
 MODES = ("load only", "load + sum")
 Step = tuple[str, str]  # (loader, mode)
 
@@ -66,9 +75,10 @@ def timed(fn: Callable[[], object]) -> float:
 
 
 def load(loader: str, manifest: Path, sepdir: Path, spec: str) -> Tensors:
-    if loader == "llm_sepweight":
+    options = OPTIONS[loader]
+    if options is None:
         return llm_sepweight.load(sepdir, spec).to_dict()
-    return sepstore.load(manifest, spec, verify=loader.endswith("True")).to_dict()
+    return sepstore.load(manifest, spec, **options).to_dict()
 
 
 def touch(sd: Tensors) -> float:
@@ -131,10 +141,10 @@ def report(title: str, steps: list[Step], times: list[float]) -> None:
     print(f"{'':<32}" + f"{'min':>11}{'median':>11}" * len(MODES))
     for loader in LOADERS:
         print(f"{loader:<32}" + "".join(cell(by[loader, m]) for m in MODES))
-    for loader in LOADERS[:2]:
+    for loader in SEPSTORE:
         label = loader.removeprefix("sepstore ") + " / llm_sepweight"
         print(f"{label:<32}" + "".join(ratio(by[loader, m], by["llm_sepweight", m]) for m in MODES))
-    ours, theirs = (statistics.median(by[loader, "load only"]) for loader in LOADERS[::2])
+    ours, theirs = (statistics.median(by[loader, "load only"]) for loader in (LOADERS[0], "llm_sepweight"))
     print(f"sepstore verified / llm_sepweight, load only, median: {ours / theirs:.2f}x")
 
 
@@ -148,8 +158,9 @@ def main() -> None:
     spec = f"b 0-{min(5, args.layers)}"
     print(f"machine: {os.cpu_count()} cores, torch {torch.__version__} with {torch.get_num_threads()} threads")
     manifest, sepdir = prepare(args.workdir.resolve(), args.layers)
-    ours, theirs = (load(loader, manifest, sepdir, spec) for loader in LOADERS[::2])
+    ours, theirs = (load(loader, manifest, sepdir, spec) for loader in (LOADERS[0], "llm_sepweight"))
     check_same(ours, theirs)
+    check_same(load("sepstore mmap=True", manifest, sepdir, spec), theirs)
     print(f'load "{spec}": {len(ours)} tensors, {sum(v.nbytes for v in ours.values()) / 2**20:.0f} MiB, ', end="")
     print(f"page cache warm, {args.repeats} repeats interleaved (target: verified / llm_sepweight <= 1.0x, aim 0.5x)")
     del ours, theirs

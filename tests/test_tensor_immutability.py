@@ -119,3 +119,14 @@ def test_loading_onto_a_gpu_gives_the_verified_bytes(store: Path) -> None:
     overwrite_tensor_bytes(part_file(store, "mid.0"))
     with pytest.raises(sepstore.IntegrityError):
         sepstore.load(store, "0-1", device="cuda")
+
+
+@pytest.mark.parametrize("mmap", [False, True])
+def test_lazy_load_copies_the_verified_bytes_into_the_module(tmp_path: Path, mmap: bool) -> None:
+    sepstore.dump(lambda k: ("end", k), {"w": torch.arange(4.0)}, tmp_path, quiet=True)
+    module = torch.nn.Module()
+    module.end = torch.nn.Module()
+    module.end.w = torch.nn.Parameter(torch.zeros(4), requires_grad=False)
+    sepstore.lazy_load(module, tmp_path, "e", mmap=mmap)
+    overwrite_tensor_bytes(part_file(tmp_path, "end"))
+    assert module.end.w.tolist() == [0.0, 1.0, 2.0, 3.0]

@@ -26,7 +26,7 @@ from .hashing import digest_file, digest_hex
 from .manifest import Part
 from .retry import ShortReadError, with_retries
 from .safetensors_io import pwrite_all
-from .store import PARTS_DIR, backend_errors, file_lock
+from .store import PARTS_DIR, backend_errors, file_lock, replace_durably
 
 __all__ = ["CHUNK_BYTES", "Cache", "Fetch", "default_cache_dir"]
 
@@ -119,7 +119,7 @@ class _Download:
         if got != part.digest:
             self.discard()
             raise IntegrityError(f"part {self.item.label} at {url}: digest is {got}, manifest says {part.digest}")
-        os.replace(self.partial, self.final)
+        replace_durably(self.partial, self.final)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.log)
 

@@ -165,13 +165,23 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_push(args: argparse.Namespace) -> int:
-    report = push(args.ref, args.dest, dest_tag=args.as_tag, force=args.force, quiet=args.quiet, **_ref_options(args))
+    report = push(
+        args.ref,
+        args.dest,
+        dest_tag=args.as_tag,
+        force=args.force,
+        quiet=args.quiet,
+        verify=args.verify,
+        **_ref_options(args),
+    )
     if args.json:
         _print_json(report.to_dict())
         return EXIT_OK
+    checked = "re-hashed" if report.verified else "size checked"
+    repaired = f", {len(report.repaired)} of them replacing damaged copies" if report.repaired else ""
     print(
-        f"uploaded {counted(len(report.uploaded), 'part')} ({human_bytes(report.uploaded_bytes)}), "
-        f"skipped {len(report.skipped)} already there ({human_bytes(report.skipped_bytes)})"
+        f"uploaded {counted(len(report.uploaded), 'part')} ({human_bytes(report.uploaded_bytes)}){repaired}; "
+        f"skipped {len(report.skipped)} already there ({human_bytes(report.skipped_bytes)}, {checked})"
     )
     state = "published" if report.manifest_written else "already published"
     print(f"{state}: {report.manifest_url} ({report.manifest_digest})")
@@ -213,15 +223,15 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_gc(args: argparse.Namespace) -> int:
-    report = gc(args.store, grace=args.grace, dry_run=args.dry_run)
+    report = gc(args.store, grace=args.grace, dry_run=args.dry_run, allow_empty=args.allow_empty)
     if args.json:
         _print_json(report.to_dict())
         return EXIT_OK
     verb = "would remove" if report.dry_run else "removed"
     print(
         f"{verb} {counted(len(report.removed), 'unreferenced file')} ({human_bytes(report.removed_bytes)}); "
-        f"kept {counted(report.kept, 'referenced part')} and {len(report.young)} unreferenced younger than "
-        f"{args.grace:g} s"
+        f"kept {counted(report.kept, 'referenced part')}, {len(report.young)} unreferenced younger than "
+        f"{args.grace:g} s and {len(report.leased)} a publish in progress relies on"
     )
     return EXIT_OK
 
@@ -314,6 +324,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dest", help="destination store: a path or URL (s3://bucket/prefix, memory://...)")
     p.add_argument("--as-tag", help="publish under this tag (default: the source's)")
     p.add_argument("--force", action="store_true", help="replace a different manifest already under that tag")
+    p.add_argument(
+        "--verify",
+        action="store_true",
+        help="re-hash the parts the destination already has (fetching them) and replace any that fail "
+        "(default: check their sizes)",
+    )
     _add_quiet(p)
     p.add_argument("--json", action="store_true", help="print JSON")
 
@@ -378,6 +394,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--grace", type=float, default=DEFAULT_GRACE, help="keep files younger than this many seconds (default 3600)"
     )
     p.add_argument("--dry-run", action="store_true", help="only say what would be removed")
+    p.add_argument(
+        "--allow-empty",
+        action="store_true",
+        help="run even if the store holds no manifests (which removes every part; refused by default)",
+    )
     p.add_argument("--json", action="store_true", help="print JSON")
 
     p = command(

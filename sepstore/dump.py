@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from ._version import __version__
 from .errors import DeciderError, ManifestError, StoreError
 from .hashing import digest_buffer
+from .leases import Held, holding
 from .manifest import (
     FORMAT_VERSION,
     MAX_TENSOR_NAME,
@@ -132,13 +133,16 @@ def _as_part(written: WrittenPart) -> Part:
 class _Writer:
     """Writes the parts of one dump call, merging with the parts a previous call left."""
 
-    def __init__(self, store: Store, existing: Resolved | None) -> None:
+    def __init__(self, store: Store, existing: Resolved | None, lease: Held) -> None:
         self.store = store
         self.existing = existing
+        self.lease = lease
         self._reader: PartReader | None = None
 
     def write(self, tensors: Mapping[str, RawTensor]) -> Part:
-        written = self.store.add_part(lambda fd: write_part(tensors, fd), lambda w: w.digest)
+        written = self.store.add_part(
+            lambda fd: write_part(tensors, fd), lambda w: w.digest, protect=lambda digest: self.lease.protect([digest])
+        )
         return _as_part(written)
 
     def _read(self, label: str, part: Part) -> dict[str, RawTensor]:
@@ -229,40 +233,51 @@ def dump(
     config = _as_json(config)
     _check_extras(name, config, metadata)
     groups = _group(decider, state_dict.keys())
-    with store.tag_lock(name, tag):  # calls into one tag combine: one at a time
+    # Calls into one tag combine: one at a time. The lease keeps gc from the parts relied on.
+    with store.tag_lock(name, tag), holding(store, "publish") as lease:
         existing: Resolved | None = None
         version: str | None = None
         if not force and store.has_manifest(name, tag):
             data, version = store.read_manifest_version(name, tag)
             existing = Resolved(data, store.url_of(store.manifest_path(name, tag)), store.parts_url, storage_options)
+            lease.protect(part.digest for _, part in existing.manifest.labelled_parts())
         previous = existing.manifest if existing is not None else None
-        begin = previous.begin if previous else None
-        end = previous.end if previous else None
-        mid: list[Part | None] = list(previous.mid) if previous else []
-        writer = _Writer(store, existing)
+        parts: dict[Slot, Part | None] = {"begin": previous.begin, "end": previous.end} if previous else {}
+        parts.update(enumerate(previous.mid) if previous else ())
+        writer = _Writer(store, existing, lease)
+
+        before = dict(parts)
+
+        def build(slot: Slot) -> Part:
+            """The slot's part: this call's tensors, merged with those a previous call stored there."""
+            return writer.merge(slot, _tensors(state_dict, groups[slot]), before.get(slot))
+
         order = sorted(groups, key=lambda s: (s == "end", s != "begin", s if isinstance(s, int) else 0))
         sizes = {slot: sum(_nbytes(state_dict, key) for key in group.values()) for slot, group in groups.items()}
         with progress(sum(sizes.values()), f"dump {name}:{tag}", quiet=quiet) as bar:
             for slot in order:
-                tensors = _tensors(state_dict, groups[slot])
-                if slot == "begin":
-                    begin = writer.merge(slot, tensors, begin)
-                elif slot == "end":
-                    end = writer.merge(slot, tensors, end)
-                else:
-                    layer = int(slot)
-                    mid.extend([None] * (layer + 1 - len(mid)))
-                    mid[layer] = writer.merge(layer, tensors, mid[layer])
-                del tensors
+                parts[slot] = build(slot)
                 bar.update(sizes[slot])
+        # Belt and braces (a gc of an older sepstore ignores leases): every part, right before the manifest.
+        for slot, part in parts.items():
+            if part is not None and slot in groups and not store.has_part(part.digest):
+                parts[slot] = build(slot)
+        gone = [_label(slot) for slot, part in parts.items() if part is not None and not store.has_part(part.digest)]
+        if gone:
+            raise StoreError(
+                f"{store.url}: parts {', '.join(gone)} vanished during this dump (a gc of an older sepstore?); "
+                "the manifest was not written, run the dump again"
+            )
+        lease.check()
+        layers = max((slot + 1 for slot in parts if isinstance(slot, int)), default=0)
         meta = {**(previous.metadata if previous else {}), "sepstore_version": __version__, **(metadata or {})}
         manifest = Manifest(
             format_version=FORMAT_VERSION,
             name=name,
             parts=standard_parts_location(name),
-            begin=begin,
-            mid=mid,
-            end=end,
+            begin=parts.get("begin"),
+            mid=[parts.get(layer) for layer in range(layers)],
+            end=parts.get("end"),
             config=config if config is not None else (previous.config if previous else None),
             metadata=dict(sorted(meta.items())),
         )

@@ -1,4 +1,7 @@
-"""gc: delete the parts no manifest in a store references, once they are older than a grace period."""
+"""gc: delete the parts no manifest in a store references, once they are older than a grace period.
+
+A publish in flight is never broken: gc honours the publishers' leases (see :mod:`sepstore.leases`
+for why no interleaving of the two can lose a part a manifest will name)."""
 
 from __future__ import annotations
 
@@ -8,26 +11,30 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import StoreError
+from .errors import NotFoundError, StoreError
+from .leases import holding, live_leases
 from .manifest import decode_manifest
 from .store import TEMP_PATTERN, Store, backend_errors
 
 __all__ = ["DEFAULT_GRACE", "GcReport", "gc"]
 
-#: Parts younger than this are kept even when unreferenced: a publish in flight writes its parts
-#: before its manifest.
+#: Parts younger than this are kept even when unreferenced (publishers of sepstore versions without
+#: leases, and parts copied into the store by hand, have only this protection).
 DEFAULT_GRACE = 3600.0
 
 
 @dataclass(frozen=True)
 class GcReport:
-    """What gc removed (or, in a dry run, would remove) and what it kept."""
+    """What gc removed (or, in a dry run, would remove) and what it kept: ``kept`` counts the
+    referenced parts, ``young`` the unreferenced files within the grace period, ``leased`` the
+    unreferenced parts a publish in flight relies on."""
 
     removed: list[str]
     removed_bytes: int
     kept: int
     young: list[str]
     dry_run: bool
+    leased: list[str]
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -35,6 +42,7 @@ class GcReport:
             "removed_bytes": self.removed_bytes,
             "kept": self.kept,
             "young": self.young,
+            "leased": self.leased,
             "dry_run": self.dry_run,
         }
 
@@ -55,7 +63,11 @@ def _referenced(store: Store) -> set[str]:
     referenced: set[str] = set()
     for name, tag in store.list_manifests():
         url = store.url_of(store.manifest_path(name, tag))
-        manifest = decode_manifest(store.read_manifest_bytes(name, tag), source=url)
+        try:
+            data = store.read_manifest_bytes(name, tag)
+        except NotFoundError:
+            continue  # deleted since the listing
+        manifest = decode_manifest(data, source=url)
         referenced.update(part.digest.removeprefix("blake3:") for _, part in manifest.labelled_parts())
     return referenced
 
@@ -83,39 +95,78 @@ def gc(
     *,
     grace: float = DEFAULT_GRACE,
     dry_run: bool = False,
+    allow_empty: bool = False,
     storage_options: dict[str, Any] | None = None,
 ) -> GcReport:
     """Delete every part file that no manifest in ``store`` references, and every temporary file
-    an interrupted write left, once older than ``grace`` seconds. Every manifest must decode first: a store
-    with an unreadable manifest is left untouched (its parts cannot be told apart from orphans)."""
+    an interrupted write left, once older than ``grace`` seconds.
+
+    Every manifest must decode first: a store with an unreadable manifest is left untouched (its
+    parts cannot be told apart from orphans). A store without any manifest (a cache folder, a
+    mistyped path) is refused unless ``allow_empty``: every part in it would go. Parts a publish
+    in flight has leased are kept, and expired leases are deleted.
+    """
     if grace < 0:
         raise StoreError(f"grace must be a number of seconds >= 0, got {grace}")
     target = store if isinstance(store, Store) else Store(store, storage_options)
     target.require()
+    if not allow_empty and not target.list_manifests():
+        raise StoreError(
+            f"{target.url} holds no manifests, so gc would delete every part in it; check the path "
+            "(a store root, not a cache folder), or pass allow_empty=True (--allow-empty) if every model was removed"
+        )
     referenced = _referenced(target)
     listing = _listing(target)
     referenced |= _referenced(target)  # and what was published while the parts were listed
     now = time.time()
-    removed: list[str] = []
+    victims: list[dict[str, Any]] = []
     young: list[str] = []
-    removed_bytes = kept = 0
+    kept = 0
     for info in listing:
-        path = info["name"]
-        base = path.rsplit("/", 1)[-1]
-        stem = base.removesuffix(".safetensors")
+        base, stem = _base(info), _stem(info)
         if stem in referenced:
             kept += 1
-            continue
-        is_part = base.endswith(".safetensors") and len(stem) == 64
-        if not (is_part or TEMP_PATTERN.match(base)):
-            continue  # not ours: leave it
-        modified = _mtime(info)
-        if modified is None or now - modified < grace:
-            young.append(base)
-            continue
-        if not dry_run:
-            with backend_errors(target.url_of(path)):
-                target.fs.rm_file(path)
-        removed.append(base)
-        removed_bytes += int(info.get("size") or 0)
-    return GcReport(sorted(removed), removed_bytes, kept, sorted(young), dry_run)
+        elif _is_part(base) or TEMP_PATTERN.match(base):  # anything else is not ours: left alone
+            modified = _mtime(info)
+            if modified is None or now - modified < grace:
+                young.append(base)
+            else:
+                victims.append(info)
+    if dry_run:
+        names = sorted(_base(info) for info in victims)
+        return GcReport(names, sum(int(i.get("size") or 0) for i in victims), kept, sorted(young), True, [])
+    parts = [_stem(info) for info in victims if _is_part(_base(info))]
+    removed: list[str] = []
+    leased: list[str] = []
+    removed_bytes = 0
+    with holding(target, "gc", [f"blake3:{h}" for h in parts]) as lease:
+        # After gc's own lease is written, and in this order: leases, then manifests (a publisher
+        # deletes its lease only after writing its manifest).
+        publishing = live_leases(target, "publish", sweep=True)
+        relied_on = {d.removeprefix("blake3:") for held in publishing for d in held.digests}
+        referenced |= _referenced(target) if parts else set()
+        for info in victims:
+            base, stem = _base(info), _stem(info)
+            if stem in referenced:
+                kept += 1  # published since the parts were listed
+                continue
+            if stem in relied_on:
+                leased.append(base)
+                continue
+            lease.check()
+            target.remove(info["name"])
+            removed.append(base)
+            removed_bytes += int(info.get("size") or 0)
+    return GcReport(sorted(removed), removed_bytes, kept, sorted(young), False, sorted(leased))
+
+
+def _base(info: dict[str, Any]) -> str:
+    return str(info["name"]).rsplit("/", 1)[-1]
+
+
+def _stem(info: dict[str, Any]) -> str:
+    return _base(info).removesuffix(".safetensors")
+
+
+def _is_part(base: str) -> bool:
+    return base.endswith(".safetensors") and len(base) == 64 + len(".safetensors")

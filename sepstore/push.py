@@ -5,13 +5,14 @@ from __future__ import annotations
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import msgspec
 
 from .cache import DEFAULT_WORKERS
 from .errors import IntegrityError, StoreError
 from .hashing import digest_file
+from .leases import holding
 from .manifest import Part, encode_manifest, manifest_digest
 from .progress import progress
 from .reader import PartReader
@@ -26,7 +27,9 @@ __all__ = ["PushReport", "push"]
 
 @dataclass(frozen=True)
 class PushReport:
-    """What a push did: parts uploaded, parts the destination already had, and the manifest."""
+    """What a push did: parts uploaded, parts the destination already had (checked by size, or
+    re-hashed when ``verified``), those of them found damaged and uploaded again (``repaired``,
+    also in ``uploaded``), and the manifest."""
 
     manifest_url: str
     manifest_digest: str
@@ -35,6 +38,8 @@ class PushReport:
     skipped: list[str]
     skipped_bytes: int
     manifest_written: bool
+    repaired: list[str]
+    verified: bool
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -44,6 +49,8 @@ class PushReport:
             "uploaded_bytes": self.uploaded_bytes,
             "skipped": self.skipped,
             "skipped_bytes": self.skipped_bytes,
+            "repaired": self.repaired,
+            "verified": self.verified,
             "manifest_written": self.manifest_written,
         }
 
@@ -67,13 +74,17 @@ def push(
     dest_storage_options: dict[str, Any] | None = None,
     workers: int = DEFAULT_WORKERS,
     quiet: bool = False,
+    verify: bool = False,
     **options: Unpack[RefOptions],
 ) -> PushReport:
     """Publish the model at ``ref`` into the store ``dest`` (a path or any fsspec URL).
 
-    Parts the destination already has are skipped (dedup across versions and models); every
-    other part is verified against the manifest before it is uploaded, and the manifest is
-    written last. A tag that already holds a different manifest is refused unless ``force``.
+    Parts the destination already has with the right size are skipped (dedup across versions
+    and models); with ``verify``, they are re-hashed too (fetched, from a remote store). Every
+    other part, and every one found damaged, is verified against the manifest before it is
+    uploaded, and the manifest is written last, after checking once more that every part is
+    there. A lease keeps ``gc`` from removing the parts this push relies on while it runs.
+    A tag that already holds a different manifest is refused unless ``force``.
     ``dest_tag`` publishes under another tag (default: the source's). ``ref`` and the options are
     as for :func:`sepstore.load`: they pick, pin and read the source.
     """
@@ -97,6 +108,8 @@ def push(
         parts.setdefault(part.digest, (label, part))
     reader = PartReader(src, cache_dir=options.get("cache_dir"), workers=workers)
 
+    damaged: set[str] = set()  # parts the destination holds with other bytes
+
     def upload(item: tuple[str, Part]) -> int:
         label, part = item
         path = reader.path(part)
@@ -105,27 +118,48 @@ def push(
                 got = digest_file(path)
             if got != part.digest or os.path.getsize(path) != part.size:
                 raise IntegrityError(f"part {label} ({path}): digest is {got}, manifest says {part.digest}")
-        store.put_part_file(path, part.digest)
+        store.put_part_file(path, part.digest, replace=part.digest in damaged)
         return part.size
 
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="sepstore-push") as pool:
-        present = dict(zip(parts, pool.map(store.has_part, parts), strict=True))
-        todo = [parts[d] for d, there in present.items() if not there]
+    def held_as(digest: str) -> Literal["missing", "damaged", "whole"]:
+        """What the destination holds under ``digest``: checked by size, and re-hashed with ``verify``."""
+        size = store.part_size(digest)
+        if size is None:
+            return "missing"
+        if size != parts[digest][1].size or (verify and store.digest_part(digest) != digest):
+            return "damaged"
+        return "whole"
+
+    def send(todo: list[tuple[str, Part]], desc: str) -> None:
         reader.prefetch(todo, desc=f"fetch {manifest.name}", quiet=quiet)  # a remote source: verified into the cache
-        with progress(sum(p.size for _, p in todo), f"push {manifest.name}:{out_tag}", quiet=quiet) as bar:
+        with progress(sum(p.size for _, p in todo), desc, quiet=quiet) as bar:
             for size in pool.map(upload, todo):
                 bar.update(size)
-    written = held != digest
-    if written and not store.write_manifest_bytes(manifest.name, out_tag, data, create=not force):
-        # another publisher created the tag since we looked: keep theirs unless it is this very manifest
-        held = manifest_digest(store.read_manifest_bytes(manifest.name, out_tag))
-        if held != digest:
-            raise StoreError(
-                f"{url} was published by someone else during this push ({held}); its parts are uploaded, "
-                "push again under another tag or with force=True (--force) to replace it"
-            )
-        written = False
-    skipped = [parts[d] for d, there in present.items() if there]
+
+    with (
+        holding(store, "publish", parts) as lease,
+        ThreadPoolExecutor(max_workers=workers, thread_name_prefix="sepstore-push") as pool,
+    ):
+        state = dict(zip(parts, pool.map(held_as, parts), strict=True))
+        damaged.update(d for d, there in state.items() if there == "damaged")
+        todo = [parts[d] for d, there in state.items() if there != "whole"]
+        send(todo, f"push {manifest.name}:{out_tag}")
+        # Belt and braces (a gc of an older sepstore ignores leases): every part, right before the manifest.
+        vanished = [parts[d] for d in parts if not store.has_part(d)]
+        if vanished:
+            send(vanished, f"push {manifest.name}:{out_tag} again")
+        lease.check()
+        written = held != digest
+        if written and not store.write_manifest_bytes(manifest.name, out_tag, data, create=not force):
+            # another publisher created the tag since we looked: keep theirs unless it is this very manifest
+            held = manifest_digest(store.read_manifest_bytes(manifest.name, out_tag))
+            if held != digest:
+                raise StoreError(
+                    f"{url} was published by someone else during this push ({held}); its parts are uploaded, "
+                    "push again under another tag or with force=True (--force) to replace it"
+                )
+            written = False
+    skipped = [parts[d] for d, there in state.items() if there == "whole"]
     return PushReport(
         manifest_url=url,
         manifest_digest=digest,
@@ -134,4 +168,6 @@ def push(
         skipped=[label for label, _ in skipped],
         skipped_bytes=sum(p.size for _, p in skipped),
         manifest_written=written,
+        repaired=[parts[d][0] for d in parts if d in damaged],
+        verified=verify,
     )

@@ -6,7 +6,9 @@ Layout::
     <root>/manifests/<name>/<tag>.json
 
 Writes never leave a partial file under a final name: on local disk a file is written under a
-temporary name in the same folder and renamed into place; object stores make each upload atomic.
+temporary name in the same folder, fsynced, renamed into place and its folder fsynced (so a
+power loss leaves it whole or absent, as git and SQLite do); object stores make each upload atomic.
+Publishers and gc also keep short-lived lease objects in ``<root>/leases/`` (see :mod:`sepstore.leases`).
 """
 
 from __future__ import annotations
@@ -26,12 +28,13 @@ from fsspec.implementations.local import LocalFileSystem
 
 from .backends import open_url
 from .errors import NotFoundError, SepstoreError, StoreError
-from .hashing import digest_hex
+from .hashing import Hasher, digest_file, digest_hex, digest_of
 from .manifest import MAX_MANIFEST_BYTES, NAME_PATTERN, TAG_PATTERN
 from .retry import http_status, with_retries
 from .safetensors_io import WRITE_PIECE
 
 __all__ = [
+    "LEASE_ID_PATTERN",
     "PARTS_DIR",
     "TEMP_PATTERN",
     "Store",
@@ -39,12 +42,18 @@ __all__ = [
     "check_name",
     "check_tag",
     "create_temp",
+    "fsync_dir",
+    "make_dirs",
     "read_limited",
+    "replace_durably",
     "standard_parts_location",
 ]
 
 PARTS_DIR = "parts/blake3"
 MANIFESTS_DIR = "manifests"
+LEASES_DIR = "leases"
+#: The names of lease objects, ``leases/<id>.json``: who holds it, then a random part.
+LEASE_ID_PATTERN = re.compile(r"^(?:publish|gc)-[0-9a-f]{16}$")
 _NAME_RE = re.compile(NAME_PATTERN)
 _TAG_RE = re.compile(TAG_PATTERN)
 
@@ -65,6 +74,39 @@ def create_temp(folder: str | None, suffix: str) -> tuple[int, str]:
             return os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666), path
         except FileExistsError:
             continue
+
+
+def fsync_dir(folder: str) -> None:
+    """Make ``folder``'s entries (a file renamed or linked into it, a new subfolder) survive a power loss."""
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def make_dirs(folder: str) -> None:
+    """``os.makedirs(folder, exist_ok=True)``, with every folder it creates made durable in its parent."""
+    created: list[str] = []
+    path = os.path.abspath(folder)
+    while not os.path.isdir(path) and os.path.dirname(path) != path:
+        created.append(path)
+        path = os.path.dirname(path)
+    os.makedirs(folder, exist_ok=True)
+    for new in reversed(created):
+        fsync_dir(os.path.dirname(new))
+
+
+def replace_durably(tmp: str, final: str) -> None:
+    """Rename the written file ``tmp`` to ``final`` so that after a power loss ``final`` is either
+    absent or whole: the file's bytes are fsynced before the rename, its folder after."""
+    fd = os.open(tmp, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, final)
+    fsync_dir(os.path.dirname(final))
 
 
 @contextlib.contextmanager
@@ -130,7 +172,13 @@ def backend_errors(url: str) -> Iterator[None]:
         yield
     except SepstoreError:
         raise
-    except FileNotFoundError:
+    except FileNotFoundError as exc:
+        if _s3_code(exc) == "NoSuchBucket":
+            bucket = url.split("://", 1)[-1].split("/", 1)[0]
+            raise NotFoundError(
+                f"{url}: the bucket {bucket!r} does not exist; create it first (e.g. `aws s3 mb s3://{bucket}`) "
+                "or check the store URL"
+            ) from None
         raise NotFoundError(f"{url}: not found") from None
     except NotImplementedError as exc:
         raise StoreError(f"{url}: this backend cannot do that (read-only, such as HTTP?)") from exc
@@ -223,17 +271,46 @@ class Store:
     def has_part(self, digest: str) -> bool:
         return self._exists(self.part_path(digest))
 
-    def _commit(self, tmp: str, digest: str) -> bool:
-        """File the local file ``tmp`` under ``digest`` unless that part exists; whether it was new."""
+    def part_size(self, digest: str) -> int | None:
+        """The size of the part file filed under ``digest``, or ``None`` when there is none."""
+        path = self.part_path(digest)
+        with backend_errors(self.url_of(path)):
+            if not self.is_local:
+                self.fs.invalidate_cache(path)
+            try:
+                return int(self.fs.size(path))
+            except FileNotFoundError:
+                return None
+
+    def digest_part(self, digest: str) -> str:
+        """The BLAKE3 of the bytes filed under ``digest``, read (fetched, from a remote store) whole."""
+        path = self.part_path(digest)
+        with backend_errors(self.url_of(path)):
+            if self.is_local:
+                return digest_file(path)
+            hasher = Hasher()
+            with self.fs.open(path, "rb", block_size=WRITE_PIECE) as f:
+                while piece := f.read(WRITE_PIECE):
+                    hasher.update(piece)
+            return digest_of(hasher)
+
+    def _commit(
+        self, tmp: str, digest: str, *, protect: Callable[[str], None] | None = None, replace: bool = False
+    ) -> bool:
+        """File the local file ``tmp`` under ``digest`` unless that part exists (or ``replace``);
+        whether it was written. ``protect(digest)`` runs first, before the part is looked for: a
+        publisher's lease names the digest before it relies on the part (see :mod:`sepstore.leases`)."""
+        if protect is not None:
+            protect(digest)
         final = self.part_path(digest)
-        if self._exists(final):
-            if self.is_local:  # in use again: restart its gc grace period (gc also re-reads manifests)
+        if not replace and self._exists(final):
+            if self.is_local:  # in use again: restart its gc grace period
                 with backend_errors(self.url_of(final)), contextlib.suppress(FileNotFoundError):
                     os.utime(final)
             return False
         with backend_errors(self.url_of(final)):
             if self.is_local:
-                os.replace(tmp, final)
+                replace_durably(tmp, final)
             else:
                 self.fs.put_file(tmp, final)
         return True
@@ -244,14 +321,17 @@ class Store:
             return None
         staging = self._path(PARTS_DIR)
         with backend_errors(staging):
-            os.makedirs(staging, exist_ok=True)
+            make_dirs(staging)
         return staging
 
-    def add_part(self, write: Callable[[int], T], digest_of: Callable[[T], str]) -> T:
+    def add_part(
+        self, write: Callable[[int], T], digest_of: Callable[[T], str], *, protect: Callable[[str], None] | None = None
+    ) -> T:
         """Write a part with ``write(fd)`` and file it under the digest that ``digest_of`` reads.
 
         ``fd`` is a new, empty temporary file, open for reading and writing; an existing part with
-        that digest is kept as it is, never rewritten.
+        that digest is kept as it is, never rewritten. ``protect`` is called with the digest
+        before the store is asked whether it has the part.
         """
         fd, tmp = create_temp(self._staging(), ".safetensors")
         try:
@@ -261,24 +341,80 @@ class Store:
                 raise StoreError(f"{self.url_of(self.parts_dir)}: cannot write a part ({exc})") from exc
             finally:
                 os.close(fd)
-            self._commit(tmp, digest_of(result))
+            self._commit(tmp, digest_of(result), protect=protect)
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
         return result
 
-    def put_part_file(self, path: str, digest: str) -> bool:
-        """Upload a local, already verified part file; whether it was new here."""
+    def put_part_file(self, path: str, digest: str, *, replace: bool = False) -> bool:
+        """Upload a local, already verified part file; whether it was written here. With
+        ``replace``, a part already filed under ``digest`` (found damaged) is replaced."""
         if not self.is_local:
-            return self._commit(path, digest)
+            return self._commit(path, digest, replace=replace)
         fd, tmp = create_temp(self._staging(), ".safetensors")
         try:
             with os.fdopen(fd, "wb") as out, open(path, "rb") as src:
                 shutil.copyfileobj(src, out, WRITE_PIECE)
-            return self._commit(tmp, digest)
+            return self._commit(tmp, digest, replace=replace)
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
+
+    def remove(self, path: str) -> None:
+        """Delete a file of this store (a part, a temporary file, a lease); one already gone is fine."""
+        with backend_errors(self.url_of(path)), contextlib.suppress(FileNotFoundError):
+            self.fs.rm_file(path)
+
+    # -- leases ----------------------------------------------------------------------------------
+
+    def lease_path(self, lease_id: str) -> str:
+        if not LEASE_ID_PATTERN.match(lease_id):
+            raise StoreError(f"invalid lease id {lease_id!r}")
+        return self._path(LEASES_DIR, f"{lease_id}.json")
+
+    def put_lease(self, lease_id: str, data: bytes) -> None:
+        """Write (or replace) a lease object atomically. Not fsynced: a lease matters only while
+        the process that wrote it runs."""
+        path = self.lease_path(lease_id)
+        with backend_errors(self.url_of(path)):
+            if not self.is_local:
+                self.fs.pipe_file(path, data)
+                return
+            folder = os.path.dirname(path)
+            os.makedirs(folder, exist_ok=True)
+            fd, tmp = create_temp(folder, ".json")
+            try:
+                with os.fdopen(fd, "wb") as out:
+                    out.write(data)
+                os.replace(tmp, path)
+            finally:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp)
+
+    def read_lease(self, lease_id: str) -> bytes | None:
+        """A lease object's bytes, or ``None`` when it is gone (its holder finished)."""
+        path = self.lease_path(lease_id)
+        try:
+            return read_limited(self.fs, path, self.url_of(path))
+        except NotFoundError:
+            return None
+
+    def list_leases(self) -> list[str]:
+        """The ids of every lease object in the store, as the backend lists them now."""
+        base = self._path(LEASES_DIR)
+        with backend_errors(self.url_of(base)):
+            if not self.is_local:
+                self.fs.invalidate_cache(base)
+            try:
+                found = self.fs.ls(base, detail=False)
+            except FileNotFoundError:
+                return []
+        ids = (str(path).rstrip("/").rsplit("/", 1)[-1].removesuffix(".json") for path in found)
+        return sorted(i for i in ids if LEASE_ID_PATTERN.match(i))
+
+    def delete_lease(self, lease_id: str) -> None:
+        self.remove(self.lease_path(lease_id))
 
     # -- manifests -------------------------------------------------------------------------------
 
@@ -336,18 +472,21 @@ class Store:
                     raise
                 return True
             folder = os.path.dirname(path)
-            os.makedirs(folder, exist_ok=True)
+            make_dirs(folder)
             fd, tmp = create_temp(folder, ".json")
             try:
                 with os.fdopen(fd, "wb") as out:
                     out.write(data)
                 if not create:
-                    os.replace(tmp, path)
+                    replace_durably(tmp, path)
                     return True
+                with open(tmp, "rb") as written:
+                    os.fsync(written.fileno())
                 try:
                     os.link(tmp, path)
                 except FileExistsError:
                     return False
+                fsync_dir(folder)
                 return True
             finally:
                 with contextlib.suppress(FileNotFoundError):
@@ -362,7 +501,7 @@ class Store:
             return
         path = self.manifest_path(name, tag)
         with backend_errors(self.url_of(path)):
-            os.makedirs(os.path.dirname(path), exist_ok=True)
+            make_dirs(os.path.dirname(path))
         with file_lock(path + ".lock"):
             yield
 

@@ -14,6 +14,7 @@ import torch
 from servers import CountingMotoServer
 
 import sepstore
+from sepstore.cli import main
 from sepstore.demo import llama_decider, tiny_llama_state_dict
 from sepstore.plan import parse_size
 
@@ -156,3 +157,18 @@ def test_gc_on_s3(moto_server: CountingMotoServer) -> None:
     assert {r.removesuffix(".safetensors") for r in report.removed} == only_v1
     left = {p.rsplit("/", 1)[1].removesuffix(".safetensors") for p in fs.ls(f"{bucket}/store/parts/blake3")}
     assert left == v2
+
+
+def test_gc_refuses_a_folder_without_manifests_unless_allowed(tmp_path: Path) -> None:
+    """A cache folder or a mistyped path has parts but no manifests: gc would take every part."""
+    only_v1, v2 = two_versions(str(tmp_path))
+    for tag in ("v1", "v2"):
+        (tmp_path / f"manifests/model/{tag}.json").unlink()
+    parts = tmp_path / "parts/blake3"
+    with pytest.raises(sepstore.StoreError, match=r"holds no manifests.*allow_empty=True \(--allow-empty\)"):
+        sepstore.gc(tmp_path, grace=0)
+    assert len(list(parts.iterdir())) == len(only_v1 | v2)
+    assert main(["gc", str(tmp_path), "--grace", "0"]) == 2
+    assert len(list(parts.iterdir())) == len(only_v1 | v2)
+    assert main(["gc", str(tmp_path), "--grace", "0", "--allow-empty"]) == 0
+    assert list(parts.iterdir()) == []

@@ -5,6 +5,7 @@ for why no interleaving of the two can lose a part a manifest will name)."""
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import os
 import time
@@ -132,17 +133,15 @@ def gc(
                 young.append(base)
             else:
                 victims.append(info)
-    if dry_run:
-        names = sorted(_base(info) for info in victims)
-        return GcReport(names, sum(int(i.get("size") or 0) for i in victims), kept, sorted(young), True, [])
     parts = [_stem(info) for info in victims if _is_part(_base(info))]
     removed: list[str] = []
     leased: list[str] = []
     removed_bytes = 0
-    with holding(target, "gc", [f"blake3:{h}" for h in parts]) as lease:
+    with contextlib.ExitStack() as stack:
+        lease = None if dry_run else stack.enter_context(holding(target, "gc", [f"blake3:{h}" for h in parts]))
         # After gc's own lease is written, and in this order: leases, then manifests (a publisher
         # deletes its lease only after writing its manifest).
-        publishing = live_leases(target, "publish", sweep=True)
+        publishing = live_leases(target, "publish", sweep=not dry_run)
         relied_on = {d.removeprefix("blake3:") for held in publishing for d in held.digests}
         referenced |= _referenced(target) if parts else set()
         for info in victims:
@@ -153,11 +152,12 @@ def gc(
             if stem in relied_on:
                 leased.append(base)
                 continue
-            lease.check()
-            target.remove(info["name"])
+            if lease is not None:
+                lease.check()
+                target.remove(info["name"])
             removed.append(base)
             removed_bytes += int(info.get("size") or 0)
-    return GcReport(sorted(removed), removed_bytes, kept, sorted(young), False, sorted(leased))
+    return GcReport(sorted(removed), removed_bytes, kept, sorted(young), dry_run, sorted(leased))
 
 
 def _base(info: dict[str, Any]) -> str:

@@ -287,8 +287,11 @@ def test_an_expired_lease_is_swept_and_protects_nothing_but_a_live_one_protects(
     lease = {"kind": "publish", "digests": [begin.digest], "expires": time.time() + 600}
     store.put_lease("publish-00000000000000aa", msgspec.json.encode(lease))
     store.put_lease("publish-00000000000000bb", msgspec.json.encode({**lease, "expires": time.time() - 1}))
+    dry = sepstore.gc(dest.root, grace=dest.grace, dry_run=True)
+    assert dry.leased == [f"{begin.digest[7:]}.safetensors"] and len(dry.removed) == 4
+    assert len(store.list_leases()) == 2, "a dry run deletes nothing, not even expired leases"
     report = sepstore.gc(dest.root, grace=dest.grace)
-    assert report.leased == [f"{begin.digest[7:]}.safetensors"] and len(report.removed) == 4
+    assert report.leased == dry.leased and report.removed == dry.removed
     assert store.list_leases() == ["publish-00000000000000aa"]
     store.delete_lease("publish-00000000000000aa")
     assert sepstore.gc(dest.root, grace=dest.grace).removed == [f"{begin.digest[7:]}.safetensors"]

@@ -5,6 +5,7 @@ Run by hand from the repository root (pytest skips tests/benchmarks):
     .venv/bin/python tests/benchmarks/bench_convert.py                          # full size, 3 repeats
     .venv/bin/python tests/benchmarks/bench_convert.py --layers 4 --repeats 2   # quick
     .venv/bin/python tests/benchmarks/bench_convert.py --clean                  # delete --workdir at the end
+    .venv/bin/python tests/benchmarks/bench_convert.py --base-src /tmp/before   # also time another sepstore
 
 The checkpoint is ``--checkpoint`` (default ``./bench-load/checkpoint``, bench_load.py's seeded
 TinyLlama-1.1B-shaped Hugging Face folder: 3 bf16 safetensors shards, about 2.05 GiB, written with
@@ -13,7 +14,10 @@ index is used as it is). ``--layers N`` instead writes (or reuses) an N-layer ch
 
 Each contender runs as its own subprocess, into a fresh empty destination in ``--workdir``:
 
-- convert: ``python -m sepstore convert CHECKPOINT DEST --quiet`` (streams one part at a time);
+- convert: ``python -m sepstore convert CHECKPOINT DEST --quiet`` (streams one part at a time; on
+  local disk it fsyncs each part and the manifest before renaming it into place, and the folder after);
+- convert@base, with ``--base-src DIR``: the same, importing sepstore from ``DIR`` (a checkout of an
+  earlier commit, e.g. the one before a change whose cost is to be measured);
 - cp -r: ``cp -r CHECKPOINT DEST`` (the floor: read and write every byte once, nothing else);
 - llm_sepweight: a Python process that loads the whole state dict (``read_state_dict``, i.e.
   safetensors ``load_file`` per shard) and calls ``llm_sepweight.dump(decider, sd, Path(dest))`` once;
@@ -23,10 +27,11 @@ Each contender runs as its own subprocess, into a fresh empty destination in ``-
 
 Each is run once untimed first (so all read the checkpoint from a warm page cache; no cache is
 dropped), then ``--repeats`` times, interleaved. Before every run the previous output is deleted
-and ``os.sync()`` called (untimed), so no run pays for an earlier run's write-back; no run fsyncs
-its own output. Wall time is measured around the subprocess; peak RSS is the child's own maximum
-resident set size, from ``/usr/bin/time -f %M`` (or, without it, ``os.wait4`` in a bare Python
-launcher), so it is not inflated by this process's own memory.
+and ``os.sync()`` called (untimed), so no run pays for an earlier run's write-back; only convert
+fsyncs its own output (its durability promise), cp -r and llm_sepweight leave it to the kernel.
+Wall time is measured around the subprocess; peak RSS is the child's own maximum resident set
+size, from ``/usr/bin/time -f %M`` (or, without it, ``os.wait4`` in a bare Python launcher), so it
+is not inflated by this process's own memory.
 """
 
 from __future__ import annotations
@@ -52,6 +57,10 @@ GIB, MIB = 2**30, 2**20
 DEFAULT_CHECKPOINT = Path("bench-load/checkpoint")
 TIME = Path("/usr/bin/time")
 #: ``python -I -S -c LAUNCHER REPORT ARGV...``: run ARGV, write its ru_maxrss (KiB) to REPORT, exit as it did.
+#: ``python -c FROM_SOURCE DIR ARGV...``: the sepstore command line, imported from DIR.
+FROM_SOURCE = (
+    "import sys; sys.path.insert(0, sys.argv.pop(1)); from sepstore.cli import main; sys.exit(main(sys.argv[1:]))"
+)
 LAUNCHER = (
     "import os, sys; pid = os.posix_spawnp(sys.argv[2], sys.argv[2:], os.environ); "
     "_, status, usage = os.wait4(pid, 0); open(sys.argv[1], 'w').write(str(usage.ru_maxrss)); "
@@ -85,9 +94,11 @@ def sepweight_child(checkpoint: Path, dest: Path) -> None:
     llm_sepweight.dump(sepweight_decider, read_state_dict(checkpoint), Path(dest))
 
 
-def command(contender: str, checkpoint: Path, dest: Path) -> list[str]:
+def command(contender: str, checkpoint: Path, dest: Path, base_src: Path | None = None) -> list[str]:
     if contender == "convert":
         return [PYTHON, "-m", "sepstore", "convert", str(checkpoint), str(dest), "--quiet"]
+    if contender == "convert@base":
+        return [PYTHON, "-c", FROM_SOURCE, str(base_src), "convert", str(checkpoint), str(dest), "--quiet"]
     if contender == "cp -r":
         return ["cp", "-r", str(checkpoint), str(dest)]
     if contender == "llm_sepweight":
@@ -131,7 +142,7 @@ def fresh(dest: Path) -> None:
 
 def check_output(contender: str, dest: Path, layers: int) -> None:
     """The run wrote what it should: a manifest with every layer, a copy, or begin/mid/end files."""
-    if contender == "convert":
+    if contender.startswith("convert"):
         manifests = list(dest.glob("manifests/*/latest.json"))
         if len(manifests) != 1:
             raise RuntimeError(f"convert left {len(manifests)} manifests in {dest}")
@@ -173,7 +184,7 @@ def report(runs: dict[str, Runs], sizes: dict[str, int], source_bytes: int) -> N
         return f"{n / GIB:.2f}"
 
     print(f"\n{'':<16}{'wall s min':>12}{'median':>10}{'peak RSS GiB':>14}{'written GiB':>13}{'GiB/s (min)':>13}")
-    for name in CONTENDERS:
+    for name in runs:
         r = runs[name]
         rate = f"{source_bytes / GIB / min(r.seconds):.2f}" if name != "baseline" else "-"
         print(
@@ -187,6 +198,8 @@ def report(runs: dict[str, Runs], sizes: dict[str, int], source_bytes: int) -> N
 
     print(f"\nconvert / cp -r:          {ratio('convert', 'cp -r')}   target <= 1.5x, aim 1.2x")
     print(f"convert / llm_sepweight:  {ratio('convert', 'llm_sepweight')}")
+    if "convert@base" in runs:
+        print(f"convert / convert@base:   {ratio('convert', 'convert@base')}   (what the change costs)")
     base = runs["baseline"]
     work = statistics.median(runs["convert"].seconds) - statistics.median(base.seconds)
     print(
@@ -219,6 +232,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per contender (default 3)")
     parser.add_argument("--layers", type=int, help="write an N-layer checkpoint in --workdir instead (quick run)")
     parser.add_argument("--clean", action="store_true", help="delete --workdir at the end")
+    parser.add_argument("--base-src", type=Path, help="also time convert importing sepstore from this source tree")
     parser.add_argument("--sepweight-child", nargs=2, type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.sepweight_child:
@@ -233,21 +247,23 @@ def main() -> None:
     print(f"machine: {os.cpu_count()} cores, load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     files = len(list(checkpoint.iterdir()))
     print(f"checkpoint: {checkpoint}, {layers} layers, {source_bytes / GIB:.2f} GiB in {files} files")
-    dests = {name: workdir / name.replace(" ", "").replace("-", "") for name in CONTENDERS}
+    contenders = CONTENDERS + (("convert@base",) if args.base_src else ())
+    base_src = args.base_src.resolve() if args.base_src else None
+    dests = {name: workdir / name.replace(" ", "").replace("-", "").replace("@", "-") for name in contenders}
 
     print("warm-up: one untimed run of each (page cache warm from here on; nothing dropped) ...", flush=True)
-    for name in CONTENDERS:
+    for name in contenders:
         fresh(dests[name])
-        run_child(command(name, checkpoint, dests[name]))
+        run_child(command(name, checkpoint, dests[name], base_src))
         check_output(name, dests[name], layers)
     sizes = part_sizes(dests["convert"])
 
-    runs = {name: Runs() for name in CONTENDERS}
+    runs = {name: Runs() for name in contenders}
     print(f"timing: {args.repeats} repeats, interleaved; fresh destination and os.sync() before each run", flush=True)
     for repeat in range(args.repeats):
-        for name in CONTENDERS:
+        for name in contenders:
             fresh(dests[name])
-            seconds, rss = run_child(command(name, checkpoint, dests[name]))
+            seconds, rss = run_child(command(name, checkpoint, dests[name], base_src))
             check_output(name, dests[name], layers)
             runs[name].seconds.append(seconds)
             runs[name].rss.append(rss)

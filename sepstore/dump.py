@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, Literal
 
 from ._version import __version__
@@ -133,17 +135,35 @@ def _as_part(written: WrittenPart) -> Part:
 class _Writer:
     """Writes the parts of one dump call, merging with the parts a previous call left."""
 
-    def __init__(self, store: Store, existing: Resolved | None, lease: Held) -> None:
+    def __init__(self, store: Store, existing: Resolved | None, lease: Held, committer: Executor) -> None:
         self.store = store
         self.existing = existing
         self.lease = lease
+        self.committer = committer
+        self._committing: Future[bool] | None = None
         self._reader: PartReader | None = None
 
     def write(self, tensors: Mapping[str, RawTensor]) -> Part:
-        written = self.store.add_part(
-            lambda fd: write_part(tensors, fd), lambda w: w.digest, protect=lambda digest: self.lease.protect([digest])
+        """Write a part; it is filed (fsynced and renamed, or uploaded) in the background while
+        the next one is built, one at a time: :meth:`flush` waits for the last."""
+        written, tmp = self.store.stage_part(lambda fd: write_part(tensors, fd))
+        try:
+            self.flush()
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+        protect = self.lease.protect
+        self._committing = self.committer.submit(
+            self.store.commit_part, tmp, written.digest, protect=lambda digest: protect([digest])
         )
         return _as_part(written)
+
+    def flush(self) -> None:
+        """Wait until the part being filed is in the store (its error, if it failed)."""
+        committing, self._committing = self._committing, None
+        if committing is not None:
+            committing.result()
 
     def _read(self, label: str, part: Part) -> dict[str, RawTensor]:
         from .reader import PartReader
@@ -234,7 +254,11 @@ def dump(
     _check_extras(name, config, metadata)
     groups = _group(decider, state_dict.keys())
     # Calls into one tag combine: one at a time. The lease keeps gc from the parts relied on.
-    with store.tag_lock(name, tag), holding(store, "publish") as lease:
+    with (
+        store.tag_lock(name, tag),
+        holding(store, "publish") as lease,
+        ThreadPoolExecutor(max_workers=1, thread_name_prefix="sepstore-commit") as committer,
+    ):
         existing: Resolved | None = None
         version: str | None = None
         if not force and store.has_manifest(name, tag):
@@ -244,7 +268,7 @@ def dump(
         previous = existing.manifest if existing is not None else None
         parts: dict[Slot, Part | None] = {"begin": previous.begin, "end": previous.end} if previous else {}
         parts.update(enumerate(previous.mid) if previous else ())
-        writer = _Writer(store, existing, lease)
+        writer = _Writer(store, existing, lease, committer)
 
         before = dict(parts)
 
@@ -258,10 +282,12 @@ def dump(
             for slot in order:
                 parts[slot] = build(slot)
                 bar.update(sizes[slot])
+        writer.flush()
         # Belt and braces (a gc of an older sepstore ignores leases): every part, right before the manifest.
         for slot, part in parts.items():
             if part is not None and slot in groups and not store.has_part(part.digest):
                 parts[slot] = build(slot)
+        writer.flush()
         gone = [_label(slot) for slot, part in parts.items() if part is not None and not store.has_part(part.digest)]
         if gone:
             raise StoreError(

@@ -99,8 +99,8 @@ def gc(
     allow_empty: bool = False,
     storage_options: dict[str, Any] | None = None,
 ) -> GcReport:
-    """Delete every part file that no manifest in ``store`` references, and every temporary file
-    an interrupted write left, once older than ``grace`` seconds.
+    """Delete every part file that no manifest in ``store`` references once older than ``grace``
+    seconds, and every temporary file an interrupted write left once older than that and an hour.
 
     Every manifest must decode first: a store with an unreadable manifest is left untouched (its
     parts cannot be told apart from orphans). A store without any manifest (a cache folder, a
@@ -129,7 +129,9 @@ def gc(
             kept += 1
         elif _is_part(base) or TEMP_PATTERN.match(base):  # anything else is not ours: left alone
             modified = _mtime(info)
-            if modified is None or now - modified < grace:
+            # A temporary file may be a part or manifest being written: only a killed writer's are old.
+            wait = grace if _is_part(base) else max(grace, DEFAULT_GRACE)
+            if modified is None or now - modified < wait:
                 young.append(base)
             else:
                 victims.append(info)

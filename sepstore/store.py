@@ -324,28 +324,34 @@ class Store:
             make_dirs(staging)
         return staging
 
-    def add_part(
-        self, write: Callable[[int], T], digest_of: Callable[[T], str], *, protect: Callable[[str], None] | None = None
-    ) -> T:
-        """Write a part with ``write(fd)`` and file it under the digest that ``digest_of`` reads.
-
-        ``fd`` is a new, empty temporary file, open for reading and writing; an existing part with
-        that digest is kept as it is, never rewritten. ``protect`` is called with the digest
-        before the store is asked whether it has the part.
-        """
+    def stage_part(self, write: Callable[[int], T]) -> tuple[T, str]:
+        """Write a part with ``write(fd)`` into a new temporary file (``fd`` is open for reading
+        and writing); the result and the file's path, for :meth:`commit_part`."""
         fd, tmp = create_temp(self._staging(), ".safetensors")
         try:
             try:
                 result = write(fd)
-            except OSError as exc:  # a full disk, a quota: the part being written here
-                raise StoreError(f"{self.url_of(self.parts_dir)}: cannot write a part ({exc})") from exc
             finally:
                 os.close(fd)
-            self._commit(tmp, digest_of(result), protect=protect)
+        except OSError as exc:  # a full disk, a quota: the part being written here
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise StoreError(f"{self.url_of(self.parts_dir)}: cannot write a part ({exc})") from exc
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+        return result, tmp
+
+    def commit_part(self, tmp: str, digest: str, *, protect: Callable[[str], None] | None = None) -> bool:
+        """File a part :meth:`stage_part` wrote under its ``digest`` (unless the store has it; an
+        existing part is never rewritten), and delete the temporary file; whether it was new.
+        ``protect`` is called with the digest before the store is asked whether it has the part."""
+        try:
+            return self._commit(tmp, digest, protect=protect)
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
-        return result
 
     def put_part_file(self, path: str, digest: str, *, replace: bool = False) -> bool:
         """Upload a local, already verified part file; whether it was written here. With

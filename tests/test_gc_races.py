@@ -188,7 +188,7 @@ def test_a_dump_survives_a_gc_running_meanwhile(dest: Dest, monkeypatch: pytest.
     parts of a dump in progress; with a lease they stay, whatever the grace."""
     sd = tiny_llama_state_dict(layers=3, hidden=16, intermediate=16, vocab=32, seed=3)
     if where == "between parts":
-        pause = Pause(monkeypatch, Store, "add_part", nth=3)  # begin and mid.0 are in, mid.1 next
+        pause = Pause(monkeypatch, Store, "_commit", nth=3)  # begin and mid.0 are in, mid.1 is written
     else:
         pause = Pause(monkeypatch, Store, "write_manifest_bytes")
     dump = Background(lambda: sepstore.dump(llama_decider, sd, dest.root, quiet=True))

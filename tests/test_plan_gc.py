@@ -172,3 +172,14 @@ def test_gc_refuses_a_folder_without_manifests_unless_allowed(tmp_path: Path) ->
     assert len(list(parts.iterdir())) == len(only_v1 | v2)
     assert main(["gc", str(tmp_path), "--grace", "0", "--allow-empty"]) == 0
     assert list(parts.iterdir()) == []
+
+
+def test_gc_with_no_grace_still_leaves_a_temporary_file_being_written(tmp_path: Path) -> None:
+    """A temporary file may be a part some publisher is writing right now: only an hour-old one is
+    a killed writer's."""
+    only_v1, _ = two_versions(str(tmp_path))
+    (tmp_path / "manifests/model/v1.json").unlink()
+    fresh = tmp_path / "parts/blake3/.tmp-00000000deadbeef.safetensors"
+    fresh.write_bytes(b"a part being written")
+    assert {r.removesuffix(".safetensors") for r in sepstore.gc(tmp_path, grace=0).removed} == only_v1
+    assert fresh.exists()

@@ -269,7 +269,6 @@ def dump(
         parts: dict[Slot, Part | None] = {"begin": previous.begin, "end": previous.end} if previous else {}
         parts.update(enumerate(previous.mid) if previous else ())
         writer = _Writer(store, existing, lease, committer)
-
         before = dict(parts)
 
         def build(slot: Slot) -> Part:
@@ -283,12 +282,13 @@ def dump(
                 parts[slot] = build(slot)
                 bar.update(sizes[slot])
         writer.flush()
-        # Belt and braces (a gc of an older sepstore ignores leases): every part, right before the manifest.
-        for slot, part in parts.items():
-            if part is not None and slot in groups and not store.has_part(part.digest):
-                parts[slot] = build(slot)
+        # Belt and braces (a gc of an older sepstore ignores leases): every part, right before the
+        # manifest; those this call has the tensors of are written again.
+        vanished = {slot: part for slot, part in parts.items() if part is not None and not store.has_part(part.digest)}
+        for slot in vanished.keys() & groups.keys():
+            parts[slot] = vanished[slot] = build(slot)
         writer.flush()
-        gone = [_label(slot) for slot, part in parts.items() if part is not None and not store.has_part(part.digest)]
+        gone = [_label(slot) for slot, part in vanished.items() if not store.has_part(part.digest)]
         if gone:
             raise StoreError(
                 f"{store.url}: parts {', '.join(gone)} vanished during this dump (a gc of an older sepstore?); "

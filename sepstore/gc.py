@@ -75,9 +75,10 @@ def _referenced(store: Store) -> set[str]:
 
 def _listing(store: Store) -> list[dict[str, Any]]:
     """Every entry of the parts folder, and the temporary files a killed publisher left among the
-    manifests (``manifests/<name>/.tmp-*.json``; a ``.lock`` file exists only while a process holds it, so it stays)."""
+    manifests (``manifests/<name>/.tmp-*.json``; a ``.lock`` file exists only while a process holds it, so it stays)
+    and the leases."""
     entries: list[dict[str, Any]] = []
-    for folder in (store.parts_dir, store.manifests_dir):
+    for folder in (store.parts_dir, store.manifests_dir, store.leases_dir):
         with backend_errors(store.url_of(folder)):
             if not store.is_local:
                 store.fs.invalidate_cache(folder)

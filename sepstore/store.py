@@ -245,6 +245,11 @@ class Store:
         return self._path(PARTS_DIR)
 
     @property
+    def leases_dir(self) -> str:
+        """The leases folder (see :mod:`sepstore.leases`), as a path on this store's filesystem."""
+        return self._path(LEASES_DIR)
+
+    @property
     def manifests_dir(self) -> str:
         """The manifests folder, as a path on this store's filesystem."""
         return self._path(MANIFESTS_DIR)
@@ -377,7 +382,7 @@ class Store:
     def lease_path(self, lease_id: str) -> str:
         if not LEASE_ID_PATTERN.match(lease_id):
             raise StoreError(f"invalid lease id {lease_id!r}")
-        return self._path(LEASES_DIR, f"{lease_id}.json")
+        return f"{self.leases_dir}/{lease_id}.json"
 
     def put_lease(self, lease_id: str, data: bytes) -> None:
         """Write (or replace) a lease object atomically. Not fsynced: a lease matters only while
@@ -408,7 +413,7 @@ class Store:
 
     def list_leases(self) -> list[str]:
         """The ids of every lease object in the store, as the backend lists them now."""
-        base = self._path(LEASES_DIR)
+        base = self.leases_dir
         with backend_errors(self.url_of(base)):
             if not self.is_local:
                 self.fs.invalidate_cache(base)
@@ -483,15 +488,15 @@ class Store:
             try:
                 with os.fdopen(fd, "wb") as out:
                     out.write(data)
+                    out.flush()
+                    os.fsync(out.fileno())  # whole on disk before its name is (see replace_durably)
                 if not create:
-                    replace_durably(tmp, path)
-                    return True
-                with open(tmp, "rb") as written:
-                    os.fsync(written.fileno())
-                try:
-                    os.link(tmp, path)
-                except FileExistsError:
-                    return False
+                    os.replace(tmp, path)
+                else:
+                    try:
+                        os.link(tmp, path)
+                    except FileExistsError:
+                        return False
                 fsync_dir(folder)
                 return True
             finally:

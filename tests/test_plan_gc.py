@@ -117,21 +117,25 @@ def test_gc_removes_old_orphans_and_keeps_every_referenced_part(tmp_path: Path) 
     lookalike.write_text("{")
     held = tmp_path / "manifests/model/v2.json.lock"  # a dump in progress holds this one
     held.write_text("")
+    (tmp_path / "leases").mkdir(exist_ok=True)
+    lease_temp = tmp_path / "leases/.tmp-00000000000000ff.json"  # a publisher killed while writing its lease
+    lease_temp.write_text("{")
     assert sepstore.gc(tmp_path).removed == []  # everything is younger than the default hour
     old = time.time() - 7200
-    for path in [*parts.iterdir(), manifest_temp, lookalike, held]:
+    for path in [*parts.iterdir(), manifest_temp, lookalike, held, lease_temp]:
         os.utime(path, (old, old))
     dry = sepstore.gc(tmp_path, dry_run=True)
     assert {r.removesuffix(".safetensors") for r in dry.removed} == only_v1 | {
         ".tmp-00000000deadbeef",
         ".tmp-0123456789abcdef.json",
+        ".tmp-00000000000000ff.json",
     }
     assert len(list(parts.iterdir())) == len(v2) + 3 and manifest_temp.exists()
     report = sepstore.gc(tmp_path)
     assert report.removed == dry.removed and report.kept == len(v2)
     assert {p.stem for p in parts.iterdir() if p.suffix == ".safetensors"} == v2
     assert (parts / "README").exists()
-    assert not manifest_temp.exists()
+    assert not manifest_temp.exists() and not lease_temp.exists()
     assert held.exists(), "lock files stay: another process may hold one"
     assert lookalike.exists()
     assert sepstore.verify(tmp_path, name="model", tag="v2").ok

@@ -196,10 +196,12 @@ def report(runs: dict[str, Runs], sizes: dict[str, int], source_bytes: int) -> N
         ra, rb = runs[a].seconds, runs[b].seconds
         return f"{min(ra) / min(rb):.2f}x (min), {statistics.median(ra) / statistics.median(rb):.2f}x (median)"
 
+    if "convert@base" in runs:
+        print(f"\nconvert / convert@base:   {ratio('convert', 'convert@base')}   (what the change costs)")
+    if not set(CONTENDERS) <= runs.keys():
+        return  # --only: the rest compares every contender
     print(f"\nconvert / cp -r:          {ratio('convert', 'cp -r')}   target <= 1.5x, aim 1.2x")
     print(f"convert / llm_sepweight:  {ratio('convert', 'llm_sepweight')}")
-    if "convert@base" in runs:
-        print(f"convert / convert@base:   {ratio('convert', 'convert@base')}   (what the change costs)")
     base = runs["baseline"]
     work = statistics.median(runs["convert"].seconds) - statistics.median(base.seconds)
     print(
@@ -233,6 +235,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, help="write an N-layer checkpoint in --workdir instead (quick run)")
     parser.add_argument("--clean", action="store_true", help="delete --workdir at the end")
     parser.add_argument("--base-src", type=Path, help="also time convert importing sepstore from this source tree")
+    parser.add_argument("--only", help="time only these contenders, comma-separated (e.g. convert,convert@base)")
     parser.add_argument("--sepweight-child", nargs=2, type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.sepweight_child:
@@ -248,6 +251,8 @@ def main() -> None:
     files = len(list(checkpoint.iterdir()))
     print(f"checkpoint: {checkpoint}, {layers} layers, {source_bytes / GIB:.2f} GiB in {files} files")
     contenders = CONTENDERS + (("convert@base",) if args.base_src else ())
+    if args.only:
+        contenders = tuple(c for c in contenders if c in args.only.split(","))
     base_src = args.base_src.resolve() if args.base_src else None
     dests = {name: workdir / name.replace(" ", "").replace("-", "").replace("@", "-") for name in contenders}
 
@@ -256,7 +261,7 @@ def main() -> None:
         fresh(dests[name])
         run_child(command(name, checkpoint, dests[name], base_src))
         check_output(name, dests[name], layers)
-    sizes = part_sizes(dests["convert"])
+    sizes = part_sizes(dests["convert"]) if "convert" in dests else {}
 
     runs = {name: Runs() for name in contenders}
     print(f"timing: {args.repeats} repeats, interleaved; fresh destination and os.sync() before each run", flush=True)

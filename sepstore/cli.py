@@ -178,7 +178,7 @@ def cmd_push(args: argparse.Namespace) -> int:
         _print_json(report.to_dict())
         return EXIT_OK
     checked = "re-hashed" if report.verified else "size checked"
-    repaired = f", {len(report.repaired)} of them replacing damaged copies" if report.repaired else ""
+    repaired = f", replacing {len(report.repaired)} damaged there" if report.repaired else ""
     print(
         f"uploaded {counted(len(report.uploaded), 'part')} ({human_bytes(report.uploaded_bytes)}){repaired}; "
         f"skipped {len(report.skipped)} already there ({human_bytes(report.skipped_bytes)}, {checked})"

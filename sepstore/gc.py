@@ -129,13 +129,10 @@ def gc(
         if stem in referenced:
             kept += 1
         elif _is_part(base) or TEMP_PATTERN.match(base):  # anything else is not ours: left alone
-            modified = _mtime(info)
-            # A temporary file may be a part or manifest being written: only a killed writer's are old.
-            wait = grace if _is_part(base) else max(grace, DEFAULT_GRACE)
-            if modified is None or now - modified < wait:
-                young.append(base)
-            else:
+            if _old(info, grace, now):
                 victims.append(info)
+            else:
+                young.append(base)
     parts = [_stem(info) for info in victims if _is_part(_base(info))]
     removed: list[str] = []
     leased: list[str] = []
@@ -157,10 +154,35 @@ def gc(
                 continue
             if lease is not None:
                 lease.check()
+                current = _current(target, info["name"])
+                if current is None:
+                    continue  # another gc was quicker
+                if not _old(current, grace, time.time()):  # written again since the listing (an older publisher)
+                    young.append(base)
+                    continue
                 target.remove(info["name"])
             removed.append(base)
             removed_bytes += int(info.get("size") or 0)
     return GcReport(sorted(removed), removed_bytes, kept, sorted(young), dry_run, sorted(leased))
+
+
+def _old(info: dict[str, Any], grace: float, now: float) -> bool:
+    """Whether a listed file is past its grace period. A temporary file may be a part or manifest
+    being written: only an hour-old one is surely a killed writer's, whatever ``grace`` says."""
+    modified = _mtime(info)
+    wait = grace if _is_part(_base(info)) else max(grace, DEFAULT_GRACE)
+    return modified is not None and now - modified >= wait
+
+
+def _current(store: Store, path: str) -> dict[str, Any] | None:
+    """The file's listing entry as it is now (``None`` if it is gone), asked right before deleting it."""
+    with backend_errors(store.url_of(path)):
+        if not store.is_local:
+            store.fs.invalidate_cache(path)
+        try:
+            return {**store.fs.info(path), "name": path}
+        except FileNotFoundError:
+            return None
 
 
 def _base(info: dict[str, Any]) -> str:

@@ -302,3 +302,22 @@ def test_a_lease_that_is_not_json_stops_gc_naming_it(source: Path, dest: Dest) -
     Store(dest.root).put_lease("publish-00000000000000cc", b"{not json")
     with pytest.raises(sepstore.StoreError, match=r"publish-00000000000000cc\.json: not a sepstore lease"):
         sepstore.gc(dest.root, grace=dest.grace)
+
+
+def test_a_part_written_again_after_gc_listed_it_is_kept_as_young(
+    source: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A publisher without leases (an older sepstore) only refreshes a part's age: gc looks at the
+    age again right before deleting, not only at what it listed."""
+    root = tmp_path / "dest"
+    sepstore.dump(llama_decider, tiny_llama_state_dict(layers=1, hidden=8, intermediate=8, vocab=16), root, name="x")
+    orphan_parts(source, Dest("local", str(root), DEFAULT_GRACE))
+    begin = sepstore.read_manifest(source).begin
+    assert begin is not None
+    pause = Pause(monkeypatch, gc_module, "live_leases", after=True)
+    gc = Background(lambda: sepstore.gc(root, grace=DEFAULT_GRACE))
+    pause.wait()
+    os.utime(root / f"parts/blake3/{begin.digest[7:]}.safetensors")
+    pause.release()
+    report = gc.result()
+    assert report.young == [f"{begin.digest[7:]}.safetensors"] and len(report.removed) == 4

@@ -74,7 +74,7 @@ def test_cli_push_says_what_it_checked(source: Path, tmp_path: Path, capsys: pyt
     assert "skipped 4 already there" in capsys.readouterr().out
     assert main(["push", str(source), dest, "--as-tag", "v3", "--verify", "--quiet"]) == 0
     out = capsys.readouterr().out
-    assert "uploaded 1 part" in out and "1 of them replacing damaged copies" in out and "re-hashed" in out
+    assert "uploaded 1 part" in out and "replacing 1 damaged there" in out and "re-hashed" in out
 
 
 @pytest.mark.parametrize("publisher", ["push", "dump"])

@@ -1,32 +1,61 @@
-"""Opening fsspec filesystems with sepstore's defaults: timeouts, so that a stalled server fails
-(and is retried) instead of hanging a node forever.
+"""Opening fsspec filesystems with sepstore's defaults, and reading byte ranges of remote objects
+in bounded pieces: whatever a server sends, a transfer holds at most :data:`PIECE_BYTES` of it in
+memory, stops at the length it asked for, and cannot hang forever.
 
 ``$SEPSTORE_TIMEOUT`` (seconds, default 60) bounds connecting and each read from the network for
 HTTP(S) and S3; options a caller passes in ``storage_options`` win over these defaults.
+
+``$SEPSTORE_MIN_SPEED`` (bytes per second, default 16384) is the least a transfer must keep up: one
+that delivers fewer than ``SEPSTORE_MIN_SPEED * SEPSTORE_TIMEOUT`` bytes in any window of
+``SEPSTORE_TIMEOUT`` seconds (a server trickling a byte at a time, which no read timeout catches)
+is aborted with a :class:`~sepstore.retry.StalledError`, retried, then fails naming the URL. ``0``
+leaves only the rule that some byte must come in every window.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
-from collections.abc import Mapping
-from typing import Any
+import sys
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, TypeVar
 
 import fsspec
+from fsspec.asyn import sync
 from fsspec.core import split_protocol
 
-from .errors import StoreError
+from .errors import IntegrityError, StoreError
+from .retry import ShortReadError, StalledError
 
-__all__ = ["open_url", "timeout", "with_defaults"]
+__all__ = ["PIECE_BYTES", "min_speed", "open_url", "stream_range", "timeout", "with_defaults"]
+
+T = TypeVar("T")
+
+#: A transfer reads from the network, and hands on, pieces of at most this many bytes.
+PIECE_BYTES = 4 * 1024 * 1024
+
+
+def _env_number(name: str, default: str, unit: str) -> float:
+    value = os.environ.get(name, default)
+    try:
+        number = float(value)
+    except ValueError:
+        number = -1.0
+    if not number >= 0 or number == float("inf"):
+        raise StoreError(f"{name} must be a number of {unit} >= 0, not {value!r}")
+    return number
 
 
 def timeout() -> float:
     """Seconds a connection or a single network read may take (``$SEPSTORE_TIMEOUT``, default 60)."""
-    try:
-        return float(os.environ.get("SEPSTORE_TIMEOUT", "60"))
-    except ValueError:
-        raise StoreError(
-            f"SEPSTORE_TIMEOUT must be a number of seconds, not {os.environ['SEPSTORE_TIMEOUT']!r}"
-        ) from None
+    return _env_number("SEPSTORE_TIMEOUT", "60", "seconds")
+
+
+def min_speed() -> float:
+    """Bytes per second a transfer must keep up over each ``$SEPSTORE_TIMEOUT`` window
+    (``$SEPSTORE_MIN_SPEED``, default 16384)."""
+    return _env_number("SEPSTORE_MIN_SPEED", "16384", "bytes per second")
 
 
 def with_defaults(url: str, storage_options: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -54,3 +83,237 @@ def open_url(url: str, storage_options: Mapping[str, Any] | None = None) -> tupl
         return fsspec.core.url_to_fs(url, **with_defaults(url, storage_options))
     except (ImportError, ValueError, TypeError) as exc:
         raise StoreError(f"cannot open {url!r}: {exc}") from exc
+
+
+# -- streaming ranged reads ------------------------------------------------------------------------
+
+
+class _Progress:
+    """The minimum-progress rule: each window of ``$SEPSTORE_TIMEOUT`` seconds must bring
+    ``$SEPSTORE_MIN_SPEED`` times as many bytes (at least one)."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.window = timeout()
+        self.least = max(1, int(min_speed() * self.window))
+        self.began = time.monotonic()
+        self.got = 0
+
+    def left(self) -> float:
+        """Seconds left in the current window; a :class:`StalledError` once it is over."""
+        left = self.began + self.window - time.monotonic()
+        if left <= 0:
+            raise StalledError(
+                f"{self.url}: stalled, {self.got} bytes in {self.window:g} s, less than the {self.least} "
+                "that $SEPSTORE_MIN_SPEED and $SEPSTORE_TIMEOUT ask for"
+            )
+        return left
+
+    def add(self, count: int) -> None:
+        self.got += count
+        if self.got >= self.least:
+            self.began, self.got = time.monotonic(), 0
+
+
+class _Body:
+    """An answer to a ranged read: whether it is one (else the server sent the whole object), where
+    its first byte is in the object, the length it declares and the object's size (if it says),
+    and its bytes, piece by piece."""
+
+    ranged: bool = True
+    offset: int = 0
+    length: int | None = None
+    total: int | None = None
+
+    def read(self, size: int) -> bytes:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+
+class _FileBody(_Body):
+    """Any fsspec filesystem, through its buffered file object (blocks of at most ``PIECE_BYTES``)."""
+
+    def __init__(self, fs: fsspec.AbstractFileSystem, path: str, start: int, end: int) -> None:
+        self._file = fs.open(path, "rb", block_size=PIECE_BYTES)
+        size = getattr(self._file, "size", None)
+        self.total = size if isinstance(size, int) else None
+        self._file.seek(start)
+        self.offset, self.length, self._left = start, end - start, end - start
+
+    def read(self, size: int) -> bytes:
+        data: bytes = self._file.read(min(size, self._left))
+        self._left -= len(data)
+        return data
+
+    def close(self) -> None:
+        self._file.close()
+
+
+class _AsyncBody(_Body):
+    """A response of an fsspec async filesystem (HTTP, S3), read from its event loop piece by piece,
+    each wait bounded by the minimum-progress rule."""
+
+    def __init__(self, fs: Any, url: str) -> None:
+        self._loop = fs.loop
+        self._progress = _Progress(url)
+
+    def _await(self, make: Callable[[], Awaitable[T]]) -> T:
+        result: T = sync(self._loop, self._within, make)
+        return result
+
+    async def _within(self, make: Callable[[], Awaitable[T]]) -> T:
+        async with asyncio.timeout(self._progress.left()) as deadline:
+            try:
+                return await make()
+            except TimeoutError:
+                if deadline.expired():
+                    self._progress.left()  # raises StalledError: the window is over
+                raise
+
+    def read(self, size: int) -> bytes:
+        data = self._await(lambda: self._read(size))
+        self._progress.add(len(data))
+        return data
+
+    async def _read(self, size: int) -> bytes:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        sync(self._loop, self._close)
+
+    async def _close(self) -> None:
+        raise NotImplementedError
+
+
+def _content_range(value: str | None) -> tuple[int | None, int | None]:
+    """Start and total of a ``Content-Range: bytes a-b/total`` value (either ``None`` if not said)."""
+    if not value or not value.startswith("bytes "):
+        return None, None
+    span, _, total = value[len("bytes ") :].partition("/")
+    first = span.partition("-")[0]
+    return (int(first) if first.isdigit() else None), (int(total) if total.isdigit() else None)
+
+
+class _HTTPBody(_AsyncBody):
+    """A GET through fsspec's own aiohttp session (its headers, auth and timeouts), with ``Range``;
+    ``Accept-Encoding: identity``, so that the declared length is the length of the bytes."""
+
+    def __init__(self, fs: Any, path: str, url: str, start: int, end: int) -> None:
+        super().__init__(fs, url)
+        self._response = self._await(lambda: self._get(fs, path, start, end))
+        headers = self._response.headers
+        first, self.total = _content_range(headers.get("Content-Range"))
+        self.ranged = self._response.status == 206
+        self.offset = start if first is None else first
+        length = headers.get("Content-Length", "")
+        encoded = headers.get("Content-Encoding", "identity").lower() != "identity"
+        self.length = int(length) if length.isdigit() and not encoded else None
+
+    @staticmethod
+    async def _get(fs: Any, path: str, start: int, end: int) -> Any:
+        options = dict(fs.kwargs)
+        headers = {**options.pop("headers", {}), "Range": f"bytes={start}-{end - 1}", "Accept-Encoding": "identity"}
+        session = await fs.set_session()
+        response = await session.get(fs.encode_url(path), headers=headers, **options)
+        try:
+            fs._raise_not_found_for_status(response, path)
+        except BaseException:
+            response.close()
+            raise
+        return response
+
+    async def _read(self, size: int) -> bytes:
+        data: bytes = await self._response.content.read(size)
+        return data
+
+    async def _close(self) -> None:
+        if self._response.content.at_eof():
+            self._response.release()  # the connection goes back to the pool
+        else:
+            self._response.close()  # the rest of the body is never read
+
+
+class _S3Body(_AsyncBody):
+    """A ranged ``GetObject`` through s3fs's client, its body read piece by piece."""
+
+    def __init__(self, fs: Any, path: str, url: str, start: int, end: int) -> None:
+        super().__init__(fs, url)
+        bucket, key, version = fs.split_path(path)
+        extra = {"VersionId": version} if version else {}
+        answer = self._await(
+            lambda: fs._call_s3("get_object", Bucket=bucket, Key=key, Range=f"bytes={start}-{end - 1}", **extra)
+        )
+        self._body = answer["Body"]
+        first, self.total = _content_range(answer.get("ContentRange"))
+        self.ranged = bool(answer.get("ContentRange"))
+        self.offset = start if first is None else first
+        length = answer.get("ContentLength")
+        self.length = length if isinstance(length, int) else None
+
+    async def _read(self, size: int) -> bytes:
+        data: bytes = await self._body.read(size)
+        return data
+
+    async def _close(self) -> None:
+        await self._body.aclose()
+
+
+def _is(fs: fsspec.AbstractFileSystem, module: str, name: str) -> bool:
+    """Whether ``fs`` is an instance of ``module.name``, looked up only if that module is loaded
+    (``fs`` cannot be one otherwise, and local work does not pay for importing aiohttp)."""
+    loaded = sys.modules.get(module)
+    cls = getattr(loaded, name, None) if loaded is not None else None
+    return isinstance(cls, type) and isinstance(fs, cls)
+
+
+def _open(fs: fsspec.AbstractFileSystem, path: str, url: str, start: int, end: int) -> _Body:
+    if _is(fs, "fsspec.implementations.http", "HTTPFileSystem"):
+        return _HTTPBody(fs, path, url, start, end)
+    if _is(fs, "s3fs.core", "S3FileSystem"):
+        return _S3Body(fs, path, url, start, end)
+    return _FileBody(fs, path, start, end)
+
+
+def stream_range(
+    fs: fsspec.AbstractFileSystem,
+    path: str,
+    url: str,
+    start: int,
+    end: int,
+    size: int,
+    write: Callable[[int, bytes], None],
+) -> tuple[int, int]:
+    """Read bytes ``start:end`` of the ``size``-byte object at ``path`` and hand them to
+    ``write(offset, piece)`` in pieces of at most :data:`PIECE_BYTES`; returns the span written:
+    ``(start, end)``, or ``(0, size)`` when the server ignored ``Range`` and sent the whole object.
+
+    An answer of another size, or for another range, or longer than it says, is an
+    :class:`IntegrityError` naming ``url``, found before more than the expected bytes are read;
+    a short answer is a :class:`ShortReadError` and a stalled one a :class:`StalledError` (both
+    worth another try)."""
+    body = _open(fs, path, url, start, end)
+    try:
+        if body.total is not None and body.total != size:
+            raise IntegrityError(f"{url}: the server's object is {body.total} bytes, the manifest says {size}")
+        if body.ranged and body.offset != start:
+            raise IntegrityError(f"{url}: asked for bytes {start}-{end - 1}, the server sent bytes from {body.offset}")
+        first, last = (start, end) if body.ranged else (0, size)
+        expected = last - first
+        if body.length is not None and body.length != expected:
+            raise IntegrityError(
+                f"{url}: the server answered bytes {start}-{end - 1} with {body.length} bytes, expected {expected}"
+            )
+        done = 0
+        while done < expected:
+            piece = body.read(min(PIECE_BYTES, expected - done))
+            if not piece:
+                raise ShortReadError(f"{url}: got {done} bytes of {expected} (bytes {first}-{last - 1})")
+            write(first + done, piece)
+            done += len(piece)
+        if body.length is None and body.read(1):
+            raise IntegrityError(f"{url}: the server sent more than the {expected} bytes asked for")
+        return first, last
+    finally:
+        body.close()

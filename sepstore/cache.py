@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import threading
 from collections.abc import Sequence
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
@@ -21,10 +22,12 @@ from dataclasses import dataclass, field
 import fsspec
 from tqdm.auto import tqdm
 
-from .errors import IntegrityError
+from ._text import counted, human_bytes
+from .backends import stream_range
+from .errors import IntegrityError, StoreError
 from .hashing import digest_file, digest_hex
 from .manifest import Part
-from .retry import ShortReadError, with_retries
+from .retry import with_retries
 from .safetensors_io import pwrite_all
 from .store import PARTS_DIR, backend_errors, file_lock, replace_durably
 
@@ -57,17 +60,22 @@ class _Download:
     final: str
     partial: str
     log: str = field(init=False)
+    #: The part is fetched in ``count`` chunks of ``chunk`` bytes (``CHUNK_BYTES`` when it started).
+    chunk: int = field(init=False)
+    count: int = field(init=False)
     #: Chunk indices already in the partial file (and counted on the progress bar).
     logged: set[int] = field(init=False, default_factory=set)
     lock: threading.Lock = field(init=False, default_factory=threading.Lock)
 
     def __post_init__(self) -> None:
         self.log = self.partial + ".done"
+        self.chunk = CHUNK_BYTES
+        self.count = -(-self.item.part.size // self.chunk)
 
-    @property
-    def ranges(self) -> list[tuple[int, int]]:
-        size = self.item.part.size
-        return [(start, min(start + CHUNK_BYTES, size)) for start in range(0, size, CHUNK_BYTES)]
+    def span(self, index: int) -> tuple[int, int]:
+        """The bytes ``start:end`` of chunk ``index``."""
+        start = index * self.chunk
+        return start, min(start + self.chunk, self.item.part.size)
 
     def open(self) -> list[int]:
         """Prepare the partial file; the chunk indices still to fetch (all, unless resuming)."""
@@ -79,38 +87,36 @@ class _Download:
             self.discard()
         with open(self.partial, "ab") as f:
             f.truncate(self.item.part.size)
-        self.logged = done & set(range(len(self.ranges)))
-        return [i for i in range(len(self.ranges)) if i not in done]
+        self.logged = {i for i in done if i < self.count}
+        return [i for i in range(self.count) if i not in self.logged]
 
     def fetch_chunk(self, index: int, bar: tqdm | None) -> None:
-        if len(self.logged) == len(self.ranges):
+        """Stream chunk ``index`` into the partial file (or the whole part, from a server that
+        ignores ``Range``) and log it; a wrong answer is refused, a failed transfer retried."""
+        if len(self.logged) == self.count:
             return  # a server that ignores ranges already sent the whole part
-        start, end = self.ranges[index]
-        item, size = self.item, self.item.part.size
+        item, (start, end) = self.item, self.span(index)
+        fd = os.open(self.partial, os.O_WRONLY)
+        try:
 
-        def read() -> bytes:
-            data = item.fs.cat_file(item.src, start=start, end=end)
-            if len(data) not in (end - start, size):
-                raise ShortReadError(f"got {len(data)} bytes for range {start}-{end} of a {size}-byte part")
-            return data
+            def write(offset: int, piece: bytes) -> None:
+                pwrite_all(fd, piece, offset)
 
-        data = with_retries(read, item.url)
-        whole = len(data) != end - start  # a static server that ignores Range: the whole part came
-        offset, indices = (0, range(len(self.ranges))) if whole else (start, [index])
+            span = with_retries(
+                lambda: stream_range(item.fs, item.src, item.url, start, end, item.part.size, write), item.url
+            )
+        finally:
+            os.close(fd)
+        indices = range(self.count) if span != (start, end) else [index]
         with self.lock:
             new = [i for i in indices if i not in self.logged]
             if not new:
                 return
-            fd = os.open(self.partial, os.O_WRONLY)
-            try:
-                pwrite_all(fd, data, offset)
-            finally:
-                os.close(fd)
             with open(self.log, "a") as log:
                 log.write("".join(f"{i}\n" for i in new))
             self.logged.update(new)
         if bar is not None:
-            bar.update(sum(self.ranges[i][1] - self.ranges[i][0] for i in new))
+            bar.update(sum(self.span(i)[1] - self.span(i)[0] for i in new))
 
     def finish(self) -> None:
         """Verify the partial file and rename it into place, or delete it and refuse it."""
@@ -149,6 +155,7 @@ class Cache:
             os.makedirs(self.parts, exist_ok=True)
             os.makedirs(self.incoming, exist_ok=True)
         todo = sorted({i.part.digest: i for i in items if not self.has(i.part.digest)}.values(), key=_digest)
+        self._check_space(todo)
         fetched: list[Fetch] = []
         with contextlib.ExitStack() as locks:
             mine, theirs = [], []
@@ -161,6 +168,24 @@ class Cache:
                 if not self.has(item.part.digest):
                     fetched += self._download_verified([item], workers, bar)
         return fetched
+
+    def _check_space(self, todo: Sequence[Fetch]) -> None:
+        """Refuse, before anything is written, parts that cannot fit on the cache's disk (bytes a
+        resumable partial file already holds count as there)."""
+        need = 0
+        for item in todo:
+            try:
+                held = os.stat(self._incoming(item, ".partial")).st_blocks * 512
+            except FileNotFoundError:
+                held = 0
+            need += max(0, item.part.size - held)
+        with backend_errors(self.root):
+            free = shutil.disk_usage(self.incoming).free
+        if need > free:
+            raise StoreError(
+                f"{self.root}: fetching {counted(len(todo), 'part')} needs {human_bytes(need)}, only "
+                f"{human_bytes(free)} is free there; free some space or pass another cache_dir"
+            )
 
     def _download_verified(self, items: list[Fetch], workers: int, bar: tqdm | None) -> list[Fetch]:
         """Download ``items``; a part whose bytes do not match is fetched once more from scratch
@@ -198,7 +223,7 @@ class Cache:
             for n, dl in enumerate(downloads):
                 chunks = dl.open()
                 if bar is not None:
-                    bar.update(sum(e - s for i, (s, e) in enumerate(dl.ranges) if i not in chunks))
+                    bar.update(sum(dl.span(i)[1] - dl.span(i)[0] for i in dl.logged))
                 remaining[n] = len(chunks)
                 if not chunks:
                     finish(n)

@@ -10,9 +10,17 @@ import time
 from collections.abc import Callable
 from typing import TypeVar
 
-from .errors import NotFoundError, StoreError
+from .errors import NotFoundError, SepstoreError, StoreError
 
-__all__ = ["ATTEMPTS", "http_status", "is_transient", "with_retries"]
+__all__ = [
+    "ATTEMPTS",
+    "ShortReadError",
+    "StalledError",
+    "TransientError",
+    "http_status",
+    "is_transient",
+    "with_retries",
+]
 
 T = TypeVar("T")
 ATTEMPTS = 5
@@ -35,8 +43,16 @@ def http_status(exc: BaseException) -> int | None:
     return None
 
 
-class ShortReadError(StoreError):
+class TransientError(StoreError):
+    """A failure of one transfer that another try may not have."""
+
+
+class ShortReadError(TransientError):
     """A server sent fewer bytes than asked for."""
+
+
+class StalledError(TransientError):
+    """A transfer delivered too little for too long (``$SEPSTORE_MIN_SPEED``, see :mod:`sepstore.backends`)."""
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -46,9 +62,12 @@ def is_transient(exc: BaseException) -> bool:
     status = http_status(exc)
     if status is not None:
         return status >= 500 or status in (408, 429)
-    # botocore checks S3 bodies against their CRC: a mismatch is corruption in transit, worth a retry
-    in_transit = _loaded("botocore.exceptions", "FlexibleChecksumError")
-    transient = (ShortReadError, asyncio.TimeoutError, TimeoutError, ConnectionError, OSError)
+    # S3 bodies are read through botocore, whose errors on the way are its own: a dropped connection,
+    # a body shorter than its length, a CRC mismatch (corruption in transit) are all worth a retry
+    in_transit = _loaded(
+        "botocore.exceptions", "FlexibleChecksumError", "HTTPClientError", "ConnectionError", "IncompleteReadError"
+    )
+    transient = (TransientError, asyncio.TimeoutError, TimeoutError, ConnectionError, OSError)
     return isinstance(exc, (*transient, *_loaded("aiohttp", "ClientError"), *in_transit))
 
 
@@ -67,7 +86,7 @@ def with_retries(call: Callable[[], T], url: str, *, attempts: int = ATTEMPTS) -
                 raise NotFoundError(f"{url}: not found") from None
             failure = exc.__cause__
         except Exception as exc:
-            if isinstance(exc, StoreError) and not isinstance(exc, ShortReadError):
+            if isinstance(exc, SepstoreError) and not isinstance(exc, TransientError):
                 raise
             failure = exc
         if not is_transient(failure) or attempt == attempts:

@@ -92,8 +92,7 @@ class _Progress:
     """The minimum-progress rule: each window of ``$SEPSTORE_TIMEOUT`` seconds must bring
     ``$SEPSTORE_MIN_SPEED`` times as many bytes (at least one)."""
 
-    def __init__(self, url: str) -> None:
-        self.url = url
+    def __init__(self) -> None:
         self.window = timeout()
         self.least = max(1, int(min_speed() * self.window))
         self.began = time.monotonic()
@@ -103,11 +102,14 @@ class _Progress:
         """Seconds left in the current window; a :class:`StalledError` once it is over."""
         left = self.began + self.window - time.monotonic()
         if left <= 0:
-            raise StalledError(
-                f"{self.url}: stalled, {self.got} bytes in {self.window:g} s, less than the {self.least} "
-                "that $SEPSTORE_MIN_SPEED and $SEPSTORE_TIMEOUT ask for"
-            )
+            raise self.stalled()
         return left
+
+    def stalled(self) -> StalledError:
+        return StalledError(
+            f"stalled, {self.got} bytes in {self.window:g} s, fewer than the {self.least} "
+            "that $SEPSTORE_MIN_SPEED and $SEPSTORE_TIMEOUT ask for"
+        )
 
     def add(self, count: int) -> None:
         self.got += count
@@ -155,22 +157,23 @@ class _AsyncBody(_Body):
     """A response of an fsspec async filesystem (HTTP, S3), read from its event loop piece by piece,
     each wait bounded by the minimum-progress rule."""
 
-    def __init__(self, fs: Any, url: str) -> None:
+    def __init__(self, fs: Any) -> None:
         self._loop = fs.loop
-        self._progress = _Progress(url)
+        self._progress = _Progress()
 
     def _await(self, make: Callable[[], Awaitable[T]]) -> T:
         result: T = sync(self._loop, self._within, make)
         return result
 
     async def _within(self, make: Callable[[], Awaitable[T]]) -> T:
-        async with asyncio.timeout(self._progress.left()) as deadline:
-            try:
+        deadline = asyncio.timeout(self._progress.left())
+        try:
+            async with deadline:
                 return await make()
-            except TimeoutError:
-                if deadline.expired():
-                    self._progress.left()  # raises StalledError: the window is over
-                raise
+        except TimeoutError:
+            if deadline.expired():  # the window is over, not a timeout of the backend's own
+                raise self._progress.stalled() from None
+            raise
 
     def read(self, size: int) -> bytes:
         data = self._await(lambda: self._read(size))
@@ -200,8 +203,8 @@ class _HTTPBody(_AsyncBody):
     """A GET through fsspec's own aiohttp session (its headers, auth and timeouts), with ``Range``;
     ``Accept-Encoding: identity``, so that the declared length is the length of the bytes."""
 
-    def __init__(self, fs: Any, path: str, url: str, start: int, end: int) -> None:
-        super().__init__(fs, url)
+    def __init__(self, fs: Any, path: str, start: int, end: int) -> None:
+        super().__init__(fs)
         self._response = self._await(lambda: self._get(fs, path, start, end))
         headers = self._response.headers
         first, self.total = _content_range(headers.get("Content-Range"))
@@ -238,8 +241,8 @@ class _HTTPBody(_AsyncBody):
 class _S3Body(_AsyncBody):
     """A ranged ``GetObject`` through s3fs's client, its body read piece by piece."""
 
-    def __init__(self, fs: Any, path: str, url: str, start: int, end: int) -> None:
-        super().__init__(fs, url)
+    def __init__(self, fs: Any, path: str, start: int, end: int) -> None:
+        super().__init__(fs)
         bucket, key, version = fs.split_path(path)
         extra = {"VersionId": version} if version else {}
         answer = self._await(
@@ -268,11 +271,11 @@ def _is(fs: fsspec.AbstractFileSystem, module: str, name: str) -> bool:
     return isinstance(cls, type) and isinstance(fs, cls)
 
 
-def _open(fs: fsspec.AbstractFileSystem, path: str, url: str, start: int, end: int) -> _Body:
+def _open(fs: fsspec.AbstractFileSystem, path: str, start: int, end: int) -> _Body:
     if _is(fs, "fsspec.implementations.http", "HTTPFileSystem"):
-        return _HTTPBody(fs, path, url, start, end)
+        return _HTTPBody(fs, path, start, end)
     if _is(fs, "s3fs.core", "S3FileSystem"):
-        return _S3Body(fs, path, url, start, end)
+        return _S3Body(fs, path, start, end)
     return _FileBody(fs, path, start, end)
 
 
@@ -292,8 +295,8 @@ def stream_range(
     An answer of another size, or for another range, or longer than it says, is an
     :class:`IntegrityError` naming ``url``, found before more than the expected bytes are read;
     a short answer is a :class:`ShortReadError` and a stalled one a :class:`StalledError` (both
-    worth another try)."""
-    body = _open(fs, path, url, start, end)
+    worth another try, see :func:`~sepstore.retry.with_retries`)."""
+    body = _open(fs, path, start, end)
     try:
         if body.total is not None and body.total != size:
             raise IntegrityError(f"{url}: the server's object is {body.total} bytes, the manifest says {size}")
@@ -309,7 +312,7 @@ def stream_range(
         while done < expected:
             piece = body.read(min(PIECE_BYTES, expected - done))
             if not piece:
-                raise ShortReadError(f"{url}: got {done} bytes of {expected} (bytes {first}-{last - 1})")
+                raise ShortReadError(f"got {done} bytes of {expected} (bytes {first}-{last - 1})")
             write(first + done, piece)
             done += len(piece)
         if body.length is None and body.read(1):

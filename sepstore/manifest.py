@@ -17,7 +17,7 @@ from msgspec import Meta, Struct
 
 from .errors import ManifestError
 from .hashing import DIGEST_PATTERN, END, digest_buffer
-from .safetensors_io import shape_problem
+from .safetensors_io import ITEMSIZE, MAX_HEADER_BYTES, shape_problem
 
 __all__ = [
     "FORMAT",
@@ -146,12 +146,49 @@ def decode_manifest(data: bytes, *, source: str) -> Manifest:
     except RecursionError:
         raise ManifestError(f"{source}: JSON nested too deeply") from None
     _check_parts_location(manifest.parts, source)
+    for label, part in manifest.labelled_parts():
+        _check_size(part, f"{source}: part {label}")
     return manifest
 
 
 def _check_parts_location(parts: str, source: str) -> None:
     if "\\" in parts or "\x00" in parts or "?" in parts or "#" in parts:
         raise ManifestError(f"{source}: field `parts` {parts!r} has a character not allowed in a location")
+
+
+def _check_size(part: Part, where: str) -> None:
+    """A part's size must be its tensors' bytes plus the 8-byte length and a header of at most
+    ``MAX_HEADER_BYTES``: nothing downstream (a free-space check, a partial file, chunking) ever
+    sees a size its tensor table does not account for."""
+    data = 0
+    for name, tensor in part.tensors.items():
+        itemsize = ITEMSIZE.get(tensor.dtype)
+        if itemsize is None:
+            raise ManifestError(
+                f"{where}: tensor {name!r} has dtype {tensor.dtype!r}, which this sepstore does not know"
+            )
+        data += _tensor_bytes(tensor.shape, itemsize, part.size)
+        if data > part.size:
+            break
+    if not 0 <= part.size - 8 - data <= MAX_HEADER_BYTES:
+        tensors = f"{data} bytes of tensors" if data <= part.size else "more bytes of tensors than that"
+        raise ManifestError(
+            f"{where}: field `size` is {part.size}, which does not fit {tensors} plus an 8-byte length and a "
+            f"header of at most {MAX_HEADER_BYTES} bytes"
+        )
+
+
+def _tensor_bytes(shape: tuple[int, ...], itemsize: int, cap: int) -> int:
+    """Bytes of a tensor, or ``cap + 1`` as soon as they exceed ``cap`` (a hostile shape costs no
+    arithmetic on huge integers)."""
+    if 0 in shape:
+        return 0
+    nbytes = itemsize
+    for dim in shape:
+        nbytes *= dim
+        if nbytes > cap:
+            return cap + 1
+    return nbytes
 
 
 def encode_manifest(manifest: Manifest) -> bytes:

@@ -71,8 +71,10 @@ def is_transient(exc: BaseException) -> bool:
     return isinstance(exc, (*transient, *_loaded("aiohttp", "ClientError"), *in_transit))
 
 
-def with_retries(call: Callable[[], T], url: str, *, attempts: int = ATTEMPTS) -> T:
-    """``call()``, retried on transient errors; the last failure becomes a ``StoreError`` naming ``url``."""
+def with_retries(call: Callable[[], T], url: str, *, attempts: int | None = None) -> T:
+    """``call()``, retried on transient errors (``attempts`` tries in all, default :data:`ATTEMPTS`);
+    the last failure becomes a ``StoreError`` naming ``url``."""
+    attempts = ATTEMPTS if attempts is None else attempts
     attempt = 0
     while True:
         attempt += 1
@@ -91,5 +93,6 @@ def with_retries(call: Callable[[], T], url: str, *, attempts: int = ATTEMPTS) -
             failure = exc
         if not is_transient(failure) or attempt == attempts:
             tries = f" after {attempt} tries" if attempt > 1 else ""
-            raise StoreError(f"{url}: {type(failure).__name__}: {failure}{tries}") from failure
+            kind = "" if isinstance(failure, TransientError) else f"{type(failure).__name__}: "
+            raise StoreError(f"{url}: {kind}{failure}{tries}") from failure
         time.sleep(BASE_DELAY * 2 ** (attempt - 1) * (0.5 + random.random()))

@@ -219,3 +219,55 @@ class FaultProxy(_LoopbackServer):
         if fault is None:
             return web.Response(body=data, status=status, headers=back)
         return await self._faulty(request, data, status, back, fault)
+
+
+class HostileServer(_LoopbackServer):
+    """Serves the files under ``root`` (with ``Range`` support), except that GETs of part files are
+    answered as ``mode`` says, never holding more than a MiB of the answer at once:
+
+    - ``"huge"``: ``huge_bytes`` of zeros, declared in ``Content-Length``, whatever was asked for;
+    - ``"huge-chunked"``: the same without a declared length (chunked encoding);
+    - ``"trickle"``: the right headers, then one byte of the right answer every ``trickle_seconds``.
+    """
+
+    methods = ("GET", "HEAD")
+
+    def __init__(self, root: Path, mode: str, *, huge_bytes: int = 3 * 2**29, trickle_seconds: float = 0.5) -> None:
+        super().__init__()
+        self.root = root
+        self.mode = mode
+        self.huge_bytes = huge_bytes
+        self.trickle_seconds = trickle_seconds
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        path = (self.root / request.path.lstrip("/")).resolve()
+        if not path.is_relative_to(self.root.resolve()) or not path.is_file():
+            return web.Response(status=404)
+        if request.method != "GET" or "/parts/blake3/" not in request.path:
+            return web.FileResponse(path)
+        if self.mode == "trickle":
+            data, status, headers = _ranged(path.read_bytes(), request.headers.get("Range"))
+            return await self._send(request, status, {**headers, "Content-Length": str(len(data))}, data)
+        headers = {} if self.mode == "huge-chunked" else {"Content-Length": str(self.huge_bytes)}
+        return await self._send(request, 200, headers, None)
+
+    async def _send(
+        self, request: web.Request, status: int, headers: dict[str, str], data: bytes | None
+    ) -> web.StreamResponse:
+        response = web.StreamResponse(status=status, headers=headers)
+        if "Content-Length" not in headers:
+            response.enable_chunked_encoding()
+        await response.prepare(request)
+        zeros = bytes(2**20)
+        try:
+            if data is not None:  # trickle
+                for i in range(len(data)):
+                    await response.write(data[i : i + 1])
+                    await asyncio.sleep(self.trickle_seconds)
+            else:
+                for start in range(0, self.huge_bytes, len(zeros)):
+                    await response.write(zeros[: min(len(zeros), self.huge_bytes - start)])
+            await response.write_eof()
+        except (ConnectionError, RuntimeError):
+            pass  # the client hung up, as it should
+        return response

@@ -189,14 +189,18 @@ def cmd_push(args: argparse.Namespace) -> int:
 
 
 def cmd_pull(args: argparse.Namespace) -> int:
-    report = pull(args.ref, args.spec, quiet=args.quiet, **_ref_options(args))
+    report = pull(args.ref, args.spec, quiet=args.quiet, verify=args.verify, **_ref_options(args))
     if args.json:
         _print_json(report.to_dict())
         return EXIT_OK
+    checked = "re-hashed" if report.checked == "digest" else "size checked (--verify re-hashes them)"
     print(
-        f"fetched {counted(len(report.fetched), 'part')} ({human_bytes(report.fetched_bytes)}), "
-        f"{human_bytes(report.present_bytes)} already local; all verified"
+        f"fetched and verified {counted(len(report.fetched), 'part')} ({human_bytes(report.fetched_bytes)}); "
+        f"{len(report.present)} already local ({human_bytes(report.present_bytes)}), {checked}"
     )
+    if report.repaired:
+        damaged = ", ".join(f"{label} ({why})" for label, why in report.repaired.items())
+        print(f"repaired {counted(len(report.repaired), 'damaged local part')}, fetched again: {damaged}")
     return EXIT_OK
 
 
@@ -343,6 +347,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--spec", default="f", help="parts to fetch, e.g. 'b 0-5' (default: f, all)")
     p.add_argument("--cache-dir", help="cache folder (default: $SEPSTORE_CACHE or ~/.cache/sepstore)")
     _add_parts_url(p)
+    p.add_argument(
+        "--verify",
+        action="store_true",
+        help="re-hash the parts already cached, and fetch again any that fail (default: check their sizes)",
+    )
     _add_quiet(p)
     p.add_argument("--json", action="store_true", help="print JSON")
 

@@ -4,7 +4,7 @@ they are, for other download tools."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from .cache import DEFAULT_WORKERS
 from .reader import PartReader
@@ -19,13 +19,23 @@ __all__ = ["PartFile", "PullReport", "files", "pull"]
 
 @dataclass(frozen=True)
 class PullReport:
-    """What a pull did: parts fetched now, parts already there, and where each part's file is."""
+    """What a pull did, and exactly what it checked.
+
+    ``fetched`` parts were downloaded now, each checked for size and BLAKE3 digest before it got
+    its name in the cache. ``present`` parts were already local (cached, or in a local store):
+    ``checked`` says how they were checked now, ``"size"`` or (with ``verify=True``) ``"digest"``,
+    re-hashed. ``repaired`` names the local copies that failed that check, with what was wrong;
+    they were deleted and fetched again (so they are among ``fetched`` too).
+    """
 
     manifest_url: str
     manifest_digest: str
     fetched: list[str]
     fetched_bytes: int
+    present: list[str]
     present_bytes: int
+    checked: Literal["size", "digest"]
+    repaired: dict[str, str]
     paths: dict[str, str]
 
     def to_dict(self) -> dict[str, Any]:
@@ -34,7 +44,10 @@ class PullReport:
             "digest": self.manifest_digest,
             "fetched": self.fetched,
             "fetched_bytes": self.fetched_bytes,
+            "present": self.present,
             "present_bytes": self.present_bytes,
+            "present_checked": self.checked,
+            "repaired": self.repaired,
             "paths": self.paths,
         }
 
@@ -45,24 +58,33 @@ def pull(
     *,
     workers: int = DEFAULT_WORKERS,
     quiet: bool = False,
+    verify: bool = False,
     **options: Unpack[RefOptions],
 ) -> PullReport:
     """Fetch the parts ``spec`` names into the cache (``$SEPSTORE_CACHE``, default
     ``~/.cache/sepstore``), each verified before it gets its name; parts already cached are not
     fetched again, so moving a node from v1 to v2 fetches only the changed parts. A local store's
-    parts are used where they are. ``ref`` and the options are as for :func:`sepstore.load`."""
+    parts are used where they are. ``ref`` and the options are as for :func:`sepstore.load`.
+
+    Parts already local get their size checked, and with ``verify`` their digest (every byte
+    re-hashed); a cached copy that fails is fetched again, a local store's part that fails is an
+    :class:`~sepstore.errors.IntegrityError`."""
     resolved = open_ref("pull", ref, options, FETCH_OPTIONS)
     _, chosen = select_parts(resolved.manifest, spec)
     reader = PartReader(resolved, cache_dir=options.get("cache_dir"), workers=workers)
+    repaired = reader.recheck(chosen, rehash=verify)
     fetched = reader.prefetch(chosen, desc=f"pull {resolved.manifest.name}", quiet=quiet)
     fetched_digests = {f.part.digest for f in fetched}
-    sizes = {part.digest: part.size for _, part in chosen}
+    present = {part.digest: (label, part) for label, part in chosen if part.digest not in fetched_digests}
     return PullReport(
         manifest_url=resolved.url,
         manifest_digest=resolved.digest,
         fetched=[f.label for f in fetched],
         fetched_bytes=sum(f.part.size for f in fetched),
-        present_bytes=sum(size for d, size in sizes.items() if d not in fetched_digests),
+        present=[label for label, _ in present.values()],
+        present_bytes=sum(part.size for _, part in present.values()),
+        checked="digest" if verify else "size",
+        repaired=repaired,
         paths={label: reader.path(part) for label, part in chosen},
     )
 

@@ -20,7 +20,7 @@ from fsspec.implementations.local import LocalFileSystem
 
 from .cache import DEFAULT_WORKERS, Cache, Fetch
 from .errors import IntegrityError, NotFoundError, StoreError
-from .hashing import Hasher, digest_buffer, digest_hex, digest_of
+from .hashing import Hasher, digest_buffer, digest_file, digest_hex, digest_of
 from .manifest import Part
 from .progress import progress
 from .refs import Resolved, open_fs
@@ -37,6 +37,17 @@ T = TypeVar("T")
 #: so that it is hashed while still in the CPU's cache: with 4 MiB pieces hashing added about
 #: 15% to the read here, with 16 MiB pieces or without the second thread 40-60% (bench_load.py).
 READ_PIECE = 4 * 1024 * 1024
+
+
+def _size_of(path: str) -> int | None:
+    try:
+        return os.stat(path).st_size
+    except FileNotFoundError:
+        return None
+
+
+def _wrong_size(size: int, part: Part) -> str | None:
+    return None if size == part.size else f"file is {size} bytes, manifest says {part.size}"
 
 
 def check_header(header: dict[str, HeaderEntry], part: Part, where: str) -> None:
@@ -129,13 +140,37 @@ class PartReader:
         self.prefetch([(label, part)], desc=f"fetch {label}")
         path = self.path(part)
         where = f"part {label} ({path})"
-        try:
-            size = os.stat(path).st_size
-        except FileNotFoundError:
-            raise NotFoundError(f"part {label} of {self.resolved.url} is missing: {path}") from None
-        if size != part.size:
-            raise IntegrityError(f"{where}: file is {size} bytes, manifest says {part.size}")
+        size = _size_of(path)
+        if size is None:
+            raise NotFoundError(f"part {label} of {self.resolved.url} is missing: {path}")
+        if wrong := _wrong_size(size, part):
+            raise IntegrityError(f"{where}: {wrong}")
         return path, where
+
+    def recheck(self, chosen: Iterable[tuple[str, Part]], *, rehash: bool = False) -> dict[str, str]:
+        """Check the chosen parts already on local disk: their size, and with ``rehash`` their
+        digest too. A cached copy that fails is deleted, to be fetched again; returns what was
+        wrong with each, by label. In a local store, a part that fails (or is missing) is an
+        :class:`IntegrityError` (:class:`NotFoundError`): there is nowhere to fetch it from."""
+        broken: dict[str, str] = {}
+        for label, part in {part.digest: (label, part) for label, part in chosen}.values():
+            path = self.path(part)
+            size = _size_of(path)
+            if size is None and self.cache is None:
+                raise NotFoundError(f"part {label} of {self.resolved.url} is missing: {path}")
+            if size is None:
+                continue  # not cached yet: fetched, and verified, next
+            wrong = _wrong_size(size, part)
+            if wrong is None and rehash and (got := digest_file(path)) != part.digest:
+                wrong = f"digest is {got}, manifest says {part.digest}"
+            if wrong is None:
+                continue
+            if self.cache is None:
+                raise IntegrityError(f"part {label} ({path}): {wrong}")
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+            broken[label] = wrong
+        return broken
 
     def _check(self, label: str, part: Part) -> None:
         """One pass over the file in bounded pieces: the file's digest, then its header, then

@@ -158,19 +158,20 @@ def _check_parts_location(parts: str, source: str) -> None:
 
 def _check_size(part: Part, where: str) -> None:
     """A part's size must be its tensors' bytes plus the 8-byte length and a header of at most
-    ``MAX_HEADER_BYTES``: nothing downstream (a free-space check, a partial file, chunking) ever
-    sees a size its tensor table does not account for."""
-    data = 0
-    for name, tensor in part.tensors.items():
+    ``MAX_HEADER_BYTES``, so that nothing downstream (a free-space check, a partial file, chunking)
+    sees a size its tensor table does not account for. A dtype this sepstore does not know (a
+    newer writer's) has an unknown size: such a part's size is only checked to hold the others."""
+    data, unknown = 0, False
+    for tensor in part.tensors.values():
         itemsize = ITEMSIZE.get(tensor.dtype)
         if itemsize is None:
-            raise ManifestError(
-                f"{where}: tensor {name!r} has dtype {tensor.dtype!r}, which this sepstore does not know"
-            )
+            unknown = True
+            continue
         data += _tensor_bytes(tensor.shape, itemsize, part.size)
         if data > part.size:
             break
-    if not 0 <= part.size - 8 - data <= MAX_HEADER_BYTES:
+    header = part.size - 8 - data
+    if header < 0 or (header > MAX_HEADER_BYTES and not unknown):
         tensors = f"{data} bytes of tensors" if data <= part.size else "more bytes of tensors than that"
         raise ManifestError(
             f"{where}: field `size` is {part.size}, which does not fit {tensors} plus an 8-byte length and a "

@@ -40,9 +40,10 @@ READ_PIECE = 4 * 1024 * 1024
 
 
 def _size_of(path: str) -> int | None:
+    """The size of the file at ``path``; ``None`` if there is none (nor its folder)."""
     try:
         return os.stat(path).st_size
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         return None
 
 

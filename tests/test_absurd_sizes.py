@@ -58,9 +58,18 @@ def test_a_header_beyond_the_header_bound_is_a_manifest_error() -> None:
     assert ok.end is not None and ok.end.size == 8 + 4 + MAX_HEADER_BYTES
 
 
-def test_an_unknown_dtype_is_a_manifest_error() -> None:
-    with pytest.raises(sepstore.ManifestError, match="dtype 'Q4', which this sepstore does not know"):
-        decode_manifest(with_end(manifest_dict(), 100, one_tensor("Q4", [8])), source=SOURCE)
+def test_a_dtype_this_sepstore_does_not_know_leaves_only_the_lower_bound(tmp_path: Path) -> None:
+    """A newer writer's dtype has a size this sepstore cannot compute: the manifest still decodes
+    (info, diff and gc read it), and a pull of an absurd size is refused for space instead."""
+    tensors = {**one_tensor("F32", [4]), "q": {"dtype": "Q4", "shape": [8], "digest": "blake3:" + "2" * 64}}
+    with pytest.raises(sepstore.ManifestError, match="does not fit 16 bytes of tensors"):
+        decode_manifest(with_end(manifest_dict(), 8 + 15, tensors), source=SOURCE)
+    store = f"memory://sizes-{uuid.uuid4().hex}/store"
+    url = f"{store}/manifests/m/v1.json"
+    fsspec.filesystem("memory").pipe_file(url, with_end(manifest_dict(), 2**62, tensors))
+    assert sepstore.read_manifest(url).end.size == 2**62  # type: ignore[union-attr]
+    with pytest.raises(sepstore.StoreError, match="is free there"):
+        sepstore.pull(url, "e", cache_dir=tmp_path / "cache", quiet=True)
 
 
 def test_a_hostile_shape_is_refused_without_huge_integer_arithmetic() -> None:

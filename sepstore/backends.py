@@ -28,7 +28,7 @@ from fsspec.core import split_protocol
 from .errors import IntegrityError, StoreError
 from .retry import ShortReadError, StalledError
 
-__all__ = ["PIECE_BYTES", "min_speed", "open_url", "stream_range", "timeout", "with_defaults"]
+__all__ = ["PIECE_BYTES", "min_speed", "open_url", "read_head", "stream_range", "timeout", "with_defaults"]
 
 T = TypeVar("T")
 
@@ -318,5 +318,22 @@ def stream_range(
         if body.length is None and body.read(1):
             raise IntegrityError(f"{url}: the server sent more than the {expected} bytes asked for")
         return first, last
+    finally:
+        body.close()
+
+
+def read_head(fs: fsspec.AbstractFileSystem, path: str, url: str, limit: int) -> bytes:
+    """The first ``limit`` bytes of the object at ``path`` (all of it, if shorter), read in pieces
+    under the minimum-progress rule: a longer answer is cut at ``limit``, never held whole."""
+    body = _open(fs, path, 0, limit)
+    try:
+        if body.ranged and body.offset != 0:
+            raise IntegrityError(f"{url}: asked for bytes 0-{limit - 1}, the server sent bytes from {body.offset}")
+        pieces: list[bytes] = []
+        got = 0
+        while got < limit and (piece := body.read(min(PIECE_BYTES, limit - got))):
+            pieces.append(piece)
+            got += len(piece)
+        return b"".join(pieces)
     finally:
         body.close()

@@ -26,7 +26,7 @@ from typing import Any, TypeVar
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from .backends import open_url
+from .backends import open_url, read_head
 from .errors import NotFoundError, SepstoreError, StoreError
 from .hashing import Hasher, digest_file, digest_hex, digest_of
 from .manifest import MAX_MANIFEST_BYTES, NAME_PATTERN, TAG_PATTERN
@@ -201,9 +201,7 @@ def read_limited(fs: fsspec.AbstractFileSystem, path: str, url: str, limit: int 
     remote backend, transient failures (dropped connections, 5xx) are retried."""
 
     def read() -> bytes:
-        with fs.open(path, "rb") as f:
-            data: bytes = f.read(limit + 1)
-        return data
+        return read_head(fs, path, url, limit + 1)
 
     with backend_errors(url):
         data = read() if isinstance(fs, LocalFileSystem) else with_retries(read, url)

@@ -222,8 +222,9 @@ class FaultProxy(_LoopbackServer):
 
 
 class HostileServer(_LoopbackServer):
-    """Serves the files under ``root`` (with ``Range`` support), except that GETs of part files are
-    answered as ``mode`` says, never holding more than a MiB of the answer at once:
+    """Serves the files under ``root`` (with ``Range`` support), except that GETs of paths that
+    contain ``spoil`` (part files, by default) are answered as ``mode`` says, never holding more
+    than a MiB of the answer at once:
 
     - ``"huge"``: ``huge_bytes`` of zeros, declared in ``Content-Length``, whatever was asked for;
     - ``"huge-chunked"``: the same without a declared length (chunked encoding);
@@ -232,10 +233,19 @@ class HostileServer(_LoopbackServer):
 
     methods = ("GET", "HEAD")
 
-    def __init__(self, root: Path, mode: str, *, huge_bytes: int = 3 * 2**29, trickle_seconds: float = 0.5) -> None:
+    def __init__(
+        self,
+        root: Path,
+        mode: str,
+        *,
+        spoil: str = "/parts/blake3/",
+        huge_bytes: int = 3 * 2**29,
+        trickle_seconds: float = 0.5,
+    ) -> None:
         super().__init__()
         self.root = root
         self.mode = mode
+        self.spoil = spoil
         self.huge_bytes = huge_bytes
         self.trickle_seconds = trickle_seconds
 
@@ -243,7 +253,7 @@ class HostileServer(_LoopbackServer):
         path = (self.root / request.path.lstrip("/")).resolve()
         if not path.is_relative_to(self.root.resolve()) or not path.is_file():
             return web.Response(status=404)
-        if request.method != "GET" or "/parts/blake3/" not in request.path:
+        if request.method != "GET" or self.spoil not in request.path:
             return web.FileResponse(path)
         if self.mode == "trickle":
             data, status, headers = _ranged(path.read_bytes(), request.headers.get("Range"))

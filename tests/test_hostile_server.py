@@ -159,6 +159,23 @@ def test_a_trickling_server_fails_a_load_too(www: Path, tmp_path: Path, monkeypa
         server.stop()
 
 
+@pytest.mark.parametrize("mode", ["huge", "huge-chunked", "trickle"])
+def test_a_manifest_answered_with_a_huge_or_trickling_body_is_refused_in_bounded_memory_and_time(
+    www: Path, tmp_path: Path, mode: str
+) -> None:
+    server = HostileServer(www, mode, spoil="/manifests/").start()
+    try:
+        url = f"{server.url}/bucket/store/manifests/m/v1.json"
+        outcome = pull_in_child(url, "f", tmp_path / "cache", timeout=180, SEPSTORE_TIMEOUT="2")
+    finally:
+        server.stop()
+    assert outcome["error"] is not None, outcome
+    kind, message = outcome["error"]
+    why = "stalled" if mode == "trickle" else "larger than 67108864 bytes; not a manifest"
+    assert kind == "StoreError" and url in message and why in message, message
+    assert outcome["peak_rss"] < MEMORY_BOUND, outcome
+
+
 @pytest.mark.parametrize("value", ["fast", "-1", "nan", "inf"])
 def test_a_bad_minimum_speed_is_a_store_error(
     value: str, www: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch

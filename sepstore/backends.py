@@ -98,9 +98,13 @@ class _Progress:
         self.began = time.monotonic()
         self.got = 0
 
+    def remaining(self) -> float:
+        """Seconds left in the current window (none once it is over)."""
+        return self.began + self.window - time.monotonic()
+
     def left(self) -> float:
         """Seconds left in the current window; a :class:`StalledError` once it is over."""
-        left = self.began + self.window - time.monotonic()
+        left = self.remaining()
         if left <= 0:
             raise self.stalled()
         return left
@@ -166,12 +170,10 @@ class _AsyncBody(_Body):
         return result
 
     async def _within(self, make: Callable[[], Awaitable[T]]) -> T:
-        deadline = asyncio.timeout(self._progress.left())
         try:
-            async with deadline:
-                return await make()
-        except TimeoutError:
-            if deadline.expired():  # the window is over, not a timeout of the backend's own
+            return await asyncio.wait_for(make(), self._progress.left())
+        except asyncio.TimeoutError:
+            if self._progress.remaining() <= 0:  # the window is over, not a timeout of the backend's own
                 raise self._progress.stalled() from None
             raise
 

@@ -1,12 +1,19 @@
 """The local cache of remote parts: the store's ``parts/blake3/`` layout, verified on the way in.
 
-Parts are fetched in bounded-concurrency ranged reads into ``incoming/<hex>.partial`` (a ``.done``
-log beside it records finished ranges, so a killed pull resumes where it stopped), hashed, and renamed
-to their digest name only when size and digest match: the cache never holds a file under a name
-its bytes do not have. A per-part ``flock`` keeps several processes from fetching the same part;
-a process that finds a part locked fetches its other parts first, then waits for that one. A
-part's first chunk is asked for alone: a server that ignores ``Range`` (``python -m http.server``)
-answers it with the whole part, which is written whole, and the part's other chunks are skipped.
+Parts are fetched in bounded-concurrency ranged reads, each streamed in pieces of at most
+:data:`~sepstore.backends.PIECE_BYTES` into ``incoming/<hex>.partial`` and cut at the length asked
+for (a ``.done`` log beside it records finished ranges, so a killed pull resumes where it stopped),
+then hashed, and renamed to their digest name only when size and digest match: the cache never
+holds a file under a name its bytes do not have. A pull that would not fit on the cache's disk is
+refused before anything is written. A per-part ``flock`` keeps several processes from fetching the
+same part; a process that finds a part locked fetches its other parts first, then waits for that
+one. A part's first chunk is asked for alone: a server that ignores ``Range`` (``python -m
+http.server``) answers it with the whole part, which is streamed in whole, and the part's other
+chunks are skipped.
+
+The digest is computed from the finished file (BLAKE3's threads over a memory map of it), not
+while the pieces arrive: ranged chunks arrive out of order and a resumed pull has bytes from an
+earlier process, so hashing the file once is what covers every byte exactly once.
 """
 
 from __future__ import annotations

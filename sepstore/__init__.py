@@ -16,6 +16,7 @@ from .dump import Decider, Placement, dump
 from .errors import (
     DeciderError,
     IntegrityError,
+    KeyFileError,
     ManifestError,
     ModuleMismatchError,
     NotFoundError,
@@ -24,6 +25,7 @@ from .errors import (
     SpecError,
     StoreError,
     TensorError,
+    TrustError,
 )
 from .gc import GcReport, gc
 from .load import LoadResult, PartStateDict, lazy_load, load, read_manifest
@@ -33,8 +35,11 @@ from .plan import NodePlan, plan
 from .pull import PartFile, PullReport, files, pull
 from .push import PushReport, push
 from .refs import ModelRef, RefLike, RefOptions, Resolved, resolve
+from .sign import SignReport, sign, signatures
+from .signing import keygen
 from .spec import PartSpec
 from .store import Store
+from .trust import SignatureCheck, TrustedKey, TrustPolicy, TrustReport
 from .verify import PartCheck, VerifyReport, verify
 
 if TYPE_CHECKING:
@@ -45,6 +50,7 @@ __all__ = [
     "DeciderError",
     "GcReport",
     "IntegrityError",
+    "KeyFileError",
     "LoadResult",
     "Manifest",
     "ManifestDiff",
@@ -68,12 +74,18 @@ __all__ = [
     "RefOptions",
     "Resolved",
     "SepstoreError",
+    "SignReport",
+    "SignatureCheck",
     "SpecError",
     "Store",
     "StoreError",
     "Tensor",
     "TensorChanges",
     "TensorError",
+    "TrustError",
+    "TrustPolicy",
+    "TrustReport",
+    "TrustedKey",
     "VerifyReport",
     "__version__",
     "convert",
@@ -81,6 +93,7 @@ __all__ = [
     "dump",
     "files",
     "gc",
+    "keygen",
     "lazy_load",
     "load",
     "plan",
@@ -88,6 +101,8 @@ __all__ = [
     "push",
     "read_manifest",
     "resolve",
+    "sign",
+    "signatures",
     "verify",
 ]
 

@@ -1,6 +1,7 @@
 """The ``sepstore`` command line: a thin front end over the public Python API.
 
-Exit codes: 0 success, 1 a verification failure (integrity), 2 bad usage or any other error.
+Exit codes: 0 success, 1 a verification failure (integrity, or a trust policy not satisfied), 2 bad
+usage or any other error.
 """
 
 from __future__ import annotations
@@ -17,13 +18,16 @@ from . import __version__
 from ._text import counted, human_bytes
 from .convert import convert
 from .diff import diff
-from .errors import IntegrityError, RefError, SepstoreError
+from .errors import IntegrityError, RefError, SepstoreError, TrustError
 from .gc import DEFAULT_GRACE, gc
 from .plan import plan
 from .pull import files, pull
 from .push import push
 from .refs import ModelRef, RefOptions, is_manifest_url, resolve
+from .sign import sign, signatures
+from .signing import keygen
 from .store import Store
+from .trust import TrustReport
 from .verify import verify
 
 __all__ = ["main"]
@@ -44,11 +48,37 @@ def _ref_options(args: argparse.Namespace) -> RefOptions:
         digest=args.digest,
         parts_url=getattr(args, "parts_url", None),
         cache_dir=getattr(args, "cache_dir", None),
+        **_trust_options(args),
     )
+
+
+def _trust_options(args: argparse.Namespace) -> RefOptions:
+    """The trust policy a command was given (``--trust`` or ``--trust-key``; else ``$SEPSTORE_TRUST``)."""
+    return RefOptions(
+        trust=getattr(args, "trust", None) or getattr(args, "trust_key", None),
+        allow_rollback=getattr(args, "allow_rollback", False) or None,
+    )
+
+
+def _signature_lines(report: TrustReport) -> list[str]:
+    """One line per signature (key id, issue time, valid or why not), and the policy's verdict."""
+    lines = [f"signed:    {'nothing' if not report.signatures else ''}".rstrip()]
+    for sig in report.signatures:
+        if sig.valid:
+            state = "valid"
+        elif sig.error is not None:
+            state = f"not valid: {sig.error}"
+        else:
+            state = "not checked (no trust policy: --trust, --trust-key or $SEPSTORE_TRUST)"
+        lines.append(f"  key {sig.key_id[:16]}  {sig.issued_at or '(time unknown)':<27}  {state}")
+    if report.policy is not None:
+        lines.append(f"trust:     {report.policy} satisfied")
+    return lines
 
 
 def cmd_info(args: argparse.Namespace) -> int:
     resolved = resolve(args.ref, **_ref_options(args))
+    signed = signatures(resolved, **_trust_options(args))
     m = resolved.manifest
     parts = [
         {
@@ -75,6 +105,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         "config": summary if config else None,
         "metadata": m.metadata,
         "parts": parts,
+        "trust": signed.to_dict(),
     }
     if args.json:
         _print_json(info)
@@ -89,6 +120,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     for p in parts:
         tensors = counted(p["tensors"], "tensor")
         print(f"  {p['part']:<10} {human_bytes(p['size']):>11}  {tensors:>11}  {','.join(p['dtypes'])}")
+    print("\n".join(_signature_lines(signed)))
     return EXIT_OK
 
 
@@ -101,6 +133,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
             status = "ok" if check.ok else f"FAILED: {check.error}"
             print(f"{check.part:<10} {human_bytes(check.size):>11}  {status}")
         verdict = "verified" if report.ok else f"{len(report.failures)} of {counted(len(report.checks), 'part')} failed"
+        if report.signatures is not None:
+            print("\n".join(_signature_lines(report.signatures)))
         print(f"{report.manifest_url} ({report.manifest_digest}): {verdict}")
     return EXIT_OK if report.ok else EXIT_VERIFY
 
@@ -127,7 +161,7 @@ def _diff_sides(args: argparse.Namespace) -> tuple[ModelRef, ModelRef]:
 
 
 def cmd_diff(args: argparse.Namespace) -> int:
-    result = diff(*_diff_sides(args))
+    result = diff(*_diff_sides(args), **_trust_options(args))
     if args.json:
         _print_json(result.to_dict())
         return EXIT_OK
@@ -172,6 +206,7 @@ def cmd_push(args: argparse.Namespace) -> int:
         force=args.force,
         quiet=args.quiet,
         verify=args.verify,
+        sign=args.sign,
         **_ref_options(args),
     )
     if args.json:
@@ -185,6 +220,8 @@ def cmd_push(args: argparse.Namespace) -> int:
     )
     state = "published" if report.manifest_written else "already published"
     print(f"{state}: {report.manifest_url} ({report.manifest_digest})")
+    if report.signatures:
+        print(f"signatures there: {', '.join(k[:16] for k in report.signatures)}")
     return EXIT_OK
 
 
@@ -240,6 +277,26 @@ def cmd_gc(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_keygen(args: argparse.Namespace) -> int:
+    kid = keygen(args.key, force=args.force)
+    if args.json:
+        _print_json({"private_key": args.key, "public_key": f"{args.key}.pub", "key_id": kid})
+        return EXIT_OK
+    print(f"wrote private key {args.key} (keep it secret) and public key {args.key}.pub")
+    print(f"key id: {kid}")
+    return EXIT_OK
+
+
+def cmd_sign(args: argparse.Namespace) -> int:
+    report = sign(args.ref, key=args.key, name=args.name, tag=args.tag, digest=args.digest)
+    if args.json:
+        _print_json(report.to_dict())
+        return EXIT_OK
+    print(f"signed {report.name}:{report.tag} ({report.manifest_digest}) with key {report.key_id[:16]}")
+    print(f"signature: {report.signature_url}")
+    return EXIT_OK
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -247,11 +304,23 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _add_ref(p: argparse.ArgumentParser) -> None:
+def _add_ref(p: argparse.ArgumentParser, *, trust: bool = True) -> None:
     p.add_argument("ref", help="manifest path or URL, or a store root")
     p.add_argument("--name", help="model name, when REF is a store holding several models")
     p.add_argument("--tag", help="tag of that model (default: latest, or the only one)")
     p.add_argument("--digest", help="pin the manifest's digest (blake3:<hex>); any other manifest is refused")
+    if trust:
+        _add_trust(p)
+
+
+def _add_trust(p: argparse.ArgumentParser) -> None:
+    group = p.add_mutually_exclusive_group()
+    policy = "trust policy: a JSON policy file or one public key (default: $SEPSTORE_TRUST)"
+    group.add_argument("--trust", metavar="POLICY", help=policy)
+    group.add_argument("--trust-key", metavar="KEY.pub", help="trust this public key (PEM) for every model name")
+    p.add_argument(
+        "--allow-rollback", action="store_true", help="accept a tag signed earlier than one this node already accepted"
+    )
 
 
 def _add_parts_url(p: argparse.ArgumentParser) -> None:
@@ -327,6 +396,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_ref(p)
     p.add_argument("dest", help="destination store: a path or URL (s3://bucket/prefix, memory://...)")
     p.add_argument("--as-tag", help="publish under this tag (default: the source's)")
+    p.add_argument("--sign", metavar="KEY", help="sign the published manifest with this private key (PEM)")
     p.add_argument("--force", action="store_true", help="replace a different manifest already under that tag")
     p.add_argument(
         "--verify",
@@ -378,6 +448,7 @@ def build_parser() -> argparse.ArgumentParser:
     side = "given once, for each side that is a store root; twice, for A then B"
     p.add_argument("--name", action="append", help=f"model name in a store root ({side})")
     p.add_argument("--tag", action="append", help=f"tag of that model ({side})")
+    _add_trust(p)
     p.add_argument("--json", action="store_true", help="print JSON")
 
     p = command(
@@ -411,6 +482,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON")
 
     p = command(
+        "keygen",
+        cmd_keygen,
+        "make a signing key: an ECDSA P-256 private key (PEM, mode 0600) and KEY.pub",
+        "sepstore keygen ./acme.key",
+    )
+    p.add_argument("key", help="where to write the private key; the public key goes to KEY.pub")
+    p.add_argument("--force", action="store_true", help="replace existing key files")
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+    p = command(
+        "sign",
+        cmd_sign,
+        "sign a published model version; the signature is stored beside it (signatures/<name>/<tag>/)",
+        "sepstore sign s3://models/store --name acme/llama --tag v2 --key ./acme.key",
+    )
+    _add_ref(p, trust=False)
+    p.add_argument("--key", required=True, help="private key (PEM); an encrypted one reads $SEPSTORE_KEY_PASSWORD")
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+    p = command(
         "demo",
         cmd_demo,
         "build a small model, publish two versions, diff, load and verify them",
@@ -431,7 +522,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.debug:
             traceback.print_exc()
         print(f"sepstore: error: {exc}", file=sys.stderr)
-        return EXIT_VERIFY if isinstance(exc, IntegrityError) else EXIT_USAGE
+        return EXIT_VERIFY if isinstance(exc, IntegrityError | TrustError) else EXIT_USAGE
     except BrokenPipeError:  # stdout closed early (`sepstore files ... | head`): not an error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_OK

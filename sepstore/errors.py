@@ -5,6 +5,7 @@ from __future__ import annotations
 __all__ = [
     "DeciderError",
     "IntegrityError",
+    "KeyFileError",
     "ManifestError",
     "ModuleMismatchError",
     "NotFoundError",
@@ -13,6 +14,7 @@ __all__ = [
     "SpecError",
     "StoreError",
     "TensorError",
+    "TrustError",
 ]
 
 
@@ -54,3 +56,12 @@ class ModuleMismatchError(SepstoreError):
 
 class TensorError(SepstoreError, TypeError):
     """A state-dict value cannot be stored (not a tensor, or a dtype safetensors lacks)."""
+
+
+class TrustError(SepstoreError):
+    """A trust policy is in force and a manifest does not satisfy it: no valid signature by a key
+    allowed for its name, a name, tag or parts location that disagrees, or a rolled-back tag."""
+
+
+class KeyFileError(SepstoreError, ValueError):
+    """A key or trust policy cannot be used: unreadable, malformed, or of an unsupported kind."""

@@ -16,11 +16,15 @@ from .leases import holding
 from .manifest import Part, encode_manifest, manifest_digest
 from .progress import progress
 from .reader import PartReader
-from .refs import FETCH_OPTIONS, RefLike, RefOptions, Resolved, open_ref
+from .refs import FETCH_OPTIONS, RefLike, RefOptions, Resolved, open_checked
+from .sign import copy_signatures
+from .sign import sign as sign_manifest
 from .store import Store, backend_errors, check_tag, standard_parts_location
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
+
+    from .signing import PrivateKey
 
 __all__ = ["PushReport", "push"]
 
@@ -40,6 +44,8 @@ class PushReport:
     manifest_written: bool
     repaired: list[str]
     verified: bool
+    #: Ids of the keys whose signatures of this manifest were copied or made (``sign=``) here.
+    signatures: list[str]
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -52,6 +58,7 @@ class PushReport:
             "repaired": self.repaired,
             "verified": self.verified,
             "manifest_written": self.manifest_written,
+            "signatures": self.signatures,
         }
 
 
@@ -75,6 +82,7 @@ def push(
     workers: int = DEFAULT_WORKERS,
     quiet: bool = False,
     verify: bool = False,
+    sign: str | os.PathLike[str] | PrivateKey | None = None,
     **options: Unpack[RefOptions],
 ) -> PushReport:
     """Publish the model at ``ref`` into the store ``dest`` (a path or any fsspec URL).
@@ -86,9 +94,10 @@ def push(
     there. A lease keeps ``gc`` from removing the parts this push relies on while it runs.
     A tag that already holds a different manifest is refused unless ``force``.
     ``dest_tag`` publishes under another tag (default: the source's). ``ref`` and the options are
-    as for :func:`sepstore.load`: they pick, pin and read the source.
+    as for :func:`sepstore.load`: they pick, pin and read the source. The source's signatures of
+    the manifest published are copied along; ``sign`` (a private key) signs it on the way.
     """
-    src = open_ref("push", ref, options, FETCH_OPTIONS)
+    src, trusted = open_checked("push", ref, options, FETCH_OPTIONS)
     store = Store(dest, dest_storage_options)
     manifest = src.manifest
     out_tag = check_tag(dest_tag or src.tag)
@@ -160,6 +169,9 @@ def push(
                 )
             written = False
     skipped = [parts[d] for d, there in state.items() if there == "whole"]
+    signed = copy_signatures(src, trusted, store, out_tag, digest)
+    if sign is not None:
+        signed.append(sign_manifest(Resolved(data, url, storage_options=dest_storage_options), key=sign).key_id)
     return PushReport(
         manifest_url=url,
         manifest_digest=digest,
@@ -170,4 +182,5 @@ def push(
         manifest_written=written,
         repaired=[parts[d][0] for d in parts if d in damaged],
         verified=verify,
+        signatures=sorted(set(signed)),
     )

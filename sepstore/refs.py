@@ -26,6 +26,7 @@ from .errors import IntegrityError, ManifestError, NotFoundError, RefError
 from .hashing import DIGEST_PATTERN, digest_hex
 from .manifest import Manifest, Part, decode_manifest, manifest_digest
 from .store import MANIFESTS_DIR, Store, check_name, check_tag, read_limited
+from .trust import TrustLike, TrustReport, check, policy_from
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -42,6 +43,7 @@ __all__ = [
     "Resolved",
     "is_manifest_url",
     "manifest_of",
+    "open_checked",
     "open_ref",
     "resolve",
 ]
@@ -61,8 +63,11 @@ class RefOptions(TypedDict, total=False):
     ``name``/``tag`` pick a manifest in a store root (left out: the only model, tag ``latest`` or
     the only tag); ``digest`` pins the manifest's own digest (``blake3:<hex>``); ``parts_url``
     reads the parts from a mirror (still verified); ``storage_options`` go to fsspec;
-    ``cache_dir`` is where remote parts are kept (default ``$SEPSTORE_CACHE``). ``None`` is the
-    same as leaving an option out.
+    ``cache_dir`` is where remote parts are kept (default ``$SEPSTORE_CACHE``). ``trust`` is a
+    trust policy (a :class:`~sepstore.TrustPolicy`, or the path of a policy file or of one public
+    key; default ``$SEPSTORE_TRUST``): the manifest must be signed as it requires, and a tag older
+    than one this node accepted is refused unless ``allow_rollback``. ``None`` is the same as
+    leaving an option out.
     """
 
     name: str | None
@@ -71,17 +76,26 @@ class RefOptions(TypedDict, total=False):
     parts_url: str | os.PathLike[str] | None
     storage_options: Mapping[str, Any] | None
     cache_dir: str | os.PathLike[str] | None
+    trust: TrustLike | None
+    allow_rollback: bool | None
 
 
-Option = Literal["name", "tag", "digest", "parts_url", "storage_options", "cache_dir"]
-#: Options that pick, pin and read a manifest: what a function needing only the manifest takes.
-MANIFEST_OPTIONS: Final[frozenset[Option]] = frozenset({"name", "tag", "digest", "storage_options"})
+Option = Literal["name", "tag", "digest", "parts_url", "storage_options", "cache_dir", "trust", "allow_rollback"]
+#: Options that pick, pin, read and trust a manifest: what a function needing only the manifest takes.
+MANIFEST_OPTIONS: Final[frozenset[Option]] = frozenset(
+    {"name", "tag", "digest", "storage_options", "trust", "allow_rollback"}
+)
 #: ... and locate its parts.
 PARTS_OPTIONS: Final[frozenset[Option]] = MANIFEST_OPTIONS | {"parts_url"}
 #: ... and fetch them into a cache.
 FETCH_OPTIONS: Final[frozenset[Option]] = PARTS_OPTIONS | {"cache_dir"}
 # Why a function may not take an option: only these two are ever left out of its `uses`.
-_WHY_NOT: Final[dict[str, str]] = {"parts_url": "it reads no parts", "cache_dir": "it fetches no parts"}
+_WHY_NOT: Final[dict[str, str]] = {
+    "parts_url": "it reads no parts",
+    "cache_dir": "it fetches no parts",
+    "trust": "it is what makes a manifest trusted",
+    "allow_rollback": "it is what makes a manifest trusted",
+}
 
 
 def is_manifest_url(url: str) -> bool:
@@ -208,20 +222,44 @@ def resolve(ref: RefLike, **options: Unpack[RefOptions]) -> Resolved:
 
 def open_ref(caller: str, ref: RefLike, options: Mapping[str, object], uses: frozenset[Option]) -> Resolved:
     """What every public function does with its reference: refuse options ``caller`` cannot use
-    (all but ``uses``), merge the rest into ``ref`` and resolve it. ``cache_dir`` is left to the
+    (all but ``uses``), merge the rest into ``ref``, resolve it, and enforce the trust policy
+    (``trust``, else ``$SEPSTORE_TRUST``, when ``caller`` takes one). ``cache_dir`` is left to the
     caller, which reads it from ``options``."""
+    return open_checked(caller, ref, options, uses)[0]
+
+
+def open_checked(
+    caller: str, ref: RefLike, options: Mapping[str, object], uses: frozenset[Option], *, report_all: bool = False
+) -> tuple[Resolved, TrustReport | None]:
+    """:func:`open_ref`, and the report of the trust policy enforced (``None`` without one);
+    ``report_all`` lists signatures by keys outside the policy too."""
     given = _given(caller, options, uses)
-    given.pop("cache_dir", None)
+    cache_dir = given.pop("cache_dir", None)
+    policy = policy_from(given.pop("trust", None), environment="trust" in uses)
+    allow_rollback = bool(given.pop("allow_rollback", False))
+    if allow_rollback and policy is None:
+        raise RefError(f"{caller}(): allow_rollback= applies only with a trust policy (trust=, $SEPSTORE_TRUST)")
     if isinstance(ref, Resolved):
-        return _apply(caller, ref, given)
-    if isinstance(ref, ModelRef):
-        return _read(_merge(caller, ref, given))
-    if not isinstance(ref, str | os.PathLike):
+        resolved = _apply(caller, ref, given)
+    elif isinstance(ref, ModelRef):
+        resolved = _read(_merge(caller, ref, given))
+    elif isinstance(ref, str | os.PathLike):
+        resolved = _read(ModelRef(os.fspath(ref), **given))
+    else:
         raise RefError(
             f"{caller}(): a model reference is a manifest URL or path, a store root, a ModelRef or a Resolved; "
             f"got {ref!r}"
         )
-    return _read(ModelRef(os.fspath(ref), **given))
+    if policy is None:
+        return resolved, None
+    try:
+        own_parts: str | None = _parts_location(resolved.url, resolved.manifest)
+    except ManifestError:  # the caller's mirror is read instead, but the manifest's own location is refused
+        own_parts = None
+    report = check(
+        resolved, policy, own_parts, allow_rollback=allow_rollback, cache_dir=cache_dir, report_all=report_all
+    )
+    return resolved, report
 
 
 def manifest_of(caller: str, ref: RefLike | Manifest, options: Mapping[str, object]) -> Manifest:

@@ -36,6 +36,7 @@ from .safetensors_io import WRITE_PIECE
 __all__ = [
     "LEASE_ID_PATTERN",
     "PARTS_DIR",
+    "SIGNATURES_DIR",
     "TEMP_PATTERN",
     "Store",
     "backend_errors",
@@ -54,8 +55,10 @@ MANIFESTS_DIR = "manifests"
 LEASES_DIR = "leases"
 #: The names of lease objects, ``leases/<id>.json``: who holds it, then a random part.
 LEASE_ID_PATTERN = re.compile(r"^(?:publish|gc)-[0-9a-f]{16}$")
+SIGNATURES_DIR = "signatures"
 _NAME_RE = re.compile(NAME_PATTERN)
 _TAG_RE = re.compile(TAG_PATTERN)
+_KEY_ID_RE = re.compile(r"^[0-9a-f]{64}\Z")
 
 T = TypeVar("T")
 
@@ -542,3 +545,49 @@ class Store:
             if dot and ext == "json" and not tag.startswith(".") and _NAME_RE.match(name) and _TAG_RE.match(tag):
                 out.append((name, tag))
         return sorted(out)
+
+    # -- signatures ------------------------------------------------------------------------------
+
+    def signatures_dir(self, name: str, tag: str) -> str:
+        """The folder of a tag's signatures, one ``<key id>.json`` per signer."""
+        return self._path(SIGNATURES_DIR, check_name(name), check_tag(tag))
+
+    def signature_path(self, name: str, tag: str, key_id: str) -> str:
+        if not _KEY_ID_RE.match(key_id):
+            raise StoreError(f"invalid key id {key_id!r}: 64 lowercase hex digits")
+        return f"{self.signatures_dir(name, tag)}/{key_id}.json"
+
+    def read_signature_bytes(self, name: str, tag: str, key_id: str) -> bytes:
+        """A signature (a bundle's JSON); :class:`NotFoundError` if that key has not signed the tag."""
+        path = self.signature_path(name, tag, key_id)
+        return read_limited(self.fs, path, self.url_of(path))
+
+    def write_signature_bytes(self, name: str, tag: str, key_id: str, data: bytes) -> None:
+        """Write a signature atomically, replacing that key's previous one for the tag."""
+        path = self.signature_path(name, tag, key_id)
+        with backend_errors(self.url_of(path)):
+            if not self.is_local:
+                self.fs.pipe_file(path, data)
+                return
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            fd, tmp = create_temp(os.path.dirname(path), ".json")
+            try:
+                with os.fdopen(fd, "wb") as out:
+                    out.write(data)
+                os.replace(tmp, path)
+            finally:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp)
+
+    def list_signatures(self, name: str, tag: str) -> list[str]:
+        """The ids of the keys that signed a tag, sorted (backends that cannot list, such as HTTP,
+        raise :class:`StoreError`)."""
+        folder = self.signatures_dir(name, tag)
+        with backend_errors(self.url_of(folder)):
+            if not self.is_local:
+                self.fs.invalidate_cache(folder)
+            if not self.fs.exists(folder):
+                return []
+            found = self.fs.ls(folder, detail=False)
+        ids = (str(path).rsplit("/", 1)[-1].removesuffix(".json") for path in found)
+        return sorted(i for i in ids if _KEY_ID_RE.match(i))

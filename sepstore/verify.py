@@ -10,8 +10,9 @@ from .errors import IntegrityError, NotFoundError
 from .manifest import Part
 from .progress import progress
 from .reader import PartReader
-from .refs import FETCH_OPTIONS, RefLike, RefOptions, open_ref
+from .refs import FETCH_OPTIONS, RefLike, RefOptions, open_checked
 from .spec import select_parts
+from .trust import TrustReport, inspect
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -39,6 +40,8 @@ class VerifyReport:
     manifest_url: str
     manifest_digest: str
     checks: list[PartCheck]
+    #: The tag's signatures: checked against the trust policy when one is in force, else only read.
+    signatures: TrustReport | None = None
 
     @property
     def ok(self) -> bool:
@@ -54,6 +57,7 @@ class VerifyReport:
             "digest": self.manifest_digest,
             "ok": self.ok,
             "parts": [c.to_dict() for c in self.checks],
+            "trust": self.signatures.to_dict() if self.signatures is not None else None,
         }
 
 
@@ -64,9 +68,10 @@ def verify(ref: RefLike, spec: str = "f", *, quiet: bool = False, **options: Unp
     server holds (pass ``cache_dir`` to check, and fill, a cache instead). Failures of parts are
     collected in the report (``report.ok``), not raised; a manifest that cannot be read or decoded,
     or a server that cannot be reached, still raises. ``ref`` and the options are as for
-    :func:`sepstore.load`.
+    :func:`sepstore.load`; with a trust policy, a manifest that does not satisfy it raises
+    :class:`~sepstore.TrustError` before any part is read.
     """
-    resolved = open_ref("verify", ref, options, FETCH_OPTIONS)
+    resolved, trusted = open_checked("verify", ref, options, FETCH_OPTIONS, report_all=True)
     cache_dir = options.get("cache_dir")
     # "f" checks every part there is, also of a dump still in progress (which "f" cannot load)
     chosen = list(resolved.manifest.labelled_parts()) if spec == "f" else select_parts(resolved.manifest, spec)[1]
@@ -77,7 +82,7 @@ def verify(ref: RefLike, spec: str = "f", *, quiet: bool = False, **options: Unp
             for label, part in chosen:
                 checks.append(_check(reader, label, part))
                 bar.update(part.size)
-    return VerifyReport(resolved.url, resolved.digest, checks)
+    return VerifyReport(resolved.url, resolved.digest, checks, trusted if trusted is not None else inspect(resolved))
 
 
 def _check(reader: PartReader, label: str, part: Part) -> PartCheck:

@@ -88,7 +88,7 @@ def _read_key_file(path: str | os.PathLike[str], what: str) -> bytes:
         with open(path, "rb") as f:
             return f.read(1024 * 1024)
     except OSError as exc:
-        raise KeyFileError(f"cannot read {what} {os.fspath(path)!r}: {exc.strerror or exc}") from None
+        raise KeyFileError(f"{what}: cannot read {os.fspath(path)!r}: {exc.strerror or exc}") from None
 
 
 def load_private_key(path: str | os.PathLike[str], password: bytes | None = None) -> PrivateKey:
@@ -121,7 +121,7 @@ def load_public_key(source: str | os.PathLike[str] | bytes, *, where: str = "") 
     if isinstance(source, bytes):
         data, name = source, where or "inline public key"
     else:
-        data, name = _read_key_file(source, "public key"), where or os.fspath(source)
+        data, name = _read_key_file(source, where or "public key"), where or os.fspath(source)
     try:
         key = serialization.load_pem_public_key(data)
     except (ValueError, UnsupportedAlgorithm) as exc:

@@ -563,18 +563,19 @@ class Store:
         return read_limited(self.fs, path, self.url_of(path))
 
     def write_signature_bytes(self, name: str, tag: str, key_id: str, data: bytes) -> None:
-        """Write a signature atomically, replacing that key's previous one for the tag."""
+        """Write a signature atomically and durably, replacing that key's previous one for the tag."""
         path = self.signature_path(name, tag, key_id)
         with backend_errors(self.url_of(path)):
             if not self.is_local:
                 self.fs.pipe_file(path, data)
                 return
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            fd, tmp = create_temp(os.path.dirname(path), ".json")
+            folder = os.path.dirname(path)
+            make_dirs(folder)
+            fd, tmp = create_temp(folder, ".json")
             try:
                 with os.fdopen(fd, "wb") as out:
                     out.write(data)
-                os.replace(tmp, path)
+                replace_durably(tmp, path)
             finally:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(tmp)
@@ -586,8 +587,9 @@ class Store:
         with backend_errors(self.url_of(folder)):
             if not self.is_local:
                 self.fs.invalidate_cache(folder)
-            if not self.fs.exists(folder):
+            try:
+                found = self.fs.ls(folder, detail=False)
+            except FileNotFoundError:
                 return []
-            found = self.fs.ls(folder, detail=False)
-        ids = (str(path).rsplit("/", 1)[-1].removesuffix(".json") for path in found)
+        ids = (str(path).rstrip("/").rsplit("/", 1)[-1].removesuffix(".json") for path in found)
         return sorted(i for i in ids if _KEY_ID_RE.match(i))

@@ -274,6 +274,11 @@ def cmd_gc(args: argparse.Namespace) -> int:
         f"kept {counted(report.kept, 'referenced part')}, {len(report.young)} unreferenced younger than "
         f"{args.grace:g} s and {len(report.leased)} a publish in progress relies on"
     )
+    if report.signatures_removed or report.signatures_kept:
+        print(
+            f"{verb} {counted(len(report.signatures_removed), 'signature')} of deleted tags or replaced manifests; "
+            f"kept {report.signatures_kept}"
+        )
     return EXIT_OK
 
 

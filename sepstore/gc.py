@@ -1,21 +1,25 @@
 """gc: delete the parts no manifest in a store references, once they are older than a grace period.
 
 A publish in flight is never broken: gc honours the publishers' leases (see :mod:`sepstore.leases`
-for why no interleaving of the two can lose a part a manifest will name)."""
+for why no interleaving of the two can lose a part a manifest will name). Signatures go with their
+tags: gc keeps those of the manifests it keeps and removes those of deleted tags, and those of a
+manifest a tag no longer holds."""
 
 from __future__ import annotations
 
 import contextlib
 import datetime as dt
 import os
+import re
 import time
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import NotFoundError, StoreError
+from .errors import NotFoundError, SepstoreError, StoreError
 from .leases import holding, live_leases
-from .manifest import decode_manifest
-from .store import TEMP_PATTERN, Store, backend_errors
+from .manifest import decode_manifest, manifest_digest
+from .signing import SignedBundle
+from .store import TEMP_PATTERN, Store, backend_errors, check_name, check_tag, read_limited
 
 __all__ = ["DEFAULT_GRACE", "GcReport", "gc"]
 
@@ -28,7 +32,8 @@ DEFAULT_GRACE = 3600.0
 class GcReport:
     """What gc removed (or, in a dry run, would remove) and what it kept: ``kept`` counts the
     referenced parts, ``young`` the unreferenced files within the grace period, ``leased`` the
-    unreferenced parts a publish in flight relies on."""
+    unreferenced parts a publish in flight relies on; ``signatures_removed`` the signature files
+    of deleted tags or replaced manifests, ``signatures_kept`` those of the manifests kept."""
 
     removed: list[str]
     removed_bytes: int
@@ -36,6 +41,8 @@ class GcReport:
     young: list[str]
     dry_run: bool
     leased: list[str]
+    signatures_removed: list[str]
+    signatures_kept: int
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -44,6 +51,8 @@ class GcReport:
             "kept": self.kept,
             "young": self.young,
             "leased": self.leased,
+            "signatures_removed": self.signatures_removed,
+            "signatures_kept": self.signatures_kept,
             "dry_run": self.dry_run,
         }
 
@@ -163,15 +172,83 @@ def gc(
                 target.remove(info["name"])
             removed.append(base)
             removed_bytes += int(info.get("size") or 0)
-    return GcReport(sorted(removed), removed_bytes, kept, sorted(young), dry_run, sorted(leased))
+    stale, signed = _signatures(target, grace, time.time())
+    for path in stale if not dry_run else []:
+        target.remove(path)
+    unsigned = sorted(target.url_of(path) for path in stale)
+    return GcReport(sorted(removed), removed_bytes, kept, sorted(young), dry_run, sorted(leased), unsigned, signed)
+
+
+def _signatures(store: Store, grace: float, now: float) -> tuple[list[str], int]:
+    """The signature files past ``grace`` whose tag no manifest holds any more, or whose manifest
+    is not the tag's (and temporary files a killed signer left, past an hour); and how many are kept.
+
+    Signatures are listed before the manifests are read: one written after its manifest (as
+    ``sign`` and ``push`` do) is then never judged against the manifest it replaced. Files that are
+    not ``<name>/<tag>/<key id>.json`` are left alone, and so is one of a kept tag that does not
+    decode as a bundle, as gc leaves every file it does not know."""
+    root = store.signatures_root
+    found = store.list_files(root, recursive=True)
+    held: dict[tuple[str, str], str | None] = {}
+    stale: list[str] = []
+    kept = 0
+    for path, info in sorted(found.items()):
+        folder, _, base = path[len(root) :].strip("/").rpartition("/")
+        name, _, tag = folder.rpartition("/")
+        if TEMP_PATTERN.match(base):
+            if _old(info, grace, now):
+                stale.append(path)
+            continue
+        if not _SIGNATURE_FILE.match(base) or not _is_name_and_tag(name, tag):
+            continue
+        if (name, tag) not in held:
+            held[(name, tag)] = _manifest_digest(store, name, tag)
+        digest = held[(name, tag)]
+        if digest is not None and _claimed(store, path) in (digest, None):
+            kept += 1
+        elif _older(info, grace, now):
+            stale.append(path)
+    return stale, kept
+
+
+_SIGNATURE_FILE = re.compile(r"^[0-9a-f]{64}\.json\Z")
+
+
+def _is_name_and_tag(name: str, tag: str) -> bool:
+    try:
+        check_name(name)
+        check_tag(tag)
+    except StoreError:
+        return False
+    return True
+
+
+def _manifest_digest(store: Store, name: str, tag: str) -> str | None:
+    """The digest of the manifest a tag holds, or ``None`` when it holds none (deleted)."""
+    try:
+        return manifest_digest(store.read_manifest_bytes(name, tag))
+    except NotFoundError:
+        return None
+
+
+def _claimed(store: Store, path: str) -> str | None:
+    """The manifest digest a signature file claims, or ``None`` if it cannot be read as one."""
+    url = store.url_of(path)
+    try:
+        return SignedBundle.decode(read_limited(store.fs, path, url), url).claim().digest
+    except SepstoreError:
+        return None
 
 
 def _old(info: dict[str, Any], grace: float, now: float) -> bool:
     """Whether a listed file is past its grace period. A temporary file may be a part or manifest
     being written: only an hour-old one is surely a killed writer's, whatever ``grace`` says."""
+    return _older(info, grace if _is_part(_base(info)) else max(grace, DEFAULT_GRACE), now)
+
+
+def _older(info: dict[str, Any], seconds: float, now: float) -> bool:
     modified = _mtime(info)
-    wait = grace if _is_part(_base(info)) else max(grace, DEFAULT_GRACE)
-    return modified is not None and now - modified >= wait
+    return modified is not None and now - modified >= seconds
 
 
 def _current(store: Store, path: str) -> dict[str, Any] | None:

@@ -548,9 +548,14 @@ class Store:
 
     # -- signatures ------------------------------------------------------------------------------
 
+    @property
+    def signatures_root(self) -> str:
+        """The signatures folder, as a path on this store's filesystem."""
+        return self._path(SIGNATURES_DIR)
+
     def signatures_dir(self, name: str, tag: str) -> str:
         """The folder of a tag's signatures, one ``<key id>.json`` per signer."""
-        return self._path(SIGNATURES_DIR, check_name(name), check_tag(tag))
+        return f"{self.signatures_root}/{check_name(name)}/{check_tag(tag)}"
 
     def signature_path(self, name: str, tag: str, key_id: str) -> str:
         if not _KEY_ID_RE.match(key_id):
@@ -583,13 +588,19 @@ class Store:
     def list_signatures(self, name: str, tag: str) -> list[str]:
         """The ids of the keys that signed a tag, sorted (backends that cannot list, such as HTTP,
         raise :class:`StoreError`)."""
-        folder = self.signatures_dir(name, tag)
+        found = self.list_files(self.signatures_dir(name, tag))
+        ids = (str(path).rstrip("/").rsplit("/", 1)[-1].removesuffix(".json") for path in found)
+        return sorted(i for i in ids if _KEY_ID_RE.match(i))
+
+    def list_files(self, folder: str, *, recursive: bool = False) -> dict[str, dict[str, Any]]:
+        """The files in ``folder`` (and below it, if ``recursive``) as the backend lists them now,
+        each with its details; none when there is no such folder."""
         with backend_errors(self.url_of(folder)):
             if not self.is_local:
                 self.fs.invalidate_cache(folder)
             try:
-                found = self.fs.ls(folder, detail=False)
+                if recursive:
+                    return dict(self.fs.find(folder, detail=True))
+                return {str(info["name"]): info for info in self.fs.ls(folder, detail=True)}
             except FileNotFoundError:
-                return []
-        ids = (str(path).rstrip("/").rsplit("/", 1)[-1].removesuffix(".json") for path in found)
-        return sorted(i for i in ids if _KEY_ID_RE.match(i))
+                return {}

@@ -453,3 +453,33 @@ def test_model_signing_verifies_a_signature_and_the_store_it_signs(source: Path,
         f.write(b"\xff")
     with pytest.raises(ValueError, match="Hash mismatch"):
         config.verify(source, Path(report.signature_url))
+
+
+# -- gc --------------------------------------------------------------------------------------------
+
+
+def test_gc_keeps_the_signatures_of_kept_tags_and_removes_those_of_deleted_or_replaced_ones(
+    source: Path, bucket: Bucket, acme: Key, mallory: Key
+) -> None:
+    publish(source, bucket, "acme/a", "v1", acme)
+    publish(source, bucket, "acme/a", "v2", acme)
+    publish(source, bucket, "acme/b", "latest", acme)
+    sepstore.sign(bucket.url, name="acme/b", tag="latest", key=mallory.path)
+    publish(source, bucket, "acme/a", "v1", acme, as_tag="latest")
+    bucket.fs.rm_file(f"{bucket.root}/manifests/acme/a/v2.json")  # a deleted tag
+    # acme/b's tag now holds another manifest: mallory's signature of the old one is stale, acme's is re-made
+    sepstore.dump(llama_decider, small(4), source, name="acme/b", tag="next", quiet=True)
+    publish(source, bucket, "acme/b", "next", acme, as_tag="latest")
+    stale = {bucket.signature("acme/a", "v2", acme), bucket.signature("acme/b", "latest", mallory)}
+
+    young = sepstore.gc(bucket.url, dry_run=True)
+    assert young.signatures_removed == [] and young.signatures_kept == 3
+    dry = sepstore.gc(bucket.url, grace=0, dry_run=True)
+    assert {url.split("/store/", 1)[-1].split("/bucket/", 1)[-1] for url in dry.signatures_removed} == stale
+    report = sepstore.gc(bucket.url, grace=0)
+    assert report.signatures_removed == dry.signatures_removed and report.signatures_kept == 3
+    bucket.fs.invalidate_cache()
+    for path in stale:
+        assert not bucket.fs.exists(f"{bucket.root}/{path}")
+    for name, tag in (("acme/a", "v1"), ("acme/a", "latest"), ("acme/b", "latest")):
+        assert sepstore.signatures(bucket.url, name=name, tag=tag, trust=acme.pub).satisfied

@@ -17,7 +17,7 @@ from .manifest import Part, encode_manifest, manifest_digest
 from .progress import progress
 from .reader import PartReader
 from .refs import FETCH_OPTIONS, RefLike, RefOptions, Resolved, open_checked
-from .sign import copy_signatures
+from .sign import copy_signatures, private_key
 from .sign import sign as sign_manifest
 from .store import Store, backend_errors, check_tag, standard_parts_location
 
@@ -98,6 +98,7 @@ def push(
     the manifest published are copied along; ``sign`` (a private key) signs it on the way.
     """
     src, trusted = open_checked("push", ref, options, FETCH_OPTIONS)
+    signer = private_key(sign) if sign is not None else None  # an unusable key is refused before any upload
     store = Store(dest, dest_storage_options)
     manifest = src.manifest
     out_tag = check_tag(dest_tag or src.tag)
@@ -170,8 +171,8 @@ def push(
             written = False
     skipped = [parts[d] for d, there in state.items() if there == "whole"]
     signed = copy_signatures(src, trusted, store, out_tag, digest)
-    if sign is not None:
-        signed.append(sign_manifest(Resolved(data, url, storage_options=dest_storage_options), key=sign).key_id)
+    if signer is not None:
+        signed.append(sign_manifest(Resolved(data, url, storage_options=dest_storage_options), key=signer).key_id)
     return PushReport(
         manifest_url=url,
         manifest_digest=digest,

@@ -89,7 +89,7 @@ MANIFEST_OPTIONS: Final[frozenset[Option]] = frozenset(
 PARTS_OPTIONS: Final[frozenset[Option]] = MANIFEST_OPTIONS | {"parts_url"}
 #: ... and fetch them into a cache.
 FETCH_OPTIONS: Final[frozenset[Option]] = PARTS_OPTIONS | {"cache_dir"}
-# Why a function may not take an option: only these two are ever left out of its `uses`.
+# Why a function may not take an option: only these are ever left out of its `uses` (`sign` takes no policy).
 _WHY_NOT: Final[dict[str, str]] = {
     "parts_url": "it reads no parts",
     "cache_dir": "it fetches no parts",

@@ -18,7 +18,7 @@ from .trust import TrustReport, inspect, published_as, store_of
 if TYPE_CHECKING:
     from typing_extensions import Unpack
 
-__all__ = ["SignReport", "copy_signatures", "sign", "signatures"]
+__all__ = ["SignReport", "copy_signatures", "private_key", "sign", "signatures"]
 
 #: What ``sign`` reads its manifest with: no trust policy, since signing is what makes one trusted.
 _SIGN_OPTIONS: Final[frozenset[Option]] = MANIFEST_OPTIONS - {"trust", "allow_rollback"}
@@ -72,13 +72,18 @@ def sign(
             f"sign(): {resolved.url} is not published in a store under its own name "
             f"({MANIFESTS_DIR}/{resolved.manifest.name}/<tag>.json); push it into a store first"
         )
-    private = key if isinstance(key, PrivateKey) else load_private_key(key, password)
+    private = private_key(key, password)
     claim = Claim(where.name, where.tag, resolved.digest, dt.datetime.now(dt.timezone.utc))
     store = store_of(where, resolved)
     kid = key_id(private)
     store.write_signature_bytes(where.name, where.tag, kid, sign_claim(private, resolved.manifest, claim))
     url = store.url_of(store.signature_path(where.name, where.tag, kid))
     return SignReport(resolved.url, resolved.digest, where.name, where.tag, kid, url, claim.issued)
+
+
+def private_key(key: str | os.PathLike[str] | PrivateKey, password: bytes | None = None) -> PrivateKey:
+    """``key`` itself, or the private key in the PEM file it names (see :func:`sign`)."""
+    return key if isinstance(key, PrivateKey) else load_private_key(key, password)
 
 
 def signatures(ref: RefLike, **options: Unpack[RefOptions]) -> TrustReport:

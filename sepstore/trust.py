@@ -25,7 +25,7 @@ import msgspec
 from msgspec import Struct
 
 from .cache import default_cache_dir
-from .errors import KeyFileError, NotFoundError, StoreError, TrustError
+from .errors import KeyFileError, NotFoundError, RefError, StoreError, TrustError
 from .signing import PublicKey, SignedBundle, key_id, load_public_key, parse_issued
 from .store import MANIFESTS_DIR, Store, create_temp, file_lock
 
@@ -128,7 +128,7 @@ def policy_from(value: object, *, environment: bool) -> TrustPolicy | None:
         return value
     if isinstance(value, str | os.PathLike) and os.fspath(value):
         return TrustPolicy.load(value)
-    raise KeyFileError(f"trust= is a TrustPolicy, or the path of a policy file or of a public key; got {value!r}")
+    raise RefError(f"trust= is a TrustPolicy, or the path of a policy file or of a public key; got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -193,9 +193,11 @@ def store_of(where: Published, resolved: Resolved) -> Store:
 
 
 def _check_one(
-    store: Store, where: Published, resolved: Resolved, trusted: TrustedKey, bundle: bytes
+    store: Store, where: Published, resolved: Resolved, entries: list[TrustedKey], bundle: bytes
 ) -> SignatureCheck:
-    """Check one signature against a trusted key and the manifest; never raises for a bad one."""
+    """Check one signature against a trusted key (listed in ``entries``, each with names it may
+    sign) and the manifest; never raises for a bad one."""
+    trusted = entries[0]
     url = store.url_of(store.signature_path(where.name, where.tag, trusted.key_id))
     issued = None
     try:
@@ -210,8 +212,9 @@ def _check_one(
             raise TrustError(f"signs model {claim.name!r}, not {where.name!r}")
         if claim.tag != where.tag:
             raise TrustError(f"signs tag {claim.tag!r}, not {where.tag!r}")
-        if not trusted.allows(where.name):
-            raise TrustError(f"the policy allows this key to sign only {list(trusted.names)}, not {where.name!r}")
+        if not any(entry.allows(where.name) for entry in entries):
+            names = [name for entry in entries for name in entry.names]
+            raise TrustError(f"the policy allows this key to sign only {names}, not {where.name!r}")
     except TrustError as exc:
         reason = str(exc).removeprefix(f"{url}: ")
         return SignatureCheck(trusted.key_id, url, issued, False, reason)
@@ -242,9 +245,8 @@ def check(
     report_all: bool = False,
 ) -> TrustReport:
     """Enforce ``policy`` on a resolved manifest whose own ``parts`` location is ``own_parts``
-    (``None``: one the manifest cannot have);
-    record its issue time in the cache's rollback state. ``report_all`` also lists signatures by
-    keys the policy does not name.
+    (``None``: one the manifest cannot have), and record its issue time in the cache's rollback
+    state. ``report_all`` also lists signatures by keys the policy does not name.
 
     Raises:
         TrustError: the rule that failed, and what to do.
@@ -263,13 +265,16 @@ def check(
             "a trusted manifest keeps its parts in its store (pass parts_url= to read from a mirror you chose)"
         )
     store = store_of(where, resolved)
+    by_id: dict[str, list[TrustedKey]] = {}
+    for trusted in policy.keys:  # a key may be listed more than once, with other names
+        by_id.setdefault(trusted.key_id, []).append(trusted)
     checks: list[SignatureCheck] = []
-    for trusted in policy.keys:
+    for kid, entries in by_id.items():
         try:
-            bundle = store.read_signature_bytes(where.name, where.tag, trusted.key_id)
+            bundle = store.read_signature_bytes(where.name, where.tag, kid)
         except NotFoundError:
             continue
-        checks.append(_check_one(store, where, resolved, trusted, bundle))
+        checks.append(_check_one(store, where, resolved, entries, bundle))
     if report_all:
         checks += _others(store, where, {c.key_id for c in checks})
     valid = [c for c in checks if c.valid]

@@ -18,6 +18,7 @@ import fsspec
 import msgspec
 import pytest
 import torch
+from servers import StaticServer
 from test_refs import READERS, call
 
 import sepstore
@@ -313,6 +314,24 @@ def test_parts_redirected_to_another_host_are_refused(
     assert sepstore.load(bucket.url, "b", name="acme/a", tag="v1", trust=acme.pub, parts_url=mirror).begin
 
 
+def test_a_node_loads_a_signed_model_over_http_where_nothing_can_be_listed(
+    source: Path, acme: Key, mallory: Key, policy: Path, tmp_path: Path
+) -> None:
+    www = tmp_path / "www"
+    publish(source, Bucket(str(www / "store"), fsspec.filesystem("file"), str(www / "store")), "acme/a", "v1", acme)
+    sepstore.sign(www / "store", name="acme/a", tag="v1", key=mallory.path)
+    server = StaticServer(www).start()
+    try:
+        url = f"{server.url}/store/manifests/acme/a/v1.json"
+        assert sepstore.load(url, "b", trust=policy).begin  # the signature is asked for by key id
+        assert sepstore.verify(url, "b", quiet=True, trust=policy).signatures.satisfied
+        sepstore.keygen(tmp_path / "nobody")
+        with pytest.raises(sepstore.TrustError, match="no valid signature"):
+            sepstore.load(url, "b", trust=tmp_path / "nobody.pub")
+    finally:
+        server.stop()
+
+
 # -- the policy ------------------------------------------------------------------------------------
 
 
@@ -346,6 +365,9 @@ def test_a_policy_takes_inline_keys_and_globs_and_refuses_unknown_fields(
     path = tmp_path / "inline.json"
     path.write_text(json.dumps({"keys": [{"public_key": acme.pub.read_text(), "names": ["acme/?"]}]}))
     assert sepstore.read_manifest(source, name="acme/a", tag="v1", trust=path).name == "acme/a"
+    twice = [{"public_key": "acme.key.pub", "names": ["globex/*"]}, {"public_key": "acme.key.pub", "names": ["acme/a"]}]
+    path.write_text(json.dumps({"keys": twice}))
+    assert sepstore.signatures(source, name="acme/a", tag="v1", trust=path).satisfied
     path.write_text(json.dumps({"keys": [{"public_key": str(acme.pub), "names": ["acme/*"], "threshold": 2}]}))
     with pytest.raises(sepstore.KeyFileError, match="not a trust policy"):
         sepstore.read_manifest(source, name="acme/a", tag="v1", trust=path)
@@ -434,6 +456,13 @@ def test_the_cli_signs_and_a_policy_failure_exits_1(
     assert trust["satisfied"] is True and trust["signatures"][0]["valid"] is True
     assert main(["verify", str(source), "--name", "acme/a", "--tag", "v1", "--quiet", "--trust-key", f"{key}.pub"]) == 0
     assert "valid" in capsys.readouterr().out
+    dest = str(tmp_path / "dest")
+    push = ["push", str(source), dest, "--name", "acme/b", "--tag", "latest", "--quiet"]
+    assert main([*push, "--sign", key, "--trust-key", f"{key}.pub"]) == 1  # the source is not signed
+    assert main([*push, "--sign", key]) == 0
+    assert "signatures there: " in capsys.readouterr().out
+    assert main(["pull", dest, "--quiet", "--cache-dir", str(tmp_path / "c"), "--trust-key", f"{key}.pub"]) == 0
+    assert main(["pull", dest, "--quiet", "--allow-rollback"]) == 2  # no policy to roll back against
 
 
 # -- other tools -----------------------------------------------------------------------------------

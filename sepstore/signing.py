@@ -33,12 +33,11 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from msgspec import Meta, Struct
 
 from .errors import KeyFileError, TrustError
-from .hashing import DIGEST_PATTERN, digest_hex
+from .hashing import DIGEST_PATTERN, END, digest_hex
 from .manifest import NAME_PATTERN, TAG_PATTERN, Manifest
 
 __all__ = [
     "BUNDLE_MEDIA_TYPE",
-    "KEY_ID_PATTERN",
     "Claim",
     "PrivateKey",
     "PublicKey",
@@ -55,7 +54,6 @@ BUNDLE_MEDIA_TYPE: Final = "application/vnd.dev.sigstore.bundle.v0.3+json"
 PAYLOAD_TYPE: Final = "application/vnd.in-toto+json"
 STATEMENT_TYPE: Final = "https://in-toto.io/Statement/v1"
 PREDICATE_TYPE: Final = "https://model_signing/signature/v1.0"
-KEY_ID_PATTERN: Final = r"^[0-9a-f]{64}$"
 #: Where ``load_private_key`` finds the password of an encrypted key when none is passed.
 PASSWORD_ENV: Final = "SEPSTORE_KEY_PASSWORD"
 
@@ -100,8 +98,8 @@ def load_private_key(path: str | os.PathLike[str], password: bytes | None = None
     data = _read_key_file(path, "private key")
     if b"ENCRYPTED SIGSTORE PRIVATE KEY" in data or b"ENCRYPTED COSIGN PRIVATE KEY" in data:
         raise KeyFileError(
-            f"{source}: a cosign-encrypted key; export it as PEM first (e.g. with openssl from the KMS or "
-            "`cosign import-key-pair` source), or make one with `sepstore keygen`"
+            f"{source}: a cosign-encrypted private key, which sepstore cannot read; sign with a PEM key "
+            "(`sepstore keygen`, `openssl genpkey`). cosign's public keys are PEM and work in a trust policy"
         )
     try:
         key = serialization.load_pem_private_key(data, password)
@@ -145,6 +143,9 @@ def keygen(path: str | os.PathLike[str], *, force: bool = False) -> str:
     """Write a new ECDSA P-256 private key to ``path`` (PEM, PKCS#8, mode 0600) and its public key
     to ``path.pub``; returns the key's id. An existing file is kept unless ``force``."""
     target = os.fspath(path)
+    for out in (target, target + ".pub"):
+        if not force and os.path.lexists(out):  # checked first, so that no half pair is left behind
+            raise KeyFileError(f"{out} exists; pass force=True (--force) to replace it")
     key = ec.generate_private_key(ec.SECP256R1())
     private = key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
@@ -168,7 +169,7 @@ def keygen(path: str | os.PathLike[str], *, force: bool = False) -> str:
 _Name = Annotated[str, Meta(pattern=NAME_PATTERN, max_length=512)]
 _Tag = Annotated[str, Meta(pattern=TAG_PATTERN, max_length=256)]
 _Digest = Annotated[str, Meta(pattern=DIGEST_PATTERN)]
-_Hex = Annotated[str, Meta(pattern=r"^[0-9a-f]+$", max_length=256)]
+_Hex = Annotated[str, Meta(pattern=rf"^[0-9a-f]+{END}", max_length=256)]
 _ISSUED = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(?:\.\d{1,6})?Z\Z")
 
 

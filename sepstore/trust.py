@@ -27,7 +27,7 @@ from msgspec import Struct
 from .cache import default_cache_dir
 from .errors import KeyFileError, NotFoundError, RefError, StoreError, TrustError
 from .signing import PublicKey, SignedBundle, key_id, load_public_key, parse_issued
-from .store import MANIFESTS_DIR, Store, create_temp, file_lock
+from .store import MANIFESTS_DIR, Store, create_temp, file_lock, make_dirs, replace_durably
 
 if TYPE_CHECKING:
     from .refs import Resolved
@@ -328,21 +328,25 @@ class _Rollback:
         return os.path.join(self.root, store, *where.name.split("/"), f"{where.tag}.json")
 
     def advance(self, where: Published, issued_at: str, digest: str, allow_rollback: bool) -> None:
+        """Accept ``issued_at`` for a tag: refuse it if older than the newest accepted (unless
+        ``allow_rollback``), and remember it if newer."""
         path = self._path(where)
         try:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
+            make_dirs(os.path.dirname(path))
         except OSError as exc:
             raise StoreError(f"cannot keep rollback state in {self.root}: {exc.strerror or exc}") from None
         with file_lock(path + ".lock"):
             seen = self._read(path)
-            if seen is not None and parse_issued(seen["issued_at"]) >= parse_issued(issued_at):
-                if parse_issued(seen["issued_at"]) > parse_issued(issued_at) and not allow_rollback:
+            if seen is not None:
+                accepted, now = parse_issued(seen["issued_at"]), parse_issued(issued_at)
+                if now < accepted and not allow_rollback:
                     raise TrustError(
                         f"{where.root}/{MANIFESTS_DIR}/{where.name}/{where.tag}.json: signed at {issued_at}, but this "
                         f"node already accepted a version signed at {seen['issued_at']} ({seen['digest']}); "
                         "refusing a rollback (pass allow_rollback=True / --allow-rollback to accept it on purpose)"
                     )
-                return
+                if now <= accepted:
+                    return
             record = {
                 "store": where.root,
                 "name": where.name,
@@ -354,7 +358,7 @@ class _Rollback:
             try:
                 with os.fdopen(fd, "w") as out:
                     json.dump(record, out)
-                os.replace(tmp, path)
+                replace_durably(tmp, path)
             finally:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(tmp)

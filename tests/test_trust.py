@@ -512,3 +512,12 @@ def test_gc_keeps_the_signatures_of_kept_tags_and_removes_those_of_deleted_or_re
         assert not bucket.fs.exists(f"{bucket.root}/{path}")
     for name, tag in (("acme/a", "v1"), ("acme/a", "latest"), ("acme/b", "latest")):
         assert sepstore.signatures(bucket.url, name=name, tag=tag, trust=acme.pub).satisfied
+
+
+def test_an_unreadable_rollback_state_is_refused_not_reset(source: Path, acme: Key, node_cache: Path) -> None:
+    sepstore.sign(source, name="acme/a", tag="v1", key=acme.path)
+    sepstore.read_manifest(source, name="acme/a", tag="v1", trust=acme.pub)
+    (state,) = (node_cache / "trust").rglob("v1.json")
+    state.write_text("{")
+    with pytest.raises(sepstore.TrustError, match="rollback state .* is unreadable; delete it"):
+        sepstore.read_manifest(source, name="acme/a", tag="v1", trust=acme.pub)

@@ -519,5 +519,5 @@ def test_an_unreadable_rollback_state_is_refused_not_reset(source: Path, acme: K
     sepstore.read_manifest(source, name="acme/a", tag="v1", trust=acme.pub)
     (state,) = (node_cache / "trust").rglob("v1.json")
     state.write_text("{")
-    with pytest.raises(sepstore.TrustError, match="rollback state .* is unreadable; delete it"):
+    with pytest.raises(sepstore.TrustError, match=r"rollback state .* is unreadable; delete it"):
         sepstore.read_manifest(source, name="acme/a", tag="v1", trust=acme.pub)

@@ -151,7 +151,7 @@ def gc(
         # After gc's own lease is written, and in this order: leases, then manifests (a publisher
         # deletes its lease only after writing its manifest).
         publishing = live_leases(target, "publish", sweep=not dry_run)
-        relied_on = {d.removeprefix("blake3:") for held in publishing for d in held.digests}
+        relied_on = {d.removeprefix("blake3:") for held in publishing.values() for d in held.digests}
         referenced |= _referenced(target) if parts else set()
         for info in victims:
             base, stem = _base(info), _stem(info)

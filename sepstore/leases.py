@@ -14,13 +14,17 @@ uploads it again if it went). A publisher that finished before gc read the lease
 manifest before deleting its lease, so gc's manifest read, which comes after, sees it. This needs
 no timestamps from the backend (S3 cannot refresh an object's age), only the Store interface.
 
-Leases expire (their holder was killed) after :data:`LEASE_SECONDS` by their writer's clock, and
-are renewed every quarter of that, so clocks may disagree by minutes; gc deletes expired ones.
+Leases expire (their holder was killed) after :data:`LEASE_SECONDS` (gc's after
+:data:`GC_LEASE_SECONDS`) by their writer's clock, and are renewed every quarter of that. Readers
+count a lease as expired only :data:`CLOCK_SLACK` later, so clocks may disagree by minutes; gc
+deletes leases expired that long. A publisher waits for a gc only while that gc's lease keeps
+changing (it is renewed), so a killed gc holds publishers up for :data:`GC_LEASE_SECONDS` at most.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import secrets
 import threading
 import time
@@ -33,10 +37,20 @@ from .errors import SepstoreError, StoreError
 from .hashing import DIGEST_PATTERN
 from .store import Store
 
-__all__ = ["LEASE_SECONDS", "Held", "Lease", "holding", "live_leases"]
+__all__ = ["CLOCK_SLACK", "GC_LEASE_SECONDS", "LEASE_SECONDS", "Held", "Lease", "holding", "live_leases"]
 
-#: How long a lease holds without being renewed (its holder renews it every quarter of this).
+log = logging.getLogger("sepstore")
+
+#: How long a publisher's lease holds without being renewed (its holder renews it every quarter of this).
 LEASE_SECONDS = 600.0
+#: How long gc's lease holds without being renewed. Publishers wait for a gc that may delete a part
+#: they need, so this is short: a killed gc holds them up for this long at most, not for
+#: :data:`LEASE_SECONDS`. gc checks its lease before every deletion, so a gc that could not renew it
+#: in time (stopped, or cut off from the store) deletes nothing more.
+GC_LEASE_SECONDS = 60.0
+#: How far apart the clocks of publishers and gc may be: a lease counts as expired only this long
+#: after the expiry its writer gave it.
+CLOCK_SLACK = 600.0
 #: How often a publisher looks again whether a gc that may delete a part it relies on is done.
 _POLL_SECONDS = 0.2
 
@@ -51,10 +65,10 @@ class Lease(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     expires: float  # Unix time, by the writer's clock
 
 
-def live_leases(store: Store, kind: Kind, *, sweep: bool = False) -> list[Lease]:
-    """The unexpired leases of ``kind`` in ``store``; with ``sweep``, expired leases of either kind
-    are deleted on the way (their holders died)."""
-    found: list[Lease] = []
+def live_leases(store: Store, kind: Kind, *, sweep: bool = False) -> dict[str, Lease]:
+    """The leases of ``kind`` in ``store`` not expired for :data:`CLOCK_SLACK` yet, by id; with
+    ``sweep``, leases of either kind expired that long are deleted on the way (their holders died)."""
+    found: dict[str, Lease] = {}
     now = time.time()
     for lease_id in store.list_leases():
         if not (sweep or lease_id.startswith(f"{kind}-")):
@@ -69,11 +83,11 @@ def live_leases(store: Store, kind: Kind, *, sweep: bool = False) -> list[Lease]
             raise StoreError(
                 f"{url}: not a sepstore lease ({exc}); delete it if no push, dump or gc is running on this store"
             ) from None
-        if lease.expires < now:
+        if lease.expires + CLOCK_SLACK < now:
             if sweep:
                 store.delete_lease(lease_id)
         elif lease.kind == kind:
-            found.append(lease)
+            found[lease_id] = lease
     return found
 
 
@@ -125,8 +139,34 @@ class Held:
         self._wait_for_gc(new)
 
     def _wait_for_gc(self, digests: set[str]) -> None:
-        """Return once no gc that may delete one of ``digests`` runs (read after this lease is written)."""
-        while any(digests.intersection(lease.digests) for lease in live_leases(self.store, "gc")):
+        """Return once no gc that may delete one of ``digests`` runs (read after this lease is written).
+
+        A running gc renews its lease every quarter of :data:`GC_LEASE_SECONDS`; one whose lease has
+        not changed for that long by this process's clock was killed (or its clock is far ahead,
+        so its expiry means nothing here), and is no longer waited for: it deletes nothing more."""
+        changed: dict[str, tuple[Lease, float]] = {}  # a gc lease as last read, and since when
+        warned = False
+        while True:
+            now = time.monotonic()
+            blocking = []
+            for lease_id, lease in live_leases(self.store, "gc").items():
+                if not digests.intersection(lease.digests):
+                    continue
+                if lease_id not in changed or changed[lease_id][0] != lease:
+                    changed[lease_id] = (lease, now)
+                if now - changed[lease_id][1] < GC_LEASE_SECONDS:
+                    blocking.append(lease_id)
+            if not blocking:
+                return
+            if not warned:
+                log.warning(
+                    "%s: waiting for a gc that may delete parts this publish needs (%s); at most %g s "
+                    "if that gc was killed",
+                    self.store.url,
+                    self.store.url_of(self.store.lease_path(blocking[0])),
+                    GC_LEASE_SECONDS,
+                )
+                warned = True
             time.sleep(_POLL_SECONDS)
 
     def check(self) -> None:
@@ -147,7 +187,7 @@ class Held:
 def holding(store: Store, kind: Kind, digests: Iterable[str] = ()) -> Iterator[Held]:
     """Hold a lease of ``kind`` naming ``digests`` (more may be added with :meth:`Held.protect`)
     for the ``with`` block; it is deleted at the end, even on an error."""
-    held = Held(store, kind, digests)
+    held = Held(store, kind, digests, ttl=GC_LEASE_SECONDS if kind == "gc" else LEASE_SECONDS)
     try:
         yield held
     except BaseException:

@@ -20,6 +20,7 @@ import msgspec
 import pytest
 
 import sepstore
+import sepstore.leases
 from sepstore.demo import llama_decider, tiny_llama_state_dict
 from sepstore.gc import DEFAULT_GRACE
 from sepstore.store import Store
@@ -286,7 +287,8 @@ def test_an_expired_lease_is_swept_and_protects_nothing_but_a_live_one_protects(
     assert begin is not None
     lease = {"kind": "publish", "digests": [begin.digest], "expires": time.time() + 600}
     store.put_lease("publish-00000000000000aa", msgspec.json.encode(lease))
-    store.put_lease("publish-00000000000000bb", msgspec.json.encode({**lease, "expires": time.time() - 1}))
+    expired = time.time() - sepstore.leases.CLOCK_SLACK - 1  # expired, even for a clock that is behind
+    store.put_lease("publish-00000000000000bb", msgspec.json.encode({**lease, "expires": expired}))
     dry = sepstore.gc(dest.root, grace=dest.grace, dry_run=True)
     assert dry.leased == [f"{begin.digest[7:]}.safetensors"] and len(dry.removed) == 4
     assert len(store.list_leases()) == 2, "a dry run deletes nothing, not even expired leases"
@@ -295,6 +297,23 @@ def test_an_expired_lease_is_swept_and_protects_nothing_but_a_live_one_protects(
     assert store.list_leases() == ["publish-00000000000000aa"]
     store.delete_lease("publish-00000000000000aa")
     assert sepstore.gc(dest.root, grace=dest.grace).removed == [f"{begin.digest[7:]}.safetensors"]
+
+
+def test_a_killed_gc_holds_a_publish_up_only_until_its_lease_stops_changing(
+    source: Path, dest: Dest, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A gc killed by SIGTERM leaves its lease behind, expiring minutes later (or, from a clock far
+    ahead, much later): a publisher waits while it is renewed, not until it expires."""
+    monkeypatch.setattr(sepstore.leases, "GC_LEASE_SECONDS", 0.5)
+    orphan_parts(source, dest)
+    manifest = sepstore.read_manifest(source)
+    victims = [part.digest for _, part in manifest.labelled_parts()]
+    dead = {"kind": "gc", "digests": victims, "expires": time.time() + 10 * 24 * 3600}
+    Store(dest.root).put_lease("gc-00000000000000dd", msgspec.json.encode(dead))
+    report = sepstore.push(source, dest.root, quiet=True)
+    assert report.manifest_written
+    assert "waiting for a gc that may delete parts this publish needs" in caplog.text
+    assert sepstore.verify(dest.root, name="model", tag="latest", quiet=True).ok
 
 
 def test_a_lease_that_is_not_json_stops_gc_naming_it(source: Path, dest: Dest) -> None:

@@ -36,20 +36,20 @@ T = TypeVar("T")
 PIECE_BYTES = 4 * 1024 * 1024
 
 
-def _env_number(name: str, default: str, unit: str) -> float:
+def _env_number(name: str, default: str, unit: str, *, positive: bool = False) -> float:
     value = os.environ.get(name, default)
     try:
         number = float(value)
     except ValueError:
         number = -1.0
-    if not number >= 0 or number == float("inf"):
-        raise StoreError(f"{name} must be a number of {unit} >= 0, not {value!r}")
+    if not (number > 0 if positive else number >= 0) or number == float("inf"):
+        raise StoreError(f"{name} must be a number of {unit} {'> 0' if positive else '>= 0'}, not {value!r}")
     return number
 
 
 def timeout() -> float:
     """Seconds a connection or a single network read may take (``$SEPSTORE_TIMEOUT``, default 60)."""
-    return _env_number("SEPSTORE_TIMEOUT", "60", "seconds")
+    return _env_number("SEPSTORE_TIMEOUT", "60", "seconds", positive=True)
 
 
 def min_speed() -> float:

@@ -125,8 +125,11 @@ def push(
         path = reader.path(part)
         if reader.cache is None:  # a local source is read in place: verify it now
             with backend_errors(path):
+                size = os.path.getsize(path)
                 got = digest_file(path)
-            if got != part.digest or os.path.getsize(path) != part.size:
+            if size != part.size:
+                raise IntegrityError(f"part {label} ({path}): file is {size} bytes, manifest says {part.size}")
+            if got != part.digest:
                 raise IntegrityError(f"part {label} ({path}): digest is {got}, manifest says {part.digest}")
         store.put_part_file(path, part.digest, replace=part.digest in damaged)
         return part.size

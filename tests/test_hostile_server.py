@@ -176,14 +176,18 @@ def test_a_manifest_answered_with_a_huge_or_trickling_body_is_refused_in_bounded
     assert outcome["peak_rss"] < MEMORY_BOUND, outcome
 
 
-@pytest.mark.parametrize("value", ["fast", "-1", "nan", "inf"])
-def test_a_bad_minimum_speed_is_a_store_error(
-    value: str, www: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [("SEPSTORE_MIN_SPEED", v) for v in ("fast", "-1", "nan", "inf")]
+    + [("SEPSTORE_TIMEOUT", v) for v in ("0", "-2", "soon")],  # 0 s would fail every read as stalled
+)
+def test_a_bad_minimum_speed_or_timeout_is_a_store_error(
+    variable: str, value: str, www: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("SEPSTORE_MIN_SPEED", value)
+    monkeypatch.setenv(variable, value)
     server = StaticServer(www).start()
     try:
-        with pytest.raises(sepstore.StoreError, match="SEPSTORE_MIN_SPEED must be a number"):
+        with pytest.raises(sepstore.StoreError, match=f"{variable} must be a number"):
             sepstore.pull(f"{server.url}/bucket/store/manifests/m/v1.json", cache_dir=tmp_path / "cache", quiet=True)
     finally:
         server.stop()

@@ -117,3 +117,12 @@ def test_publishing_to_a_missing_bucket_says_the_bucket_does_not_exist(
         else:
             sd = tiny_llama_state_dict(layers=1, hidden=8, intermediate=8, vocab=16)
             sepstore.dump(llama_decider, sd, f"s3://{bucket}/store", quiet=True)
+
+
+def test_a_truncated_local_source_part_is_refused_naming_both_sizes(source: Path, tmp_path: Path) -> None:
+    begin = sepstore.read_manifest(source).begin
+    assert begin is not None
+    path = source / "parts/blake3" / f"{begin.digest[7:]}.safetensors"
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(sepstore.IntegrityError, match=rf"file is 100 bytes, manifest says {begin.size}"):
+        sepstore.push(source, tmp_path / "dest", quiet=True)

@@ -112,9 +112,22 @@ class Manifest(Struct, frozen=True, forbid_unknown_fields=True, tag_field="forma
         return sum({p.digest: p.size for _, p in self.labelled_parts()}.values())
 
 
+#: The most bytes of JSON a manifest's free-form ``config`` and ``metadata`` may take. They decode
+#: into Python objects of any shape, up to ~70x their size (a config of 22 million empty lists
+#: took 1.6 GiB within the 64 MiB manifest limit); Hugging Face configs are a few KiB, the largest
+#: (ImageNet-21k label maps) under 1 MiB.
+MAX_CONFIG_BYTES: Final = 8 * 1024 * 1024
+MAX_METADATA_BYTES: Final = 1024 * 1024
+
+
 class _Envelope(Struct):
+    """What is checked before a manifest is decoded whole: its format, and the raw sizes of its
+    free-form fields (left as bytes here)."""
+
     format: Any = None
     format_version: Any = None
+    config: msgspec.Raw = msgspec.Raw(b"null")
+    metadata: msgspec.Raw = msgspec.Raw(b"{}")
 
 
 def decode_manifest(data: bytes, *, source: str) -> Manifest:
@@ -131,6 +144,12 @@ def decode_manifest(data: bytes, *, source: str) -> Manifest:
         raise ManifestError(
             f"{source}: field `format` is {envelope.format!r}, expected {FORMAT!r}: not a sepstore manifest"
         )
+    for field, raw, limit in (
+        ("config", envelope.config, MAX_CONFIG_BYTES),
+        ("metadata", envelope.metadata, MAX_METADATA_BYTES),
+    ):
+        if len(raw) > limit:
+            raise ManifestError(f"{source}: field `{field}` is {len(raw)} bytes of JSON, over the {limit} limit")
     version = envelope.format_version
     if type(version) is not int:
         raise ManifestError(f"{source}: field `format_version` must be an integer, got {version!r}")

@@ -99,3 +99,17 @@ def test_a_part_larger_than_the_free_space_is_refused_before_anything_is_written
     with pytest.raises(sepstore.StoreError, match="is free there"):
         sepstore.load(url, "e", cache_dir=cache)
     assert not [p for p in cache.rglob("*") if p.is_file()], "no partial file, sparse or not"
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("config", {"a": [[]] * 3_000_000}),  # 22 million empty lists took 1.6 GiB to decode
+        ("metadata", {"k": "v" * 2_000_000}),
+    ],
+)
+def test_a_free_form_field_over_its_byte_limit_is_refused_before_it_is_decoded(field: str, value: object) -> None:
+    d = manifest_dict()
+    d[field] = value
+    with pytest.raises(sepstore.ManifestError, match=rf"field `{field}` is \d+ bytes of JSON, over the \d+ limit"):
+        decode_manifest(json.dumps(d).encode(), source=SOURCE)

@@ -229,6 +229,14 @@ class Store:
     def is_local(self) -> bool:
         return isinstance(self.fs, LocalFileSystem)
 
+    @property
+    def listable(self) -> bool:
+        """Whether folders can be listed: not over HTTP, whose "listings" are HTML pages that fsspec
+        reads whole, with no size bound and no minimum-progress rule (a hostile server answered
+        with 1 GiB, or a byte every half second)."""
+        protocols = self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,)
+        return not {"http", "https"}.intersection(protocols)
+
     def __repr__(self) -> str:
         return f"Store({self.url!r})"
 
@@ -529,8 +537,13 @@ class Store:
         return self._exists(self.manifest_path(name, tag))
 
     def list_manifests(self) -> list[tuple[str, str]]:
-        """Every ``(name, tag)`` in the store, sorted."""
+        """Every ``(name, tag)`` in the store, sorted; a :class:`StoreError` over HTTP (see :attr:`listable`)."""
         base = self.manifests_dir
+        if not self.listable:
+            raise StoreError(
+                f"{self.url}: an HTTP server's folders are not listed (a listing is unbounded); name the model: "
+                f"the manifest's URL ({self.url}/{MANIFESTS_DIR}/<name>/<tag>.json), or name= (--name) and tag= (--tag)"
+            )
         with backend_errors(self.url_of(base)):
             if not self.is_local:
                 self.fs.invalidate_cache(base)

@@ -4,6 +4,7 @@ dedup on republish, refuse corrupt parts without caching them, survive faults, s
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -403,6 +404,19 @@ def test_http_stores_are_read_only(http_root: tuple[StaticServer, Path], store: 
     server, _ = http_root
     with pytest.raises(sepstore.StoreError):
         sepstore.push(store, f"{server.url}/store", quiet=True)
+
+
+def test_an_http_store_root_is_never_listed_name_picks_the_latest_tag(
+    http_root: tuple[StaticServer, Path], store: Path, tmp_path: Path
+) -> None:
+    """A folder listing over HTTP is an HTML page of any size, at any speed: it is not read."""
+    server, www = http_root
+    shutil.copytree(store, www / "store")
+    url = f"{server.url}/store"
+    with pytest.raises(sepstore.StoreError, match=r"folders are not listed .*name= \(--name\) and tag="):
+        sepstore.read_manifest(url)
+    assert sepstore.read_manifest(url, name="model").name == "model"
+    assert not [r for r in server.requests if r.path.rstrip("/").endswith(("/store", "/manifests", "/model"))]
 
 
 def test_s3_endpoint_from_storage_options(

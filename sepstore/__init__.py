@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from ._version import __version__
+from .cache_admin import CachedFile, CacheListing, CacheVerifyReport, PruneReport, cache_ls, cache_prune, cache_verify
 from .convert import convert
 from .diff import ManifestDiff, PartDiff, TensorChanges, diff
 from .dump import Decider, Placement, dump
@@ -39,6 +40,7 @@ from .sign import SignReport, sign, signatures
 from .signing import keygen
 from .spec import PartSpec
 from .store import Store
+from .tags import TagInfo, tags
 from .trust import SignatureCheck, TrustedKey, TrustPolicy, TrustReport
 from .verify import PartCheck, VerifyReport, verify
 
@@ -46,6 +48,9 @@ if TYPE_CHECKING:
     from .module import Part
 
 __all__ = [
+    "CacheListing",
+    "CacheVerifyReport",
+    "CachedFile",
     "Decider",
     "DeciderError",
     "GcReport",
@@ -67,6 +72,7 @@ __all__ = [
     "PartSpec",
     "PartStateDict",
     "Placement",
+    "PruneReport",
     "PullReport",
     "PushReport",
     "RefError",
@@ -79,6 +85,7 @@ __all__ = [
     "SpecError",
     "Store",
     "StoreError",
+    "TagInfo",
     "Tensor",
     "TensorChanges",
     "TensorError",
@@ -88,6 +95,9 @@ __all__ = [
     "TrustedKey",
     "VerifyReport",
     "__version__",
+    "cache_ls",
+    "cache_prune",
+    "cache_verify",
     "convert",
     "diff",
     "dump",
@@ -103,6 +113,7 @@ __all__ = [
     "resolve",
     "sign",
     "signatures",
+    "tags",
     "verify",
 ]
 

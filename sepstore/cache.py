@@ -22,7 +22,7 @@ import contextlib
 import os
 import shutil
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 
@@ -156,6 +156,21 @@ class Cache:
     def has(self, digest: str) -> bool:
         return os.path.exists(self.path(digest))
 
+    def lock_path(self, digest: str) -> str:
+        """The part's lock: held exclusively while it is fetched or removed, shared while it is read."""
+        return os.path.join(self.incoming, f"{digest_hex(digest)}.lock")
+
+    @contextlib.contextmanager
+    def reading(self, digest: str) -> Iterator[None]:
+        """Hold the part's lock shared for the ``with`` block, so that ``cache prune`` and
+        ``cache verify --repair`` leave it alone, and mark it used now (see :mod:`sepstore.cache_admin`)."""
+        with backend_errors(self.root):
+            os.makedirs(self.incoming, exist_ok=True)
+        with file_lock(self.lock_path(digest), shared=True):
+            with contextlib.suppress(OSError):  # not ours to touch (a cache shared by several users)
+                os.utime(self.path(digest))
+            yield
+
     def fetch(self, items: Sequence[Fetch], *, workers: int = DEFAULT_WORKERS, bar: tqdm | None = None) -> list[Fetch]:
         """Bring every part of ``items`` into the cache; returns those this call fetched."""
         with backend_errors(self.root):
@@ -210,7 +225,7 @@ class Cache:
         return os.path.join(self.incoming, digest_hex(item.part.digest) + suffix)
 
     def _lock(self, item: Fetch) -> str:
-        return self._incoming(item, ".lock")
+        return self.lock_path(item.part.digest)
 
     def _download(self, items: list[Fetch], workers: int, bar: tqdm | None) -> list[tuple[Fetch, IntegrityError]]:
         """Fetch ``items`` in parallel ranged reads; those whose bytes did not verify (and were discarded)."""

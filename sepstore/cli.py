@@ -7,6 +7,7 @@ usage or any other error.
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import json
 import os
 import sys
@@ -16,6 +17,7 @@ from typing import Any
 
 from . import __version__
 from ._text import counted, human_bytes
+from .cache_admin import CachedFile, cache_ls, cache_prune, cache_verify
 from .convert import convert
 from .diff import diff
 from .errors import IntegrityError, RefError, SepstoreError, TrustError
@@ -27,6 +29,7 @@ from .refs import ModelRef, RefOptions, is_manifest_url, resolve
 from .sign import sign, signatures
 from .signing import keygen
 from .store import Store
+from .tags import tags
 from .trust import TrustReport
 from .verify import verify
 
@@ -162,15 +165,121 @@ def _diff_sides(args: argparse.Namespace) -> tuple[ModelRef, ModelRef]:
 
 def cmd_diff(args: argparse.Namespace) -> int:
     result = diff(*_diff_sides(args), **_trust_options(args))
+    differ_code = EXIT_VERIFY if args.exit_code and result.differs else EXIT_OK
     if args.json:
         _print_json(result.to_dict())
-        return EXIT_OK
+        return differ_code
     for p in result.changed:
         detail = ", ".join(f"{kind} {', '.join(names)}" for kind, names in p.tensors.to_dict().items() if names)
         print(f"{p.part:<10} {p.status:<8} {human_bytes(p.bytes):>11}  {detail}")
     same = len(result.parts) - len(result.changed)
     differ = counted(len(result.changed), "part") + (" differs" if len(result.changed) == 1 else " differ")
     print(f"{differ}, {same} same; {human_bytes(result.bytes_to_fetch)} to fetch")
+    return differ_code
+
+
+def _short(digest: str | None) -> str:
+    """A digest as ``docker images`` shows an image id: its first 12 hex digits."""
+    return digest.removeprefix("blake3:")[:12] if digest else "-"
+
+
+def _when(moment: dt.datetime | None) -> str:
+    return moment.strftime("%Y-%m-%d %H:%M:%S") if moment is not None else "-"
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]], right: frozenset[int] = frozenset()) -> None:
+    """Print rows in columns as wide as their widest cell (those in ``right`` aligned right)."""
+    widths = [max(len(row[i]) for row in (header, *rows)) for i in range(len(header))]
+    for row in (header, *rows):
+        cells = (c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True)))
+        print("  ".join(cells).rstrip())
+
+
+def cmd_tags(args: argparse.Namespace) -> int:
+    rows = tags(args.store, name=args.name)
+    if args.json:
+        _print_json([row.to_dict() for row in rows])
+        return EXIT_OK
+    if not rows:
+        print(f"no models in {args.store}" + (f" named {args.name!r}" if args.name else ""))
+        return EXIT_OK
+    table = [
+        [r.name, r.tag, _short(r.digest), str(r.layers) if r.layers is not None else "-",
+         human_bytes(r.bytes) if r.bytes is not None else "-", _when(r.modified)]
+        + ([f"unreadable: {r.error}"] if r.error else [])
+        for r in rows
+    ]  # fmt: skip
+    header = ["NAME", "TAG", "DIGEST", "LAYERS", "SIZE", "MODIFIED (UTC)"]
+    width = len(header) + any(r.error for r in rows)
+    _table([*header, ""][:width], [row + [""] * (width - len(row)) for row in table], frozenset({3, 4}))
+    return EXIT_OK
+
+
+def _cache_rows(files: Sequence[CachedFile]) -> list[list[str]]:
+    return [[_short(f.digest), human_bytes(f.size), _when(f.last_used)] for f in files]
+
+
+def cmd_cache_ls(args: argparse.Namespace) -> int:
+    listing = cache_ls(args.cache_dir)
+    if args.json:
+        _print_json(listing.to_dict())
+        return EXIT_OK
+    if listing.parts:
+        _table(["DIGEST", "SIZE", "LAST USED (UTC)"], _cache_rows(listing.parts), frozenset({1}))
+    if listing.partial:
+        print("partial downloads (the next pull of the part resumes a stopped one):")
+        rows = _cache_rows(listing.partial)
+        for row, f in zip(rows, listing.partial, strict=True):
+            row.append("fetching now" if f.active else "stopped")
+        _table(["DIGEST", "HELD", "LAST WRITTEN (UTC)", "STATE"], rows, frozenset({1}))
+    partial = f", and {counted(len(listing.partial), 'partial download')}" if listing.partial else ""
+    held = sum(f.size for f in listing.parts)
+    print(f"cache {listing.root}: {counted(len(listing.parts), 'part')}, {human_bytes(held)}{partial}; "
+          f"{human_bytes(listing.total_bytes)} in all")  # fmt: skip
+    return EXIT_OK
+
+
+def cmd_cache_verify(args: argparse.Namespace) -> int:
+    report = cache_verify(args.cache_dir, repair=args.repair)
+    if args.json:
+        _print_json(report.to_dict())
+        return EXIT_OK if report.ok else EXIT_VERIFY
+    for p in report.bad:
+        state = "removed" if p.removed else "kept (in use, or --repair not given)"
+        print(f"{_short(p.digest)}  {human_bytes(p.size):>11}  DAMAGED: {p.error}; {state}")
+    checked = f"checked {counted(len(report.parts), 'cached part')} in {report.root}"
+    if not report.bad:
+        print(f"{checked}: all intact")
+    elif report.ok:
+        print(
+            f"{checked}: removed {counted(len(report.bad), 'damaged part')}; the cache cannot fetch them again by "
+            "itself (it does not know which manifests list them): the next load or pull of a model that needs "
+            "one fetches it"
+        )
+    else:
+        left = [p for p in report.bad if not p.removed]
+        hint = "" if args.repair else "; `sepstore cache verify --repair` removes them"
+        print(f"{checked}: {counted(len(left), 'damaged part')} remain{'s' if len(left) == 1 else ''}{hint}")
+    return EXIT_OK if report.ok else EXIT_VERIFY
+
+
+def cmd_cache_prune(args: argparse.Namespace) -> int:
+    report = cache_prune(args.max_size, cache_dir=args.cache_dir, dry_run=args.dry_run)
+    if args.json:
+        _print_json(report.to_dict())
+        return EXIT_OK
+    verb = "would remove" if report.dry_run else "removed"
+    for f in report.removed:
+        kind = " (partial download)" if f.partial else ""
+        print(f"{verb}  {_short(f.digest)}  {human_bytes(f.size):>11}  last used {_when(f.last_used)}{kind}")
+    in_use = ""
+    if report.in_use:
+        in_use = f"; kept {counted(len(report.in_use), 'part')} other processes are reading or fetching"
+    after = "would hold" if report.dry_run else "holds"
+    print(
+        f"{verb} {counted(len(report.removed), 'file')} ({human_bytes(report.removed_bytes)}), least recently used "
+        f"first{in_use}; the cache {after} {human_bytes(report.bytes_after)} (max {human_bytes(report.max_size)})"
+    )
     return EXIT_OK
 
 
@@ -332,6 +441,11 @@ def _add_parts_url(p: argparse.ArgumentParser) -> None:
     p.add_argument("--parts-url", help="read part files from this mirror instead (reads are still verified)")
 
 
+def _add_cache_dir(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--cache-dir", help="cache folder (default: $SEPSTORE_CACHE or ~/.cache/sepstore)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+
 def _add_quiet(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -347,17 +461,25 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
     def command(
-        name: str, func: Callable[[argparse.Namespace], int], help: str, example: str
+        name: str,
+        func: Callable[[argparse.Namespace], int] | None,
+        help: str,
+        example: str,
+        *,
+        under: Any = sub,
+        aliases: Sequence[str] = (),
     ) -> argparse.ArgumentParser:
-        p = sub.add_parser(
+        p: argparse.ArgumentParser = under.add_parser(
             name,
+            aliases=list(aliases),
             parents=[common],
             help=help,
             description=help,
             epilog=f"example:\n  {example}",
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
-        p.set_defaults(func=func)
+        if func is not None:
+            p.set_defaults(func=func)
         return p
 
     p = command("info", cmd_info, "show a model's manifest: parts, sizes, dtypes, config", "sepstore info ./store")
@@ -455,6 +577,61 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tag", action="append", help=f"tag of that model ({side})")
     _add_trust(p)
     p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument(
+        "--exit-code",
+        action="store_true",
+        help="exit 1 if the versions differ, 0 if not (as `git diff --exit-code`); any error exits 2",
+    )
+
+    p = command(
+        "tags",
+        cmd_tags,
+        "list every model and tag in a store: manifest digest, layers, size, when the tag was last written",
+        "sepstore tags s3://models/store --name acme/llama",
+        aliases=["ls"],
+    )
+    p.add_argument("store", help="store root: a path or URL (an HTTP server cannot list; give a manifest URL to info)")
+    p.add_argument("--name", help="only this model's tags")
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+    p = command(
+        "cache",
+        None,
+        "manage the local cache of parts: list it, re-hash it, prune it to a size",
+        "sepstore cache ls\n  sepstore cache verify --repair\n  sepstore cache prune --max-size 20GiB --dry-run",
+    )
+    cache = p.add_subparsers(dest="cache_command", required=True, metavar="COMMAND")
+    p = command(
+        "ls",
+        cmd_cache_ls,
+        "list the cached parts (most recently used first), partial downloads, and the total size",
+        "sepstore cache ls --cache-dir /scratch/sepstore",
+        under=cache,
+    )
+    _add_cache_dir(p)
+    p = command(
+        "verify",
+        cmd_cache_verify,
+        "re-hash every cached part (exit 1 if a damaged one remains)",
+        "sepstore cache verify --repair",
+        under=cache,
+    )
+    _add_cache_dir(p)
+    p.add_argument(
+        "--repair",
+        action="store_true",
+        help="remove damaged parts (the next load or pull of a model that needs one fetches it again)",
+    )
+    p = command(
+        "prune",
+        cmd_cache_prune,
+        "remove cached parts, least recently used first, down to a size; parts in use are kept",
+        "sepstore cache prune --max-size 20GiB --dry-run",
+        under=cache,
+    )
+    _add_cache_dir(p)
+    p.add_argument("--max-size", required=True, help="size to shrink the cache to, e.g. 20GiB, 500MB, 0")
+    p.add_argument("--dry-run", action="store_true", help="only say what would be removed")
 
     p = command(
         "plan",
@@ -527,7 +704,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.debug:
             traceback.print_exc()
         print(f"sepstore: error: {exc}", file=sys.stderr)
-        return EXIT_VERIFY if isinstance(exc, IntegrityError | TrustError) else EXIT_USAGE
+        failed = isinstance(exc, IntegrityError | TrustError) and not getattr(args, "exit_code", False)
+        return EXIT_VERIFY if failed else EXIT_USAGE  # with --exit-code, 1 means only "they differ"
     except BrokenPipeError:  # stdout closed early (`sepstore files ... | head`): not an error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_OK

@@ -53,6 +53,11 @@ class ManifestDiff:
         """The parts whose status is not ``same``."""
         return [p for p in self.parts if p.status != "same"]
 
+    @property
+    def differs(self) -> bool:
+        """Whether the two versions differ in any part (what ``diff --exit-code`` exits 1 for)."""
+        return bool(self.changed)
+
     def to_dict(self) -> dict[str, Any]:
         return {"parts": [p.to_dict() for p in self.parts], "bytes_to_fetch": self.bytes_to_fetch}
 

@@ -8,7 +8,6 @@ manifest a tag no longer holds."""
 from __future__ import annotations
 
 import contextlib
-import datetime as dt
 import os
 import re
 import time
@@ -19,7 +18,7 @@ from .errors import NotFoundError, SepstoreError, StoreError
 from .leases import holding, live_leases
 from .manifest import decode_manifest, manifest_digest
 from .signing import SignedBundle
-from .store import TEMP_PATTERN, Store, backend_errors, check_name, check_tag, read_limited
+from .store import TEMP_PATTERN, Store, backend_errors, check_name, check_tag, modified_time, read_limited
 
 __all__ = ["DEFAULT_GRACE", "GcReport", "gc"]
 
@@ -55,17 +54,6 @@ class GcReport:
             "signatures_kept": self.signatures_kept,
             "dry_run": self.dry_run,
         }
-
-
-def _mtime(info: dict[str, Any]) -> float | None:
-    """Modification time of a listing entry, across backends (local ``mtime``, S3 ``LastModified``)."""
-    for key in ("mtime", "LastModified", "last_modified", "created"):
-        value = info.get(key)
-        if isinstance(value, int | float):
-            return float(value)
-        if isinstance(value, dt.datetime):
-            return value.timestamp()
-    return None
 
 
 def _referenced(store: Store) -> set[str]:
@@ -247,7 +235,7 @@ def _old(info: dict[str, Any], grace: float, now: float) -> bool:
 
 
 def _older(info: dict[str, Any], seconds: float, now: float) -> bool:
-    modified = _mtime(info)
+    modified = modified_time(info)
     return modified is not None and now - modified >= seconds
 
 

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import itertools
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from ._text import human_bytes
+from ._text import human_bytes, parse_size
 from .errors import NotFoundError, SpecError
 from .manifest import Manifest
 from .refs import RefLike, RefOptions, manifest_of
@@ -17,9 +16,6 @@ if TYPE_CHECKING:
     from typing_extensions import Unpack
 
 __all__ = ["NodePlan", "parse_size", "plan"]
-
-_UNITS = {"": 1, "B": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(I?)B?\s*$", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -33,16 +29,6 @@ class NodePlan:
 
     def to_dict(self) -> dict[str, Any]:
         return {"node": self.node, "spec": self.spec, "bytes": self.bytes, "budget": self.budget}
-
-
-def parse_size(text: str) -> int:
-    """``"24GiB"``, ``"16G"``, ``"512MB"``, ``"1000"`` to bytes (``Ki``/``Mi``/``Gi`` are powers of 1024)."""
-    match = _SIZE.match(text)
-    if match is None:
-        raise SpecError(f"cannot read {text!r} as a size; write e.g. 24GiB, 16GB or 512MiB")
-    number, unit, binary = float(match[1]), match[2].upper(), bool(match[3])
-    factor = 1024 ** "KMGT".index(unit) * 1024 if binary and unit else _UNITS[unit]
-    return int(number * factor)
 
 
 def plan(

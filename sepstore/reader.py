@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import mmap as mmap_module  # `mmap` is a keyword of read
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from io import FileIO
 from typing import TYPE_CHECKING, TypeVar
@@ -37,6 +37,8 @@ T = TypeVar("T")
 #: so that it is hashed while still in the CPU's cache: with 4 MiB pieces hashing added about
 #: 15% to the read here, with 16 MiB pieces or without the second thread 40-60% (bench_load.py).
 READ_PIECE = 4 * 1024 * 1024
+#: Times a part is fetched into the cache before a process that keeps pruning it away is given up on.
+_ATTEMPTS = 3
 
 
 def _size_of(path: str) -> int | None:
@@ -135,10 +137,27 @@ class PartReader:
                 os.unlink(self.cache.path(part.digest))
             return attempt()
 
-    def _locate(self, label: str, part: Part) -> tuple[str, str]:
-        """The part's local path (fetched first if need be) once its size is right, and how
-        errors name it."""
-        self.prefetch([(label, part)], desc=f"fetch {label}")
+    @contextlib.contextmanager
+    def _held(self, label: str, part: Part) -> Iterator[tuple[str, str]]:
+        """The part located (see :meth:`_located`) and, from the cache, kept there while the block
+        reads it: its lock is held shared (``cache prune`` skips it) and it is marked used. A part
+        pruned between its fetch and the lock is fetched again."""
+        if self.cache is None:
+            yield self._located(label, part)
+            return
+        for _ in range(_ATTEMPTS):
+            self.prefetch([(label, part)], desc=f"fetch {label}")
+            with self.cache.reading(part.digest):
+                if self.cache.has(part.digest):
+                    yield self._located(label, part)
+                    return
+        raise NotFoundError(
+            f"part {label} of {self.resolved.url} was removed from the cache {self.cache.root} each of the "
+            f"{_ATTEMPTS} times it was fetched; is another process pruning the cache to less than this model needs?"
+        )
+
+    def _located(self, label: str, part: Part) -> tuple[str, str]:
+        """The part's local path once its size is right, and how errors name it."""
         path = self.path(part)
         where = f"part {label} ({path})"
         size = _size_of(path)
@@ -176,8 +195,7 @@ class PartReader:
     def _check(self, label: str, part: Part) -> None:
         """One pass over the file in bounded pieces: the file's digest, then its header, then
         every tensor's digest (no memory map, so a file truncated meanwhile is an error, not a crash)."""
-        path, where = self._locate(label, part)
-        with open(path, "rb", buffering=0) as file:
+        with self._held(label, part) as (path, where), open(path, "rb", buffering=0) as file:
             head = bytearray(8)
             _fill(file, memoryview(head), part, where)
             head += bytes(header_end(head, part.size) - 8)
@@ -209,10 +227,10 @@ class PartReader:
     ) -> dict[str, torch.Tensor]:
         from .tensors import DTYPES
 
-        path, where = self._locate(label, part)
-        data = _mapped(path, part, where) if mmap else _copied(path, part, where, verify=verify)
-        if mmap and verify:
-            _compare(digest_buffer(memoryview(data.numpy())), part.digest, where, "digest")
+        with self._held(label, part) as (path, where):
+            data = _mapped(path, part, where) if mmap else _copied(path, part, where, verify=verify)
+            if mmap and verify:
+                _compare(digest_buffer(memoryview(data.numpy())), part.digest, where, "digest")
         header = parse_header(memoryview(data.numpy()), part.size, where=where)
         check_header(header, part, where)
         if device is not None and device.type != "cpu":

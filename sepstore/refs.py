@@ -333,7 +333,7 @@ def _read(ref: ModelRef) -> Resolved:
 def _pick(store: Store, name: str | None, tag: str | None) -> tuple[str, str]:
     if name is not None and tag is not None:
         return name, tag
-    if name is not None and not store.listable:
+    if name is not None and not store.can_list:
         return name, "latest"  # what a listing would pick for one model with a `latest` tag
     found = store.list_manifests()
     candidates = [(n, t) for n, t in found if name in (None, n) and tag in (None, t)]

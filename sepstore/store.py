@@ -14,6 +14,7 @@ Publishers and gc also keep short-lived lease objects in ``<root>/leases/`` (see
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import fcntl
 import os
 import re
@@ -45,6 +46,7 @@ __all__ = [
     "create_temp",
     "fsync_dir",
     "make_dirs",
+    "modified_time",
     "read_limited",
     "replace_durably",
     "standard_parts_location",
@@ -113,19 +115,22 @@ def replace_durably(tmp: str, final: str) -> None:
 
 
 @contextlib.contextmanager
-def file_lock(path: str, *, blocking: bool = True) -> Iterator[bool]:
-    """An exclusive ``flock`` on ``path`` for the ``with`` block; yields whether it was taken
-    (always, when ``blocking``). Several processes, or threads, exclude each other.
+def file_lock(path: str, *, blocking: bool = True, shared: bool = False) -> Iterator[bool]:
+    """An exclusive (or ``shared``) ``flock`` on ``path`` for the ``with`` block; yields whether it
+    was taken (always, when ``blocking``). Several processes, or threads, exclude each other; shared
+    holders exclude only exclusive ones.
 
-    The lock file exists only while the lock is held: its holder deletes it before letting go, and
-    a waiter that then gets the lock on the deleted file sees that the path no longer names it and
-    tries again, so no stale ``.lock`` files pile up beside manifests or in the cache.
+    The lock file exists only while the lock is held: its last holder deletes it before letting go
+    (a shared holder deletes it only if it can make its lock exclusive, i.e. no one else holds it),
+    and a waiter that then gets the lock on the deleted file sees that the path no longer names it
+    and tries again, so no stale ``.lock`` files pile up beside manifests or in the cache.
     """
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
         try:
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+                mode = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
+                fcntl.flock(fd, mode | (0 if blocking else fcntl.LOCK_NB))
             except BlockingIOError:
                 yield False
                 return
@@ -139,11 +144,36 @@ def file_lock(path: str, *, blocking: bool = True) -> Iterator[bool]:
             try:
                 yield True
             finally:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(path)
+                if _last_holder(fd, shared):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(path)
             return
         finally:
             os.close(fd)
+
+
+def _last_holder(fd: int, shared: bool) -> bool:
+    """Whether the holder of the lock on ``fd`` is its only one. A shared holder asks by making its
+    lock exclusive without waiting; when that fails it has let go of it (``flock`` converts by
+    releasing first), and a holder that remains deletes the file instead."""
+    if not shared:
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
+
+
+def modified_time(info: dict[str, Any]) -> float | None:
+    """Modification time of a listing entry, across backends (local ``mtime``, S3 ``LastModified``)."""
+    for key in ("mtime", "LastModified", "last_modified", "created"):
+        value = info.get(key)
+        if isinstance(value, int | float):
+            return float(value)
+        if isinstance(value, dt.datetime):
+            return value.timestamp()
+    return None
 
 
 def standard_parts_location(name: str) -> str:
@@ -230,7 +260,7 @@ class Store:
         return isinstance(self.fs, LocalFileSystem)
 
     @property
-    def listable(self) -> bool:
+    def can_list(self) -> bool:
         """Whether folders can be listed: not over HTTP, whose "listings" are HTML pages that fsspec
         reads whole, with no size bound and no minimum-progress rule (a hostile server answered
         with 1 GiB, or a byte every half second)."""
@@ -537,27 +567,26 @@ class Store:
         return self._exists(self.manifest_path(name, tag))
 
     def list_manifests(self) -> list[tuple[str, str]]:
-        """Every ``(name, tag)`` in the store, sorted; a :class:`StoreError` over HTTP (see :attr:`listable`)."""
+        """Every ``(name, tag)`` in the store, sorted; a :class:`StoreError` over HTTP (see :attr:`can_list`)."""
+        return sorted(self.manifest_entries())
+
+    def manifest_entries(self) -> dict[tuple[str, str], dict[str, Any]]:
+        """Every ``(name, tag)`` in the store, with its manifest's listing entry (size, modification
+        time); a :class:`StoreError` over HTTP (see :attr:`can_list`)."""
         base = self.manifests_dir
-        if not self.listable:
+        if not self.can_list:
             raise StoreError(
                 f"{self.url}: an HTTP server's folders are not listed (a listing is unbounded); name the model: "
                 f"the manifest's URL ({self.url}/{MANIFESTS_DIR}/<name>/<tag>.json), or name= (--name) and tag= (--tag)"
             )
-        with backend_errors(self.url_of(base)):
-            if not self.is_local:
-                self.fs.invalidate_cache(base)
-            if not self.fs.exists(base):
-                return []
-            found = self.fs.find(base)
-        out: list[tuple[str, str]] = []
-        for path in found:
+        out: dict[tuple[str, str], dict[str, Any]] = {}
+        for path, info in self.list_files(base, recursive=True).items():
             relative = path[len(base) :].strip("/")
             name, _, filename = relative.rpartition("/")
             tag, dot, ext = filename.rpartition(".")
             if dot and ext == "json" and not tag.startswith(".") and _NAME_RE.match(name) and _TAG_RE.match(tag):
-                out.append((name, tag))
-        return sorted(out)
+                out[name, tag] = info
+        return out
 
     # -- signatures ------------------------------------------------------------------------------
 

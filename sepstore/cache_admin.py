@@ -1,0 +1,300 @@
+"""Managing the local cache: what it holds, re-hashing it, and pruning it to a size.
+
+**Last use.** A file's time of last use is its modification time. The cache sets it when it
+fetches a part and each time sepstore reads one (``os.utime``, see
+:meth:`~sepstore.cache.Cache.reading`): a part file's bytes never change, so its modification
+time is free to mean "last used". Access times are not used: most filesystems are mounted
+``relatime`` (the access time moves at most once a day) or ``noatime`` (never), and anything that
+reads every file (``cache verify``, a backup, a virus scan) would make every part look just used.
+A program that reads cached files directly (paths from ``sepstore files``) does not mark them.
+
+**In use.** A process reading a cached part holds the part's lock (``incoming/<hex>.lock``) shared
+while it reads; a process fetching it holds it exclusively. ``prune`` and ``verify --repair`` take it
+exclusively without waiting and leave the part alone when they cannot, so they never remove a part
+another process is reading or fetching (whose disk space would not come back until it closed it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import os
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from ._text import parse_size
+from .cache import Cache
+from .errors import SpecError, StoreError
+from .hashing import digest_file
+from .store import backend_errors, file_lock
+
+__all__ = [
+    "CacheListing",
+    "CacheVerifyReport",
+    "CachedFile",
+    "PartVerdict",
+    "PruneReport",
+    "cache_ls",
+    "cache_prune",
+    "cache_verify",
+]
+
+_PART = re.compile(r"^([0-9a-f]{64})\.safetensors$")
+_PARTIAL = re.compile(r"^([0-9a-f]{64})\.partial$")
+
+
+@dataclass(frozen=True)
+class CachedFile:
+    """A part in the cache, or a partial download of one (``partial``): its digest, path, bytes
+    on disk, and time of last use (UTC). ``active`` is set on a partial download another process
+    is fetching now (else it is a stopped one, which the next pull of the part resumes)."""
+
+    digest: str
+    path: str
+    size: int
+    last_used: dt.datetime
+    partial: bool = False
+    active: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "digest": self.digest,
+            "path": self.path,
+            "size": self.size,
+            "last_used": self.last_used.isoformat(),
+        }
+        if self.partial:
+            out["active"] = self.active
+        return out
+
+
+@dataclass(frozen=True)
+class CacheListing:
+    """What a cache holds: its parts (most recently used first) and partial downloads."""
+
+    root: str
+    parts: list[CachedFile]
+    partial: list[CachedFile]
+
+    @property
+    def total_bytes(self) -> int:
+        """Bytes of every part and partial download on disk."""
+        return sum(f.size for f in (*self.parts, *self.partial))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "cache": self.root,
+            "parts": [f.to_dict() for f in self.parts],
+            "partial": [f.to_dict() for f in self.partial],
+            "total_bytes": self.total_bytes,
+        }
+
+
+@dataclass(frozen=True)
+class PartVerdict:
+    """One cached part re-hashed: ``error`` says how its bytes differ from its name (``None``: intact)."""
+
+    digest: str
+    size: int
+    error: str | None
+    removed: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"digest": self.digest, "size": self.size, "ok": self.error is None, "error": self.error,
+                "removed": self.removed}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class CacheVerifyReport:
+    """Every cached part re-hashed; ``ok`` when no damaged part remains (none found, or all removed)."""
+
+    root: str
+    parts: list[PartVerdict]
+
+    @property
+    def bad(self) -> list[PartVerdict]:
+        return [p for p in self.parts if p.error is not None]
+
+    @property
+    def ok(self) -> bool:
+        return all(p.removed for p in self.bad)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"cache": self.root, "ok": self.ok, "parts": [p.to_dict() for p in self.parts]}
+
+
+@dataclass(frozen=True)
+class PruneReport:
+    """What ``prune`` removed (or, in a dry run, would remove), least recently used first; what it
+    left because another process was reading or fetching it (or used it since it was listed); the
+    cache's bytes before and after."""
+
+    root: str
+    max_size: int
+    removed: list[CachedFile]
+    in_use: list[CachedFile]
+    bytes_before: int
+    bytes_after: int
+    dry_run: bool
+
+    @property
+    def removed_bytes(self) -> int:
+        return sum(f.size for f in self.removed)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "cache": self.root,
+            "max_size": self.max_size,
+            "removed": [f.to_dict() for f in self.removed],
+            "removed_bytes": self.removed_bytes,
+            "in_use": [f.to_dict() for f in self.in_use],
+            "bytes_before": self.bytes_before,
+            "bytes_after": self.bytes_after,
+            "dry_run": self.dry_run,
+        }
+
+
+def _open(cache_dir: str | os.PathLike[str] | None) -> Cache:
+    """The cache at ``cache_dir`` (default ``$SEPSTORE_CACHE``); a store root is refused, since a
+    local store has the cache's ``parts/blake3/`` layout and pruning it would break its manifests."""
+    cache = Cache(cache_dir)
+    if os.path.isdir(os.path.join(cache.root, "manifests")):
+        raise StoreError(
+            f"{cache.root} is a store (it has manifests/), not a cache; `sepstore gc` removes a store's "
+            "unreferenced parts"
+        )
+    return cache
+
+
+def _last_used(info: os.stat_result) -> dt.datetime:
+    return dt.datetime.fromtimestamp(info.st_mtime, dt.timezone.utc)
+
+
+def _scan(folder: str, pattern: re.Pattern[str], *, partial: bool) -> list[CachedFile]:
+    out = []
+    with backend_errors(folder):
+        try:
+            names = os.listdir(folder)
+        except FileNotFoundError:
+            return []
+        for base in names:
+            match = pattern.match(base)
+            if match is None:
+                continue
+            path = os.path.join(folder, base)
+            try:
+                info = os.stat(path)
+            except FileNotFoundError:
+                continue  # removed since the listing
+            # a partial file is as long as the part from the start: its blocks are what it holds
+            size = min(info.st_blocks * 512, info.st_size) if partial else info.st_size
+            out.append(CachedFile(f"blake3:{match[1]}", path, size, _last_used(info), partial=partial))
+    return out
+
+
+def _fetching(cache: Cache, item: CachedFile) -> bool:
+    """Whether another process holds the part's lock (fetching it, for a partial download)."""
+    with file_lock(cache.lock_path(item.digest), blocking=False) as got:
+        return not got
+
+
+def cache_ls(cache_dir: str | os.PathLike[str] | None = None) -> CacheListing:
+    """The parts a cache holds (most recently used first) and its partial downloads.
+
+    ``cache_dir`` defaults to ``$SEPSTORE_CACHE``, else ``~/.cache/sepstore``; a folder that does
+    not exist yet is an empty cache. See this module's docstring for what "last used" means.
+    """
+    cache = _open(cache_dir)
+    parts = _scan(cache.parts, _PART, partial=False)
+    partial = _scan(cache.incoming, _PARTIAL, partial=True)
+    partial = [
+        CachedFile(f.digest, f.path, f.size, f.last_used, partial=True, active=_fetching(cache, f)) for f in partial
+    ]
+
+    def recent_first(f: CachedFile) -> tuple[float, str]:
+        return -f.last_used.timestamp(), f.digest
+
+    return CacheListing(cache.root, sorted(parts, key=recent_first), sorted(partial, key=recent_first))
+
+
+def cache_verify(cache_dir: str | os.PathLike[str] | None = None, *, repair: bool = False) -> CacheVerifyReport:
+    """Re-hash every cached part and compare it with the digest it is filed under.
+
+    With ``repair``, a damaged part is deleted (once no other process is reading it). The cache
+    does not know which manifests list a part, so it cannot fetch it again here: the next
+    ``load`` or ``pull`` of a model that needs it does. Partial downloads are not checked: they are
+    verified when they finish.
+    """
+    cache = _open(cache_dir)
+    verdicts = []
+    for item in sorted(_scan(cache.parts, _PART, partial=False), key=lambda f: f.digest):
+        try:
+            before = os.stat(item.path)
+            got = digest_file(item.path)
+        except FileNotFoundError:
+            continue  # removed since the listing
+        error = None if got == item.digest else f"bytes hash to {got}"
+        removed = error is not None and repair and _remove_if_same(cache, item, before)
+        verdicts.append(PartVerdict(item.digest, item.size, error, removed))
+    return CacheVerifyReport(cache.root, verdicts)
+
+
+def _remove_if_same(cache: Cache, item: CachedFile, hashed: os.stat_result) -> bool:
+    """Delete a damaged part once no one reads it, unless it was replaced since it was hashed
+    (a reader that found it damaged fetches it again); whether it is gone."""
+    with file_lock(cache.lock_path(item.digest)):
+        try:
+            now = os.stat(item.path)
+        except FileNotFoundError:
+            return True
+        if (now.st_dev, now.st_ino) == (hashed.st_dev, hashed.st_ino):
+            os.unlink(item.path)
+            return True
+        return False
+
+
+def cache_prune(
+    max_size: int | str, *, cache_dir: str | os.PathLike[str] | None = None, dry_run: bool = False
+) -> PruneReport:
+    """Remove parts, least recently used first, until the cache holds at most ``max_size`` bytes
+    (an int, or a size such as ``"20GiB"``). Stopped partial downloads count and go in the same
+    order (by when they last grew); a part or download another process is reading or fetching is
+    left, so the cache may stay above ``max_size`` (the report says what was in use).
+    """
+    limit = parse_size(max_size) if isinstance(max_size, str) else max_size
+    if type(limit) is not int or limit < 0:
+        raise SpecError(f"max_size= is a number of bytes >= 0 or a size such as '20GiB', got {max_size!r}")
+    cache = _open(cache_dir)
+    listing = cache_ls(cache.root)
+    total = before = listing.total_bytes
+    removed: list[CachedFile] = []
+    in_use: list[CachedFile] = []
+    for item in sorted((*listing.parts, *listing.partial), key=lambda f: (f.last_used, f.digest)):
+        if total <= limit:
+            break
+        if item.active:
+            in_use.append(item)
+            continue
+        with file_lock(cache.lock_path(item.digest), blocking=False) as got:
+            try:
+                now = os.stat(item.path)
+            except FileNotFoundError:
+                total -= item.size  # removed by another process meanwhile
+                continue
+            if not got or _last_used(now) > item.last_used:
+                in_use.append(item)
+                continue
+            if not dry_run:
+                _delete(item)
+            removed.append(item)
+            total -= item.size
+    return PruneReport(cache.root, limit, removed, in_use, before, total, dry_run)
+
+
+def _delete(item: CachedFile) -> None:
+    paths = [item.path, item.path + ".done"] if item.partial else [item.path]
+    with backend_errors(item.path):
+        for path in paths:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)

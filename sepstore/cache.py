@@ -19,6 +19,7 @@ earlier process, so hashing the file once is what covers every byte exactly once
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import threading
@@ -164,9 +165,15 @@ class Cache:
     def reading(self, digest: str) -> Iterator[None]:
         """Hold the part's lock shared for the ``with`` block, so that ``cache prune`` and
         ``cache verify --repair`` leave it alone, and mark it used now (see :mod:`sepstore.cache_admin`)."""
-        with backend_errors(self.root):
-            os.makedirs(self.incoming, exist_ok=True)
-        with file_lock(self.lock_path(digest), shared=True):
+        with contextlib.ExitStack() as held:
+            try:
+                os.makedirs(self.incoming, exist_ok=True)
+                held.enter_context(file_lock(self.lock_path(digest), shared=True))
+            except OSError as exc:
+                if exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+                    raise StoreError(f"{self.root}: cannot lock part {digest} for reading ({exc})") from exc
+                # a cache this user cannot write to (read-only, another user's): this user cannot
+                # prune it either, so it is read as before locks existed
             with contextlib.suppress(OSError):  # not ours to touch (a cache shared by several users)
                 os.utime(self.path(digest))
             yield

@@ -353,3 +353,15 @@ def test_every_new_command_has_help_with_an_example(command: list[str]) -> None:
     assert result.returncode == 0
     shown = "tags" if command == ["ls"] else " ".join(command)
     assert "example:" in result.stdout and f"sepstore {shown}" in result.stdout
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes to read-only folders")
+def test_a_cache_this_user_cannot_write_to_is_still_read(cached: Cached) -> None:
+    folders = [cached.root, cached.root / "parts", cached.root / "parts/blake3", cached.root / "incoming"]
+    for folder in folders:
+        folder.chmod(0o555)
+    try:
+        assert sepstore.load(cached.url, "0-1", cache_dir=cached.root).mid[0]
+    finally:
+        for folder in folders:
+            folder.chmod(0o755)

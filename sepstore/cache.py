@@ -39,11 +39,16 @@ from .retry import with_retries
 from .safetensors_io import pwrite_all
 from .store import PARTS_DIR, backend_errors, file_lock, replace_durably
 
-__all__ = ["CHUNK_BYTES", "Cache", "Fetch", "default_cache_dir"]
+__all__ = ["CHUNK_BYTES", "Cache", "Fetch", "default_cache_dir", "read_only"]
 
 #: Parts larger than this are fetched as concurrent ranged reads of this size.
 CHUNK_BYTES = 32 * 1024 * 1024
 DEFAULT_WORKERS = 8
+
+
+def read_only(exc: OSError) -> bool:
+    """Whether ``exc`` says this user cannot write there (a read-only mount, another user's folder)."""
+    return exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS)
 
 
 def default_cache_dir() -> str:
@@ -170,7 +175,7 @@ class Cache:
                 os.makedirs(self.incoming, exist_ok=True)
                 held.enter_context(file_lock(self.lock_path(digest), shared=True))
             except OSError as exc:
-                if exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+                if not read_only(exc):
                     raise StoreError(f"{self.root}: cannot lock part {digest} for reading ({exc})") from exc
                 # a cache this user cannot write to (read-only, another user's): this user cannot
                 # prune it either, so it is read as before locks existed

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ._text import parse_size
-from .cache import Cache
+from .cache import Cache, read_only
 from .errors import SpecError, StoreError
 from .hashing import digest_file
 from .store import backend_errors, file_lock
@@ -194,9 +194,15 @@ def _scan(folder: str, pattern: re.Pattern[str], *, partial: bool) -> list[Cache
 
 
 def _fetching(cache: Cache, item: CachedFile) -> bool:
-    """Whether another process holds the part's lock (fetching it, for a partial download)."""
-    with file_lock(cache.lock_path(item.digest), blocking=False) as got:
-        return not got
+    """Whether another process holds the part's lock (fetching it, for a partial download); a
+    cache this user cannot write to cannot be asked, and says no."""
+    try:
+        with file_lock(cache.lock_path(item.digest), blocking=False) as got:
+            return not got
+    except OSError as exc:
+        if not read_only(exc):
+            raise
+        return False
 
 
 def cache_ls(cache_dir: str | os.PathLike[str] | None = None) -> CacheListing:
@@ -229,13 +235,14 @@ def cache_verify(cache_dir: str | os.PathLike[str] | None = None, *, repair: boo
     cache = _open(cache_dir)
     verdicts = []
     for item in sorted(_scan(cache.parts, _PART, partial=False), key=lambda f: f.digest):
-        try:
-            before = os.stat(item.path)
-            got = digest_file(item.path)
-        except FileNotFoundError:
-            continue  # removed since the listing
-        error = None if got == item.digest else f"bytes hash to {got}"
-        removed = error is not None and repair and _remove_if_same(cache, item, before)
+        with backend_errors(item.path):
+            try:
+                before = os.stat(item.path)
+                got = digest_file(item.path)
+            except FileNotFoundError:
+                continue  # removed since the listing
+            error = None if got == item.digest else f"bytes hash to {got}"
+            removed = error is not None and repair and _remove_if_same(cache, item, before)
         verdicts.append(PartVerdict(item.digest, item.size, error, removed))
     return CacheVerifyReport(cache.root, verdicts)
 
@@ -243,6 +250,7 @@ def cache_verify(cache_dir: str | os.PathLike[str] | None = None, *, repair: boo
 def _remove_if_same(cache: Cache, item: CachedFile, hashed: os.stat_result) -> bool:
     """Delete a damaged part once no one reads it, unless it was replaced since it was hashed
     (a reader that found it damaged fetches it again); whether it is gone."""
+    os.makedirs(cache.incoming, exist_ok=True)
     with file_lock(cache.lock_path(item.digest)):
         try:
             now = os.stat(item.path)
@@ -276,25 +284,26 @@ def cache_prune(
         if item.active:
             in_use.append(item)
             continue
-        with file_lock(cache.lock_path(item.digest), blocking=False) as got:
-            try:
-                now = os.stat(item.path)
-            except FileNotFoundError:
-                total -= item.size  # removed by another process meanwhile
-                continue
-            if not got or _last_used(now) > item.last_used:
-                in_use.append(item)
-                continue
-            if not dry_run:
-                _delete(item)
-            removed.append(item)
-            total -= item.size
+        with backend_errors(item.path):
+            os.makedirs(cache.incoming, exist_ok=True)
+            with file_lock(cache.lock_path(item.digest), blocking=False) as got:
+                try:
+                    now = os.stat(item.path)
+                except FileNotFoundError:
+                    total -= item.size  # removed by another process meanwhile
+                    continue
+                if not got or _last_used(now) > item.last_used:
+                    in_use.append(item)
+                    continue
+                if not dry_run:
+                    _delete(item)
+        removed.append(item)
+        total -= item.size
     return PruneReport(cache.root, limit, removed, in_use, before, total, dry_run)
 
 
 def _delete(item: CachedFile) -> None:
-    paths = [item.path, item.path + ".done"] if item.partial else [item.path]
-    with backend_errors(item.path):
-        for path in paths:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
+    """Delete a part, or a partial download with its log of finished ranges."""
+    for path in [item.path, item.path + ".done"] if item.partial else [item.path]:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)

@@ -357,11 +357,16 @@ def test_every_new_command_has_help_with_an_example(command: list[str]) -> None:
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes to read-only folders")
 def test_a_cache_this_user_cannot_write_to_is_still_read(cached: Cached) -> None:
+    (cached.root / "incoming" / f"{'cd' * 32}.partial").write_bytes(b"x")
     folders = [cached.root, cached.root / "parts", cached.root / "parts/blake3", cached.root / "incoming"]
     for folder in folders:
         folder.chmod(0o555)
     try:
         assert sepstore.load(cached.url, "0-1", cache_dir=cached.root).mid[0]
+        assert [f.active for f in sepstore.cache_ls(cached.root).partial] == [False]
+        assert sepstore.cache_verify(cached.root).ok
+        with pytest.raises(sepstore.StoreError, match="Permission"):
+            sepstore.cache_prune(0, cache_dir=cached.root)
     finally:
         for folder in folders:
             folder.chmod(0o755)

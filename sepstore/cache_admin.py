@@ -93,7 +93,8 @@ class CacheListing:
 
 @dataclass(frozen=True)
 class PartVerdict:
-    """One cached part re-hashed: ``error`` says how its bytes differ from its name (``None``: intact)."""
+    """One cached part re-hashed: ``error`` says how its bytes differ from its name (``None``:
+    intact); ``removed``, that the damaged file was deleted (``repair``)."""
 
     digest: str
     size: int
@@ -242,24 +243,22 @@ def cache_verify(cache_dir: str | os.PathLike[str] | None = None, *, repair: boo
             except FileNotFoundError:
                 continue  # removed since the listing
             error = None if got == item.digest else f"bytes hash to {got}"
-            removed = error is not None and repair and _remove_if_same(cache, item, before)
+            removed = error is not None and repair
+            if removed:
+                _remove_if_same(cache, item, before)
         verdicts.append(PartVerdict(item.digest, item.size, error, removed))
     return CacheVerifyReport(cache.root, verdicts)
 
 
-def _remove_if_same(cache: Cache, item: CachedFile, hashed: os.stat_result) -> bool:
-    """Delete a damaged part once no one reads it, unless it was replaced since it was hashed
-    (a reader that found it damaged fetches it again); whether it is gone."""
+def _remove_if_same(cache: Cache, item: CachedFile, hashed: os.stat_result) -> None:
+    """Delete a damaged part once no one reads it, unless it was replaced since it was hashed (a
+    reader that found it damaged deletes it and fetches it again, verified); the damaged file is
+    gone either way."""
     os.makedirs(cache.incoming, exist_ok=True)
-    with file_lock(cache.lock_path(item.digest)):
-        try:
-            now = os.stat(item.path)
-        except FileNotFoundError:
-            return True
+    with file_lock(cache.lock_path(item.digest)), contextlib.suppress(FileNotFoundError):
+        now = os.stat(item.path)
         if (now.st_dev, now.st_ino) == (hashed.st_dev, hashed.st_ino):
             os.unlink(item.path)
-            return True
-        return False
 
 
 def cache_prune(

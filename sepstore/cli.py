@@ -232,10 +232,12 @@ def cmd_cache_ls(args: argparse.Namespace) -> int:
         for row, f in zip(rows, listing.partial, strict=True):
             row.append("fetching now" if f.active else "stopped")
         _table(["DIGEST", "HELD", "LAST WRITTEN (UTC)", "STATE"], rows, frozenset({1}))
-    partial = f", and {counted(len(listing.partial), 'partial download')}" if listing.partial else ""
     held = sum(f.size for f in listing.parts)
-    print(f"cache {listing.root}: {counted(len(listing.parts), 'part')}, {human_bytes(held)}{partial}; "
-          f"{human_bytes(listing.total_bytes)} in all")  # fmt: skip
+    summary = f"cache {listing.root}: {counted(len(listing.parts), 'part')}, {human_bytes(held)}"
+    if listing.partial:
+        partial = counted(len(listing.partial), "partial download")
+        summary += f", and {partial}; {human_bytes(listing.total_bytes)} in all"
+    print(summary)
     return EXIT_OK
 
 
@@ -245,7 +247,7 @@ def cmd_cache_verify(args: argparse.Namespace) -> int:
         _print_json(report.to_dict())
         return EXIT_OK if report.ok else EXIT_VERIFY
     for p in report.bad:
-        state = "removed" if p.removed else "kept (in use, or --repair not given)"
+        state = "removed" if p.removed else "kept"
         print(f"{_short(p.digest)}  {human_bytes(p.size):>11}  DAMAGED: {p.error}; {state}")
     checked = f"checked {counted(len(report.parts), 'cached part')} in {report.root}"
     if not report.bad:

@@ -267,13 +267,16 @@ class Cache:
                 futures[pool.submit(dl.fetch_chunk, chunks[0], bar)] = n
                 rest[n] = chunks[1:]
             pending = set(futures)
-            while pending:
+            failure: tuple[int, BaseException] | None = None
+            while pending and failure is None:
                 done, pending = wait(pending, return_when=FIRST_EXCEPTION)
                 for future in done:
-                    if future.exception() is not None:
+                    exc = future.exception()
+                    if exc is not None:
                         for other in pending:
                             other.cancel()
-                        future.result()
+                        failure = (futures[future], exc)
+                        break
                     n = futures[future]
                     for chunk in rest.pop(n, []):
                         later = pool.submit(downloads[n].fetch_chunk, chunk, bar)
@@ -282,6 +285,13 @@ class Cache:
                     remaining[n] -= 1
                     if remaining[n] == 0:
                         finish(n)
+        if failure is not None:  # raised once the pool's other reads have stopped writing
+            n, exc = failure
+            for i, dl in enumerate(downloads):
+                # kept to resume only with bytes in them, and not after a wrong answer (not one cut short)
+                if not dl.logged or (i == n and isinstance(exc, IntegrityError)):
+                    dl.discard()
+            raise exc
         return failed
 
 

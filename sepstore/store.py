@@ -48,6 +48,7 @@ __all__ = [
     "make_dirs",
     "modified_time",
     "read_limited",
+    "read_prefix",
     "replace_durably",
     "standard_parts_location",
 ]
@@ -229,17 +230,24 @@ def _s3_code(exc: BaseException) -> str | None:
     return code if isinstance(code, str) else None
 
 
-def read_limited(fs: fsspec.AbstractFileSystem, path: str, url: str, limit: int = MAX_MANIFEST_BYTES) -> bytes:
-    """Read a small object whole, refusing one larger than ``limit`` without reading it all; from a
-    remote backend, transient failures (dropped connections, 5xx) are retried."""
+def read_prefix(fs: fsspec.AbstractFileSystem, path: str, url: str, limit: int) -> bytes:
+    """The first ``limit`` bytes of an object (all of it, if shorter), never holding more; from a
+    remote backend, transient failures (dropped connections, 5xx, stalls) are retried."""
 
     def read() -> bytes:
-        return read_head(fs, path, url, limit + 1)
+        return read_head(fs, path, url, limit)
 
     with backend_errors(url):
-        data = read() if isinstance(fs, LocalFileSystem) else with_retries(read, url)
+        return read() if isinstance(fs, LocalFileSystem) else with_retries(read, url)
+
+
+def read_limited(
+    fs: fsspec.AbstractFileSystem, path: str, url: str, limit: int = MAX_MANIFEST_BYTES, *, what: str = "a manifest"
+) -> bytes:
+    """Read a small object whole, refusing one larger than ``limit`` without reading it all."""
+    data = read_prefix(fs, path, url, limit + 1)
     if len(data) > limit:
-        raise StoreError(f"{url}: larger than {limit} bytes; not a manifest")
+        raise StoreError(f"{url}: larger than {limit} bytes; not {what}")
     return data
 
 

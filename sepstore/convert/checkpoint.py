@@ -18,7 +18,7 @@ import fsspec
 from ..backends import open_url
 from ..dump import Decider
 from ..errors import NotFoundError, StoreError
-from ..store import backend_errors
+from ..store import backend_errors, read_limited
 from . import sepweight_v0
 from .files import PickleFile, SafetensorsFile
 from .source import TensorSource
@@ -28,6 +28,8 @@ __all__ = ["Checkpoint", "open_checkpoint"]
 _PICKLE = (".bin", ".pth", ".pt")
 _INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 _SINGLES = ("model.safetensors", "pytorch_model.bin")
+#: How the names of checkpoint files end.
+_FILES = (".json", ".safetensors", ".gguf", *_PICKLE)
 
 
 @dataclass
@@ -76,14 +78,16 @@ def _open_file(fs: fsspec.AbstractFileSystem, path: str) -> TensorSource:
 
 
 def _read_json(fs: fsspec.AbstractFileSystem, path: str) -> dict[str, Any] | None:
-    with backend_errors(fs.unstrip_protocol(path)):
+    """A ``config.json`` or ``*.index.json`` (``None`` if there is none), no larger than a manifest may be."""
+    url = fs.unstrip_protocol(path)
+    with backend_errors(url):
         if not fs.exists(path):
             return None
-        data = fs.cat_file(path)
+    data = read_limited(fs, path, url, what="a checkpoint's JSON file")
     try:
         value = json.loads(data)
-    except ValueError as exc:
-        raise StoreError(f"{fs.unstrip_protocol(path)}: not JSON ({exc})") from None
+    except (ValueError, RecursionError) as exc:
+        raise StoreError(f"{url}: not JSON ({type(exc).__name__}: {exc})") from None
     return value if isinstance(value, dict) else None
 
 
@@ -106,7 +110,8 @@ def open_checkpoint(source: str | os.PathLike[str], storage_options: dict[str, A
     fs, path = open_url(url, storage_options)
     path = path.rstrip("/") or path
     with backend_errors(url):
-        is_dir = fs.isdir(path)
+        # a file named as one is asked about first: over HTTP, isdir reads the whole answer looking for links
+        is_dir = not (path.endswith(_FILES) and fs.isfile(path)) and fs.isdir(path)
         if not is_dir and not fs.exists(path):
             raise NotFoundError(f"{url}: no such checkpoint file or folder")
     if not is_dir:

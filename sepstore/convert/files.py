@@ -3,10 +3,11 @@ filesystem) and PyTorch pickles (``.bin``/``.pth``, always ``weights_only=True``
 
 from __future__ import annotations
 
+import contextlib
 import errno
-import io
 import os
-import struct
+import shutil
+import tempfile
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
@@ -14,19 +15,22 @@ from typing import TYPE_CHECKING
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from ..cache import DEFAULT_WORKERS
+from .._text import human_bytes
+from ..backends import stream_range
+from ..cache import DEFAULT_WORKERS, default_cache_dir
 from ..errors import IntegrityError, StoreError, TensorError
-from ..retry import ShortReadError, with_retries
+from ..retry import with_retries
 from ..safetensors_io import (
-    MAX_HEADER_BYTES,
     BufferTensor,
     HeaderEntry,
     RawTensor,
     copy_range,
+    header_end,
     parse_header,
     pread_exact,
+    pwrite_all,
 )
-from ..store import backend_errors
+from ..store import backend_errors, read_prefix
 from .source import TensorInfo
 
 if TYPE_CHECKING:
@@ -83,11 +87,10 @@ class SafetensorsFile:
         self.fs, self.path, self.url = fs, path, url
         with backend_errors(url):
             self.size = size = int(fs.size(path))
-            head = fs.cat_file(path, start=0, end=min(8, size))
-            if len(head) == 8:
-                (length,) = struct.unpack("<Q", head)
-                if length <= MAX_HEADER_BYTES and 8 + length <= size:
-                    head += fs.cat_file(path, start=8, end=8 + length)
+        head = read_prefix(fs, path, url, 8)
+        end = header_end(head, size)  # at most 8 + MAX_HEADER_BYTES
+        if end > 8:
+            head = read_prefix(fs, path, url, end)
         self._entries: dict[str, HeaderEntry] = parse_header(head, size, where=url)
         self.index: dict[str, TensorInfo] = {k: TensorInfo(e.dtype, e.shape) for k, e in self._entries.items()}
         self._local = isinstance(fs, LocalFileSystem)
@@ -113,20 +116,19 @@ class SafetensorsFile:
         ]
 
         def fetch(key: str, lo: int, hi: int) -> None:
-            start = self._entries[key].start
+            start, view = self._entries[key].start, memoryview(buffers[key])
 
-            def read() -> bytes:
-                data = self.fs.cat_file(self.path, start=start + lo, end=start + hi)
-                if len(data) == self.size != hi - lo:
+            def write(offset: int, piece: bytes) -> None:
+                if offset < start + lo:  # the whole file, from its first byte: no tensor starts there
                     raise StoreError(
                         f"{self.url}: the server ignores Range requests and sends the whole file each time; "
                         "download the checkpoint and convert the local copy"
                     )
-                if len(data) != hi - lo:
-                    raise ShortReadError(f"got {len(data)} bytes for range {start + lo}-{start + hi}")
-                return data
+                view[offset - start : offset - start + len(piece)] = piece
 
-            memoryview(buffers[key])[lo:hi] = with_retries(read, self.url)
+            with_retries(
+                lambda: stream_range(self.fs, self.path, self.url, start + lo, start + hi, self.size, write), self.url
+            )
 
         with ThreadPoolExecutor(min(DEFAULT_WORKERS, len(pieces)) or 1, "sepstore-read") as pool:
             futures = [pool.submit(fetch, *piece) for piece in pieces]
@@ -147,18 +149,23 @@ class SafetensorsFile:
 
 class PickleFile:
     """A ``torch.save`` checkpoint, loaded with ``weights_only=True`` (never arbitrary code) and,
-    for local zip-format files, memory-mapped so tensors are read only when asked for."""
+    for zip-format files, memory-mapped so tensors are read only when asked for. A remote file is
+    first streamed into a temporary file in the cache folder, cut at the size the server declares."""
 
     def __init__(self, fs: fsspec.AbstractFileSystem, path: str, url: str) -> None:
         from ..tensors import dtype_name
 
         self.url = url
-        with backend_errors(url):
-            source: str | io.BytesIO = path if isinstance(fs, LocalFileSystem) else io.BytesIO(fs.cat_file(path))
+        local = isinstance(fs, LocalFileSystem)
+        source = path if local else _download(fs, path, url)
         try:
             loaded = _load_weights(source)
         except Exception as exc:  # torch raises UnpicklingError, RuntimeError, ... for what it refuses
             raise StoreError(f"{url}: cannot be loaded as weights only ({type(exc).__name__}: {exc})") from exc
+        finally:
+            if not local:  # its memory map (if any) outlives the name
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(source)
         state = _state_dict_of(loaded, url)
         self._tensors = state
         self.index: dict[str, TensorInfo] = {}
@@ -174,15 +181,43 @@ class PickleFile:
         return as_raw(self._tensors[key], key)
 
 
-def _load_weights(source: str | io.BytesIO) -> object:
+def _download(fs: fsspec.AbstractFileSystem, path: str, url: str) -> str:
+    """Stream a remote file into a new file in the cache's ``incoming`` folder, in bounded pieces
+    and no longer than the size the server declares; the new file's path."""
+    with backend_errors(url):
+        size = fs.size(path)
+    if not isinstance(size, int) or size < 0:
+        raise StoreError(
+            f"{url}: the server does not say how large the file is; download it and convert the local copy"
+        )
+    folder = os.path.join(default_cache_dir(), "incoming")
+    with backend_errors(folder):
+        os.makedirs(folder, exist_ok=True)
+        free = shutil.disk_usage(folder).free
+        if size > free:
+            raise StoreError(
+                f"{url}: is {human_bytes(size)}, only {human_bytes(free)} is free in {folder}; free some space "
+                "or set SEPSTORE_CACHE to a folder on a larger disk"
+            )
+        fd, temp = tempfile.mkstemp(prefix="convert-", suffix=".partial", dir=folder)
+    try:
+        with_retries(lambda: stream_range(fs, path, url, 0, size, size, lambda at, b: pwrite_all(fd, b, at)), url)
+    except BaseException:
+        os.unlink(temp)
+        raise
+    finally:
+        os.close(fd)
+    return temp
+
+
+def _load_weights(source: str) -> object:
     import torch
 
-    if isinstance(source, str):
-        try:
-            return torch.load(source, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as exc:  # the legacy (pre-zip) format cannot be memory-mapped
-            if "mmap" not in str(exc):
-                raise
+    try:
+        return torch.load(source, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError as exc:  # the legacy (pre-zip) format cannot be memory-mapped
+        if "mmap" not in str(exc):
+            raise
     return torch.load(source, map_location="cpu", weights_only=True)
 
 

@@ -229,6 +229,8 @@ class HostileServer(_LoopbackServer):
     - ``"huge"``: ``huge_bytes`` of zeros, declared in ``Content-Length``, whatever was asked for;
     - ``"huge-chunked"``: the same without a declared length (chunked encoding);
     - ``"trickle"``: the right headers, then one byte of the right answer every ``trickle_seconds``.
+
+    With ``spare_heads``, ranges from a file's first byte (a safetensors header) are answered honestly.
     """
 
     methods = ("GET", "HEAD")
@@ -241,6 +243,7 @@ class HostileServer(_LoopbackServer):
         spoil: str = "/parts/blake3/",
         huge_bytes: int = 3 * 2**29,
         trickle_seconds: float = 0.5,
+        spare_heads: bool = False,
     ) -> None:
         super().__init__()
         self.root = root
@@ -248,12 +251,14 @@ class HostileServer(_LoopbackServer):
         self.spoil = spoil
         self.huge_bytes = huge_bytes
         self.trickle_seconds = trickle_seconds
+        self.spare_heads = spare_heads
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         path = (self.root / request.path.lstrip("/")).resolve()
         if not path.is_relative_to(self.root.resolve()) or not path.is_file():
             return web.Response(status=404)
-        if request.method != "GET" or self.spoil not in request.path:
+        head = self.spare_heads and request.headers.get("Range", "").startswith("bytes=0-")
+        if request.method != "GET" or self.spoil not in request.path or head:
             return web.FileResponse(path)
         if self.mode == "trickle":
             data, status, headers = _ranged(path.read_bytes(), request.headers.get("Range"))

@@ -51,13 +51,11 @@ def limit_memory() -> None:
     resource.setrlimit(resource.RLIMIT_AS, (2 * 2**30, 2 * 2**30))
 
 
-def pull_in_child(
-    url: str, spec: str, cache: Path, *, options: dict[str, Any] | None = None, timeout: float = 120, **env: str
-) -> dict[str, Any]:
-    """Pull in a fresh process; its outcome, wall time and peak RSS."""
-    args = json.dumps({"url": url, "spec": spec, "cache": str(cache), "options": options or {}, **env.pop("args", {})})
+def run_child(code: str, args: list[str], *, timeout: float, env: dict[str, str]) -> dict[str, Any]:
+    """Run ``code`` in a fresh process (``env`` added to the environment, its address space
+    limited); the JSON object it prints last."""
     proc = subprocess.run(
-        [sys.executable, "-c", CHILD, args],
+        [sys.executable, "-c", code, *args],
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -68,6 +66,14 @@ def pull_in_child(
     assert proc.returncode == 0, proc.stderr
     outcome: dict[str, Any] = json.loads(proc.stdout.splitlines()[-1])
     return outcome
+
+
+def pull_in_child(
+    url: str, spec: str, cache: Path, *, options: dict[str, Any] | None = None, timeout: float = 120, **env: str
+) -> dict[str, Any]:
+    """Pull in a fresh process; its outcome, wall time and peak RSS."""
+    args = json.dumps({"url": url, "spec": spec, "cache": str(cache), "options": options or {}, **env.pop("args", {})})
+    return run_child(CHILD, [args], timeout=timeout, env=env)
 
 
 @pytest.fixture

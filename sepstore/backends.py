@@ -301,7 +301,7 @@ def stream_range(
     body = _open(fs, path, start, end)
     try:
         if body.total is not None and body.total != size:
-            raise IntegrityError(f"{url}: the server's object is {body.total} bytes, the manifest says {size}")
+            raise IntegrityError(f"{url}: the server's object is {body.total} bytes, not the {size} expected")
         if body.ranged and body.offset != start:
             raise IntegrityError(f"{url}: asked for bytes {start}-{end - 1}, the server sent bytes from {body.offset}")
         first, last = (start, end) if body.ranged else (0, size)

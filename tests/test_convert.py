@@ -252,6 +252,25 @@ def test_an_http_server_that_ignores_ranges_is_a_clear_error(tmp_path: Path) -> 
     assert not list((tmp_path / "store").glob("manifests/**/*.json"))
 
 
+@pytest.mark.parametrize("save", [_save_pth, _save_legacy_bin])
+def test_an_http_pickle_is_streamed_into_a_temporary_file_and_converts_as_the_local_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, save: object
+) -> None:
+    monkeypatch.setenv("SEPSTORE_CACHE", str(tmp_path / "cache"))
+    sd = small_llama()
+    (tmp_path / "www").mkdir()
+    save(sd, tmp_path / "www" / "pytorch_model.bin")  # type: ignore[operator]
+    want = sepstore.convert(tmp_path / "www" / "pytorch_model.bin", tmp_path / "local-store", name="m")
+    server = StaticServer(tmp_path / "www").start()
+    try:
+        got = sepstore.convert(f"{server.url}/pytorch_model.bin", tmp_path / "store", name="m")
+    finally:
+        server.stop()
+    assert part_digests(got) == part_digests(want)
+    assert_same_model(tmp_path / "store", sd)
+    assert not list((tmp_path / "cache").glob("incoming/*")), "the temporary file is gone"
+
+
 def test_sharded_folder_given_by_its_index_json(tmp_path: Path) -> None:
     sd = small_llama()
     src = hf_folder(tmp_path / "sharded-llama", sd, shards=3)

@@ -111,8 +111,9 @@ def open_checkpoint(source: str | os.PathLike[str], storage_options: dict[str, A
     path = path.rstrip("/") or path
     with backend_errors(url):
         # a file named as one is asked about first: over HTTP, isdir reads the whole answer looking for links
-        is_dir = not (path.endswith(_FILES) and fs.isfile(path)) and fs.isdir(path)
-        if not is_dir and not fs.exists(path):
+        is_file = path.endswith(_FILES) and fs.isfile(path)
+        is_dir = not is_file and fs.isdir(path)
+        if not is_dir and not is_file and not fs.exists(path):
             raise NotFoundError(f"{url}: no such checkpoint file or folder")
     if not is_dir:
         folder = posixpath.dirname(path)

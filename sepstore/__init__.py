@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from ._version import __version__
+from .assets import assets
 from .cache_admin import CachedFile, CacheListing, CacheVerifyReport, PruneReport, cache_ls, cache_prune, cache_verify
 from .convert import convert
 from .diff import ManifestDiff, PartDiff, TensorChanges, diff
@@ -30,7 +31,7 @@ from .errors import (
 )
 from .gc import GcReport, gc
 from .load import LoadResult, PartStateDict, lazy_load, load, read_manifest
-from .manifest import Manifest, Tensor
+from .manifest import Asset, Manifest, Tensor
 from .manifest import Part as ManifestPart
 from .plan import NodePlan, plan
 from .pull import PartFile, PullReport, files, pull
@@ -48,6 +49,7 @@ if TYPE_CHECKING:
     from .module import Part
 
 __all__ = [
+    "Asset",
     "CacheListing",
     "CacheVerifyReport",
     "CachedFile",
@@ -95,6 +97,7 @@ __all__ = [
     "TrustedKey",
     "VerifyReport",
     "__version__",
+    "assets",
     "cache_ls",
     "cache_prune",
     "cache_verify",

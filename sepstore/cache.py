@@ -1,4 +1,4 @@
-"""The local cache of remote parts: the store's ``parts/blake3/`` layout, verified on the way in.
+"""The local cache of remote parts and assets: the store's ``parts/blake3/`` layout, verified on the way in.
 
 Parts are fetched in bounded-concurrency ranged reads, each streamed in pieces of at most
 :data:`~sepstore.backends.PIECE_BYTES` into ``incoming/<hex>.partial`` and cut at the length asked
@@ -34,7 +34,7 @@ from ._text import counted, human_bytes
 from .backends import stream_range
 from .errors import IntegrityError, StoreError
 from .hashing import digest_file, digest_hex
-from .manifest import Part
+from .manifest import Blob
 from .retry import with_retries
 from .safetensors_io import pwrite_all
 from .store import PARTS_DIR, backend_errors, file_lock, replace_durably
@@ -58,12 +58,12 @@ def default_cache_dir() -> str:
 
 @dataclass(frozen=True)
 class Fetch:
-    """One part to bring into the cache: where it is, and what the manifest says it is."""
+    """One part (or asset) to bring into the cache: where it is, and what the manifest says it is."""
 
     fs: fsspec.AbstractFileSystem
     src: str
     url: str
-    part: Part
+    part: Blob
     label: str
 
 
@@ -156,11 +156,12 @@ class Cache:
         self.parts = os.path.join(self.root, *PARTS_DIR.split("/"))
         self.incoming = os.path.join(self.root, "incoming")  # partial downloads and locks, same filesystem
 
-    def path(self, digest: str) -> str:
-        return os.path.join(self.parts, f"{digest_hex(digest)}.safetensors")
+    def path(self, blob: Blob) -> str:
+        """Where the cache keeps a part's or an asset's file."""
+        return os.path.join(self.parts, blob.file_name)
 
-    def has(self, digest: str) -> bool:
-        return os.path.exists(self.path(digest))
+    def has(self, blob: Blob) -> bool:
+        return os.path.exists(self.path(blob))
 
     def lock_path(self, digest: str) -> str:
         """The part's lock: held exclusively while it is fetched or removed, shared while it is read."""
@@ -188,7 +189,7 @@ class Cache:
         with backend_errors(self.root):
             os.makedirs(self.parts, exist_ok=True)
             os.makedirs(self.incoming, exist_ok=True)
-        todo = sorted({i.part.digest: i for i in items if not self.has(i.part.digest)}.values(), key=_digest)
+        todo = sorted({i.part.file_name: i for i in items if not self.has(i.part)}.values(), key=_file_name)
         self._check_space(todo)
         fetched: list[Fetch] = []
         with contextlib.ExitStack() as locks:
@@ -196,10 +197,10 @@ class Cache:
             for item in todo:
                 got = locks.enter_context(file_lock(self._lock(item), blocking=False))
                 (mine if got else theirs).append(item)
-            fetched += self._download_verified([i for i in mine if not self.has(i.part.digest)], workers, bar)
+            fetched += self._download_verified([i for i in mine if not self.has(i.part)], workers, bar)
         for item in theirs:  # another process is fetching these: wait for it, then take over if it died
             with file_lock(self._lock(item), blocking=True):
-                if not self.has(item.part.digest):
+                if not self.has(item.part):
                     fetched += self._download_verified([item], workers, bar)
         return fetched
 
@@ -234,6 +235,7 @@ class Cache:
         return items
 
     def _incoming(self, item: Fetch, suffix: str) -> str:
+        # By digest alone (a part and an asset of the same bytes share it, and take turns).
         return os.path.join(self.incoming, digest_hex(item.part.digest) + suffix)
 
     def _lock(self, item: Fetch) -> str:
@@ -241,7 +243,7 @@ class Cache:
 
     def _download(self, items: list[Fetch], workers: int, bar: tqdm | None) -> list[tuple[Fetch, IntegrityError]]:
         """Fetch ``items`` in parallel ranged reads; those whose bytes did not verify (and were discarded)."""
-        downloads = [_Download(i, self.path(i.part.digest), self._incoming(i, ".partial")) for i in items]
+        downloads = [_Download(i, self.path(i.part), self._incoming(i, ".partial")) for i in items]
         failed: list[tuple[Fetch, IntegrityError]] = []
 
         def finish(n: int) -> None:
@@ -295,5 +297,5 @@ class Cache:
         return failed
 
 
-def _digest(item: Fetch) -> str:
-    return item.part.digest
+def _file_name(item: Fetch) -> str:
+    return item.part.file_name

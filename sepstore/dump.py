@@ -9,7 +9,10 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, Literal
 
+import msgspec
+
 from ._version import __version__
+from .assets import AssetInput, check_asset_paths, merge_assets, write_assets
 from .errors import DeciderError, ManifestError, StoreError
 from .hashing import digest_buffer
 from .leases import Held, holding
@@ -21,6 +24,7 @@ from .manifest import (
     Tensor,
     decode_manifest,
     encode_manifest,
+    format_version_for,
     is_tensor_name,
 )
 from .progress import progress
@@ -146,18 +150,19 @@ class _Writer:
     def write(self, tensors: Mapping[str, RawTensor]) -> Part:
         """Write a part; it is filed (fsynced and renamed, or uploaded) in the background while
         the next one is built, one at a time: :meth:`flush` waits for the last."""
-        written, tmp = self.store.stage_part(lambda fd: write_part(tensors, fd))
+        written, tmp = self.store.stage_blob(lambda fd: write_part(tensors, fd))
         try:
             self.flush()
         except BaseException:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
             raise
+        part = _as_part(written)
         protect = self.lease.protect
         self._committing = self.committer.submit(
-            self.store.commit_part, tmp, written.digest, protect=lambda digest: protect([digest])
+            self.store.commit_blob, tmp, part, protect=lambda digest: protect([digest])
         )
-        return _as_part(written)
+        return part
 
     def flush(self) -> None:
         """Wait until the part being filed is in the store (its error, if it failed)."""
@@ -228,6 +233,7 @@ def dump(
     tag: str = "latest",
     config: dict[str, Any] | None = None,
     metadata: Mapping[str, str] | None = None,
+    assets: Mapping[str, AssetInput] | None = None,
     storage_options: dict[str, Any] | None = None,
     force: bool = False,
     quiet: bool = False,
@@ -242,6 +248,12 @@ def dump(
     combining with it. Parts are written before the manifest, so a reader never sees a manifest
     whose parts are missing. ``decider`` is a function or a built-in family's name (``"llama"``,
     see :mod:`sepstore.deciders`).
+
+    ``assets`` adds the model's other files (``{"tokenizer.json": path_or_bytes, ...}``, each a
+    relative path mapped to bytes, a local path or a URL), stored beside the parts by digest; a
+    combining call adds to the assets the tag holds, and the same path with other content is a
+    :class:`ManifestError` unless ``force``. A manifest with assets is format version 2, one
+    without stays version 1 (readable by every sepstore).
     """
     if isinstance(decider, str):
         from .deciders import get
@@ -252,6 +264,7 @@ def dump(
     check_tag(tag)
     config = _as_json(config)
     _check_extras(name, config, metadata)
+    given_assets = check_asset_paths(assets)
     groups = _group(decider, state_dict.keys())
     # Calls into one tag combine: one at a time. The lease keeps gc from the parts relied on.
     with (
@@ -282,23 +295,33 @@ def dump(
                 parts[slot] = build(slot)
                 bar.update(sizes[slot])
         writer.flush()
+        new_assets = write_assets(store, given_assets, lambda digest: lease.protect([digest]))
+        where = store.url_of(store.manifest_path(name, tag))
+        all_assets = merge_assets(previous.asset_files if previous else {}, new_assets, where=where)
+        lease.protect(asset.digest for asset in all_assets.values())
         # Belt and braces (a gc of an older sepstore ignores leases): every part, right before the
         # manifest; those this call has the tensors of are written again.
-        vanished = {slot: part for slot, part in parts.items() if part is not None and not store.has_part(part.digest)}
+        vanished = {slot: part for slot, part in parts.items() if part is not None and not store.has_blob(part)}
         for slot in vanished.keys() & groups.keys():
             parts[slot] = vanished[slot] = build(slot)
         writer.flush()
-        gone = [_label(slot) for slot, part in vanished.items() if not store.has_part(part.digest)]
+        gone = [_label(slot) for slot, part in vanished.items() if not store.has_blob(part)]
+        for path, asset in all_assets.items():
+            if not store.has_blob(asset):
+                if path not in new_assets:
+                    gone.append(f"asset {path}")
+                    continue
+                write_assets(store, {path: given_assets[path]}, lambda digest: lease.protect([digest]))
         if gone:
             raise StoreError(
-                f"{store.url}: parts {', '.join(gone)} vanished during this dump (a gc of an older sepstore?); "
+                f"{store.url}: {', '.join(gone)} vanished during this dump (a gc of an older sepstore?); "
                 "the manifest was not written, run the dump again"
             )
         lease.check()
         layers = max((slot + 1 for slot in parts if isinstance(slot, int)), default=0)
         meta = {**(previous.metadata if previous else {}), "sepstore_version": __version__, **(metadata or {})}
         manifest = Manifest(
-            format_version=FORMAT_VERSION,
+            format_version=format_version_for(all_assets),
             name=name,
             parts=standard_parts_location(name),
             begin=parts.get("begin"),
@@ -306,6 +329,7 @@ def dump(
             end=parts.get("end"),
             config=config if config is not None else (previous.config if previous else None),
             metadata=dict(sorted(meta.items())),
+            assets=all_assets or msgspec.UNSET,
         )
         data = encode_manifest(manifest)
         if not store.write_manifest_bytes(name, tag, data, create=not force and previous is None, if_version=version):

@@ -1,4 +1,4 @@
-"""gc: delete the parts no manifest in a store references, once they are older than a grace period.
+"""gc: delete the parts and assets no manifest in a store references, once they are older than a grace period.
 
 A publish in flight is never broken: gc honours the publishers' leases (see :mod:`sepstore.leases`
 for why no interleaving of the two can lose a part a manifest will name). Signatures go with their
@@ -57,7 +57,7 @@ class GcReport:
 
 
 def _referenced(store: Store) -> set[str]:
-    """The hex digests of every part every manifest in ``store`` names (all must decode)."""
+    """The hex digests of every part and asset every manifest in ``store`` names (all must decode)."""
     referenced: set[str] = set()
     for name, tag in store.list_manifests():
         url = store.url_of(store.manifest_path(name, tag))
@@ -67,6 +67,7 @@ def _referenced(store: Store) -> set[str]:
             continue  # deleted since the listing
         manifest = decode_manifest(data, source=url)
         referenced.update(part.digest.removeprefix("blake3:") for _, part in manifest.labelled_parts())
+        referenced.update(asset.digest.removeprefix("blake3:") for asset in manifest.asset_files.values())
     return referenced
 
 
@@ -97,7 +98,7 @@ def gc(
     allow_empty: bool = False,
     storage_options: dict[str, Any] | None = None,
 ) -> GcReport:
-    """Delete every part file that no manifest in ``store`` references once older than ``grace``
+    """Delete every part and asset file that no manifest in ``store`` references once older than ``grace``
     seconds, and every temporary file an interrupted write left once older than that and an hour.
 
     Every manifest must decode first: a store with an unreadable manifest is left untouched (its
@@ -125,12 +126,12 @@ def gc(
         base, stem = _base(info), _stem(info)
         if stem in referenced:
             kept += 1
-        elif _is_part(base) or TEMP_PATTERN.match(base):  # anything else is not ours: left alone
+        elif _is_blob(base) or TEMP_PATTERN.match(base):  # anything else is not ours: left alone
             if _old(info, grace, now):
                 victims.append(info)
             else:
                 young.append(base)
-    parts = [_stem(info) for info in victims if _is_part(_base(info))]
+    parts = [_stem(info) for info in victims if _is_blob(_base(info))]
     removed: list[str] = []
     leased: list[str] = []
     removed_bytes = 0
@@ -231,7 +232,7 @@ def _claimed(store: Store, path: str) -> str | None:
 def _old(info: dict[str, Any], grace: float, now: float) -> bool:
     """Whether a listed file is past its grace period. A temporary file may be a part or manifest
     being written: only an hour-old one is surely a killed writer's, whatever ``grace`` says."""
-    return _older(info, grace if _is_part(_base(info)) else max(grace, DEFAULT_GRACE), now)
+    return _older(info, grace if _is_blob(_base(info)) else max(grace, DEFAULT_GRACE), now)
 
 
 def _older(info: dict[str, Any], seconds: float, now: float) -> bool:
@@ -258,5 +259,9 @@ def _stem(info: dict[str, Any]) -> str:
     return _base(info).removesuffix(".safetensors")
 
 
-def _is_part(base: str) -> bool:
-    return base.endswith(".safetensors") and len(base) == 64 + len(".safetensors")
+def _is_blob(base: str) -> bool:
+    """Whether a file name in the parts folder is a part's (``<hex>.safetensors``) or an asset's (``<hex>``)."""
+    return _BLOB_FILE.match(base) is not None
+
+
+_BLOB_FILE = re.compile(r"^[0-9a-f]{64}(?:\.safetensors)?\Z")

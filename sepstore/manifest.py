@@ -9,20 +9,25 @@ from __future__ import annotations
 import inspect
 import json
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Annotated, Any, Final
 
 import msgspec
-from msgspec import Meta, Struct
+from msgspec import UNSET, Meta, Struct, UnsetType
 
 from .errors import ManifestError
-from .hashing import DIGEST_PATTERN, END, digest_buffer
+from .hashing import DIGEST_PATTERN, END, digest_buffer, digest_hex
 from .safetensors_io import ITEMSIZE, MAX_HEADER_BYTES, shape_problem
 
 __all__ = [
     "FORMAT",
     "FORMAT_VERSION",
+    "MAX_ASSETS",
+    "MAX_ASSET_BYTES",
+    "MAX_ASSET_PATH",
     "MAX_MANIFEST_BYTES",
+    "Asset",
+    "Blob",
     "Manifest",
     "Part",
     "Tensor",
@@ -33,7 +38,13 @@ __all__ = [
 ]
 
 FORMAT: Final = "sepweight"
-FORMAT_VERSION: Final = 1
+#: The newest format this sepstore reads and writes. Version 2 adds ``assets``; a manifest without
+#: assets is still written as version 1, so its bytes (and digest) stay what they were.
+FORMAT_VERSION: Final = 2
+#: How reports (pull, push, verify) name an asset: this, then its path.
+ASSET_LABEL: Final = "asset:"
+#: The first format version that may hold ``assets``.
+ASSETS_VERSION: Final = 2
 #: Manifests larger than this are refused before they are decoded.
 MAX_MANIFEST_BYTES: Final = 64 * 1024 * 1024
 
@@ -48,6 +59,28 @@ DTypeName = Annotated[str, Meta(pattern=rf"^[A-Z][A-Z0-9_]*{END}", description="
 TensorName = Annotated[str, Meta(pattern=TENSOR_NAME_PATTERN, max_length=MAX_TENSOR_NAME)]
 ModelName = Annotated[str, Meta(pattern=NAME_PATTERN, max_length=512)]
 Dimension = Annotated[int, Meta(ge=0, le=2**63 - 1)]
+
+#: Bounds on a manifest's assets: how many, how long a path may be, and how large one file.
+MAX_ASSETS: Final = 10_000
+MAX_ASSET_BYTES: Final = 1024**3
+MAX_ASSET_PATH: Final = 1024
+# An asset path: '/'-separated segments, none empty, '.' or '..', without control characters,
+# backslashes or ':' (a Windows drive or stream), so that joined to any folder it stays inside it.
+_ASSET_SEGMENT = r"(?!\.\.?(?:/|$))[^/\\:\x00-\x1f\x7f-\x9f]+"
+ASSET_PATH_PATTERN: Final = rf"^{_ASSET_SEGMENT}(?:/{_ASSET_SEGMENT})*{END}"
+AssetPath = Annotated[
+    str,
+    Meta(
+        pattern=ASSET_PATH_PATTERN,
+        max_length=MAX_ASSET_PATH,
+        description="relative path: '/'-separated segments, none empty, '.' or '..', no '\\', ':' or controls",
+    ),
+]
+
+
+def is_asset_path(path: object) -> bool:
+    """Whether a manifest can hold ``path`` as an asset's path (see :data:`AssetPath`)."""
+    return isinstance(path, str) and len(path) <= MAX_ASSET_PATH and bool(re.fullmatch(ASSET_PATH_PATTERN, path))
 
 
 def is_tensor_name(name: object) -> bool:
@@ -75,6 +108,30 @@ class Part(Struct, frozen=True, forbid_unknown_fields=True):
     size: Annotated[int, Meta(ge=8)]
     tensors: dict[TensorName, Tensor]
 
+    @property
+    def file_name(self) -> str:
+        """The part's file name in a store's (or cache's) ``parts/blake3/`` folder."""
+        return f"{digest_hex(self.digest)}.safetensors"
+
+
+class Asset(Struct, frozen=True, forbid_unknown_fields=True):
+    """One non-weight file of the model (tokenizer, configs, template, license): its digest and size.
+
+    Asset files sit beside the part files, named by their bare digest (no suffix: an asset may be
+    any kind of file)."""
+
+    digest: Digest
+    size: Annotated[int, Meta(ge=0, le=MAX_ASSET_BYTES)]
+
+    @property
+    def file_name(self) -> str:
+        """The asset's file name in a store's (or cache's) ``parts/blake3/`` folder."""
+        return digest_hex(self.digest)
+
+
+#: A file in a store's blob folder: a part or an asset.
+Blob = Part | Asset
+
 
 class Manifest(Struct, frozen=True, forbid_unknown_fields=True, tag_field="format", tag=FORMAT):
     """A published model version: begin, one part per layer, end, and the model's config.
@@ -91,6 +148,8 @@ class Manifest(Struct, frozen=True, forbid_unknown_fields=True, tag_field="forma
     end: Part | None
     config: dict[str, Any] | None = None
     metadata: dict[str, str] = {}
+    #: Format version 2: the model's other files by relative path (left out of a version-1 manifest).
+    assets: Annotated[dict[AssetPath, Asset], Meta(max_length=MAX_ASSETS)] | UnsetType = UNSET
 
     @property
     def n_layers(self) -> int:
@@ -110,6 +169,16 @@ class Manifest(Struct, frozen=True, forbid_unknown_fields=True, tag_field="forma
     def total_bytes(self) -> int:
         """Bytes of all distinct part files."""
         return sum({p.digest: p.size for _, p in self.labelled_parts()}.values())
+
+    @property
+    def asset_files(self) -> dict[str, Asset]:
+        """The assets by path (none in a version-1 manifest)."""
+        return {} if isinstance(self.assets, UnsetType) else dict(self.assets)
+
+    def labelled_assets(self) -> Iterator[tuple[str, Asset]]:
+        """``("asset:<path>", asset)`` for every asset, sorted by path."""
+        for path, asset in sorted(self.asset_files.items()):
+            yield f"{ASSET_LABEL}{path}", asset
 
 
 #: The most bytes of JSON a manifest's free-form ``config`` and ``metadata`` may take. They decode
@@ -165,6 +234,7 @@ def decode_manifest(data: bytes, *, source: str) -> Manifest:
     except RecursionError:
         raise ManifestError(f"{source}: JSON nested too deeply") from None
     _check_parts_location(manifest.parts, source)
+    _check_assets(manifest, source)
     for label, part in manifest.labelled_parts():
         _check_size(part, f"{source}: part {label}")
     return manifest
@@ -173,6 +243,35 @@ def decode_manifest(data: bytes, *, source: str) -> Manifest:
 def _check_parts_location(parts: str, source: str) -> None:
     if "\\" in parts or "\x00" in parts or "?" in parts or "#" in parts:
         raise ManifestError(f"{source}: field `parts` {parts!r} has a character not allowed in a location")
+
+
+def format_version_for(assets: Mapping[str, Asset]) -> int:
+    """The format version a writer gives a manifest: the oldest that holds what it holds, so that a
+    model without assets keeps the version-1 bytes (and digest) older sepstores wrote and read."""
+    return ASSETS_VERSION if assets else 1
+
+
+def _check_assets(manifest: Manifest, source: str) -> None:
+    """Assets only from version 2 on, and paths that can all be files of one folder at once: none
+    is also a folder of another (``a`` and ``a/b``), and no two differ only in case (they would
+    overwrite each other on macOS and Windows)."""
+    if isinstance(manifest.assets, UnsetType):
+        return
+    if manifest.format_version < ASSETS_VERSION:
+        raise ManifestError(
+            f"{source}: field `assets` needs `format_version` {ASSETS_VERSION} or later, the manifest says "
+            f"{manifest.format_version}"
+        )
+    folders = {path.rsplit("/", 1)[0] for path in manifest.assets if "/" in path}
+    folders |= {folder.rsplit("/", i)[0] for folder in folders for i in range(1, folder.count("/") + 1)}
+    clash = sorted(folders & manifest.assets.keys())
+    if clash:
+        raise ManifestError(f"{source}: field `assets` has {clash[0]!r} as a file and as a folder of another asset")
+    seen: dict[str, str] = {}
+    for path in sorted(manifest.assets):
+        other = seen.setdefault(path.casefold(), path)
+        if other != path:
+            raise ManifestError(f"{source}: field `assets` has {other!r} and {path!r}, which differ only in case")
 
 
 def _check_size(part: Part, where: str) -> None:

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 from .cache import DEFAULT_WORKERS
+from .manifest import Blob
 from .reader import PartReader
 from .refs import FETCH_OPTIONS, PARTS_OPTIONS, RefLike, RefOptions, open_ref
 from .spec import select_parts
@@ -21,11 +22,13 @@ __all__ = ["PartFile", "PullReport", "files", "pull"]
 class PullReport:
     """What a pull did, and exactly what it checked.
 
-    ``fetched`` parts were downloaded now, each checked for size and BLAKE3 digest before it got
-    its name in the cache. ``present`` parts were already local (cached, or in a local store):
-    ``checked`` says how they were checked now, ``"size"`` or (with ``verify=True``) ``"digest"``,
-    re-hashed. ``repaired`` names the local copies that failed that check, with what was wrong;
-    they were deleted and fetched again (so they are among ``fetched`` too).
+    Assets count as parts here, labelled ``asset:<path>``; those already local are always
+    re-hashed (they are small), whatever ``checked`` says of the parts. ``fetched`` parts were
+    downloaded now, each checked for size and BLAKE3 digest before it got its name in the cache.
+    ``present`` parts were already local (cached, or in a local store): ``checked`` says how they
+    were checked now, ``"size"`` or (with ``verify=True``) ``"digest"``, re-hashed. ``repaired``
+    names the local copies that failed that check, with what was wrong; they were deleted and
+    fetched again (so they are among ``fetched`` too).
     """
 
     manifest_url: str
@@ -68,14 +71,17 @@ def pull(
 
     Parts already local get their size checked, and with ``verify`` their digest (every byte
     re-hashed); a cached copy that fails is fetched again, a local store's part that fails is an
-    :class:`~sepstore.errors.IntegrityError`."""
+    :class:`~sepstore.errors.IntegrityError`. The model's assets (format version 2) are fetched
+    and checked with the parts, whatever ``spec`` says."""
     resolved = open_ref("pull", ref, options, FETCH_OPTIONS)
-    _, chosen = select_parts(resolved.manifest, spec)
+    _, parts = select_parts(resolved.manifest, spec)
+    assets = list(resolved.manifest.labelled_assets())
+    chosen: list[tuple[str, Blob]] = [*parts, *assets]
     reader = PartReader(resolved, cache_dir=options.get("cache_dir"), workers=workers)
-    repaired = reader.recheck(chosen, rehash=verify)
+    repaired = {**reader.recheck(parts, rehash=verify), **reader.recheck(assets, rehash=True)}
     fetched = reader.prefetch(chosen, desc=f"pull {resolved.manifest.name}", quiet=quiet)
-    fetched_digests = {f.part.digest for f in fetched}
-    present = {part.digest: (label, part) for label, part in chosen if part.digest not in fetched_digests}
+    fetched_files = {f.part.file_name for f in fetched}
+    present = {part.file_name: (label, part) for label, part in chosen if part.file_name not in fetched_files}
     return PullReport(
         manifest_url=resolved.url,
         manifest_digest=resolved.digest,

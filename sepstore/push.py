@@ -13,7 +13,7 @@ from .cache import DEFAULT_WORKERS
 from .errors import IntegrityError, StoreError
 from .hashing import digest_file
 from .leases import holding
-from .manifest import Part, encode_manifest, manifest_digest
+from .manifest import Blob, encode_manifest, manifest_digest
 from .progress import progress
 from .reader import PartReader
 from .refs import FETCH_OPTIONS, RefLike, RefOptions, Resolved, open_checked
@@ -31,9 +31,9 @@ __all__ = ["PushReport", "push"]
 
 @dataclass(frozen=True)
 class PushReport:
-    """What a push did: parts uploaded, parts the destination already had (checked by size, or
-    re-hashed when ``verified``), those of them found damaged and uploaded again (``repaired``,
-    also in ``uploaded``), and the manifest."""
+    """What a push did: parts (and assets, labelled ``asset:<path>``) uploaded, those the
+    destination already had (checked by size, or re-hashed when ``verified``), those of them found
+    damaged and uploaded again (``repaired``, also in ``uploaded``), and the manifest."""
 
     manifest_url: str
     manifest_digest: str
@@ -113,14 +113,17 @@ def push(
                 f"{url} already holds another manifest ({held}, pushing {digest}); "
                 "pass force=True (--force) to replace it, or push under another tag"
             )
-    parts: dict[str, tuple[str, Part]] = {}
+    # Every file to copy, parts and assets, by its file name in the store.
+    parts: dict[str, tuple[str, Blob]] = {}
     for label, part in manifest.labelled_parts():
-        parts.setdefault(part.digest, (label, part))
+        parts.setdefault(part.file_name, (label, part))
+    for label, asset in manifest.labelled_assets():
+        parts.setdefault(asset.file_name, (label, asset))
     reader = PartReader(src, cache_dir=options.get("cache_dir"), workers=workers)
 
-    damaged: set[str] = set()  # parts the destination holds with other bytes
+    damaged: set[str] = set()  # files the destination holds with other bytes
 
-    def upload(item: tuple[str, Part]) -> int:
+    def upload(item: tuple[str, Blob]) -> int:
         label, part = item
         path = reader.path(part)
         if reader.cache is None:  # a local source is read in place: verify it now
@@ -131,26 +134,27 @@ def push(
                 raise IntegrityError(f"part {label} ({path}): file is {size} bytes, manifest says {part.size}")
             if got != part.digest:
                 raise IntegrityError(f"part {label} ({path}): digest is {got}, manifest says {part.digest}")
-        store.put_part_file(path, part.digest, replace=part.digest in damaged)
+        store.put_blob_file(path, part, replace=part.file_name in damaged)
         return part.size
 
-    def held_as(digest: str) -> Literal["missing", "damaged", "whole"]:
-        """What the destination holds under ``digest``: checked by size, and re-hashed with ``verify``."""
-        size = store.part_size(digest)
+    def held_as(file_name: str) -> Literal["missing", "damaged", "whole"]:
+        """What the destination holds under that name: checked by size, and re-hashed with ``verify``."""
+        blob = parts[file_name][1]
+        size = store.blob_size(blob)
         if size is None:
             return "missing"
-        if size != parts[digest][1].size or (verify and store.digest_part(digest) != digest):
+        if size != blob.size or (verify and store.digest_blob(blob) != blob.digest):
             return "damaged"
         return "whole"
 
-    def send(todo: list[tuple[str, Part]], desc: str) -> None:
+    def send(todo: list[tuple[str, Blob]], desc: str) -> None:
         reader.prefetch(todo, desc=f"fetch {manifest.name}", quiet=quiet)  # a remote source: verified into the cache
         with progress(sum(p.size for _, p in todo), desc, quiet=quiet) as bar:
             for size in pool.map(upload, todo):
                 bar.update(size)
 
     with (
-        holding(store, "publish", parts) as lease,
+        holding(store, "publish", (blob.digest for _, blob in parts.values())) as lease,
         ThreadPoolExecutor(max_workers=workers, thread_name_prefix="sepstore-push") as pool,
     ):
         state = dict(zip(parts, pool.map(held_as, parts), strict=True))
@@ -158,7 +162,7 @@ def push(
         todo = [parts[d] for d, there in state.items() if there != "whole"]
         send(todo, f"push {manifest.name}:{out_tag}")
         # Belt and braces (a gc of an older sepstore ignores leases): every part, right before the manifest.
-        vanished = [parts[d] for d in parts if not store.has_part(d)]
+        vanished = [item for item in parts.values() if not store.has_blob(item[1])]
         if vanished:
             send(vanished, f"push {manifest.name}:{out_tag} again")
         lease.check()

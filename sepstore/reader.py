@@ -20,8 +20,8 @@ from fsspec.implementations.local import LocalFileSystem
 
 from .cache import DEFAULT_WORKERS, Cache, Fetch
 from .errors import IntegrityError, NotFoundError, StoreError
-from .hashing import Hasher, digest_buffer, digest_file, digest_hex, digest_of
-from .manifest import Part
+from .hashing import Hasher, digest_buffer, digest_file, digest_of
+from .manifest import Blob, Part
 from .progress import progress
 from .refs import Resolved, open_fs
 from .safetensors_io import HeaderEntry, header_end, parse_header
@@ -49,7 +49,7 @@ def _size_of(path: str) -> int | None:
         return None
 
 
-def _wrong_size(size: int, part: Part) -> str | None:
+def _wrong_size(size: int, part: Blob) -> str | None:
     return None if size == part.size else f"file is {size} bytes, manifest says {part.size}"
 
 
@@ -82,26 +82,26 @@ class PartReader:
         self.workers = workers
         self._fresh: set[str] = set()  # digests this reader fetched, and so verified, itself
 
-    def _source(self, part: Part) -> str:
-        return f"{self.base}/{digest_hex(part.digest)}.safetensors"
+    def _source(self, part: Blob) -> str:
+        return f"{self.base}/{part.file_name}"
 
-    def path(self, part: Part) -> str:
-        """Where the part's bytes are (or will be) on local disk."""
-        return self._source(part) if self.cache is None else self.cache.path(part.digest)
+    def path(self, part: Blob) -> str:
+        """Where the part's (or asset's) bytes are (or will be) on local disk."""
+        return self._source(part) if self.cache is None else self.cache.path(part)
 
-    def missing(self, chosen: Iterable[tuple[str, Part]]) -> list[Fetch]:
-        """The chosen parts that are neither local nor cached yet."""
+    def missing(self, chosen: Iterable[tuple[str, Blob]]) -> list[Fetch]:
+        """The chosen parts (or assets) that are neither local nor cached yet."""
         if self.cache is None:
             return []
         fetches = {
-            part.digest: Fetch(self.fs, self._source(part), self.resolved.part_url(part), part, label)
+            part.file_name: Fetch(self.fs, self._source(part), self.resolved.part_url(part), part, label)
             for label, part in chosen
-            if not self.cache.has(part.digest)
+            if not self.cache.has(part)
         }
         return list(fetches.values())
 
-    def prefetch(self, chosen: Iterable[tuple[str, Part]], *, desc: str = "fetch", quiet: bool = False) -> list[Fetch]:
-        """Fetch the chosen parts the cache lacks, in parallel; returns what was fetched."""
+    def prefetch(self, chosen: Iterable[tuple[str, Blob]], *, desc: str = "fetch", quiet: bool = False) -> list[Fetch]:
+        """Fetch the chosen parts (or assets) the cache lacks, in parallel; returns what was fetched."""
         todo = self.missing(chosen)
         if not todo or self.cache is None:
             return []
@@ -134,7 +134,7 @@ class PartReader:
             if self.cache is None or part.digest in self._fresh:
                 raise
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.cache.path(part.digest))
+                os.unlink(self.cache.path(part))
             return attempt()
 
     @contextlib.contextmanager
@@ -167,13 +167,13 @@ class PartReader:
             raise IntegrityError(f"{where}: {wrong}")
         return path, where
 
-    def recheck(self, chosen: Iterable[tuple[str, Part]], *, rehash: bool = False) -> dict[str, str]:
-        """Check the chosen parts already on local disk: their size, and with ``rehash`` their
+    def recheck(self, chosen: Iterable[tuple[str, Blob]], *, rehash: bool = False) -> dict[str, str]:
+        """Check the chosen parts (or assets) already on local disk: their size, and with ``rehash`` their
         digest too. A cached copy that fails is deleted, to be fetched again; returns what was
         wrong with each, by label. In a local store, a part that fails (or is missing) is an
         :class:`IntegrityError` (:class:`NotFoundError`): there is nowhere to fetch it from."""
         broken: dict[str, str] = {}
-        for label, part in {part.digest: (label, part) for label, part in chosen}.values():
+        for label, part in {part.file_name: (label, part) for label, part in chosen}.values():
             path = self.path(part)
             size = _size_of(path)
             if size is None and self.cache is None:

@@ -23,8 +23,8 @@ from fsspec.core import split_protocol
 
 from .backends import open_url
 from .errors import IntegrityError, ManifestError, NotFoundError, RefError
-from .hashing import DIGEST_PATTERN, digest_hex
-from .manifest import Manifest, Part, decode_manifest, manifest_digest
+from .hashing import DIGEST_PATTERN
+from .manifest import Blob, Manifest, decode_manifest, manifest_digest
 from .store import MANIFESTS_DIR, Store, check_name, check_tag, read_limited
 from .trust import TrustLike, TrustReport, check, policy_from
 
@@ -197,8 +197,9 @@ class Resolved:
         """The tag the manifest is published under: its file name without ``.json``."""
         return posixpath.basename(self.url).removesuffix(".json")
 
-    def part_url(self, part: Part) -> str:
-        return f"{self.parts_url}/{digest_hex(part.digest)}.safetensors"
+    def part_url(self, part: Blob) -> str:
+        """The URL of a part's (or an asset's) file."""
+        return f"{self.parts_url}/{part.file_name}"
 
 
 #: What every function that reads a model takes as its reference.

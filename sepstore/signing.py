@@ -3,8 +3,9 @@
 A signature is a Sigstore bundle (``application/vnd.dev.sigstore.bundle.v0.3+json``) holding a DSSE
 envelope over an in-toto Statement v1, laid out as OpenSSF model-signing's: predicate
 ``https://model_signing/signature/v1.0``, serialization by files with ``hash_type`` blake3, and as
-resources the manifest (``manifests/<name>/<tag>.json``) and every part file
-(``parts/blake3/<hex>.safetensors``), paths relative to the store root, so that
+resources the manifest (``manifests/<name>/<tag>.json``), every part file
+(``parts/blake3/<hex>.safetensors``) and every asset file (``parts/blake3/<hex>``), paths relative
+to the store root, so that
 ``model_signing verify key --ignore_unsigned_files`` checks a local store in place. What sepstore
 relies on is the predicate's ``sepstore`` claim: the manifest's digest, the model's name and tag,
 and when the signature was issued (model-signing's verifiers ignore predicate fields they do not
@@ -236,11 +237,11 @@ class Claim:
 
 
 def _resources(manifest: Manifest, claim: Claim) -> list[_Resource]:
-    """The manifest file and its parts, at their paths in a store, with their BLAKE3 digests (sorted
-    by path, as model-signing orders them)."""
+    """The manifest file, its parts and its assets, at their paths in a store, with their BLAKE3
+    digests (sorted by path, as model-signing orders them)."""
     found = {f"manifests/{claim.name}/{claim.tag}.json": digest_hex(claim.digest)}
-    for _, part in manifest.labelled_parts():
-        found[f"parts/blake3/{digest_hex(part.digest)}.safetensors"] = digest_hex(part.digest)
+    for _, blob in (*manifest.labelled_parts(), *manifest.labelled_assets()):
+        found[f"parts/blake3/{blob.file_name}"] = digest_hex(blob.digest)
     return [_Resource(name, "blake3", found[name]) for name in sorted(found)]
 
 

@@ -1,8 +1,9 @@
-"""A sepweight store over any fsspec filesystem: part files by digest, manifests by name and tag.
+"""A sepweight store over any fsspec filesystem: part and asset files by digest, manifests by name and tag.
 
 Layout::
 
-    <root>/parts/blake3/<64 hex>.safetensors
+    <root>/parts/blake3/<64 hex>.safetensors    a part
+    <root>/parts/blake3/<64 hex>                an asset (format version 2)
     <root>/manifests/<name>/<tag>.json
 
 Writes never leave a partial file under a final name: on local disk a file is written under a
@@ -30,7 +31,7 @@ from fsspec.implementations.local import LocalFileSystem
 from .backends import open_url, read_head
 from .errors import NotFoundError, SepstoreError, StoreError
 from .hashing import Hasher, digest_file, digest_hex, digest_of
-from .manifest import MAX_MANIFEST_BYTES, NAME_PATTERN, TAG_PATTERN
+from .manifest import MAX_MANIFEST_BYTES, NAME_PATTERN, TAG_PATTERN, Blob
 from .retry import http_status, with_retries
 from .safetensors_io import WRITE_PIECE
 
@@ -308,10 +309,14 @@ class Store:
     def part_path(self, digest: str) -> str:
         return self._path(PARTS_DIR, f"{digest_hex(digest)}.safetensors")
 
+    def blob_path(self, blob: Blob) -> str:
+        """Where a part's or an asset's file is filed, as a path on this store's filesystem."""
+        return self._path(PARTS_DIR, blob.file_name)
+
     def manifest_path(self, name: str, tag: str) -> str:
         return self._path(MANIFESTS_DIR, check_name(name), f"{check_tag(tag)}.json")
 
-    # -- parts -----------------------------------------------------------------------------------
+    # -- parts and assets ------------------------------------------------------------------------
 
     def _exists(self, path: str) -> bool:
         """Whether ``path`` exists now: object stores' cached listings may predate other writers."""
@@ -320,12 +325,12 @@ class Store:
                 self.fs.invalidate_cache(path)
             return bool(self.fs.exists(path))
 
-    def has_part(self, digest: str) -> bool:
-        return self._exists(self.part_path(digest))
+    def has_blob(self, blob: Blob) -> bool:
+        return self._exists(self.blob_path(blob))
 
-    def part_size(self, digest: str) -> int | None:
-        """The size of the part file filed under ``digest``, or ``None`` when there is none."""
-        path = self.part_path(digest)
+    def blob_size(self, blob: Blob) -> int | None:
+        """The size of the file filed under the part's or asset's digest, or ``None`` when there is none."""
+        path = self.blob_path(blob)
         with backend_errors(self.url_of(path)):
             if not self.is_local:
                 self.fs.invalidate_cache(path)
@@ -334,9 +339,9 @@ class Store:
             except FileNotFoundError:
                 return None
 
-    def digest_part(self, digest: str) -> str:
-        """The BLAKE3 of the bytes filed under ``digest``, read (fetched, from a remote store) whole."""
-        path = self.part_path(digest)
+    def digest_blob(self, blob: Blob) -> str:
+        """The BLAKE3 of the bytes filed under the blob's digest, read (fetched, from a remote store) whole."""
+        path = self.blob_path(blob)
         with backend_errors(self.url_of(path)):
             if self.is_local:
                 return digest_file(path)
@@ -347,14 +352,14 @@ class Store:
             return digest_of(hasher)
 
     def _commit(
-        self, tmp: str, digest: str, *, protect: Callable[[str], None] | None = None, replace: bool = False
+        self, tmp: str, blob: Blob, *, protect: Callable[[str], None] | None = None, replace: bool = False
     ) -> bool:
-        """File the local file ``tmp`` under ``digest`` unless that part exists (or ``replace``);
-        whether it was written. ``protect(digest)`` runs first, before the part is looked for: a
-        publisher's lease names the digest before it relies on the part (see :mod:`sepstore.leases`)."""
+        """File the local file ``tmp`` as ``blob`` unless the store has it (or ``replace``);
+        whether it was written. ``protect(digest)`` runs first, before the file is looked for: a
+        publisher's lease names the digest before it relies on the file (see :mod:`sepstore.leases`)."""
         if protect is not None:
-            protect(digest)
-        final = self.part_path(digest)
+            protect(blob.digest)
+        final = self.blob_path(blob)
         if not replace and self._exists(final):
             if self.is_local:  # in use again: restart its gc grace period
                 with backend_errors(self.url_of(final)), contextlib.suppress(FileNotFoundError):
@@ -368,7 +373,7 @@ class Store:
         return True
 
     def _staging(self) -> str | None:
-        """Where temporary part files go: the parts folder on local disk (so renames are atomic)."""
+        """Where temporary files go: the parts folder on local disk (so renames are atomic)."""
         if not self.is_local:
             return None
         staging = self._path(PARTS_DIR)
@@ -376,9 +381,9 @@ class Store:
             make_dirs(staging)
         return staging
 
-    def stage_part(self, write: Callable[[int], T]) -> tuple[T, str]:
-        """Write a part with ``write(fd)`` into a new temporary file (``fd`` is open for reading
-        and writing); the result and the file's path, for :meth:`commit_part`."""
+    def stage_blob(self, write: Callable[[int], T]) -> tuple[T, str]:
+        """Write a part or an asset with ``write(fd)`` into a new temporary file (``fd`` is open for
+        reading and writing); the result and the file's path, for :meth:`commit_blob`."""
         fd, tmp = create_temp(self._staging(), ".safetensors")
         try:
             try:
@@ -388,33 +393,33 @@ class Store:
         except OSError as exc:  # a full disk, a quota: the part being written here
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
-            raise StoreError(f"{self.url_of(self.parts_dir)}: cannot write a part ({exc})") from exc
+            raise StoreError(f"{self.url_of(self.parts_dir)}: cannot write a file ({exc})") from exc
         except BaseException:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
             raise
         return result, tmp
 
-    def commit_part(self, tmp: str, digest: str, *, protect: Callable[[str], None] | None = None) -> bool:
-        """File a part :meth:`stage_part` wrote under its ``digest`` (unless the store has it; an
-        existing part is never rewritten), and delete the temporary file; whether it was new.
-        ``protect`` is called with the digest before the store is asked whether it has the part."""
+    def commit_blob(self, tmp: str, blob: Blob, *, protect: Callable[[str], None] | None = None) -> bool:
+        """File what :meth:`stage_blob` wrote as ``blob`` (unless the store has it; an existing file
+        is never rewritten), and delete the temporary file; whether it was new. ``protect`` is
+        called with the digest before the store is asked whether it has the file."""
         try:
-            return self._commit(tmp, digest, protect=protect)
+            return self._commit(tmp, blob, protect=protect)
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
 
-    def put_part_file(self, path: str, digest: str, *, replace: bool = False) -> bool:
-        """Upload a local, already verified part file; whether it was written here. With
-        ``replace``, a part already filed under ``digest`` (found damaged) is replaced."""
+    def put_blob_file(self, path: str, blob: Blob, *, replace: bool = False) -> bool:
+        """Upload a local, already verified part or asset file; whether it was written here. With
+        ``replace``, a file already filed under its digest (found damaged) is replaced."""
         if not self.is_local:
-            return self._commit(path, digest, replace=replace)
+            return self._commit(path, blob, replace=replace)
         fd, tmp = create_temp(self._staging(), ".safetensors")
         try:
             with os.fdopen(fd, "wb") as out, open(path, "rb") as src:
                 shutil.copyfileobj(src, out, WRITE_PIECE)
-            return self._commit(tmp, digest, replace=replace)
+            return self._commit(tmp, blob, replace=replace)
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)

@@ -99,15 +99,18 @@ def cmd_info(args: argparse.Namespace) -> int:
         "hidden_size": config.get("hidden_size"),
         "vocab_size": config.get("vocab_size"),
     }
+    assets = [{"path": path, "digest": a.digest, "size": a.size} for path, a in sorted(m.asset_files.items())]
     info = {
         "name": m.name,
         "manifest": resolved.url,
         "digest": resolved.digest,
+        "format_version": m.format_version,
         "layers": m.n_layers,
         "total_bytes": m.total_bytes,
         "config": summary if config else None,
         "metadata": m.metadata,
         "parts": parts,
+        "assets": assets,
         "trust": signed.to_dict(),
     }
     if args.json:
@@ -123,6 +126,10 @@ def cmd_info(args: argparse.Namespace) -> int:
     for p in parts:
         tensors = counted(p["tensors"], "tensor")
         print(f"  {p['part']:<10} {human_bytes(p['size']):>11}  {tensors:>11}  {','.join(p['dtypes'])}")
+    if assets:
+        print(f"assets:    {counted(len(assets), 'file')}, {human_bytes(sum(a['size'] for a in assets))}")
+    for a in assets:
+        print(f"  {human_bytes(a['size']):>11}  {a['path']}")
     print("\n".join(_signature_lines(signed)))
     return EXIT_OK
 
@@ -172,8 +179,12 @@ def cmd_diff(args: argparse.Namespace) -> int:
     for p in result.changed:
         detail = ", ".join(f"{kind} {', '.join(names)}" for kind, names in p.tensors.to_dict().items() if names)
         print(f"{p.part:<10} {p.status:<8} {human_bytes(p.bytes):>11}  {detail}")
+    for a in result.changed_assets:
+        print(f"{'asset':<10} {a.status:<8} {human_bytes(a.bytes):>11}  {a.path}")
     same = len(result.parts) - len(result.changed)
     differ = counted(len(result.changed), "part") + (" differs" if len(result.changed) == 1 else " differ")
+    if result.assets:
+        differ += f", {counted(len(result.changed_assets), 'asset')} of {len(result.assets)}"
     print(f"{differ}, {same} same; {human_bytes(result.bytes_to_fetch)} to fetch")
     return differ_code
 
@@ -293,6 +304,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
         name=args.name,
         tag=args.tag,
         dtype=args.dtype,
+        assets=not args.no_assets,
         force=args.force,
         quiet=args.quiet,
     )
@@ -300,11 +312,19 @@ def cmd_convert(args: argparse.Namespace) -> int:
     url = store.url_of(store.manifest_path(manifest.name, args.tag))
     if args.json:
         _print_json(
-            {"manifest": url, "name": manifest.name, "layers": manifest.n_layers, "bytes": manifest.total_bytes}
+            {
+                "manifest": url,
+                "name": manifest.name,
+                "layers": manifest.n_layers,
+                "bytes": manifest.total_bytes,
+                "assets": sorted(manifest.asset_files),
+            }
         )
         return EXIT_OK
     print(f"converted {manifest.metadata.get('source', args.source)} ({manifest.metadata.get('decider')} decider)")
     size = f"{counted(manifest.n_layers, 'layer')}, {human_bytes(manifest.total_bytes)}"
+    if manifest.asset_files:
+        size += f", {counted(len(manifest.asset_files), 'asset')} ({', '.join(sorted(manifest.asset_files))})"
     print(f"{manifest.name}:{args.tag}: {size} -> {url}")
     return EXIT_OK
 
@@ -512,6 +532,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tag", default="latest", help="tag of this version (default: latest)")
     p.add_argument("--decider", default="auto", help="built-in decider (llama, gpt2, ...; default: auto)")
     p.add_argument("--dtype", help="cast floating-point tensors: bf16, fp16, fp32 or fp64 (default: keep)")
+    p.add_argument(
+        "--no-assets",
+        action="store_true",
+        help="leave out the folder's tokenizer, configs, README, ... (default: keep)",
+    )
     p.add_argument("--force", action="store_true", help="replace the tag if it exists (default: combine with it)")
     _add_quiet(p)
     p.add_argument("--json", action="store_true", help="print JSON")

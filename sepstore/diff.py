@@ -11,7 +11,7 @@ from .refs import RefLike, RefOptions, manifest_of
 if TYPE_CHECKING:
     from typing_extensions import Unpack
 
-__all__ = ["ManifestDiff", "PartDiff", "TensorChanges", "diff"]
+__all__ = ["AssetDiff", "ManifestDiff", "PartDiff", "TensorChanges", "diff"]
 
 Status = Literal["same", "changed", "added", "removed"]
 
@@ -40,13 +40,27 @@ class PartDiff:
 
 
 @dataclass(frozen=True)
+class AssetDiff:
+    """One asset's change, by its path. ``bytes`` is what a node holding ``a`` must fetch for it."""
+
+    path: str
+    status: Status
+    bytes: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"path": self.path, "status": self.status, "bytes": self.bytes}
+
+
+@dataclass(frozen=True)
 class ManifestDiff:
     parts: list[PartDiff]
+    #: Every asset path of either side, sorted (none when neither has assets).
+    assets: list[AssetDiff] = field(default_factory=list)
 
     @property
     def bytes_to_fetch(self) -> int:
         """Bytes a node holding all of ``a`` downloads to hold all of ``b`` (each file once)."""
-        return sum(p.bytes for p in self.parts)
+        return sum(p.bytes for p in self.parts) + sum(a.bytes for a in self.assets)
 
     @property
     def changed(self) -> list[PartDiff]:
@@ -54,12 +68,21 @@ class ManifestDiff:
         return [p for p in self.parts if p.status != "same"]
 
     @property
+    def changed_assets(self) -> list[AssetDiff]:
+        """The assets whose status is not ``same``."""
+        return [a for a in self.assets if a.status != "same"]
+
+    @property
     def differs(self) -> bool:
-        """Whether the two versions differ in any part (what ``diff --exit-code`` exits 1 for)."""
-        return bool(self.changed)
+        """Whether any part or asset differs (what ``diff --exit-code`` reports)."""
+        return bool(self.changed or self.changed_assets)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"parts": [p.to_dict() for p in self.parts], "bytes_to_fetch": self.bytes_to_fetch}
+        return {
+            "parts": [p.to_dict() for p in self.parts],
+            "assets": [a.to_dict() for a in self.assets],
+            "bytes_to_fetch": self.bytes_to_fetch,
+        }
 
 
 def _compare(old: Part, new: Part) -> TensorChanges:
@@ -71,7 +94,8 @@ def _compare(old: Part, new: Part) -> TensorChanges:
 
 
 def diff(a: RefLike | Manifest, b: RefLike | Manifest, **options: Unpack[RefOptions]) -> ManifestDiff:
-    """Compare two versions part by part (``begin``, ``mid.<i>``, ``end``) and tensor by tensor.
+    """Compare two versions part by part (``begin``, ``mid.<i>``, ``end``) and tensor by tensor,
+    and their assets path by path.
 
     ``a`` and ``b`` are as for :func:`sepstore.read_manifest`, or :class:`Manifest` objects; the
     options apply to both sides (to give each side its own, pass :class:`sepstore.ModelRef` s:
@@ -98,4 +122,22 @@ def diff(a: RefLike | Manifest, b: RefLike | Manifest, **options: Unpack[RefOpti
             out.append(PartDiff(label, "same", TensorChanges(), 0))
         else:
             out.append(PartDiff(label, "changed", _compare(before, after), cost))
-    return ManifestDiff(out)
+    return ManifestDiff(out, _assets(old, new, have))
+
+
+def _assets(old: Manifest, new: Manifest, have: set[str]) -> list[AssetDiff]:
+    """Each asset path of either side, with what a node holding ``old`` (and ``have``, the digests
+    of its files) fetches for it."""
+    before, after = old.asset_files, new.asset_files
+    have |= {asset.digest for asset in before.values()}
+    out: list[AssetDiff] = []
+    for path in sorted(before.keys() | after.keys()):
+        was, now = before.get(path), after.get(path)
+        if now is None:
+            out.append(AssetDiff(path, "removed", 0))
+            continue
+        cost = 0 if now.digest in have else now.size
+        have.add(now.digest)
+        status: Status = "added" if was is None else "same" if was == now else "changed"
+        out.append(AssetDiff(path, status, cost))
+    return out

@@ -14,6 +14,7 @@ from ..deciders import Family, detect, get
 from ..dump import Decider, dump
 from ..errors import TensorError
 from ..manifest import Manifest
+from .assets import find_assets
 from .checkpoint import Checkpoint, open_checkpoint
 from .source import LazyStateDict
 
@@ -68,6 +69,7 @@ def convert(
     dtype: str | torch.dtype | None = None,
     storage_options: dict[str, Any] | None = None,
     dest_storage_options: dict[str, Any] | None = None,
+    assets: bool = True,
     force: bool = False,
     quiet: bool = False,
 ) -> Manifest:
@@ -79,7 +81,9 @@ def convert(
     and the keys), a built-in family name (``"llama"``, ``"gpt2"``, ...) or a function.
     ``dtype`` casts floating-point tensors (``"bf16"``). ``name`` defaults to the folder's name.
     Converting into a tag that exists combines with it (as :func:`sepstore.dump` does); ``force``
-    replaces it.
+    replaces it. From a Hugging Face folder (or its index), the folder's tokenizer, configs, chat
+    templates, README and license are stored as the model's assets (the allow-list is in
+    :mod:`sepstore.convert.assets`); ``assets=False`` leaves them out.
     """
     dtype_name = parse_dtype(dtype)
     with contextlib.closing(open_checkpoint(source, storage_options)) as checkpoint:
@@ -115,6 +119,7 @@ def convert(
             tag=tag,
             config=checkpoint.config,
             metadata=metadata,
+            assets=find_assets(*checkpoint.folder) if assets and checkpoint.folder is not None else None,
             storage_options=dest_storage_options,
             force=force,
             quiet=quiet,

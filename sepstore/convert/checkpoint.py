@@ -45,6 +45,8 @@ class Checkpoint:
     decider_name: str | None = None
     #: ... or the built-in family its names always belong to (GGUF).
     family: str | None = None
+    #: The Hugging Face model folder the checkpoint is (or whose index it is), where its assets are.
+    folder: tuple[fsspec.AbstractFileSystem, str] | None = None
 
     def close(self) -> None:
         """Close the files the sources hold open."""
@@ -119,7 +121,7 @@ def open_checkpoint(source: str | os.PathLike[str], storage_options: dict[str, A
         folder = posixpath.dirname(path)
         config = _read_json(fs, f"{folder}/config.json")
         if path.endswith(".index.json"):
-            return Checkpoint(url, "hf-index", _from_index(fs, path), config)
+            return Checkpoint(url, "hf-index", _from_index(fs, path), config, folder=(fs, folder))
         file = _open_file(fs, path)
         if path.endswith(".gguf"):
             return Checkpoint(url, "gguf", [file], getattr(file, "config", None), family="gguf")
@@ -129,10 +131,10 @@ def open_checkpoint(source: str | os.PathLike[str], storage_options: dict[str, A
     config = _read_json(fs, f"{path}/config.json") if "config.json" in names else None
     for index in _INDEXES:
         if index in names:
-            return Checkpoint(url, "hf-sharded", _from_index(fs, f"{path}/{index}"), config)
+            return Checkpoint(url, "hf-sharded", _from_index(fs, f"{path}/{index}"), config, folder=(fs, path))
     for single in _SINGLES:
         if single in names:
-            return Checkpoint(url, "hf", [_open_file(fs, f"{path}/{single}")], config)
+            return Checkpoint(url, "hf", [_open_file(fs, f"{path}/{single}")], config, folder=(fs, path))
     if sepweight_v0.is_sepweight_v0(names):
         parts = sepweight_v0.sources(fs, path, names)
         return Checkpoint(url, "llm_sepweight", parts, config, sepweight_v0.decider, "sepweight_v0")
@@ -140,7 +142,8 @@ def open_checkpoint(source: str | os.PathLike[str], storage_options: dict[str, A
     if len(files) == 1 and files[0].endswith(".gguf"):
         return open_checkpoint(f"{url.rstrip('/')}/{files[0]}", storage_options)
     if files and not any(f.endswith(".gguf") for f in files):
-        return Checkpoint(url, "files", [_open_file(fs, f"{path}/{f}") for f in files], config)
+        sources = [_open_file(fs, f"{path}/{f}") for f in files]
+        return Checkpoint(url, "files", sources, config, folder=(fs, path))
     raise NotFoundError(
         f"{url}: no checkpoint found (looked for {', '.join(_INDEXES + _SINGLES)}, llm_sepweight begin/mid/end "
         f".pth files, or .safetensors/.bin/.pth/.gguf files); it holds: {', '.join(sorted(names)) or 'nothing'}"

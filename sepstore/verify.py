@@ -1,4 +1,4 @@
-"""verify: re-hash a model's parts and check each file's header and tensors against the manifest."""
+"""verify: re-hash a model's parts (and assets) and check each part's header and tensors against the manifest."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from .errors import IntegrityError, NotFoundError
-from .manifest import Part
+from .manifest import Asset, Part
 from .progress import progress
 from .reader import PartReader
 from .refs import FETCH_OPTIONS, RefLike, RefOptions, open_checked
@@ -62,7 +62,8 @@ class VerifyReport:
 
 
 def verify(ref: RefLike, spec: str = "f", *, quiet: bool = False, **options: Unpack[RefOptions]) -> VerifyReport:
-    """Check every part ``spec`` names: size, file digest, header, and each tensor's digest.
+    """Check every part ``spec`` names: size, file digest, header, and each tensor's digest; with
+    ``spec="f"``, every asset's size and digest too (labelled ``asset:<path>`` in the report).
 
     A remote store's parts are fetched into a temporary folder, so what is checked is what the
     server holds (pass ``cache_dir`` to check, and fill, a cache instead). Failures of parts are
@@ -75,13 +76,18 @@ def verify(ref: RefLike, spec: str = "f", *, quiet: bool = False, **options: Unp
     cache_dir = options.get("cache_dir")
     # "f" checks every part there is, also of a dump still in progress (which "f" cannot load)
     chosen = list(resolved.manifest.labelled_parts()) if spec == "f" else select_parts(resolved.manifest, spec)[1]
+    assets = list(resolved.manifest.labelled_assets()) if spec == "f" else []
     with tempfile.TemporaryDirectory(prefix="sepstore-verify-") as scratch:
         reader = PartReader(resolved, cache_dir=cache_dir if cache_dir is not None else scratch)
         checks = []
-        with progress(sum(p.size for _, p in chosen), f"verify {resolved.manifest.name}", quiet=quiet) as bar:
+        total = sum(p.size for _, p in chosen) + sum(a.size for _, a in assets)
+        with progress(total, f"verify {resolved.manifest.name}", quiet=quiet) as bar:
             for label, part in chosen:
                 checks.append(_check(reader, label, part))
                 bar.update(part.size)
+            for label, asset in assets:
+                checks.append(_check_asset(reader, label, asset))
+                bar.update(asset.size)
     return VerifyReport(resolved.url, resolved.digest, checks, trusted if trusted is not None else inspect(resolved))
 
 
@@ -92,3 +98,14 @@ def _check(reader: PartReader, label: str, part: Part) -> PartCheck:
     except (IntegrityError, NotFoundError) as exc:
         return PartCheck(label, url, part.size, str(exc))
     return PartCheck(label, url, part.size)
+
+
+def _check_asset(reader: PartReader, label: str, asset: Asset) -> PartCheck:
+    """An asset's size and digest: re-hashed where it is local, else fetched (and so checked)."""
+    url = reader.resolved.part_url(asset)
+    try:
+        reader.recheck([(label, asset)], rehash=True)
+        reader.prefetch([(label, asset)], quiet=True)
+    except (IntegrityError, NotFoundError) as exc:
+        return PartCheck(label, url, asset.size, str(exc))
+    return PartCheck(label, url, asset.size)

@@ -277,7 +277,8 @@ def dump(
         if not force and store.has_manifest(name, tag):
             data, version = store.read_manifest_version(name, tag)
             existing = Resolved(data, store.url_of(store.manifest_path(name, tag)), store.parts_url, storage_options)
-            lease.protect(part.digest for _, part in existing.manifest.labelled_parts())
+            held = (*existing.manifest.labelled_parts(), *existing.manifest.labelled_assets())
+            lease.protect(blob.digest for _, blob in held)
         previous = existing.manifest if existing is not None else None
         parts: dict[Slot, Part | None] = {"begin": previous.begin, "end": previous.end} if previous else {}
         parts.update(enumerate(previous.mid) if previous else ())
@@ -298,7 +299,6 @@ def dump(
         new_assets = write_assets(store, given_assets, lambda digest: lease.protect([digest]))
         where = store.url_of(store.manifest_path(name, tag))
         all_assets = merge_assets(previous.asset_files if previous else {}, new_assets, where=where)
-        lease.protect(asset.digest for asset in all_assets.values())
         # Belt and braces (a gc of an older sepstore ignores leases): every part, right before the
         # manifest; those this call has the tensors of are written again.
         vanished = {slot: part for slot, part in parts.items() if part is not None and not store.has_blob(part)}
@@ -309,7 +309,7 @@ def dump(
         for path, asset in all_assets.items():
             if not store.has_blob(asset):
                 if path not in new_assets:
-                    gone.append(f"asset {path}")
+                    gone.append(f"asset:{path}")
                     continue
                 write_assets(store, {path: given_assets[path]}, lambda digest: lease.protect([digest]))
         if gone:

@@ -109,8 +109,10 @@ class PartFile:
 
 
 def files(ref: RefLike, spec: str = "f", **options: Unpack[RefOptions]) -> list[PartFile]:
-    """The part files ``spec`` names, with their URLs (``parts_url`` applied), digests and sizes,
+    """The part files ``spec`` names, and the asset files (labelled ``asset:<path>``, as ``pull``
+    fetches them whatever the spec), with their URLs (``parts_url`` applied), digests and sizes,
     for tools that download by URL; nothing is fetched, so ``cache_dir`` does not apply."""
     resolved = open_ref("files", ref, options, PARTS_OPTIONS)
-    _, chosen = select_parts(resolved.manifest, spec)
-    return [PartFile(label, resolved.part_url(part), part.digest, part.size) for label, part in chosen]
+    _, parts = select_parts(resolved.manifest, spec)
+    chosen: list[tuple[str, Blob]] = [*parts, *resolved.manifest.labelled_assets()]
+    return [PartFile(label, resolved.part_url(blob), blob.digest, blob.size) for label, blob in chosen]

@@ -7,14 +7,17 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import posixpath
 import shutil
 import time
-from pathlib import Path
+from pathlib import Path, PureWindowsPath
 
 import fsspec
 import msgspec
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 from servers import StaticServer
 from test_remote import Backend, http_root, make_backend  # noqa: F401 - http_root is a fixture make_backend uses
 
@@ -25,7 +28,7 @@ from sepstore.demo import llama_decider, tiny_llama_state_dict
 from sepstore.errors import IntegrityError, ManifestError, StoreError
 from sepstore.hashing import digest_buffer
 from sepstore.leases import holding
-from sepstore.manifest import decode_manifest, encode_manifest
+from sepstore.manifest import decode_manifest, encode_manifest, is_asset_path
 from sepstore.signing import Claim, statement
 from sepstore.store import Store
 
@@ -468,3 +471,23 @@ def test_verify_checks_every_asset_and_reports_a_damaged_one(tmp_path: Path) -> 
     Path(Store(tmp_path / "s").blob_path(manifest.asset_files["README.md"])).write_bytes(b"# bad!\n")
     report = sepstore.verify(tmp_path / "s", quiet=True)
     assert [c.part for c in report.failures] == ["asset:README.md"]
+
+
+def test_files_lists_the_asset_urls_beside_the_parts(tmp_path: Path) -> None:
+    manifest = dump_with_assets(tmp_path / "s")
+    found = {f.part: f for f in sepstore.files(tmp_path / "s", "b")}
+    readme = manifest.asset_files["README.md"]
+    assert found["asset:README.md"].url == str(tmp_path / "s" / "parts" / "blake3" / readme.file_name)
+    assert (found["asset:README.md"].digest, found["asset:README.md"].size) == (readme.digest, readme.size)
+    assert sorted(found) == sorted(["begin", *(f"asset:{p}" for p in FILES)])
+
+
+@given(st.text(alphabet="ab./\\:\x00\n ", max_size=12))
+def test_an_accepted_asset_path_stays_inside_any_folder_it_is_joined_to(path: str) -> None:
+    if not is_asset_path(path):
+        return
+    for base in ("/base/dir", "C:\\base\\dir"):
+        joined = posixpath.normpath(posixpath.join("/base/dir", path))
+        assert joined.startswith("/base/dir/"), path
+        windows = PureWindowsPath(base, path)
+        assert windows.is_relative_to(base) and ".." not in windows.parts and windows.drive in ("", "C:"), path

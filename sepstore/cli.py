@@ -22,6 +22,7 @@ from .convert import convert
 from .diff import diff
 from .errors import IntegrityError, RefError, SepstoreError, TrustError
 from .gc import DEFAULT_GRACE, gc
+from .manifest import ASSET_LABEL
 from .plan import plan
 from .pull import files, pull
 from .push import push
@@ -362,8 +363,10 @@ def cmd_pull(args: argparse.Namespace) -> int:
         _print_json(report.to_dict())
         return EXIT_OK
     checked = "re-hashed" if report.checked == "digest" else "size checked (--verify re-hashes them)"
+    assets = sum(label.startswith(ASSET_LABEL) for label in report.fetched)
+    fetched = counted(len(report.fetched) - assets, "part") + (f" and {counted(assets, 'asset')}" if assets else "")
     print(
-        f"fetched and verified {counted(len(report.fetched), 'part')} ({human_bytes(report.fetched_bytes)}); "
+        f"fetched and verified {fetched} ({human_bytes(report.fetched_bytes)}); "
         f"{len(report.present)} already local ({human_bytes(report.present_bytes)}), {checked}"
     )
     if report.repaired:

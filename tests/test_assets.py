@@ -491,3 +491,11 @@ def test_an_accepted_asset_path_stays_inside_any_folder_it_is_joined_to(path: st
         assert joined.startswith("/base/dir/"), path
         windows = PureWindowsPath(base, path)
         assert windows.is_relative_to(base) and ".." not in windows.parts and windows.drive in ("", "C:"), path
+
+
+def test_the_cli_pull_fetches_assets_and_says_so(
+    served: Backend, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    publish(tmp_path, served)
+    assert main(["pull", served.manifest_url(), "--spec", "b", "--cache-dir", str(tmp_path / "cache"), "--quiet"]) == 0
+    assert f"fetched and verified 1 part and {len(FILES)} assets" in capsys.readouterr().out

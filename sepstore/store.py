@@ -393,7 +393,7 @@ class Store:
         except OSError as exc:  # a full disk, a quota: the part being written here
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
-            raise StoreError(f"{self.url_of(self.parts_dir)}: cannot write a file ({exc})") from exc
+            raise StoreError(f"{self.url_of(self.parts_dir)}: cannot write a part or an asset ({exc})") from exc
         except BaseException:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)

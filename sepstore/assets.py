@@ -30,7 +30,7 @@ from .store import Store, backend_errors
 if TYPE_CHECKING:
     from typing_extensions import Unpack
 
-__all__ = ["AssetFile", "AssetInput", "assets", "check_asset_paths", "write_assets"]
+__all__ = ["AssetFile", "AssetInput", "assets", "check_asset_paths", "fetch_assets", "merge_assets", "write_assets"]
 
 
 @dataclass(frozen=True)

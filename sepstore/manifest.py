@@ -6,6 +6,7 @@ turns every failure into a :class:`~sepstore.errors.ManifestError` that names th
 
 from __future__ import annotations
 
+import bisect
 import inspect
 import json
 import re
@@ -262,13 +263,13 @@ def _check_assets(manifest: Manifest, source: str) -> None:
             f"{source}: field `assets` needs `format_version` {ASSETS_VERSION} or later, the manifest says "
             f"{manifest.format_version}"
         )
-    folders = {path.rsplit("/", 1)[0] for path in manifest.assets if "/" in path}
-    folders |= {folder.rsplit("/", i)[0] for folder in folders for i in range(1, folder.count("/") + 1)}
-    clash = sorted(folders & manifest.assets.keys())
-    if clash:
-        raise ManifestError(f"{source}: field `assets` has {clash[0]!r} as a file and as a folder of another asset")
+    paths = sorted(manifest.assets)
+    for path in paths:  # the paths below `path/` sort together, first at the bisection point
+        below = bisect.bisect_left(paths, path + "/")
+        if below < len(paths) and paths[below].startswith(path + "/"):
+            raise ManifestError(f"{source}: field `assets` has {path!r} as a file and as a folder of another asset")
     seen: dict[str, str] = {}
-    for path in sorted(manifest.assets):
+    for path in paths:
         other = seen.setdefault(path.casefold(), path)
         if other != path:
             raise ManifestError(f"{source}: field `assets` has {other!r} and {path!r}, which differ only in case")

@@ -168,20 +168,20 @@ class Cache:
         return os.path.join(self.incoming, f"{digest_hex(digest)}.lock")
 
     @contextlib.contextmanager
-    def reading(self, digest: str) -> Iterator[None]:
+    def reading(self, blob: Blob) -> Iterator[None]:
         """Hold the part's lock shared for the ``with`` block, so that ``cache prune`` and
         ``cache verify --repair`` leave it alone, and mark it used now (see :mod:`sepstore.cache_admin`)."""
         with contextlib.ExitStack() as held:
             try:
                 os.makedirs(self.incoming, exist_ok=True)
-                held.enter_context(file_lock(self.lock_path(digest), shared=True))
+                held.enter_context(file_lock(self.lock_path(blob.digest), shared=True))
             except OSError as exc:
                 if not read_only(exc):
-                    raise StoreError(f"{self.root}: cannot lock part {digest} for reading ({exc})") from exc
+                    raise StoreError(f"{self.root}: cannot lock {blob.digest} for reading ({exc})") from exc
                 # a cache this user cannot write to (read-only, another user's): this user cannot
                 # prune it either, so it is read as before locks existed
             with contextlib.suppress(OSError):  # not ours to touch (a cache shared by several users)
-                os.utime(self.path(digest))
+                os.utime(self.path(blob))
             yield
 
     def fetch(self, items: Sequence[Fetch], *, workers: int = DEFAULT_WORKERS, bar: tqdm | None = None) -> list[Fetch]:

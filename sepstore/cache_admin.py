@@ -40,7 +40,8 @@ __all__ = [
     "cache_verify",
 ]
 
-_PART = re.compile(r"^([0-9a-f]{64})\.safetensors$")
+#: A cached part (``<hex>.safetensors``) or asset (``<hex>``, see :attr:`sepstore.manifest.Asset.file_name`).
+_PART = re.compile(r"^([0-9a-f]{64})(?:\.safetensors)?$")
 _PARTIAL = re.compile(r"^([0-9a-f]{64})\.partial$")
 
 

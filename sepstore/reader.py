@@ -147,8 +147,8 @@ class PartReader:
             return
         for _ in range(_ATTEMPTS):
             self.prefetch([(label, part)], desc=f"fetch {label}")
-            with self.cache.reading(part.digest):
-                if self.cache.has(part.digest):
+            with self.cache.reading(part):
+                if self.cache.has(part):
                     yield self._located(label, part)
                     return
         raise NotFoundError(

@@ -17,12 +17,12 @@ from pathlib import Path
 import fsspec
 import pytest
 import torch
-from servers import CountingMotoServer
+from servers import CountingMotoServer, StaticServer
 
 import sepstore
 import sepstore.reader
 from sepstore.cache import Cache
-from sepstore.demo import llama_decider
+from sepstore.demo import llama_decider, tiny_llama_state_dict
 from sepstore.hashing import digest_file
 from sepstore.store import file_lock
 
@@ -370,3 +370,28 @@ def test_a_cache_this_user_cannot_write_to_is_still_read(cached: Cached) -> None
     finally:
         for folder in folders:
             folder.chmod(0o755)
+
+
+def test_cache_commands_count_cached_assets_too(tmp_path: Path) -> None:
+    """Assets live in the cache as bare ``<hex>`` files beside the parts: ls, verify and prune see them."""
+    store = tmp_path / "store"
+    sepstore.dump(
+        llama_decider,
+        tiny_llama_state_dict(layers=1, hidden=8, intermediate=8, vocab=16),
+        store,
+        assets={"README.md": b"# tiny\n"},
+        quiet=True,
+    )
+    cache = tmp_path / "cache"
+    server = StaticServer(tmp_path).start()
+    try:
+        sepstore.pull(f"{server.url}/store/manifests/model/latest.json", cache_dir=cache, quiet=True)
+    finally:
+        server.stop()
+    asset = sepstore.read_manifest(store).assets["README.md"]
+    listed = {f.digest for f in sepstore.cache_ls(cache).parts}
+    assert asset.digest in listed
+    (cache / "parts/blake3" / asset.file_name).write_bytes(b"# evil\n")
+    report = sepstore.cache_verify(cache, repair=True)
+    assert [v.digest for v in report.parts if v.error] == [asset.digest]
+    assert not (cache / "parts/blake3" / asset.file_name).exists()

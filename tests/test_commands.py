@@ -24,6 +24,7 @@ import sepstore.reader
 from sepstore.cache import Cache
 from sepstore.demo import llama_decider, tiny_llama_state_dict
 from sepstore.hashing import digest_file
+from sepstore.manifest import Part
 from sepstore.store import file_lock
 
 OLD = 1_600_000_000  # a time of last use long before any test ran
@@ -140,7 +141,7 @@ class Cached:
 
     def path(self, label: str) -> Path:
         part = dict(self.manifest.labelled_parts())[label]
-        return Path(Cache(self.root).path(part.digest))
+        return Path(Cache(self.root).path(part))
 
     def digest(self, label: str) -> str:
         return dict(self.manifest.labelled_parts())[label].digest
@@ -333,11 +334,11 @@ def test_a_part_pruned_between_its_fetch_and_its_read_is_fetched_again(
     reading = Cache.reading
     calls: list[str] = []
 
-    def pruned_first(self: Cache, digest: str) -> contextlib.AbstractContextManager[None]:
+    def pruned_first(self: Cache, blob: Part) -> contextlib.AbstractContextManager[None]:
         if not calls:  # a prune in another process, right before the reader takes the lock
-            os.unlink(self.path(digest))
-        calls.append(digest)
-        return reading(self, digest)
+            os.unlink(self.path(blob))
+        calls.append(blob.digest)
+        return reading(self, blob)
 
     monkeypatch.setattr(Cache, "reading", pruned_first)
     loaded = sepstore.load(cached.url, "0-1", cache_dir=cached.root)

@@ -117,6 +117,24 @@ def replace_durably(tmp: str, final: str) -> None:
 
 
 @contextlib.contextmanager
+def _staged(path: str, data: bytes) -> Iterator[str]:
+    """A temporary file beside ``path`` (its folder made) holding ``data``, fsynced so it is whole
+    on disk before it gets a name; deleted after the block unless renamed or linked there."""
+    folder = os.path.dirname(path)
+    make_dirs(folder)
+    fd, tmp = create_temp(folder, ".json")
+    try:
+        with os.fdopen(fd, "wb") as out:
+            out.write(data)
+            out.flush()
+            os.fsync(out.fileno())
+        yield tmp
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+
+
+@contextlib.contextmanager
 def file_lock(path: str, *, blocking: bool = True, shared: bool = False) -> Iterator[bool]:
     """An exclusive (or ``shared``) ``flock`` on ``path`` for the ``with`` block; yields whether it
     was taken (always, when ``blocking``). Several processes, or threads, exclude each other; shared
@@ -534,14 +552,7 @@ class Store:
                         return False
                     raise
                 return True
-            folder = os.path.dirname(path)
-            make_dirs(folder)
-            fd, tmp = create_temp(folder, ".json")
-            try:
-                with os.fdopen(fd, "wb") as out:
-                    out.write(data)
-                    out.flush()
-                    os.fsync(out.fileno())  # whole on disk before its name is (see replace_durably)
+            with _staged(path, data) as tmp:
                 if not create:
                     os.replace(tmp, path)
                 else:
@@ -549,11 +560,8 @@ class Store:
                         os.link(tmp, path)
                     except FileExistsError:
                         return False
-                fsync_dir(folder)
+                fsync_dir(os.path.dirname(path))
                 return True
-            finally:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(tmp)
 
     @contextlib.contextmanager
     def tag_lock(self, name: str, tag: str) -> Iterator[None]:
@@ -629,16 +637,9 @@ class Store:
             if not self.is_local:
                 self.fs.pipe_file(path, data)
                 return
-            folder = os.path.dirname(path)
-            make_dirs(folder)
-            fd, tmp = create_temp(folder, ".json")
-            try:
-                with os.fdopen(fd, "wb") as out:
-                    out.write(data)
-                replace_durably(tmp, path)
-            finally:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(tmp)
+            with _staged(path, data) as tmp:
+                os.replace(tmp, path)
+                fsync_dir(os.path.dirname(path))
 
     def list_signatures(self, name: str, tag: str) -> list[str]:
         """The ids of the keys that signed a tag, sorted (backends that cannot list, such as HTTP,

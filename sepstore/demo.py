@@ -13,6 +13,8 @@ from safetensors.torch import save_file
 from .convert import convert
 from .diff import diff
 from .load import load
+from .sign import sign
+from .signing import keygen
 from .verify import verify
 
 __all__ = ["llama_decider", "run_demo", "tiny_llama_state_dict"]
@@ -79,7 +81,8 @@ def _write_checkpoint(folder: str, state_dict: dict[str, torch.Tensor]) -> None:
 
 
 def run_demo(directory: str | os.PathLike[str] = "sepstore-demo", *, say: Callable[[str], None] = print) -> None:
-    """Convert two versions of a tiny Llama, diff them, load them as two nodes would, verify."""
+    """Convert two versions of a tiny Llama, diff them, load them as two nodes would, verify, sign
+    v2 and load it under a trust policy."""
     root = os.path.abspath(os.fspath(directory))
     if os.path.exists(root):
         shutil.rmtree(root)
@@ -119,6 +122,15 @@ def run_demo(directory: str | os.PathLike[str] = "sepstore-demo", *, say: Callab
     report = verify(url2)
     verdict = "all verified" if report.ok else "FAILED"
     say(f"6. verify v2: {len(report.checks)} parts re-hashed, {verdict}; manifest digest {report.manifest_digest}.")
-    say(f"Done. Next: sepstore info {url2}")
+    key = os.path.join(root, "publisher.key")
+    keygen(key)
+    signed = sign(url2, key=key)
+    trusted = load(url2, "e", trust=key + ".pub")
+    say(
+        f"7. Signed v2 with a new key ({signed.key_id[:12]}..., {os.path.relpath(signed.signature_url, root)}); a node "
+        f"trusting only that key (trust={os.path.basename(key)}.pub, or $SEPSTORE_TRUST) loaded 'e': "
+        f"{len(trusted.end or {})} tensors."
+    )
+    say(f"Done. Next: sepstore info {url2} --trust-key {key}.pub")
     say(f"      sepstore diff {url1} {url2}")
     say(f"      sepstore plan {url2} --nodes 2")

@@ -105,6 +105,11 @@ def test_demo_runs_to_the_end(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert "2 parts changed" in result.stdout and "all verified" in result.stdout
     assert "5a. Node A" in result.stdout and "5b. Node B" in result.stdout
+    assert "7. Signed v2" in result.stdout
+    trusted = sepstore.load(
+        tmp_path / "demo/store/manifests/demo/tiny-llama/v2.json", "e", trust=tmp_path / "demo/publisher.key.pub"
+    )
+    assert trusted.end is not None
     assert sepstore.verify(tmp_path / "demo/store", name="demo/tiny-llama", tag="v2").ok
     assert (
         sepstore.read_manifest(tmp_path / "demo/store", name="demo/tiny-llama", tag="v1").metadata["decider"] == "llama"

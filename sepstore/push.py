@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -10,8 +11,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import msgspec
 
 from .cache import DEFAULT_WORKERS
-from .errors import IntegrityError, StoreError
-from .hashing import digest_file
+from .errors import StoreError
 from .leases import holding
 from .manifest import Blob, encode_manifest, manifest_digest
 from .progress import progress
@@ -19,7 +19,7 @@ from .reader import PartReader
 from .refs import FETCH_OPTIONS, RefLike, RefOptions, Resolved, open_checked
 from .sign import copy_signatures, private_key
 from .sign import sign as sign_manifest
-from .store import Store, backend_errors, check_tag, standard_parts_location
+from .store import Store, check_tag, standard_parts_location
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -124,17 +124,10 @@ def push(
     damaged: set[str] = set()  # files the destination holds with other bytes
 
     def upload(item: tuple[str, Blob]) -> int:
-        label, part = item
-        path = reader.path(part)
-        if reader.cache is None:  # a local source is read in place: verify it now
-            with backend_errors(path):
-                size = os.path.getsize(path)
-                got = digest_file(path)
-            if size != part.size:
-                raise IntegrityError(f"part {label} ({path}): file is {size} bytes, manifest says {part.size}")
-            if got != part.digest:
-                raise IntegrityError(f"part {label} ({path}): digest is {got}, manifest says {part.digest}")
-        store.put_blob_file(path, part, replace=part.file_name in damaged)
+        _, part = item
+        # a cached copy is read under its lock, so that `cache prune` leaves it alone meanwhile
+        with reader.cache.reading(part) if reader.cache is not None else contextlib.nullcontext():
+            store.put_blob_file(reader.path(part), part, replace=part.file_name in damaged)
         return part.size
 
     def held_as(file_name: str) -> Literal["missing", "damaged", "whole"]:
@@ -148,6 +141,9 @@ def push(
         return "whole"
 
     def send(todo: list[tuple[str, Blob]], desc: str) -> None:
+        # What is already on local disk (a local store, or the cache) is re-hashed first: a damaged
+        # cached copy is fetched again, a damaged local part refused, never uploaded under its digest.
+        reader.recheck(todo, rehash=True)
         reader.prefetch(todo, desc=f"fetch {manifest.name}", quiet=quiet)  # a remote source: verified into the cache
         with progress(sum(p.size for _, p in todo), desc, quiet=quiet) as bar:
             for size in pool.map(upload, todo):

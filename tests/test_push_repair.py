@@ -126,3 +126,19 @@ def test_a_truncated_local_source_part_is_refused_naming_both_sizes(source: Path
     path.write_bytes(path.read_bytes()[:100])
     with pytest.raises(sepstore.IntegrityError, match=rf"file is 100 bytes, manifest says {begin.size}"):
         sepstore.push(source, tmp_path / "dest", quiet=True)
+
+
+def test_a_damaged_cached_copy_of_a_remote_source_is_fetched_again_not_uploaded(source: Path, tmp_path: Path) -> None:
+    remote = f"memory://push-{uuid.uuid4().hex[:12]}/store"
+    sepstore.push(source, remote, quiet=True)
+    url = f"{remote}/manifests/model/latest.json"
+    cache = tmp_path / "cache"
+    sepstore.pull(url, cache_dir=cache, quiet=True)
+    mid = sepstore.read_manifest(source).mid[0]
+    assert mid is not None
+    cached = cache / "parts/blake3" / mid.file_name
+    data = bytearray(cached.read_bytes())
+    data[-1] ^= 1
+    cached.write_bytes(bytes(data))
+    sepstore.push(url, tmp_path / "dest", cache_dir=cache, quiet=True)
+    assert sepstore.verify(tmp_path / "dest", quiet=True).ok, "the flipped byte reached the destination"

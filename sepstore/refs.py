@@ -22,7 +22,7 @@ import fsspec
 from fsspec.core import split_protocol
 
 from .backends import open_url
-from .errors import IntegrityError, ManifestError, NotFoundError, RefError
+from .errors import IntegrityError, ManifestError, NotFoundError, RefError, StoreError
 from .hashing import DIGEST_PATTERN
 from .manifest import Blob, Manifest, decode_manifest, manifest_digest
 from .store import MANIFESTS_DIR, Store, check_name, check_tag, read_limited
@@ -126,10 +126,13 @@ class ModelRef:
             raise RefError(f"a model reference is a manifest URL or path, or a store root; got {self.url!r}")
         if is_manifest_url(url) and (self.name is not None or self.tag is not None):
             raise RefError(f"{url} is a manifest; name= and tag= are for a store root")
-        if self.name is not None:
-            check_name(self.name)
-        if self.tag is not None:
-            check_tag(self.tag)
+        try:
+            if self.name is not None:
+                check_name(self.name)
+            if self.tag is not None:
+                check_tag(self.tag)
+        except StoreError as exc:
+            raise RefError(str(exc)) from None
         _pin(self.digest)
         object.__setattr__(self, "url", url)
         object.__setattr__(self, "parts_url", _parts_url(self.parts_url))

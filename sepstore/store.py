@@ -117,7 +117,7 @@ def replace_durably(tmp: str, final: str) -> None:
 
 
 @contextlib.contextmanager
-def _staged(path: str, data: bytes) -> Iterator[str]:
+def staged(path: str, data: bytes) -> Iterator[str]:
     """A temporary file beside ``path`` (its folder made) holding ``data``, fsynced so it is whole
     on disk before it gets a name; deleted after the block unless renamed or linked there."""
     folder = os.path.dirname(path)
@@ -435,8 +435,8 @@ class Store:
             return self._commit(path, blob, replace=replace)
         fd, tmp = create_temp(self._staging(), ".safetensors")
         try:
-            with os.fdopen(fd, "wb") as out, open(path, "rb") as src:
-                shutil.copyfileobj(src, out, WRITE_PIECE)
+            with backend_errors(self.url_of(self.parts_dir)), os.fdopen(fd, "wb") as out, open(path, "rb") as src:
+                shutil.copyfileobj(src, out, WRITE_PIECE)  # a full disk: a StoreError naming the store
             return self._commit(tmp, blob, replace=replace)
         finally:
             with contextlib.suppress(FileNotFoundError):
@@ -552,7 +552,7 @@ class Store:
                         return False
                     raise
                 return True
-            with _staged(path, data) as tmp:
+            with staged(path, data) as tmp:
                 if not create:
                     os.replace(tmp, path)
                 else:
@@ -637,7 +637,7 @@ class Store:
             if not self.is_local:
                 self.fs.pipe_file(path, data)
                 return
-            with _staged(path, data) as tmp:
+            with staged(path, data) as tmp:
                 os.replace(tmp, path)
                 fsync_dir(os.path.dirname(path))
 
@@ -650,7 +650,10 @@ class Store:
 
     def list_files(self, folder: str, *, recursive: bool = False) -> dict[str, dict[str, Any]]:
         """The files in ``folder`` (and below it, if ``recursive``) as the backend lists them now,
-        each with its details; none when there is no such folder."""
+        each with its details; none when there is no such folder. A :class:`StoreError` over HTTP
+        (see :attr:`can_list`)."""
+        if not self.can_list:
+            raise StoreError(f"{self.url_of(folder)}: an HTTP server's folders are not listed (a listing is unbounded)")
         with backend_errors(self.url_of(folder)):
             if not self.is_local:
                 self.fs.invalidate_cache(folder)

@@ -27,7 +27,7 @@ from msgspec import Struct
 from .cache import default_cache_dir
 from .errors import KeyFileError, NotFoundError, RefError, StoreError, TrustError
 from .signing import PublicKey, SignedBundle, key_id, load_public_key, parse_issued
-from .store import MANIFESTS_DIR, Store, create_temp, file_lock, make_dirs, replace_durably
+from .store import MANIFESTS_DIR, Store, backend_errors, file_lock, fsync_dir, make_dirs, staged
 
 if TYPE_CHECKING:
     from .refs import Resolved
@@ -331,11 +331,11 @@ class _Rollback:
         """Accept ``issued_at`` for a tag: refuse it if older than the newest accepted (unless
         ``allow_rollback``), and remember it if newer."""
         path = self._path(where)
-        try:
+        # a cache this user cannot write, a full disk: a StoreError naming the folder, not a raw OSError
+        where_state = f"rollback state in {self.root}"
+        with backend_errors(where_state):
             make_dirs(os.path.dirname(path))
-        except OSError as exc:
-            raise StoreError(f"cannot keep rollback state in {self.root}: {exc.strerror or exc}") from None
-        with file_lock(path + ".lock"):
+        with backend_errors(where_state), file_lock(path + ".lock"):
             seen = self._read(path)
             if seen is not None:
                 accepted, now = parse_issued(seen["issued_at"]), parse_issued(issued_at)
@@ -354,14 +354,9 @@ class _Rollback:
                 "issued_at": issued_at,
                 "digest": digest,
             }
-            fd, tmp = create_temp(os.path.dirname(path), ".json")
-            try:
-                with os.fdopen(fd, "w") as out:
-                    json.dump(record, out)
-                replace_durably(tmp, path)
-            finally:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(tmp)
+            with staged(path, json.dumps(record).encode()) as tmp:
+                os.replace(tmp, path)
+                fsync_dir(os.path.dirname(path))
 
     @staticmethod
     def _read(path: str) -> Mapping[str, str] | None:

@@ -236,7 +236,7 @@ def backend_errors(url: str) -> Iterator[None]:
     except NotImplementedError as exc:
         raise StoreError(f"{url}: this backend cannot do that (read-only, such as HTTP?)") from exc
     except Exception as exc:  # a backend's own errors, or its failures on a hostile server's answers
-        if http_status(exc) == 405:
+        if http_status(exc) in (405, 501):  # Method Not Allowed, or not implemented (python -m http.server)
             raise StoreError(f"{url}: the server refused to write (HTTP stores are read-only)") from exc
         raise StoreError(f"{url}: {type(exc).__name__}: {exc}") from exc
 

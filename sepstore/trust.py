@@ -282,7 +282,7 @@ def check(
         why = "; ".join(f"{c.url}: {c.error}" for c in checks if c.error != "key not in the policy")
         folder = store.url_of(store.signatures_dir(where.name, where.tag))
         raise TrustError(
-            f"{url}: no valid signature by a key {policy.source} trusts for {where.name!r}"
+            f"{url}: no valid signature by a key that {policy.source} trusts for {where.name!r}"
             + (f" ({why})" if why else f" in {folder}")
             + f"; sign it with `sepstore sign {url} --key KEY` using a trusted key, or check the policy"
         )

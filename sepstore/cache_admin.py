@@ -9,9 +9,10 @@ reads every file (``cache verify``, a backup, a virus scan) would make every par
 A program that reads cached files directly (paths from ``sepstore files``) does not mark them.
 
 **In use.** A process reading a cached part holds the part's lock (``incoming/<hex>.lock``) shared
-while it reads; a process fetching it holds it exclusively. ``prune`` and ``verify --repair`` take it
-exclusively without waiting and leave the part alone when they cannot, so they never remove a part
-another process is reading or fetching (whose disk space would not come back until it closed it).
+while it reads; a process fetching it holds it exclusively. ``prune`` takes it exclusively without
+waiting and leaves the part alone when it cannot, so it never removes a part another process is
+reading or fetching (whose disk space would not come back until it closed it). ``verify --repair``
+waits for the lock instead: a damaged part is removed as soon as its readers are done with it.
 """
 
 from __future__ import annotations

@@ -163,7 +163,11 @@ def gc(
             removed_bytes += int(info.get("size") or 0)
     stale, signed = _signatures(target, grace, time.time())
     for path in stale if not dry_run else []:
-        target.remove(path)
+        current = _current(target, path)
+        # rewritten since the listing (a `sign` or `push` moving the tag): judged again next time
+        judge = _old if TEMP_PATTERN.match(path.rsplit("/", 1)[-1]) else _older  # as _signatures did
+        if current is not None and judge(current, grace, time.time()):
+            target.remove(path)
     unsigned = sorted(target.url_of(path) for path in stale)
     return GcReport(sorted(removed), removed_bytes, kept, sorted(young), dry_run, sorted(leased), unsigned, signed)
 

@@ -28,7 +28,7 @@ from ._text import parse_size
 from .cache import Cache, read_only
 from .errors import SpecError, StoreError
 from .hashing import digest_file
-from .store import backend_errors, file_lock
+from .store import BLOB_FILE, backend_errors, file_lock
 
 __all__ = [
     "CacheListing",
@@ -41,8 +41,6 @@ __all__ = [
     "cache_verify",
 ]
 
-#: A cached part (``<hex>.safetensors``) or asset (``<hex>``, see :attr:`sepstore.manifest.Asset.file_name`).
-_PART = re.compile(r"^([0-9a-f]{64})(?:\.safetensors)?$")
 _PARTIAL = re.compile(r"^([0-9a-f]{64})\.partial$")
 
 
@@ -215,7 +213,7 @@ def cache_ls(cache_dir: str | os.PathLike[str] | None = None) -> CacheListing:
     not exist yet is an empty cache. See this module's docstring for what "last used" means.
     """
     cache = _open(cache_dir)
-    parts = _scan(cache.parts, _PART, partial=False)
+    parts = _scan(cache.parts, BLOB_FILE, partial=False)
     partial = _scan(cache.incoming, _PARTIAL, partial=True)
     partial = [
         CachedFile(f.digest, f.path, f.size, f.last_used, partial=True, active=_fetching(cache, f)) for f in partial
@@ -237,7 +235,7 @@ def cache_verify(cache_dir: str | os.PathLike[str] | None = None, *, repair: boo
     """
     cache = _open(cache_dir)
     verdicts = []
-    for item in sorted(_scan(cache.parts, _PART, partial=False), key=lambda f: f.digest):
+    for item in sorted(_scan(cache.parts, BLOB_FILE, partial=False), key=lambda f: f.digest):
         with backend_errors(item.path):
             try:
                 before = os.stat(item.path)

@@ -18,7 +18,7 @@ from .errors import NotFoundError, SepstoreError, StoreError
 from .leases import holding, live_leases
 from .manifest import decode_manifest, manifest_digest
 from .signing import SignedBundle
-from .store import TEMP_PATTERN, Store, backend_errors, check_name, check_tag, modified_time, read_limited
+from .store import BLOB_FILE, TEMP_PATTERN, Store, backend_errors, check_name, check_tag, modified_time, read_limited
 
 __all__ = ["DEFAULT_GRACE", "GcReport", "gc"]
 
@@ -265,7 +265,4 @@ def _stem(info: dict[str, Any]) -> str:
 
 def _is_blob(base: str) -> bool:
     """Whether a file name in the parts folder is a part's (``<hex>.safetensors``) or an asset's (``<hex>``)."""
-    return _BLOB_FILE.match(base) is not None
-
-
-_BLOB_FILE = re.compile(r"^[0-9a-f]{64}(?:\.safetensors)?\Z")
+    return BLOB_FILE.match(base) is not None

@@ -18,12 +18,13 @@ from typing import TYPE_CHECKING, TypeVar
 
 from fsspec.implementations.local import LocalFileSystem
 
+from .backends import open_url
 from .cache import DEFAULT_WORKERS, Cache, Fetch
 from .errors import IntegrityError, NotFoundError, StoreError
 from .hashing import Hasher, digest_buffer, digest_file, digest_of
 from .manifest import Blob, Part
 from .progress import progress
-from .refs import Resolved, open_fs
+from .refs import Resolved
 from .safetensors_io import HeaderEntry, header_end, parse_header
 
 if TYPE_CHECKING:
@@ -77,7 +78,7 @@ class PartReader:
         if type(workers) is not int or workers < 1:
             raise StoreError(f"workers= is a whole number of parallel transfers >= 1, got {workers!r}")
         self.resolved = resolved
-        self.fs, self.base = open_fs(resolved.parts_url, resolved.storage_options)
+        self.fs, self.base = open_url(resolved.parts_url, resolved.storage_options)
         self.cache = None if isinstance(self.fs, LocalFileSystem) else Cache(cache_dir)
         self.workers = workers
         self._fresh: set[str] = set()  # digests this reader fetched, and so verified, itself

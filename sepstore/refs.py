@@ -18,7 +18,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final, Literal, TypedDict
 
-import fsspec
 from fsspec.core import split_protocol
 
 from .backends import open_url
@@ -410,8 +409,3 @@ def _parts_location(manifest_url: str, manifest: Manifest) -> str:
     if not inside:
         raise ManifestError(f"{manifest_url}: field `parts` {parts!r} points outside the store; refused")
     return joined if local else f"{protocol}://{joined}"
-
-
-def open_fs(url: str, storage_options: Mapping[str, Any]) -> tuple[fsspec.AbstractFileSystem, str]:
-    """The filesystem and path of a URL, with backend errors as sepstore's."""
-    return open_url(url, storage_options)

@@ -36,6 +36,7 @@ from .retry import http_status, with_retries
 from .safetensors_io import WRITE_PIECE
 
 __all__ = [
+    "BLOB_FILE",
     "LEASE_ID_PATTERN",
     "PARTS_DIR",
     "SIGNATURES_DIR",
@@ -66,6 +67,9 @@ _KEY_ID_RE = re.compile(r"^[0-9a-f]{64}\Z")
 
 T = TypeVar("T")
 
+
+#: The name of a part (``<hex>.safetensors``) or asset (``<hex>``) file in ``parts/blake3/``; group 1 is the hex.
+BLOB_FILE = re.compile(r"^([0-9a-f]{64})(?:\.safetensors)?\Z")
 
 #: What :func:`create_temp` names files (``gc`` removes stale ones by this pattern, nothing else).
 TEMP_PATTERN = re.compile(r"^\.tmp-[0-9a-f]{16}\.(?:safetensors|json)$")

@@ -28,7 +28,7 @@ from typing import Any, TypeVar
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from .backends import open_url, read_head
+from .backends import open_url, read_head, stream_range
 from .errors import NotFoundError, SepstoreError, StoreError
 from .hashing import Hasher, digest_file, digest_hex, digest_of
 from .manifest import MAX_MANIFEST_BYTES, NAME_PATTERN, TAG_PATTERN, Blob
@@ -362,15 +362,21 @@ class Store:
                 return None
 
     def digest_blob(self, blob: Blob) -> str:
-        """The BLAKE3 of the bytes filed under the blob's digest, read (fetched, from a remote store) whole."""
+        """The BLAKE3 of the bytes filed under the blob's digest, read (fetched, from a remote store) whole:
+        streamed in bounded pieces, cut at the blob's size and under the minimum-progress rule."""
         path = self.blob_path(blob)
-        with backend_errors(self.url_of(path)):
+        url = self.url_of(path)
+        with backend_errors(url):
             if self.is_local:
                 return digest_file(path)
             hasher = Hasher()
-            with self.fs.open(path, "rb", block_size=WRITE_PIECE) as f:
-                while piece := f.read(WRITE_PIECE):
-                    hasher.update(piece)
+
+            def read() -> None:
+                hasher.reset()
+                stream_range(self.fs, path, url, 0, blob.size, blob.size, lambda _, piece: hasher.update(piece))
+
+            if blob.size:
+                with_retries(read, url)
             return digest_of(hasher)
 
     def _commit(

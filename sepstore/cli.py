@@ -306,6 +306,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
         tag=args.tag,
         dtype=args.dtype,
         assets=not args.no_assets,
+        gguf_names=args.gguf_names,
         force=args.force,
         quiet=args.quiet,
     )
@@ -539,6 +540,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-assets",
         action="store_true",
         help="leave out the folder's tokenizer, configs, README, ... (default: keep)",
+    )
+    p.add_argument(
+        "--gguf-names",
+        action="store_true",
+        help="keep a GGUF's llama.cpp tensor names and Q/K layout (default: a llama or qwen2 GGUF gets "
+        "Hugging Face names and layout, as transformers loads it)",
     )
     p.add_argument("--force", action="store_true", help="replace the tag if it exists (default: combine with it)")
     _add_quiet(p)

@@ -475,12 +475,13 @@ def test_gguf_index_and_reads(gguf_file: tuple[Path, dict[str, np.ndarray]]) -> 
 
 def test_gguf_converts_keeping_its_names(tmp_path: Path, gguf_file: tuple[Path, dict[str, np.ndarray]]) -> None:
     path, tensors = gguf_file
-    manifest = sepstore.convert(path, tmp_path / "store")
+    manifest = sepstore.convert(path, tmp_path / "store", gguf_names=True)
     assert manifest.name == "tiny-llama.Q8_0"
-    in_folder = sepstore.convert(path.parent, tmp_path / "store2")  # a folder holding one GGUF
+    in_folder = sepstore.convert(path.parent, tmp_path / "store2", gguf_names=True)  # a folder holding one GGUF
     assert part_digests(in_folder) == part_digests(manifest)
     assert manifest.metadata["source_format"] == "gguf"
     assert manifest.metadata["decider"] == "gguf"
+    assert manifest.metadata["tensor_names"] == "gguf"
     assert manifest.config is not None and manifest.config["model_type"] == "llama"
     loaded = sepstore.load(tmp_path / "store", "f")
     assert sorted(loaded.begin or {}) == ["token_embd.weight"]
@@ -500,7 +501,7 @@ def test_gguf_converts_keeping_its_names(tmp_path: Path, gguf_file: tuple[Path, 
 
 def test_gguf_with_dtype(tmp_path: Path, gguf_file: tuple[Path, dict[str, np.ndarray]]) -> None:
     path, tensors = gguf_file
-    manifest = sepstore.convert(path, tmp_path / "store", dtype="bf16")
+    manifest = sepstore.convert(path, tmp_path / "store", dtype="bf16", gguf_names=True)
     assert manifest.metadata["dtype"] == "bfloat16"
     loaded = sepstore.load(tmp_path / "store", "f")
     head = loaded.end["output.weight"]
@@ -560,7 +561,7 @@ def test_gguf_without_head_ties_it_to_the_embeddings(tmp_path: Path) -> None:
     del tensors["output.weight"]
     path = tmp_path / "tied.gguf"
     write_gguf(path, tensors)
-    sepstore.convert(path, tmp_path / "store")
+    sepstore.convert(path, tmp_path / "store", gguf_names=True)
     loaded = sepstore.load(tmp_path / "store", "f")
     assert sorted(loaded.end or {}) == ["output.weight", "output_norm.weight"]
     assert same_bytes(loaded.end["output.weight"], torch.from_numpy(tensors["token_embd.weight"]))

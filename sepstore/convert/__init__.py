@@ -14,7 +14,6 @@ from ..deciders import Family, detect, get
 from ..dump import Decider, dump
 from ..errors import TensorError
 from ..manifest import Manifest
-from .assets import find_assets
 from .checkpoint import Checkpoint, open_checkpoint
 from .source import LazyStateDict
 
@@ -70,6 +69,7 @@ def convert(
     storage_options: dict[str, Any] | None = None,
     dest_storage_options: dict[str, Any] | None = None,
     assets: bool = True,
+    gguf_names: bool = False,
     force: bool = False,
     quiet: bool = False,
 ) -> Manifest:
@@ -84,9 +84,18 @@ def convert(
     replaces it. From a Hugging Face folder (or its index), the folder's tokenizer, configs, chat
     templates, README and license are stored as the model's assets (the allow-list is in
     :mod:`sepstore.convert.assets`); ``assets=False`` leaves them out.
+
+    A llama or qwen2 GGUF converts under Hugging Face names and layout, Q/K un-permuted as
+    transformers' GGUF loader does, with an HF ``config.json`` as the manifest's config: the same
+    parts as converting the equivalent HF checkpoint (:mod:`sepstore.convert.gguf_hf`). Other GGUF
+    architectures, and any GGUF with ``gguf_names=True``, keep llama.cpp's names and layout. The
+    tokenizer a GGUF embeds is stored as transformers writes it (``tokenizer.json``,
+    ``tokenizer_config.json``, ``generation_config.json``, ...; this needs transformers). The
+    manifest's ``metadata["tensor_names"]`` says which names a GGUF's store has: ``transformers``
+    or ``gguf``.
     """
     dtype_name = parse_dtype(dtype)
-    with contextlib.closing(open_checkpoint(source, storage_options)) as checkpoint:
+    with contextlib.closing(open_checkpoint(source, storage_options, gguf_names=gguf_names)) as checkpoint:
         keys = [key for src in checkpoint.sources for key in src.index]
         family: Family | None = None
         if callable(decider):
@@ -106,6 +115,8 @@ def convert(
             "source_format": checkpoint.kind,
             "decider": decider_name,
         }
+        if checkpoint.kind == "gguf":
+            metadata["tensor_names"] = "gguf" if checkpoint.family == "gguf" else "transformers"
         if dtype_name is not None:
             metadata["dtype"] = _LONG[dtype_name]
         architectures = (checkpoint.config or {}).get("architectures")
@@ -119,7 +130,7 @@ def convert(
             tag=tag,
             config=checkpoint.config,
             metadata=metadata,
-            assets=find_assets(*checkpoint.folder) if assets and checkpoint.folder is not None else None,
+            assets=checkpoint.assets() if assets else None,
             storage_options=dest_storage_options,
             force=force,
             quiet=quiet,

@@ -1,7 +1,8 @@
 """Recognise a checkpoint at a path or URL and open its files as tensor sources, reading only
 their indexes: an HF folder (sharded or single safetensors or ``.bin``, with ``config.json``), a
 single ``.safetensors``/``.bin``/``.pth``/``.gguf`` file, an HF ``*.index.json``, or an
-llm_sepweight directory."""
+llm_sepweight directory. A GGUF of an architecture transformers reads as a llama-family model is
+opened under Hugging Face names and layout (:mod:`sepstore.convert.gguf_hf`) unless ``gguf_names``."""
 
 from __future__ import annotations
 
@@ -9,17 +10,19 @@ import json
 import os
 import posixpath
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import fsspec
 
+from ..assets import AssetInput
 from ..backends import open_url
 from ..dump import Decider
 from ..errors import NotFoundError, StoreError
 from ..store import backend_errors, read_limited
 from . import sepweight_v0
+from .assets import find_assets
 from .files import PickleFile, SafetensorsFile
 from .source import TensorSource
 
@@ -47,6 +50,15 @@ class Checkpoint:
     family: str | None = None
     #: The Hugging Face model folder the checkpoint is (or whose index it is), where its assets are.
     folder: tuple[fsspec.AbstractFileSystem, str] | None = None
+    #: The files a checkpoint holds inside itself (a GGUF's tokenizer), made when asked for.
+    embedded_assets: Callable[[], Mapping[str, AssetInput]] | None = None
+
+    def assets(self) -> Mapping[str, AssetInput]:
+        """The model's non-weight files: its folder's (the allow-list of :mod:`.assets`), or those
+        the checkpoint embeds."""
+        if self.folder is not None:
+            return find_assets(*self.folder)
+        return self.embedded_assets() if self.embedded_assets is not None else {}
 
     def close(self) -> None:
         """Close the files the sources hold open."""
@@ -72,11 +84,30 @@ def _open_file(fs: fsspec.AbstractFileSystem, path: str) -> TensorSource:
         return SafetensorsFile(fs, path, url)
     if path.endswith(_PICKLE):
         return PickleFile(fs, path, url)
-    if path.endswith(".gguf"):
-        from .gguf import GGUFFile
+    raise StoreError(
+        f"{url}: not a checkpoint file sepstore reads (.safetensors, .bin, .pth, .pt; a .gguf file converts on its own)"
+    )
 
-        return GGUFFile(fs, path, url)
-    raise StoreError(f"{url}: not a checkpoint file sepstore reads (.safetensors, .bin, .pth, .pt, .gguf)")
+
+def _gguf_checkpoint(fs: fsspec.AbstractFileSystem, path: str, url: str, gguf_names: bool) -> Checkpoint:
+    """A GGUF under Hugging Face names (llama family) where transformers reads its architecture so,
+    else under its own (the gguf family); its embedded tokenizer as assets either way."""
+    from . import gguf_hf
+    from .gguf import GGUFFile
+
+    file = GGUFFile(fs, path, url)
+
+    def tokenizer() -> dict[str, bytes]:
+        return gguf_hf.tokenizer_files(file)
+
+    if gguf_names or file.architecture not in gguf_hf.ARCHITECTURES:
+        return Checkpoint(url, "gguf", [file], file.config, family="gguf", embedded_assets=tokenizer)
+    try:
+        view = gguf_hf.TransformersView(file)
+    except BaseException:
+        file.close()
+        raise
+    return Checkpoint(url, "gguf", [view], view.config, family="llama", embedded_assets=tokenizer)
 
 
 def _read_json(fs: fsspec.AbstractFileSystem, path: str) -> dict[str, Any] | None:
@@ -106,8 +137,11 @@ def _from_index(fs: fsspec.AbstractFileSystem, index_path: str) -> list[TensorSo
     return [_open_file(fs, f"{folder}/{shard}") for shard in shards]
 
 
-def open_checkpoint(source: str | os.PathLike[str], storage_options: dict[str, Any] | None = None) -> Checkpoint:
-    """Open the checkpoint at ``source`` (a path or any fsspec URL) without reading its tensors."""
+def open_checkpoint(
+    source: str | os.PathLike[str], storage_options: dict[str, Any] | None = None, *, gguf_names: bool = False
+) -> Checkpoint:
+    """Open the checkpoint at ``source`` (a path or any fsspec URL) without reading its tensors;
+    ``gguf_names`` keeps a GGUF's own names and layout."""
     url = os.fspath(source)
     fs, path = open_url(url, storage_options)
     path = path.rstrip("/") or path
@@ -122,10 +156,9 @@ def open_checkpoint(source: str | os.PathLike[str], storage_options: dict[str, A
         config = _read_json(fs, f"{folder}/config.json")
         if path.endswith(".index.json"):
             return Checkpoint(url, "hf-index", _from_index(fs, path), config, folder=(fs, folder))
-        file = _open_file(fs, path)
         if path.endswith(".gguf"):
-            return Checkpoint(url, "gguf", [file], getattr(file, "config", None), family="gguf")
-        return Checkpoint(url, "file", [file], config)
+            return _gguf_checkpoint(fs, path, url, gguf_names)
+        return Checkpoint(url, "file", [_open_file(fs, path)], config)
     with backend_errors(url):
         names = {posixpath.basename(p.rstrip("/")) for p in fs.ls(path, detail=False)}
     config = _read_json(fs, f"{path}/config.json") if "config.json" in names else None
@@ -140,7 +173,7 @@ def open_checkpoint(source: str | os.PathLike[str], storage_options: dict[str, A
         return Checkpoint(url, "llm_sepweight", parts, config, sepweight_v0.decider, "sepweight_v0")
     files = sorted(n for n in names if n.endswith((".safetensors", ".gguf", *_PICKLE)))
     if len(files) == 1 and files[0].endswith(".gguf"):
-        return open_checkpoint(f"{url.rstrip('/')}/{files[0]}", storage_options)
+        return open_checkpoint(f"{url.rstrip('/')}/{files[0]}", storage_options, gguf_names=gguf_names)
     if files and not any(f.endswith(".gguf") for f in files):
         sources = [_open_file(fs, f"{path}/{f}") for f in files]
         return Checkpoint(url, "files", sources, config, folder=(fs, path))

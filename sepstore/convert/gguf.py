@@ -2,16 +2,17 @@
 (``pip install sepstore[gguf]``).
 
 The tensor table is read first from the memory-mapped file; a tensor's bytes are read only when
-it is asked for. Keys keep GGUF's own names (``token_embd.weight``, ``blk.3.attn_q.weight``,
-``output.weight``) and :mod:`sepstore.deciders.gguf` places them (a GGUF with no
-``output.weight`` gets ``token_embd.weight`` as its head in end, as llama.cpp uses it). Tensors
-stored unquantized (F32, F16, BF16, F64 and the integer types) are returned as they are: same
-dtype, same bits, with the shape in PyTorch order (GGUF lists dimensions innermost first; they
-are reversed here). Quantized tensors
-(Q8_0, Q4_0, Q4_K, ...) are dequantized with ``gguf.quants.dequantize`` to float32, which
-``convert``'s ``dtype`` then casts (``dtype="bf16"``); with no ``dtype`` they stay float32.
-Weights are stored in GGUF's own layout (llama.cpp's converter permutes Llama's Q/K projections
-for its RoPE), so a store made from a GGUF mirrors the GGUF, not the original HF checkpoint.
+it is asked for. :class:`GGUFFile` keys keep GGUF's own names (``token_embd.weight``,
+``blk.3.attn_q.weight``, ``output.weight``) and layout (llama.cpp's converter permutes Llama's Q/K
+projections for its RoPE); :mod:`sepstore.deciders.gguf` places them (a GGUF with no
+``output.weight`` gets ``token_embd.weight`` as its head in end, as llama.cpp uses it). For the
+architectures transformers reads the same way, :mod:`sepstore.convert.gguf_hf` shows the file under
+Hugging Face names and layout instead, which is what ``convert`` uses unless asked for GGUF's
+names. Tensors stored unquantized (F32, F16, BF16, F64 and the integer types) are returned as they
+are: same dtype, same bits, with the shape in PyTorch order (GGUF lists dimensions innermost first;
+they are reversed here). Quantized tensors (Q8_0, Q4_0, Q4_K, ...) are dequantized with
+``gguf.quants.dequantize`` to float32, which ``convert``'s ``dtype`` then casts (``dtype="bf16"``);
+with no ``dtype`` they stay float32.
 
 GGUF files must be on local disk: a GGUF on another fsspec filesystem is a :class:`StoreError`
 (download it first). Nothing is ever unpickled.
@@ -50,7 +51,7 @@ class GGUFFile:
     metadata (``model_type``, ``num_hidden_layers``, ``hidden_size``, ...)."""
 
     def __init__(self, fs: fsspec.AbstractFileSystem, path: str, url: str) -> None:
-        self.url = url
+        self.url, self.path = url, path
         if not isinstance(fs, LocalFileSystem):
             raise StoreError(f"{url}: GGUF files are read from local disk only; download it first")
         gguf = _gguf()
@@ -75,7 +76,8 @@ class GGUFFile:
             self.index[tensor.name] = TensorInfo(dtype, shape)
         for qtype in sorted(quantized):
             self._check_dequantizes(gguf, qtype)
-        self.config: dict[str, Any] | None = _config(reader)
+        self.architecture = self.value("general.architecture")
+        self.config: dict[str, Any] | None = self._config()
 
     def _check_dequantizes(self, gguf: Any, qtype: Any) -> None:
         """Fail before any part is written if a quantization type cannot be read."""
@@ -90,6 +92,25 @@ class GGUFFile:
                 f"{self.url}: the installed gguf package cannot dequantize {qtype.name} (tensors {names[:3]}); "
                 "try a newer gguf"
             ) from None
+
+    def value(self, key: str) -> Any:
+        """A scalar metadata value (a float as the float32 written, without float64 noise), or None
+        where the key is absent or holds an array."""
+        field = self._reader.fields.get(key)
+        if field is None or not field.types or len(field.types) != 1:
+            return None
+        try:
+            got = field.contents()
+        except (ValueError, IndexError, UnicodeDecodeError):
+            return None
+        if isinstance(got, float):
+            return float(str(np.float32(got)))
+        return got if isinstance(got, int | str | bool) else None
+
+    def count(self, key: str) -> int | None:
+        """How many items the metadata array ``key`` holds (None if there is none)."""
+        field = self._reader.fields.get(key)
+        return len(field.data) if field is not None and field.data and field.data != [-1] else None
 
     def read(self, key: str) -> RawTensor:
         tensor = self._tensors[key]
@@ -108,48 +129,32 @@ class GGUFFile:
             raise StoreError(f"{self.url}: cannot read tensor {key!r} ({type(exc).__name__}: {exc})") from exc
         return BufferTensor(info.dtype, info.shape, memoryview(np.ascontiguousarray(array)).cast("B"))
 
+    def _config(self) -> dict[str, Any] | None:
+        """What the GGUF metadata says of the model, under Hugging Face config names."""
+        arch = self.architecture
+        if not isinstance(arch, str):
+            return None
+        config: dict[str, Any] = {"model_type": arch}
+        wanted = {
+            "num_hidden_layers": f"{arch}.block_count",
+            "hidden_size": f"{arch}.embedding_length",
+            "intermediate_size": f"{arch}.feed_forward_length",
+            "num_attention_heads": f"{arch}.attention.head_count",
+            "num_key_value_heads": f"{arch}.attention.head_count_kv",
+            "max_position_embeddings": f"{arch}.context_length",
+            "rms_norm_eps": f"{arch}.attention.layer_norm_rms_epsilon",
+            "rope_theta": f"{arch}.rope.freq_base",
+            "vocab_size": f"{arch}.vocab_size",
+        }
+        for name, key in wanted.items():
+            got = self.value(key)
+            if got is not None and not isinstance(got, str):
+                config[name] = got
+        if "vocab_size" not in config and (tokens := self.count("tokenizer.ggml.tokens")) is not None:
+            config["vocab_size"] = tokens
+        return config
+
     def close(self) -> None:
         """Drop the memory map (tensors already read stay valid: they are copies)."""
         self._tensors.clear()
         self._reader = None
-
-
-def _config(reader: Any) -> dict[str, Any] | None:
-    """What the GGUF metadata says of the model, under Hugging Face config names."""
-
-    def value(key: str) -> Any:
-        field = reader.fields.get(key)
-        if field is None or not field.types or len(field.types) != 1:
-            return None
-        try:
-            got = field.contents()
-        except (ValueError, IndexError, UnicodeDecodeError):
-            return None
-        if isinstance(got, float):
-            return float(str(np.float32(got)))  # the float32 written, without float64 noise
-        return got if isinstance(got, int | str | bool) else None
-
-    arch = value("general.architecture")
-    if not isinstance(arch, str):
-        return None
-    config: dict[str, Any] = {"model_type": arch}
-    wanted = {
-        "num_hidden_layers": f"{arch}.block_count",
-        "hidden_size": f"{arch}.embedding_length",
-        "intermediate_size": f"{arch}.feed_forward_length",
-        "num_attention_heads": f"{arch}.attention.head_count",
-        "num_key_value_heads": f"{arch}.attention.head_count_kv",
-        "max_position_embeddings": f"{arch}.context_length",
-        "rms_norm_eps": f"{arch}.attention.layer_norm_rms_epsilon",
-        "rope_theta": f"{arch}.rope.freq_base",
-        "vocab_size": f"{arch}.vocab_size",
-    }
-    for name, key in wanted.items():
-        got = value(key)
-        if got is not None and not isinstance(got, str):
-            config[name] = got
-    if "vocab_size" not in config:
-        tokens = reader.fields.get("tokenizer.ggml.tokens")
-        if tokens is not None and tokens.data and tokens.data != [-1]:
-            config["vocab_size"] = len(tokens.data)
-    return config

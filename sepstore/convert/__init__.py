@@ -92,9 +92,10 @@ def convert(
     tokenizer a GGUF embeds is stored as transformers writes it (``tokenizer.json``,
     ``tokenizer_config.json``, ``generation_config.json``, ...; this needs transformers). The
     manifest's ``metadata["tensor_names"]`` says which names a GGUF's store has: ``transformers``
-    or ``gguf``.
+    or ``gguf``. ``decider="gguf"``, which places only GGUF names, implies ``gguf_names``.
     """
     dtype_name = parse_dtype(dtype)
+    gguf_names = gguf_names or decider == "gguf"
     with contextlib.closing(open_checkpoint(source, storage_options, gguf_names=gguf_names)) as checkpoint:
         keys = [key for src in checkpoint.sources for key in src.index]
         family: Family | None = None

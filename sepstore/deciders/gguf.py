@@ -3,7 +3,10 @@
 ``token_embd.*`` (and ``token_embd_norm.*``, ``position_embd.*``, ``token_types.*``, which some
 architectures have) -> begin; ``blk.N.rest`` -> layer N as ``rest``; ``output_norm.*``,
 ``output.*``, ``rope_freqs.*`` (and a reranker's ``cls.*``) -> end. Names are kept as they are: a
-store made from a GGUF mirrors the GGUF. llama.cpp uses ``token_embd.weight`` as the LM head when a
+store made with this family mirrors the GGUF. ``convert`` uses it for GGUF architectures
+transformers does not read as a llama-family model, and for any GGUF with ``gguf_names=True``
+(``--gguf-names``); a llama or qwen2 GGUF otherwise gets Hugging Face names and the llama family
+(:mod:`sepstore.convert.gguf_hf`). llama.cpp uses ``token_embd.weight`` as the LM head when a
 file has no ``output.weight``, so end then gets it as ``output.weight``. No ``model_type`` selects
 this family (GGUF files carry no HF config); ``detect`` finds it by the ``blk.N.`` names.
 """

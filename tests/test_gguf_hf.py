@@ -131,8 +131,9 @@ def write_gguf(
     *,
     edit: Callable[[dict[str, torch.Tensor]], None] | None = None,
 ) -> Path:
-    """The model as llama.cpp's converter writes it: 2-D weights in ``dtype``, 1-D tensors (norms,
-    biases) F32, with the tokenizer and its chat template. ``edit`` changes the tensors first."""
+    """The model as llama.cpp's converter writes it: 2-D weights in ``dtype`` (F32, F16, BF16 or
+    Q8_0), 1-D tensors (norms, biases) F32, with the tokenizer and its chat template. ``edit``
+    changes the tensors first."""
     config = tiny.model.config
     writer = gguf.GGUFWriter(str(path), gguf.MODEL_ARCH_NAMES[tiny.arch])
     writer.add_name("tiny")
@@ -145,7 +146,7 @@ def write_gguf(
     writer.add_head_count_kv(config.num_key_value_heads)
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_rope_freq_base(config.rope_parameters["rope_theta"])
-    writer.add_file_type({"F32": 0, "F16": 1, "BF16": 32}[dtype])
+    writer.add_file_type({"F32": 0, "F16": 1, "Q8_0": 7, "BF16": 32}[dtype])
     vocab = tok.get_vocab()
     tokens = sorted(vocab, key=vocab.__getitem__)
     writer.add_tokenizer_model("gpt2")
@@ -163,6 +164,9 @@ def write_gguf(
     for name, tensor in tensors.items():
         if tensor.dim() == 1 or dtype == "F32":
             writer.add_tensor(name, tensor.float().numpy())
+        elif dtype == "Q8_0":
+            blocks = gguf.quants.quantize(tensor.float().numpy(), gguf.GGMLQuantizationType.Q8_0)
+            writer.add_tensor(name, blocks, raw_shape=blocks.shape, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
         else:
             raw = tensor.to(TORCH[dtype]).view(torch.int16).numpy().view(np.uint8)
             writer.add_tensor(name, raw, raw_shape=raw.shape, raw_dtype=GGML[dtype])
@@ -264,7 +268,7 @@ def llama_store(tmp_path_factory: pytest.TempPathFactory, llama_gguf: Path) -> P
     return store
 
 
-@pytest.mark.parametrize("dtype", ["F32", "F16"])
+@pytest.mark.parametrize("dtype", ["F32", "F16", "Q8_0"])
 def test_store_is_what_transformers_loads_from_the_gguf(
     tmp_path: Path, llama: Tiny, tokenizer: Tokenizer, dtype: str
 ) -> None:
@@ -274,7 +278,8 @@ def test_store_is_what_transformers_loads_from_the_gguf(
     got = hf_state_dict(tmp_path / "store")
     assert sorted(got) == sorted(expected.state_dict())
     for key, tensor in got.items():
-        assert tensor.dtype == (TORCH[dtype] if tensor.dim() == 2 else torch.float32), key
+        wanted = TORCH.get(dtype, torch.float32) if tensor.dim() == 2 else torch.float32  # Q8_0: dequantized
+        assert tensor.dtype == wanted, key
         assert same_bytes(tensor.float(), expected.state_dict()[key]), key  # transformers dequantizes to float32
     assert torch.equal(logits(store_model(tmp_path / "store")), logits(expected))
 
@@ -368,5 +373,6 @@ def test_gguf_tensor_without_a_hugging_face_name_is_refused_naming_it(
     path = write_gguf(llama, tokenizer, alone(tmp_path), edit=add_mystery)
     with pytest.raises(sepstore.DeciderError, match=r"blk\.0\.mystery\.weight.*--gguf-names"):
         sepstore.convert(path, tmp_path / "store", quiet=True)
-    manifest = sepstore.convert(path, tmp_path / "store", gguf_names=True, assets=False, quiet=True)
+    manifest = sepstore.convert(path, tmp_path / "store", decider="gguf", assets=False, quiet=True)
+    assert manifest.metadata["tensor_names"] == "gguf"  # the gguf decider places GGUF names only
     assert "mystery.weight" in manifest.mid[0].tensors and not manifest.asset_files

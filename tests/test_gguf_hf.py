@@ -5,7 +5,10 @@ transformers' own GGUF loader reads from the file (state dict and logits), keep 
 with ``--gguf-names``, and carry the embedded tokenizer as assets.
 
 ``gguf_model`` (the model transformers loads from a GGUF) and ``store_model`` (one built from the
-store) are the two sides every comparison here uses; an export test adds a third.
+store) are the two sides every comparison here uses, through ``logits``. An export test adds a
+third: ``from_pretrained`` of the folder ``sepstore.export`` writes from ``llama_store`` (or a store
+converted from ``write_gguf(...)`` of any dtype), whose ``logits`` must equal
+``logits(gguf_model(path))``; ``hf_state_dict`` is what its safetensors must hold.
 """
 
 from __future__ import annotations

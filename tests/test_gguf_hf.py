@@ -379,3 +379,20 @@ def test_gguf_tensor_without_a_hugging_face_name_is_refused_naming_it(
     manifest = sepstore.convert(path, tmp_path / "store", decider="gguf", assets=False, quiet=True)
     assert manifest.metadata["tensor_names"] == "gguf"  # the gguf decider places GGUF names only
     assert "mystery.weight" in manifest.mid[0].tensors and not manifest.asset_files
+
+
+def test_tokenizer_transformers_cannot_rebuild_stops_the_conversion_unless_no_assets(tmp_path: Path) -> None:
+    path = alone(tmp_path)
+    writer = gguf.GGUFWriter(str(path), "rwkv6")  # an architecture transformers' GGUF loader does not read
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list(["a", "b"])
+    writer.add_tensor("token_embd.weight", np.ones((2, 4), dtype=np.float32))
+    writer.add_tensor("blk.0.time_mix_key.weight", np.ones((4, 4), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(sepstore.StoreError, match=r"cannot rebuild the tokenizer.*--no-assets"):
+        sepstore.convert(path, tmp_path / "store", quiet=True)
+    manifest = sepstore.convert(path, tmp_path / "store", assets=False, quiet=True)
+    assert manifest.metadata["tensor_names"] == "gguf" and sorted(manifest.mid[0].tensors) == ["time_mix_key.weight"]

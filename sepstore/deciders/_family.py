@@ -10,7 +10,18 @@ from typing import Any
 from ..dump import Decider, Placement
 from ..errors import DeciderError
 
-__all__ = ["Family", "detect", "families", "get", "prefix_decider", "register"]
+__all__ = ["Family", "Runtime", "detect", "families", "get", "prefix_decider", "register"]
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """What :mod:`sepstore.hf` needs to run slices of a family's transformers causal LM: the
+    ``model_types`` checked to run bit-identically to the full model (others are refused), and
+    whether the base model's layer loop takes ``outputs[0]`` of each layer (Falcon, BLOOM) rather
+    than a tensor. Masks, positions and rotary embeddings come from the family's own forward."""
+
+    model_types: tuple[str, ...]
+    layer_returns_tuple: bool = False
 
 
 @dataclass(frozen=True)
@@ -44,6 +55,8 @@ class Family:
     base: str = ""
     head_with: str | None = None
     aliases: tuple[tuple[str, str], ...] = ()
+    #: How sepstore.hf runs a slice of this family's model; None where it cannot.
+    runtime: Runtime | None = None
 
     def tied_head(self, keys: Iterable[str], config: Mapping[str, Any] | None) -> dict[str, str]:
         """Tensors to add under a second name: ``{head_key: embed_key}`` when the config ties the

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 
-from ._family import Family, prefix_decider, register
+from ._family import Family, Runtime, prefix_decider, register
 
 __all__ = ["decider", "family"]
 
@@ -35,5 +35,6 @@ family = register(
         head_key="lm_head.weight",
         ties_by_default=True,
         signature=re.compile(r"^(?:transformer\.)?word_embeddings_layernorm\."),
+        runtime=Runtime(("bloom",), layer_returns_tuple=True),
     )
 )

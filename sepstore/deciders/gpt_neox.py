@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 
-from ._family import Family, prefix_decider, register
+from ._family import Family, Runtime, prefix_decider, register
 
 __all__ = ["decider", "family"]
 
@@ -35,5 +35,6 @@ family = register(
         embed_key="gpt_neox.embed_in.weight",
         head_key="embed_out.weight",
         signature=re.compile(r"^(?:gpt_neox\.)?layers\.\d+\.attention\.query_key_value\."),
+        runtime=Runtime(("gpt_neox",)),
     )
 )

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import re
 
-from ._family import Family, prefix_decider, register
+from ._family import Family, Runtime, prefix_decider, register
 
 __all__ = ["LLAMA_TYPES", "decider", "family"]
 
@@ -69,5 +69,6 @@ family = register(
         embed_key="model.embed_tokens.weight",
         head_key="lm_head.weight",
         signature=re.compile(r"^(?:model\.)?layers\.\d+\.self_attn\."),
+        runtime=Runtime(("llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "phi3")),
     )
 )

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import re
 
-from ._family import Family, prefix_decider, register
+from ._family import Family, Runtime, prefix_decider, register
 
 __all__ = ["decider", "family"]
 
@@ -37,5 +37,6 @@ family = register(
         head_key="lm_head.weight",
         ties_by_default=True,
         signature=re.compile(r"^(?:model\.)?decoder\.layers\.\d+\.self_attn\."),
+        runtime=Runtime(("opt",)),
     )
 )

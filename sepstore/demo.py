@@ -80,9 +80,34 @@ def _write_checkpoint(folder: str, state_dict: dict[str, torch.Tensor]) -> None:
         json.dump(CONFIG, f, indent=2)
 
 
+def _run_two_nodes(url: str, checkpoint: str, say: Callable[[str], None]) -> None:
+    """Run v2 as two nodes with :mod:`sepstore.hf` and check their logits against the full model's."""
+    try:
+        import transformers
+    except ImportError:
+        say("8. (pip install 'sepstore[hf]' to also run v2 as two nodes with transformers.)")
+        return
+    from .hf import load_model, quiet_loading
+
+    ids = torch.tensor([[1, 20, 300, 4000, 5]])
+    with quiet_loading(transformers):
+        full = transformers.AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.bfloat16).eval()
+    with torch.no_grad():
+        expected = full(input_ids=ids).logits
+    first, second = load_model(url, "b 0-2"), load_model(url, "2-4 e")
+    logits = second(hidden_states=first(input_ids=ids).hidden_states).logits
+    if logits is None or not torch.equal(logits, expected):
+        raise RuntimeError("demo: the two nodes' logits differ from the full model's")
+    say(
+        "8. Ran v2 as two nodes with sepstore.hf.load_model: node A ('b 0-2') turned 5 tokens into hidden states, "
+        "node B ('2-4 e') into logits equal, bit for bit, to the full transformers model's; neither held the "
+        "other's layers."
+    )
+
+
 def run_demo(directory: str | os.PathLike[str] = "sepstore-demo", *, say: Callable[[str], None] = print) -> None:
     """Convert two versions of a tiny Llama, diff them, load them as two nodes would, verify, sign
-    v2 and load it under a trust policy."""
+    v2 and load it under a trust policy, then run v2 as two transformers nodes (with ``sepstore[hf]``)."""
     root = os.path.abspath(os.fspath(directory))
     if os.path.exists(root):
         shutil.rmtree(root)
@@ -131,6 +156,7 @@ def run_demo(directory: str | os.PathLike[str] = "sepstore-demo", *, say: Callab
         f"trusting only that key (trust={os.path.basename(key)}.pub, or $SEPSTORE_TRUST) loaded 'e': "
         f"{len(trusted.end or {})} tensors."
     )
+    _run_two_nodes(url2, os.path.join(root, "checkpoints", "v2"), say)
     say(f"Done. Next: sepstore info {url2} --trust-key {key}.pub")
     say(f"      sepstore diff {url1} {url2}")
     say(f"      sepstore plan {url2} --nodes 2")

@@ -31,7 +31,16 @@ if TYPE_CHECKING:
     from transformers import Cache, PreTrainedModel
     from typing_extensions import Unpack
 
-__all__ = ["NodeModel", "NodeOutput", "UnsupportedModelError", "greedy", "load_model", "prompt_positions"]
+__all__ = [
+    "NodeModel",
+    "NodeOutput",
+    "UnsupportedModelError",
+    "greedy",
+    "load_model",
+    "prompt_positions",
+    "quiet_loading",
+    "supported_model_types",
+]
 
 
 class UnsupportedModelError(SepstoreError):
@@ -237,7 +246,7 @@ def load_model(
     target = torch.device(device)
     owners = _owners(model, family)
     chosen = iter_parts(resolved, parsed, verify=verify, device=target, cache_dir=options.get("cache_dir"))
-    with _quiet(transformers):
+    with quiet_loading(transformers):
         for label, tensors in chosen:
             _load_part(model, family, label, tensors, dtype)
     _stand_in(model, family, parsed, owners, target)
@@ -269,7 +278,7 @@ def _owners(model: nn.Module, family: Family) -> dict[str, str]:
 
 
 @contextmanager
-def _quiet(transformers: Any) -> Iterator[None]:
+def quiet_loading(transformers: Any) -> Iterator[None]:
     """Without transformers' per-part "Loading weights" bar (sepstore's own fetch bar stays)."""
     logging = transformers.utils.logging
     was = logging.is_progress_bar_enabled()

@@ -106,6 +106,7 @@ def test_demo_runs_to_the_end(tmp_path: Path) -> None:
     assert "2 parts changed" in result.stdout and "all verified" in result.stdout
     assert "5a. Node A" in result.stdout and "5b. Node B" in result.stdout
     assert "7. Signed v2" in result.stdout
+    assert "logits equal, bit for bit, to the full transformers model's" in result.stdout
     trusted = sepstore.load(
         tmp_path / "demo/store/manifests/demo/tiny-llama/v2.json", "e", trust=tmp_path / "demo/publisher.key.pub"
     )

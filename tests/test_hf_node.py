@@ -100,6 +100,15 @@ def test_a_model_without_a_config_is_a_clear_error(tmp_path: Path) -> None:
         load_model(tmp_path / "store", "b")
 
 
+def test_without_transformers_loading_a_model_says_what_to_install(
+    hf_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = built("llama", hf_root)
+    monkeypatch.setitem(sys.modules, "transformers", None)  # as if it were not installed
+    with pytest.raises(UnsupportedModelError, match=r"pip install 'sepstore\[hf\]'"):
+        load_model(model.manifest, "b 0-1")
+
+
 def store_with(tmp_path: Path, model: Built, extra: dict[str, torch.Tensor], drop: str = "") -> Path:
     """The model's checkpoint with ``extra`` tensors in layer 0 (less the key ``drop``), dumped
     keeping every key in its part, as a convert that keeps buffers does."""

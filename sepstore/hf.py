@@ -21,11 +21,12 @@ import torch
 from torch import nn
 
 from .deciders import Family, get
-from .errors import DeciderError, ModuleMismatchError, SepstoreError
+from .errors import DeciderError, ModuleMismatchError, SepstoreError, SpecError
 from .load import iter_parts
 from .manifest import Manifest
 from .refs import FETCH_OPTIONS, RefLike, RefOptions, open_ref
 from .spec import PartSpec, select_parts
+from .tensors import DTYPES
 
 if TYPE_CHECKING:
     from transformers import Cache, PreTrainedModel
@@ -76,10 +77,7 @@ def _family_of(manifest: Manifest) -> tuple[Family, dict[str, Any]]:
             "convert it from a Hugging Face folder with config.json to run it with sepstore.hf"
         )
     model_type = str(config["model_type"])
-    try:
-        family = get(manifest.metadata.get("decider") or model_type)
-    except DeciderError:
-        family = None
+    family = _known_family(manifest.metadata.get("decider"), model_type)
     runtime = family.runtime if family is not None else None
     if family is None or runtime is None or model_type not in runtime.model_types:
         raise UnsupportedModelError(
@@ -87,6 +85,17 @@ def _family_of(manifest: Manifest) -> tuple[Family, dict[str, Any]]:
             f"it runs {', '.join(supported_model_types())}"
         )
     return family, dict(config)
+
+
+def _known_family(*names: str | None) -> Family | None:
+    """The first of ``names`` (the decider convert recorded, the model type) that is a family."""
+    for name in names:
+        if name:
+            try:
+                return get(name)
+            except DeciderError:
+                continue
+    return None
 
 
 def supported_model_types() -> list[str]:
@@ -100,13 +109,13 @@ class _Zeros(nn.Module):
     """Stands in for an additive position embedding on a node without ``begin``: the hidden states
     it is given already hold it, so it adds zeros (``x + 0`` is ``x``, bit for bit)."""
 
-    def __init__(self, dim: int, dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(self, dim: int, dtype: torch.dtype) -> None:
         super().__init__()
-        self.dim, self.dtype, self.device = dim, dtype, device
+        self.dim, self.dtype = dim, dtype
 
     def forward(self, *args: Any, position_ids: torch.Tensor | None = None, **kwargs: Any) -> torch.Tensor:
         ids = position_ids if position_ids is not None else args[0]
-        return torch.zeros((*ids.shape, self.dim), dtype=self.dtype, device=self.device)
+        return torch.zeros((*ids.shape, self.dim), dtype=self.dtype, device=ids.device)
 
 
 class _Skip(nn.Module):
@@ -192,12 +201,13 @@ class NodeModel(nn.Module):
         kwargs: dict[str, Any] = {"attention_mask": attention_mask, "use_cache": use_cache}
         if self.has_begin:
             if input_ids is None or hidden_states is not None:
-                raise SepstoreError("this node holds begin: give it input_ids (token ids), not hidden_states")
+                raise SpecError(f"node {str(self.spec)!r} holds begin: give it input_ids, not hidden_states")
             kwargs["input_ids"] = input_ids
         else:
             if hidden_states is None or input_ids is not None:
-                raise SepstoreError(
-                    "this node does not hold begin: give it hidden_states (the previous node's output), not input_ids"
+                raise SpecError(
+                    f"node {str(self.spec)!r} does not hold begin: give it hidden_states (the previous node's "
+                    "output), not input_ids"
                 )
             kwargs["inputs_embeds"] = hidden_states
         if position_ids is not None and "position_ids" in self._params:
@@ -249,18 +259,16 @@ def load_model(
     with quiet_loading(transformers):
         for label, tensors in chosen:
             _load_part(model, family, label, tensors, dtype)
-    _stand_in(model, family, parsed, owners, target)
+    _stand_in(model, family, parsed, owners)
     _finish(model, target)
     return NodeModel(model, family, parsed)
 
 
 def _stored_dtype(manifest: Manifest) -> torch.dtype:
     """The dtype the parts store the model's floating-point weights in (the first one found)."""
-    from safetensors.torch import _TYPES  # type: ignore[attr-defined]
-
     for _, part in manifest.labelled_parts():
         for tensor in part.tensors.values():
-            dtype = _TYPES.get(tensor.dtype)
+            dtype = DTYPES.get(tensor.dtype)
             if dtype is not None and dtype.is_floating_point:
                 return dtype
     return torch.float32
@@ -335,7 +343,7 @@ def _finish(model: PreTrainedModel, device: torch.device) -> None:
             model._init_weights(module)
 
 
-def _stand_in(model: PreTrainedModel, family: Family, spec: PartSpec, owners: dict[str, str], device: Any) -> None:
+def _stand_in(model: PreTrainedModel, family: Family, spec: PartSpec, owners: dict[str, str]) -> None:
     """Replace what this node does not run: layers by pass-through stand-ins, ``begin`` modules by
     zeros (an added position embedding) or the identity, ``end`` modules by the identity."""
     assert family.runtime is not None
@@ -349,7 +357,7 @@ def _stand_in(model: PreTrainedModel, family: Family, spec: PartSpec, owners: di
             continue
         module = model.get_submodule(path)
         if isinstance(module, nn.Embedding):
-            stand_in: nn.Module = _Zeros(module.embedding_dim, module.weight.dtype, device)
+            stand_in: nn.Module = _Zeros(module.embedding_dim, module.weight.dtype)
         else:
             stand_in = nn.Identity()
         parent, _, name = path.rpartition(".")

@@ -76,9 +76,9 @@ def test_greedy_generation_over_two_nodes_with_caches_equals_generate(name: str,
 def test_a_node_takes_what_its_slice_starts_with(hf_root: Path) -> None:
     model = built("llama", hf_root)
     first, middle = load_model(model.manifest, "b 0-1"), load_model(model.manifest, "1-2")
-    with pytest.raises(sepstore.SepstoreError, match="holds begin: give it input_ids"):
+    with pytest.raises(sepstore.SpecError, match="'b 0-1' holds begin: give it input_ids"):
         first(hidden_states=torch.zeros(1, 2, 32))
-    with pytest.raises(sepstore.SepstoreError, match="give it hidden_states"):
+    with pytest.raises(sepstore.SpecError, match="'1-2' does not hold begin: give it hidden_states"):
         middle(input_ids=INPUT_IDS)
     hidden = first(input_ids=INPUT_IDS).hidden_states
     out = middle(hidden_states=hidden)

@@ -76,7 +76,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--storage-options", help="fsspec options as JSON, e.g. an S3 endpoint")
     args = parser.parse_args(argv)
     options = {"storage_options": json.loads(args.storage_options)} if args.storage_options else {}
-    specs = [p.spec for p in sepstore.plan(args.ref, nodes=args.nodes, **options)]
+    try:
+        specs = [p.spec for p in sepstore.plan(args.ref, nodes=args.nodes, **options)]
+    except sepstore.SepstoreError as exc:
+        parser.exit(2, f"pipeline.py: {exc}\n")
     for rank, spec in enumerate(specs):
         print(f"node {rank}: {spec}")
     results = mp.get_context("spawn").SimpleQueue()

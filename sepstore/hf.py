@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import re
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -302,8 +303,8 @@ def _load_part(
     model: PreTrainedModel, family: Family, label: str, tensors: dict[str, torch.Tensor], dtype: Any
 ) -> None:
     """Load one verified part into the meta model through transformers' loader (its renames, such
-    as GPT-NeoX's ``embed_out``, and fusions, such as Mixtral's experts). Extra buffers the family
-    drops (rotary ``inv_freq``, causal-mask ``bias``) are ignored; an extra weight is refused."""
+    as GPT-NeoX's ``embed_out``, and fusions, such as Mixtral's experts). Buffers a part keeps that
+    the model rebuilds (rotary ``inv_freq``, causal masks) are ignored; an extra weight is refused."""
     from transformers.conversion_mapping import get_model_conversion_mapping
     from transformers.core_model_loading import convert_and_load_state_dict_in_model
     from transformers.modeling_utils import LoadStateDictConfig
@@ -320,12 +321,26 @@ def _load_part(
     )
     info, _ = convert_and_load_state_dict_in_model(model, named, config)
     buffers = {name for name, _ in model.named_buffers()}
-    extra = sorted(k for k in info.unexpected_keys if k not in buffers and family.decider(k) is not None)
+    extra = sorted(k for k in info.unexpected_keys if k not in buffers and not _is_buffer(family, k, named.get(k)))
     if extra:
         raise ModuleMismatchError(f"part {label} has weights the {family.name} model lacks: {extra[:10]}")
     if info.mismatched_keys:
         shown = [f"{k}: part {tuple(got)}, model {tuple(want)}" for k, got, want in sorted(info.mismatched_keys)]
         raise ModuleMismatchError(f"part {label} does not fit the model's shapes: {shown[:10]}")
+
+
+#: Buffers older checkpoints carry and models rebuild (rotary frequencies, position and token-type
+#: ids, GPT-2's and GPT-NeoX's ``masked_bias``), by the last part of their name.
+_BUFFER_NAMES = re.compile(r"(?:^|\.)(?:(?:original_)?inv_freq|position_ids|token_type_ids|masked_bias)$")
+
+
+def _is_buffer(family: Family, key: str, tensor: torch.Tensor | None) -> bool:
+    """Whether a tensor a part holds and the model lacks is a buffer the model rebuilds itself,
+    not a weight: the family's decider drops it, its name is one of those buffers', or it is not
+    floating point (causal masks such as GPT-2's ``attn.bias``)."""
+    if tensor is not None and not (tensor.is_floating_point() or tensor.is_complex()):
+        return True
+    return _BUFFER_NAMES.search(key) is not None or family.decider(key) is None
 
 
 def _finish(model: PreTrainedModel, device: torch.device) -> None:

@@ -131,8 +131,13 @@ def test_buffers_a_part_keeps_are_ignored_but_an_extra_or_missing_weight_is_refu
     tmp_path: Path, hf_root: Path
 ) -> None:
     model = built("llama", hf_root)
-    kept = store_with(tmp_path / "kept", model, {"self_attn.rotary_emb.inv_freq": torch.ones(4)})
-    assert "self_attn.rotary_emb.inv_freq" in sepstore.read_manifest(kept).mid[0].tensors
+    buffers = {
+        "self_attn.rotary_emb.inv_freq": torch.ones(4),
+        "self_attn.masked_bias": torch.tensor(-1e4),
+        "self_attn.bias": torch.tril(torch.ones(1, 1, 8, 8, dtype=torch.bool)),  # a causal mask
+    }
+    kept = store_with(tmp_path / "kept", model, buffers)
+    assert set(buffers) <= set(sepstore.read_manifest(kept).mid[0].tensors)
     nodes = [load_model(kept, "b 0-2"), load_model(kept, "2-3 e")]
     with torch.no_grad():
         expected = full_model(model.checkpoint)(input_ids=INPUT_IDS, attention_mask=ATTENTION_MASK).logits

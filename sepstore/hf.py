@@ -60,11 +60,21 @@ class NodeOutput:
 
 
 def _transformers() -> Any:
+    """transformers, with the loader :func:`load_model` uses (transformers 5's)."""
     try:
         import transformers
     except ImportError:
         raise UnsupportedModelError(
             "sepstore.hf runs models with transformers, which is not installed: pip install 'sepstore[hf]'"
+        ) from None
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping  # noqa: F401
+        from transformers.core_model_loading import convert_and_load_state_dict_in_model  # noqa: F401
+        from transformers.modeling_utils import LoadStateDictConfig  # noqa: F401
+    except ImportError:
+        raise UnsupportedModelError(
+            f"sepstore.hf needs transformers 5's weight loader, which transformers {transformers.__version__} "
+            "lacks: pip install 'sepstore[hf]' (transformers>=5)"
         ) from None
     return transformers
 

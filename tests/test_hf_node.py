@@ -109,6 +109,13 @@ def test_without_transformers_loading_a_model_says_what_to_install(
         load_model(model.manifest, "b 0-1")
 
 
+def test_load_model_refuses_an_unsigned_model_under_a_trust_policy_as_load_does(hf_root: Path, tmp_path: Path) -> None:
+    model = built("llama", hf_root)
+    sepstore.keygen(tmp_path / "publisher.key")
+    with pytest.raises(sepstore.TrustError):
+        load_model(model.manifest, "b 0-1", trust=tmp_path / "publisher.key.pub")  # the store is not signed
+
+
 def store_with(tmp_path: Path, model: Built, extra: dict[str, torch.Tensor], drop: str = "") -> Path:
     """The model's checkpoint with ``extra`` tensors in layer 0 (less the key ``drop``), dumped
     keeping every key in its part, as a convert that keeps buffers does."""

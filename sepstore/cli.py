@@ -179,14 +179,17 @@ def cmd_diff(args: argparse.Namespace) -> int:
         return differ_code
     for p in result.changed:
         detail = ", ".join(f"{kind} {', '.join(names)}" for kind, names in p.tensors.to_dict().items() if names)
-        print(f"{p.part:<10} {p.status:<8} {human_bytes(p.bytes):>11}  {detail}")
+        print(f"{p.part:<10} {p.status:<8} {human_bytes(p.bytes):>11} {human_bytes(p.tensor_bytes):>11}  {detail}")
     for a in result.changed_assets:
         print(f"{'asset':<10} {a.status:<8} {human_bytes(a.bytes):>11}  {a.path}")
     same = len(result.parts) - len(result.changed)
     differ = counted(len(result.changed), "part") + (" differs" if len(result.changed) == 1 else " differ")
     if result.assets:
         differ += f", {counted(len(result.changed_assets), 'asset')} of {len(result.assets)}"
-    print(f"{differ}, {same} same; {human_bytes(result.bytes_to_fetch)} to fetch")
+    print(
+        f"{differ}, {same} same; {human_bytes(result.bytes_to_fetch)} to fetch by part, "
+        f"{human_bytes(result.tensor_bytes_to_fetch)} by tensor"
+    )
     return differ_code
 
 
@@ -366,8 +369,9 @@ def cmd_pull(args: argparse.Namespace) -> int:
     checked = "re-hashed" if report.checked == "digest" else "size checked (--verify re-hashes them)"
     assets = sum(label.startswith(ASSET_LABEL) for label in report.fetched)
     fetched = counted(len(report.fetched) - assets, "part") + (f" and {counted(assets, 'asset')}" if assets else "")
+    reused = f", {human_bytes(report.reused_bytes)} of it copied from cached tensors" if report.reused_bytes else ""
     print(
-        f"fetched and verified {fetched} ({human_bytes(report.fetched_bytes)}); "
+        f"fetched and verified {fetched} ({human_bytes(report.fetched_bytes)}{reused}); "
         f"{len(report.present)} already local ({human_bytes(report.present_bytes)}), {checked}"
     )
     if report.repaired:

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from .manifest import Manifest, Part
 from .refs import RefLike, RefOptions, manifest_of
+from .safetensors_io import ITEMSIZE, RawTensor
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -28,15 +29,25 @@ class TensorChanges:
 
 @dataclass(frozen=True)
 class PartDiff:
-    """One part's change. ``bytes`` is what a node holding ``a`` must fetch for it (0 if it has it)."""
+    """One part's change. ``bytes`` is what a node holding ``a`` must fetch for it (0 if it has
+    it) when parts are fetched whole; ``tensor_bytes`` what it fetches when parts are assembled
+    from the tensors it holds (:mod:`sepstore.delta`): the part's header and the tensors whose
+    digests no part of ``a`` has."""
 
     part: str
     status: Status
     tensors: TensorChanges
     bytes: int
+    tensor_bytes: int = 0
 
     def to_dict(self) -> dict[str, Any]:
-        return {"part": self.part, "status": self.status, "tensors": self.tensors.to_dict(), "bytes": self.bytes}
+        return {
+            "part": self.part,
+            "status": self.status,
+            "tensors": self.tensors.to_dict(),
+            "bytes": self.bytes,
+            "tensor_bytes": self.tensor_bytes,
+        }
 
 
 @dataclass(frozen=True)
@@ -63,6 +74,11 @@ class ManifestDiff:
         return sum(p.bytes for p in self.parts) + sum(a.bytes for a in self.assets)
 
     @property
+    def tensor_bytes_to_fetch(self) -> int:
+        """Bytes that node downloads when parts are assembled from the tensors it holds."""
+        return sum(p.tensor_bytes for p in self.parts) + sum(a.bytes for a in self.assets)
+
+    @property
     def changed(self) -> list[PartDiff]:
         """The parts whose status is not ``same``."""
         return [p for p in self.parts if p.status != "same"]
@@ -82,6 +98,7 @@ class ManifestDiff:
             "parts": [p.to_dict() for p in self.parts],
             "assets": [a.to_dict() for a in self.assets],
             "bytes_to_fetch": self.bytes_to_fetch,
+            "tensor_bytes_to_fetch": self.tensor_bytes_to_fetch,
         }
 
 
@@ -104,6 +121,7 @@ def diff(a: RefLike | Manifest, b: RefLike | Manifest, **options: Unpack[RefOpti
     old, new = manifest_of("diff", a, options), manifest_of("diff", b, options)
     old_parts, new_parts = dict(old.labelled_parts()), dict(new.labelled_parts())
     have = {p.digest for p in old_parts.values()}
+    held = {t.digest for p in old_parts.values() for t in p.tensors.values()}
     labels = [label for label, _ in old.labelled_parts()]
     labels += [label for label in new_parts if label not in old_parts]
     labels.sort(key=lambda s: (s == "end", s != "begin", int(s.split(".")[1]) if s.startswith("mid.") else 0))
@@ -115,14 +133,27 @@ def diff(a: RefLike | Manifest, b: RefLike | Manifest, **options: Unpack[RefOpti
                 out.append(PartDiff(label, "removed", TensorChanges(removed=sorted(before.tensors)), 0))
             continue
         cost = 0 if after.digest in have else after.size
+        tensor_cost = 0 if after.digest in have else _tensor_cost(after, held)
         have.add(after.digest)
+        held.update(t.digest for t in after.tensors.values())
         if before is None:
-            out.append(PartDiff(label, "added", TensorChanges(added=sorted(after.tensors)), cost))
+            out.append(PartDiff(label, "added", TensorChanges(added=sorted(after.tensors)), cost, tensor_cost))
         elif before.digest == after.digest:
             out.append(PartDiff(label, "same", TensorChanges(), 0))
         else:
-            out.append(PartDiff(label, "changed", _compare(before, after), cost))
+            out.append(PartDiff(label, "changed", _compare(before, after), cost, tensor_cost))
     return ManifestDiff(out, _assets(old, new, have))
+
+
+def _tensor_cost(part: Part, held: set[str]) -> int:
+    """Bytes of ``part`` that a node holding the tensors ``held`` fetches to assemble it: its
+    header (whatever its tensors do not fill) and the tensors it lacks, each digest once. A part
+    with a dtype this sepstore does not know is fetched whole."""
+    if any(t.dtype not in ITEMSIZE for t in part.tensors.values()):
+        return part.size
+    sizes = [(t.digest, RawTensor(t.dtype, tuple(t.shape)).nbytes) for t in part.tensors.values()]
+    lacking = dict((digest, size) for digest, size in sizes if digest not in held)
+    return part.size - sum(size for _, size in sizes) + sum(lacking.values())
 
 
 def _assets(old: Manifest, new: Manifest, have: set[str]) -> list[AssetDiff]:

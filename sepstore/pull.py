@@ -28,7 +28,9 @@ class PullReport:
     ``present`` parts were already local (cached, or in a local store): ``checked`` says how they
     were checked now, ``"size"`` or (with ``verify=True``) ``"digest"``, re-hashed. ``repaired``
     names the local copies that failed that check, with what was wrong; they were deleted and
-    fetched again (so they are among ``fetched`` too).
+    fetched again (so they are among ``fetched`` too). Of the ``fetched_bytes``,
+    ``transferred_bytes`` crossed the network and ``reused_bytes`` were copied from tensors
+    already cached (a part assembled by :mod:`sepstore.delta`); a part fetched whole counts whole.
     """
 
     manifest_url: str
@@ -40,6 +42,8 @@ class PullReport:
     checked: Literal["size", "digest"]
     repaired: dict[str, str]
     paths: dict[str, str]
+    transferred_bytes: int = 0
+    reused_bytes: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -47,6 +51,8 @@ class PullReport:
             "digest": self.manifest_digest,
             "fetched": self.fetched,
             "fetched_bytes": self.fetched_bytes,
+            "transferred_bytes": self.transferred_bytes,
+            "reused_bytes": self.reused_bytes,
             "present": self.present,
             "present_bytes": self.present_bytes,
             "present_checked": self.checked,
@@ -92,6 +98,8 @@ def pull(
         checked="digest" if verify else "size",
         repaired=repaired,
         paths={label: reader.path(part) for label, part in chosen},
+        transferred_bytes=reader.transfer.transferred,
+        reused_bytes=reader.transfer.reused,
     )
 
 

@@ -20,6 +20,7 @@ from fsspec.implementations.local import LocalFileSystem
 
 from .backends import open_url
 from .cache import DEFAULT_WORKERS, Cache, Fetch
+from .delta import TensorIndex, Transfer, assemble
 from .errors import IntegrityError, NotFoundError, StoreError
 from .hashing import Hasher, digest_buffer, digest_file, digest_of
 from .manifest import Blob, Part
@@ -82,6 +83,8 @@ class PartReader:
         self.cache = None if isinstance(self.fs, LocalFileSystem) else Cache(cache_dir)
         self.workers = workers
         self._fresh: set[str] = set()  # digests this reader fetched, and so verified, itself
+        #: Bytes this reader's fetches read over the network, and copied from cached parts instead.
+        self.transfer = Transfer()
 
     def _source(self, part: Blob) -> str:
         return f"{self.base}/{part.file_name}"
@@ -102,12 +105,24 @@ class PartReader:
         return list(fetches.values())
 
     def prefetch(self, chosen: Iterable[tuple[str, Blob]], *, desc: str = "fetch", quiet: bool = False) -> list[Fetch]:
-        """Fetch the chosen parts (or assets) the cache lacks, in parallel; returns what was fetched."""
+        """Fetch the chosen parts (or assets) the cache lacks, in parallel; returns what was fetched.
+        A part whose tensors are mostly cached (in parts of any model) is assembled from them and
+        ranged reads of the rest (:mod:`sepstore.delta`); the others are fetched whole."""
+        chosen = list(chosen)
         todo = self.missing(chosen)
-        if not todo or self.cache is None:
+        if self.cache is None:
+            return []
+        index = TensorIndex(self.cache)
+        index.remember(part for _, part in chosen if self.cache.has(part))
+        if not todo:
             return []
         with progress(sum(f.part.size for f in todo), desc, quiet=quiet) as bar:
-            fetched = self.cache.fetch(todo, workers=self.workers, bar=bar)
+            assembled = assemble(self.cache, todo, workers=self.workers, bar=bar, transfer=self.transfer)
+            done = {f.part.digest for f in assembled}
+            fetched = self.cache.fetch([f for f in todo if f.part.digest not in done], workers=self.workers, bar=bar)
+        self.transfer.add(transferred=sum(f.part.size for f in fetched))
+        index.remember(f.part for f in fetched)
+        fetched += assembled
         self._fresh.update(f.part.digest for f in fetched)
         return fetched
 

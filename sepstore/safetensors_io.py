@@ -36,6 +36,7 @@ __all__ = [
     "WrittenPart",
     "copy_range",
     "header_end",
+    "layout",
     "parse_header",
     "pread_exact",
     "pwrite_all",
@@ -177,7 +178,7 @@ class WrittenPart:
     tensors: dict[str, TensorRecord]
 
 
-def _layout(tensors: Mapping[str, RawTensor]) -> tuple[list[tuple[str, int]], bytes]:
+def layout(tensors: Mapping[str, RawTensor]) -> tuple[list[tuple[str, int]], bytes]:
     """Each tensor's name and offset in file order, and the file's length prefix plus header."""
     order = sorted(tensors, key=lambda n: (-ITEMSIZE[tensors[n].dtype], n))
     header: dict[str, object] = {}
@@ -205,7 +206,7 @@ def write_part(tensors: Mapping[str, RawTensor], fd: int) -> WrittenPart:
     digests are of the bytes in the file, whatever happens to the sources meanwhile. Every byte goes
     through the file hasher once and through its tensor's hasher once.
     """
-    placed, head = _layout(tensors)
+    placed, head = layout(tensors)
     size = len(head) + sum(t.nbytes for t in tensors.values())
     os.ftruncate(fd, size)
     pwrite_all(fd, head, 0)

@@ -1,0 +1,324 @@
+"""Tensor-level delta for pull: a part the cache lacks is assembled from the tensors that cached
+parts already hold, plus ranged reads of the others, and verified whole before it gets its name.
+
+**Which cached part holds which tensor.** A part's header says where its tensors are but not what
+they are; the manifest that named the part says what they are. So when a part enters the cache
+(verified) or a pull finds it there, the cache keeps an index file beside it,
+``tensors/blake3/<part hex>.json``: each tensor's digest (from that manifest) with its byte range
+in the file (from the file's own header). The index is a hint and never trusted for bytes: an
+assembled part is hashed whole and must match its digest, else it is fetched whole as before and
+the index files of the parts it copied from are dropped (the next pull that names those parts
+writes them again). It holds nothing a cache could not rebuild, so deleting it is always safe.
+
+**Assembling a part.** Its header is fetched alone (one ranged read, sized by the header the
+manifest's tensors give in sepstore's own layout, and read further when the file's header is
+longer): the file's own header, so a part written in another tensor order, or with
+``__metadata__``, is assembled as it is. Tensors found in the index are copied from the cached
+part in the kernel (``copy_file_range``); the others are fetched as ranged reads, coalesced
+across small gaps and cut into chunks, in parallel. A server that ignores ``Range`` answers the
+header read with the whole part, which is then verified as a whole fetch would be.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import threading
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from functools import partial
+
+from tqdm.auto import tqdm
+
+from .backends import stream_range
+from .cache import CHUNK_BYTES, Cache, Fetch
+from .errors import IntegrityError
+from .hashing import digest_file, digest_hex
+from .manifest import Blob, Part
+from .retry import with_retries
+from .safetensors_io import HeaderEntry, RawTensor, copy_range, header_end, layout, parse_header, pwrite_all
+from .store import create_temp, file_lock, replace_durably
+
+__all__ = ["INDEX_DIR", "TensorIndex", "Transfer", "assemble"]
+
+#: Where a cache keeps its index files (relative to its root).
+INDEX_DIR = "tensors/blake3"
+#: Bytes of a part that must be found cached before it is assembled rather than fetched whole
+#: (below this, the extra header read costs more than the copy saves).
+MIN_REUSE = 64 * 1024
+#: Ranges to fetch that are at most this far apart are fetched as one read (the bytes between
+#: are fetched too): fewer requests for small tensors (norms, biases) between changed ones.
+GAP_BYTES = 64 * 1024
+
+
+@dataclass
+class Transfer:
+    """What fetching parts cost: bytes read over the network, and bytes copied from parts
+    already cached instead."""
+
+    transferred: int = 0
+    reused: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def add(self, transferred: int = 0, reused: int = 0) -> None:
+        with self._lock:
+            self.transferred += transferred
+            self.reused += reused
+
+
+@dataclass(frozen=True)
+class Source:
+    """A tensor's bytes in a cached part: the part's digest and file, and the byte range there."""
+
+    part: str
+    path: str
+    start: int
+    end: int
+
+
+class TensorIndex:
+    """The cache's index of tensor digests to the cached parts (and byte ranges) that hold them."""
+
+    def __init__(self, cache: Cache) -> None:
+        self.cache = cache
+        self.root = os.path.join(cache.root, *INDEX_DIR.split("/"))
+
+    def _file(self, digest: str) -> str:
+        return os.path.join(self.root, f"{digest_hex(digest)}.json")
+
+    def remember(self, parts: Iterable[Blob]) -> None:
+        """Index the cached ``parts`` not yet indexed, from their headers and the manifest's
+        tensor digests; an unreadable part is left out (the index is only a hint)."""
+        for part in parts:
+            if isinstance(part, Part) and part.tensors and not os.path.exists(self._file(part.digest)):
+                with contextlib.suppress(OSError, IntegrityError):
+                    self._write(part)
+
+    def _write(self, part: Part) -> None:
+        path = self.cache.path(part)
+        with open(path, "rb", buffering=0) as file:
+            size = os.fstat(file.fileno()).st_size
+            head = os.pread(file.fileno(), 8, 0)
+            head += os.pread(file.fileno(), header_end(head, size) - len(head), len(head))
+        header = parse_header(head, size, where=path)
+        ranges = {
+            part.tensors[name].digest: [entry.start, entry.end]
+            for name, entry in header.items()
+            if name in part.tensors and entry.end > entry.start
+        }
+        os.makedirs(self.root, exist_ok=True)
+        fd, tmp = create_temp(self.root, ".json")
+        try:
+            with os.fdopen(fd, "w") as out:
+                json.dump({"size": size, "tensors": ranges}, out)
+            os.replace(tmp, self._file(part.digest))
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+
+    def forget(self, digests: Iterable[str]) -> None:
+        """Drop the index files of these parts (they led to bytes that did not verify)."""
+        for digest in digests:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._file(digest))
+
+    def load(self) -> dict[str, Source]:
+        """Every indexed tensor digest and where a cached part holds it; index files of parts no
+        longer cached (pruned, or of another size now) are removed."""
+        found: dict[str, Source] = {}
+        try:
+            names = sorted(os.listdir(self.root))
+        except FileNotFoundError:
+            return found
+        for name in names:
+            hex_, dot, ext = name.partition(".")
+            if ext != "json" or not dot or len(hex_) != 64:
+                continue
+            digest = f"blake3:{hex_}"
+            path = os.path.join(self.cache.parts, f"{hex_}.safetensors")
+            try:
+                with open(os.path.join(self.root, name), "rb") as file:
+                    entry = json.load(file)
+                size, tensors = entry["size"], entry["tensors"]
+                if os.path.getsize(path) != size:
+                    raise ValueError("stale")
+            except (OSError, ValueError, KeyError, TypeError):  # pruned, replaced, or not an index file of ours
+                self.forget([digest])
+                continue
+            if not isinstance(tensors, dict):
+                continue
+            for tensor, span in tensors.items():
+                if (
+                    isinstance(tensor, str)
+                    and isinstance(span, list)
+                    and len(span) == 2
+                    and all(type(x) is int for x in span)
+                    and 0 <= span[0] < span[1] <= size
+                ):
+                    found.setdefault(tensor, Source(digest, path, span[0], span[1]))
+        return found
+
+
+@dataclass(eq=False)
+class _Plan:
+    """One part being assembled in ``incoming/<hex>.assembling``."""
+
+    item: Fetch
+    tmp: str
+    fd: int
+    bar: tqdm | None
+    transfer: Transfer
+    copies: list[tuple[Source, int]] = field(default_factory=list)
+    ranges: list[tuple[int, int]] = field(default_factory=list)
+    #: Bytes this part adds to the bar's total, and bytes it has sent there.
+    planned: int = 0
+    sent: int = 0
+
+    def write(self, offset: int, piece: bytes) -> None:
+        pwrite_all(self.fd, piece, offset)
+        self.transfer.add(transferred=len(piece))
+        self.sent += len(piece)
+        if self.bar is not None:
+            self.bar.update(len(piece))
+
+    def fetch(self, start: int, end: int) -> tuple[int, int]:
+        item = self.item
+        return with_retries(
+            lambda: stream_range(item.fs, item.src, item.url, start, end, item.part.size, self.write), item.url
+        )
+
+    def copy(self, source: Source, at: int) -> None:
+        count = source.end - source.start
+        with open(source.path, "rb", buffering=0) as src:
+            if copy_range(src.fileno(), source.start, self.fd, at, count) != count:
+                raise IntegrityError(f"{source.path} is shorter than its index says")
+        self.transfer.add(reused=count)
+
+
+def _predicted_head(part: Part) -> int:
+    """The length of the header sepstore would write for the part's tensors (what to ask for first)."""
+    return len(layout({n: RawTensor(t.dtype, tuple(t.shape)) for n, t in part.tensors.items()})[1])
+
+
+def _matches(header: dict[str, HeaderEntry], part: Part) -> bool:
+    return header.keys() == part.tensors.keys() and all(
+        (e.dtype, e.shape) == (part.tensors[n].dtype, tuple(part.tensors[n].shape)) for n, e in header.items()
+    )
+
+
+def _coalesce(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """``spans`` sorted, joined across gaps of at most :data:`GAP_BYTES`, and cut into chunks of
+    at most :data:`~sepstore.cache.CHUNK_BYTES` (fetched in parallel)."""
+    joined: list[tuple[int, int]] = []
+    for start, end in sorted(spans):
+        if joined and start - joined[-1][1] <= GAP_BYTES:
+            joined[-1] = (joined[-1][0], max(end, joined[-1][1]))
+        else:
+            joined.append((start, end))
+    return [(at, min(at + CHUNK_BYTES, end)) for start, end in joined for at in range(start, end, CHUNK_BYTES)]
+
+
+def _plan(plan: _Plan, known: dict[str, Source]) -> None:
+    """Fetch the part's header and decide, tensor by tensor, what is copied and what is fetched;
+    nothing more to do when a server that ignores ``Range`` sent the whole part instead."""
+    part = plan.item.part
+    assert isinstance(part, Part)
+    asked = min(_predicted_head(part), part.size)
+    if plan.fetch(0, asked) == (0, part.size):
+        return
+    head = os.pread(plan.fd, asked, 0)
+    need = header_end(head, part.size)
+    if need > asked:
+        plan.fetch(asked, need)
+        head += os.pread(plan.fd, need - asked, asked)
+    header = parse_header(head, part.size, where=plan.item.url)
+    if not _matches(header, part):
+        raise IntegrityError(f"{plan.item.url}: the header does not list the manifest's tensors")
+    fetched = max(asked, need)
+    wanted: list[tuple[int, int]] = []
+    for name, entry in header.items():
+        source = known.get(part.tensors[name].digest)
+        if source is not None and source.end - source.start == entry.end - entry.start:
+            plan.copies.append((source, entry.start))
+        elif entry.end > fetched:
+            wanted.append((max(entry.start, fetched), entry.end))
+    plan.ranges = _coalesce(wanted)
+    plan.planned = fetched + sum(end - start for start, end in plan.ranges)
+    if plan.bar is not None:  # the bar counts bytes transferred: the copied ones never are
+        plan.bar.total -= part.size - plan.planned
+
+
+def _succeeds(call: Callable[[], object]) -> bool:
+    """Whether ``call`` ran without an error: any failure means the part is fetched whole, and
+    that fetch reports its own errors."""
+    try:
+        call()
+    except Exception:
+        return False
+    return True
+
+
+def _attempt(plans: Sequence[_Plan], known: dict[str, Source], pool: ThreadPoolExecutor) -> list[_Plan]:
+    """Plan, copy and fetch every part of ``plans``; those that got through it (the others are
+    fetched whole)."""
+    ready = pool.map(lambda p: _succeeds(partial(_plan, p, known)), plans)
+    planned = [p for p, ok in zip(plans, ready, strict=True) if ok]
+    work = [(p, pool.submit(_succeeds, partial(p.copy, s, at))) for p in planned for s, at in p.copies]
+    work += [(p, pool.submit(_succeeds, partial(p.fetch, a, b))) for p in planned for a, b in p.ranges]
+    failed = {id(p) for p, future in work if not future.result()}
+    return [p for p in planned if id(p) not in failed]
+
+
+def assemble(
+    cache: Cache, items: Sequence[Fetch], *, workers: int, bar: tqdm | None = None, transfer: Transfer
+) -> list[Fetch]:
+    """Assemble into the cache those of ``items`` (parts it lacks) whose tensors are mostly
+    cached already; returns those now cached, verified. The others (nothing to reuse, a part
+    another process is fetching, any failure or mismatch) are left for a whole fetch.
+    ``transfer`` counts the bytes fetched and copied; ``bar`` counts the bytes fetched."""
+    parts = [i for i in items if isinstance(i.part, Part) and i.part.tensors]
+    if not parts:
+        return []
+    index = TensorIndex(cache)
+    known = index.load()
+    if not known:
+        return []
+    chosen = [i for i in parts if _reusable(i.part, known) >= MIN_REUSE]
+    done: list[Fetch] = []
+    with contextlib.ExitStack() as held:
+        plans: list[_Plan] = []
+        for item in chosen:
+            if not held.enter_context(file_lock(cache.lock_path(item.part.digest), blocking=False)):
+                continue  # another process is fetching it: the whole fetch waits for that
+            if cache.has(item.part):
+                continue
+            tmp = os.path.join(cache.incoming, f"{digest_hex(item.part.digest)}.assembling")
+            fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o666)
+            held.callback(os.close, fd)
+            os.ftruncate(fd, item.part.size)
+            plans.append(_Plan(item, tmp, fd, bar, transfer, planned=item.part.size))
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="sepstore-delta") as pool:
+            assembled = _attempt(plans, known, pool)
+        for plan in plans:
+            part = plan.item.part
+            if plan in assembled and digest_file(plan.tmp) == part.digest:  # what a whole fetch checks
+                replace_durably(plan.tmp, cache.path(part))
+                done.append(plan.item)
+                continue
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(plan.tmp)
+            if plan in assembled:  # the bytes copied were not what the index said: stop trusting it
+                assert isinstance(part, Part)
+                index.forget({s.part for s, _ in plan.copies})
+            if bar is not None:  # the whole fetch adds the part's size to what this one sent
+                bar.total += plan.sent + part.size - plan.planned
+    index.remember(item.part for item in done)
+    return done
+
+
+def _reusable(part: Blob, known: dict[str, Source]) -> int:
+    """Bytes of ``part`` found in the index."""
+    assert isinstance(part, Part)
+    return sum(known[t.digest].end - known[t.digest].start for t in part.tensors.values() if t.digest in known)

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import msgspec
 
 from .cache import DEFAULT_WORKERS
+from .compose import Composer
 from .errors import StoreError
 from .leases import holding
 from .manifest import Blob, encode_manifest, manifest_digest
@@ -33,7 +34,9 @@ __all__ = ["PushReport", "push"]
 class PushReport:
     """What a push did: parts (and assets, labelled ``asset:<path>``) uploaded, those the
     destination already had (checked by size, or re-hashed when ``verified``), those of them found
-    damaged and uploaded again (``repaired``, also in ``uploaded``), and the manifest."""
+    damaged and uploaded again (``repaired``, also in ``uploaded``), and the manifest. Of the
+    ``uploaded_bytes``, ``transferred_bytes`` were sent and ``copied_bytes`` copied server-side
+    from part objects the destination held (S3, see :mod:`sepstore.compose`)."""
 
     manifest_url: str
     manifest_digest: str
@@ -46,6 +49,8 @@ class PushReport:
     verified: bool
     #: Ids of the keys whose signatures of this manifest were copied or made (``sign=``) here.
     signatures: list[str]
+    transferred_bytes: int = 0
+    copied_bytes: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -53,6 +58,8 @@ class PushReport:
             "digest": self.manifest_digest,
             "uploaded": self.uploaded,
             "uploaded_bytes": self.uploaded_bytes,
+            "transferred_bytes": self.transferred_bytes,
+            "copied_bytes": self.copied_bytes,
             "skipped": self.skipped,
             "skipped_bytes": self.skipped_bytes,
             "repaired": self.repaired,
@@ -122,13 +129,18 @@ def push(
     reader = PartReader(src, cache_dir=options.get("cache_dir"), workers=workers)
 
     damaged: set[str] = set()  # files the destination holds with other bytes
+    composer = Composer.for_store(store, manifest, workers=workers)
+    moved = {"sent": 0, "copied": 0}  # bytes uploaded, and copied server-side instead
 
     def upload(item: tuple[str, Blob]) -> int:
+        """Upload one part; the bytes of it copied server-side instead of sent."""
         _, part = item
         # a cached copy is read under its lock, so that `cache prune` leaves it alone meanwhile
         with reader.cache.reading(part) if reader.cache is not None else contextlib.nullcontext():
-            store.put_blob_file(reader.path(part), part, replace=part.file_name in damaged)
-        return part.size
+            copied = composer.put(reader.path(part), part) if composer is not None else 0
+            if not copied:
+                store.put_blob_file(reader.path(part), part, replace=part.file_name in damaged)
+        return copied
 
     def held_as(file_name: str) -> Literal["missing", "damaged", "whole"]:
         """What the destination holds under that name: checked by size, and re-hashed with ``verify``."""
@@ -145,9 +157,12 @@ def push(
         # cached copy is fetched again, a damaged local part refused, never uploaded under its digest.
         reader.recheck(todo, rehash=True)
         reader.prefetch(todo, desc=f"fetch {manifest.name}", quiet=quiet)  # a remote source: verified into the cache
-        with progress(sum(p.size for _, p in todo), desc, quiet=quiet) as bar:
-            for size in pool.map(upload, todo):
-                bar.update(size)
+        with progress(sum(p.size for _, p in todo), desc, quiet=quiet) as bar:  # counts the bytes sent
+            for (_, part), copied in zip(todo, pool.map(upload, todo), strict=True):
+                bar.total -= copied
+                bar.update(part.size - copied)
+                moved["sent"] += part.size - copied
+                moved["copied"] += copied
 
     with (
         holding(store, "publish", (blob.digest for _, blob in parts.values())) as lease,
@@ -187,4 +202,6 @@ def push(
         repaired=[parts[d][0] for d in parts if d in damaged],
         verified=verify,
         signatures=sorted(set(signed)),
+        transferred_bytes=moved["sent"],
+        copied_bytes=moved["copied"],
     )

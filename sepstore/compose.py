@@ -1,0 +1,310 @@
+"""Tensor-level delta for push to S3: a new part whose unchanged tensors already sit in part objects
+of the destination is written as a multipart upload whose unchanged runs are server-side copies
+(``UploadPartCopy`` with a byte range), so that only about the changed bytes are uploaded.
+
+**Where the unchanged tensors are.** The destination's manifests of the same model name (every
+tag) say which of its part objects hold which tensor digests; one ranged read of each such object's
+header (only of objects that hold a tensor being pushed) says where. A byte range is copied only
+from a part object filed under its digest, and only where the tensor digests match.
+
+**Plan.** The new part's bytes are cut into runs: a run copied from one source object (tensors
+that are adjacent there too, the header when the source's header is byte for byte the same) or a
+run uploaded from the local file. S3 wants every part of a multipart upload but the last to be at
+least 5 MiB: a copy run shorter than that is uploaded instead, and an uploaded run shorter than
+that takes bytes from the start of the copy run after it.
+
+**Verified.** S3 answers each part, copied or uploaded, with its ETag, the MD5 of its bytes
+(for objects without KMS or customer keys); each must be the MD5 of the local file's same bytes,
+which were verified against the part's digest before the push, else the upload is aborted and the
+part is uploaded whole (and composing stops for the rest of the push: such a bucket's ETags are
+not MD5s). The object's size is checked once the upload is complete.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import threading
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from fsspec.asyn import sync
+
+from .backends import read_head
+from .errors import SepstoreError
+from .manifest import Blob, Manifest, Part, decode_manifest
+from .safetensors_io import HeaderEntry, RawTensor, header_end, layout, parse_header, pread_exact
+from .store import Store
+
+__all__ = ["MIN_PART", "Composer", "Run", "plan_runs"]
+
+log = logging.getLogger("sepstore")
+
+#: S3's least size of a multipart upload's part (all but the last).
+MIN_PART = 5 * 1024 * 1024
+#: S3's largest ``UploadPartCopy`` range.
+MAX_COPY = 5 * 1024**3
+#: Uploaded runs are sent in parts of at most this many bytes (each held in memory while it is sent).
+MAX_UPLOAD = 16 * 1024 * 1024
+#: S3's most parts in one multipart upload.
+MAX_PARTS = 10_000
+
+
+@dataclass(frozen=True)
+class Run:
+    """Bytes ``start:end`` of the new part: copied from ``source`` (a destination object's path)
+    at ``source_start``, or uploaded from the local file when ``source`` is ``None``."""
+
+    start: int
+    end: int
+    source: str | None = None
+    source_start: int = 0
+
+    @property
+    def length(self) -> int:
+        return self.end - self.start
+
+    def cut(self, at: int) -> tuple[Run, Run]:
+        """This run split ``at`` bytes from its start."""
+        shift = self.source_start + at if self.source is not None else 0
+        return Run(self.start, self.start + at, self.source, self.source_start), Run(
+            self.start + at, self.end, self.source, shift
+        )
+
+
+def _joined(runs: Iterable[Run]) -> list[Run]:
+    """Adjacent uploads joined, and adjacent copies of adjacent bytes of one source."""
+    out: list[Run] = []
+    for run in runs:
+        prev = out[-1] if out else None
+        if (
+            prev is not None
+            and prev.end == run.start
+            and prev.source == run.source
+            and (run.source is None or prev.source_start + prev.length == run.source_start)
+        ):
+            out[-1] = Run(prev.start, run.end, prev.source, prev.source_start)
+        else:
+            out.append(run)
+    return out
+
+
+def plan_runs(runs: Iterable[Run]) -> list[Run]:
+    """S3 parts for ``runs`` (which tile the new part in order): every part but the last at least
+    :data:`MIN_PART` bytes, copies at most :data:`MAX_COPY`, uploads at most :data:`MAX_UPLOAD`."""
+    out: list[Run] = []
+    for run in _joined(runs):
+        if run.source is not None and run.length < MIN_PART:
+            run = Run(run.start, run.end)
+        prev = out[-1] if out else None
+        if prev is not None and prev.source is None and (run.source is None or prev.length < MIN_PART):
+            if run.source is None or run.length - (MIN_PART - prev.length) < MIN_PART:
+                out[-1] = Run(prev.start, run.end)  # joined, or a short upload takes all of a short copy
+                continue
+            taken, run = run.cut(MIN_PART - prev.length)  # a short upload takes the copy's first bytes
+            out[-1] = Run(prev.start, taken.end)
+        out.append(run)
+    parts: list[Run] = []
+    for run in out:
+        most = MAX_COPY if run.source is not None else MAX_UPLOAD
+        pieces = -(-run.length // most)
+        for i in range(pieces):  # equal pieces, each above MIN_PART (a run is cut only when it is large)
+            lo, hi = run.length * i // pieces, run.length * (i + 1) // pieces
+            parts.append(run.cut(lo)[1].cut(hi - lo)[0] if pieces > 1 else run)
+    return parts
+
+
+@dataclass
+class _Source:
+    path: str
+    start: int
+    end: int
+
+
+class Composer:
+    """Composes new parts of one push from the part objects an S3 destination already holds."""
+
+    def __init__(self, store: Store, manifest: Manifest, *, workers: int) -> None:
+        self.store = store
+        self.name = manifest.name
+        self.wanted = {t.digest for _, part in manifest.labelled_parts() for t in part.tensors.values()}
+        self.workers = workers
+        self._lock = threading.Lock()
+        self._tensors: dict[str, list[_Source]] | None = None
+        self._headers: dict[str, bytes] = {}  # the header bytes of each source object
+        self._disabled = False
+
+    @classmethod
+    def for_store(cls, store: Store, manifest: Manifest, *, workers: int) -> Composer | None:
+        """A composer for pushing ``manifest`` to ``store`` when it is on S3 (other backends upload
+        whole parts)."""
+        protocol = store.fs.protocol
+        protocols = (protocol,) if isinstance(protocol, str) else tuple(protocol)
+        return cls(store, manifest, workers=workers) if "s3" in protocols else None
+
+    def _index(self) -> dict[str, list[_Source]]:
+        """Where the destination's part objects (of this model's manifests) hold the pushed tensors;
+        read once, by the first part to compose."""
+        with self._lock:
+            if self._tensors is None:
+                self._tensors = {}
+                with contextlib.suppress(SepstoreError):
+                    self._read_index(self.wanted)
+            return self._tensors
+
+    def _read_index(self, wanted: set[str]) -> None:
+        assert self._tensors is not None
+        candidates: dict[str, Part] = {}
+        for name, tag in self.store.list_manifests():
+            if name != self.name:
+                continue
+            with contextlib.suppress(SepstoreError):
+                url = self.store.url_of(self.store.manifest_path(name, tag))
+                manifest = decode_manifest(self.store.read_manifest_bytes(name, tag), source=url)
+                for _, part in manifest.labelled_parts():
+                    if any(t.digest in wanted for t in part.tensors.values()):
+                        candidates.setdefault(part.digest, part)
+        for part in candidates.values():
+            with contextlib.suppress(SepstoreError, OSError):
+                path = self.store.blob_path(part)
+                header, self._headers[path] = _remote_header(self.store, path, part)
+                for tensor, entry in header.items():
+                    if tensor in part.tensors and entry.end > entry.start:
+                        source = _Source(path, entry.start, entry.end)
+                        self._tensors.setdefault(part.tensors[tensor].digest, []).append(source)
+
+    def put(self, path: str, part: Blob) -> int:
+        """Write the local, verified part file ``path`` to the destination composed from server-side
+        copies; the bytes copied, or 0 when it did not (the part is then to be uploaded whole: too
+        little to copy, or a failure)."""
+        if self._disabled or not isinstance(part, Part) or part.size <= MIN_PART:
+            return 0
+        known = self._index()
+        with open(path, "rb", buffering=0) as file:
+            head = bytes(pread_exact(file.fileno(), header_end(pread_exact(file.fileno(), 8, 0), part.size), 0))
+        header = parse_header(head, part.size, where=path)
+        # Each tensor is copied from the object that holds most of this part (then from the next
+        # one...): runs copied from one object stay long, and adjacent where they were adjacent.
+        found = {
+            name: [s for s in known.get(part.tensors[name].digest, ()) if s.end - s.start == e.end - e.start]
+            for name, e in header.items()
+            if name in part.tensors
+        }
+        held = Counter(s.path for sources in found.values() for s in sources)
+        rank = {path: i for i, (path, _) in enumerate(held.most_common())}
+        same_head = [path for path, bytes_ in self._headers.items() if bytes_ == head and path in rank]
+        runs = [Run(0, len(head), min(same_head, key=rank.__getitem__) if same_head else None)]
+        for name, entry in sorted(header.items(), key=lambda item: item[1].start):
+            sources = found.get(name)
+            if sources:
+                last = runs[-1]
+                after = last.source_start + last.length  # the same tensor may be in several places there
+
+                def preference(s: _Source, last: Run = last, after: int = after) -> tuple[int, bool]:
+                    return rank[s.path], not (s.path == last.source and s.start == after)
+
+                source = min(sources, key=preference)
+                runs.append(Run(entry.start, entry.end, source.path, source.start))
+            else:
+                runs.append(Run(entry.start, entry.end))
+        runs = [r for r in runs if r.length]
+        parts = plan_runs(runs)
+        copied = sum(r.length for r in parts if r.source is not None)
+        if copied < MIN_PART or len(parts) > MAX_PARTS:
+            return 0
+        try:
+            sync(self.store.fs.loop, self._compose, path, part, parts)
+        except Exception as exc:  # any failure: the part is uploaded whole, as without composing
+            log.info("composing %s from server-side copies failed (%s); uploading it whole", part.digest, exc)
+            return 0
+        return copied
+
+    async def _compose(self, path: str, part: Part, parts: list[Run]) -> None:
+        fs: Any = self.store.fs
+        bucket, key, _ = fs.split_path(self.store.blob_path(part))
+        upload = await fs._call_s3("create_multipart_upload", Bucket=bucket, Key=key)
+        upload_id = upload["UploadId"]
+        gate = asyncio.Semaphore(self.workers)
+
+        async def send(number: int, run: Run) -> dict[str, Any]:
+            async with gate:
+                common = {"Bucket": bucket, "Key": key, "UploadId": upload_id, "PartNumber": number}
+                if run.source is None:
+                    data = await asyncio.to_thread(_read, path, run)
+                    expected = hashlib.md5(data, usedforsecurity=False).hexdigest()
+                    answer = await fs._call_s3("upload_part", Body=data, **common)
+                    etag = answer["ETag"]
+                else:
+                    expected = await asyncio.to_thread(_md5, path, run)
+                    src_bucket, src_key, _ = fs.split_path(run.source)
+                    answer = await fs._call_s3(
+                        "upload_part_copy",
+                        CopySource={"Bucket": src_bucket, "Key": src_key},
+                        CopySourceRange=f"bytes={run.source_start}-{run.source_start + run.length - 1}",
+                        **common,
+                    )
+                    etag = answer["CopyPartResult"]["ETag"]
+                if etag.strip('"') != expected:
+                    self._disabled = run.source is None  # this bucket's ETags are not MD5s: stop composing
+                    raise SepstoreError(
+                        f"part {number} of {key}: ETag {etag}, the MD5 of the local bytes is {expected}"
+                    )
+                return {"PartNumber": number, "ETag": etag}
+
+        tasks = [asyncio.ensure_future(send(n, run)) for n, run in enumerate(parts, 1)]
+        try:
+            done = await asyncio.gather(*tasks)
+            await fs._call_s3(
+                "complete_multipart_upload",
+                Bucket=bucket,
+                Key=key,
+                UploadId=upload_id,
+                MultipartUpload={"Parts": list(done)},
+            )
+        except BaseException:
+            for task in tasks:
+                task.cancel()
+            with contextlib.suppress(Exception):
+                await fs._call_s3("abort_multipart_upload", Bucket=bucket, Key=key, UploadId=upload_id)
+            raise
+        info = await fs._call_s3("head_object", Bucket=bucket, Key=key)
+        if info.get("ContentLength") != part.size:
+            raise SepstoreError(f"{key}: {info.get('ContentLength')} bytes after composing, expected {part.size}")
+
+
+def _remote_header(store: Store, path: str, part: Part) -> tuple[dict[str, HeaderEntry], bytes]:
+    """A destination part object's parsed header and its bytes (length prefix included), read
+    with one ranged read sized by the header sepstore would write (two when it is longer)."""
+    url = store.url_of(path)
+    guess = len(layout({n: RawTensor(t.dtype, tuple(t.shape)) for n, t in part.tensors.items()})[1])
+    head = read_head(store.fs, path, url, min(guess, part.size))
+    need = header_end(head, part.size)
+    if need > len(head):
+        head = read_head(store.fs, path, url, need)
+    return parse_header(head, part.size, where=url), bytes(head[:need])
+
+
+def _read(path: str, run: Run) -> bytes:
+    """The local file's bytes of ``run`` (a part to upload)."""
+    with open(path, "rb", buffering=0) as file:
+        data = pread_exact(file.fileno(), run.length, run.start)
+    if len(data) != run.length:
+        raise OSError(f"{path} ended before byte {run.end}")
+    return bytes(data)
+
+
+def _md5(path: str, run: Run) -> str:
+    """The MD5 of the local file's bytes of ``run`` (what S3 answers a copied part with)."""
+    digest = hashlib.md5(usedforsecurity=False)
+    with open(path, "rb", buffering=0) as file:
+        for at in range(run.start, run.end, MAX_UPLOAD):
+            count = min(MAX_UPLOAD, run.end - at)
+            data = pread_exact(file.fileno(), count, at)
+            if len(data) != count:
+                raise OSError(f"{path} ended before byte {run.end}")
+            digest.update(data)
+    return digest.hexdigest()

@@ -40,7 +40,7 @@ from .manifest import Blob, Manifest, Part, decode_manifest
 from .safetensors_io import HeaderEntry, RawTensor, header_end, layout, parse_header, pread_exact
 from .store import Store
 
-__all__ = ["MIN_PART", "Composer", "Run", "plan_runs"]
+__all__ = ["MIN_PART", "Composed", "Composer", "Run", "plan_runs"]
 
 log = logging.getLogger("sepstore")
 
@@ -119,6 +119,18 @@ def plan_runs(runs: Iterable[Run]) -> list[Run]:
 
 
 @dataclass
+class Composed:
+    """Whether a part was composed, the bytes sent for it (also when composing failed halfway) and
+    the bytes copied server-side; ``tried`` when a failed attempt may have left an object behind
+    (to be replaced by the whole upload)."""
+
+    done: bool
+    sent: int = 0
+    copied: int = 0
+    tried: bool = False
+
+
+@dataclass
 class _Source:
     path: str
     start: int
@@ -177,12 +189,11 @@ class Composer:
                         source = _Source(path, entry.start, entry.end)
                         self._tensors.setdefault(part.tensors[tensor].digest, []).append(source)
 
-    def put(self, path: str, part: Blob) -> int:
+    def put(self, path: str, part: Blob) -> Composed:
         """Write the local, verified part file ``path`` to the destination composed from server-side
-        copies; the bytes copied, or 0 when it did not (the part is then to be uploaded whole: too
-        little to copy, or a failure)."""
+        copies, if it can (else the part is to be uploaded whole: too little to copy, or a failure)."""
         if self._disabled or not isinstance(part, Part) or part.size <= MIN_PART:
-            return 0
+            return Composed(False)
         known = self._index()
         with open(path, "rb", buffering=0) as file:
             head = bytes(pread_exact(file.fileno(), header_end(pread_exact(file.fileno(), 8, 0), part.size), 0))
@@ -215,15 +226,16 @@ class Composer:
         parts = plan_runs(runs)
         copied = sum(r.length for r in parts if r.source is not None)
         if copied < MIN_PART or len(parts) > MAX_PARTS:
-            return 0
+            return Composed(False)
+        outcome = Composed(False, tried=True)
         try:
-            sync(self.store.fs.loop, self._compose, path, part, parts)
+            sync(self.store.fs.loop, self._compose, path, part, parts, outcome)
         except Exception as exc:  # any failure: the part is uploaded whole, as without composing
             log.info("composing %s from server-side copies failed (%s); uploading it whole", part.digest, exc)
-            return 0
-        return copied
+            return outcome
+        return Composed(True, outcome.sent, copied)
 
-    async def _compose(self, path: str, part: Part, parts: list[Run]) -> None:
+    async def _compose(self, path: str, part: Part, parts: list[Run], outcome: Composed) -> None:
         fs: Any = self.store.fs
         bucket, key, _ = fs.split_path(self.store.blob_path(part))
         upload = await fs._call_s3("create_multipart_upload", Bucket=bucket, Key=key)
@@ -236,6 +248,7 @@ class Composer:
                 if run.source is None:
                     data = await asyncio.to_thread(_read, path, run)
                     expected = hashlib.md5(data, usedforsecurity=False).hexdigest()
+                    outcome.sent += len(data)  # counted when it is sent, whether or not it is used
                     answer = await fs._call_s3("upload_part", Body=data, **common)
                     etag = answer["ETag"]
                 else:

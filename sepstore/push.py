@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import msgspec
 
 from .cache import DEFAULT_WORKERS
-from .compose import Composer
+from .compose import Composed, Composer
 from .errors import StoreError
 from .leases import holding
 from .manifest import Blob, encode_manifest, manifest_digest
@@ -132,15 +132,17 @@ def push(
     composer = Composer.for_store(store, manifest, workers=workers)
     moved = {"sent": 0, "copied": 0}  # bytes uploaded, and copied server-side instead
 
-    def upload(item: tuple[str, Blob]) -> int:
-        """Upload one part; the bytes of it copied server-side instead of sent."""
+    def upload(item: tuple[str, Blob]) -> Composed:
+        """Upload one part: composed from server-side copies where it can be, else whole."""
         _, part = item
         # a cached copy is read under its lock, so that `cache prune` leaves it alone meanwhile
         with reader.cache.reading(part) if reader.cache is not None else contextlib.nullcontext():
-            copied = composer.put(reader.path(part), part) if composer is not None else 0
-            if not copied:
-                store.put_blob_file(reader.path(part), part, replace=part.file_name in damaged)
-        return copied
+            composed = composer.put(reader.path(part), part) if composer is not None else Composed(False)
+            if not composed.done:
+                replace = part.file_name in damaged or composed.tried
+                store.put_blob_file(reader.path(part), part, replace=replace)
+                composed.sent += part.size
+        return composed
 
     def held_as(file_name: str) -> Literal["missing", "damaged", "whole"]:
         """What the destination holds under that name: checked by size, and re-hashed with ``verify``."""
@@ -158,11 +160,11 @@ def push(
         reader.recheck(todo, rehash=True)
         reader.prefetch(todo, desc=f"fetch {manifest.name}", quiet=quiet)  # a remote source: verified into the cache
         with progress(sum(p.size for _, p in todo), desc, quiet=quiet) as bar:  # counts the bytes sent
-            for (_, part), copied in zip(todo, pool.map(upload, todo), strict=True):
-                bar.total -= copied
-                bar.update(part.size - copied)
-                moved["sent"] += part.size - copied
-                moved["copied"] += copied
+            for (_, part), composed in zip(todo, pool.map(upload, todo), strict=True):
+                bar.total += composed.sent + composed.copied - part.size
+                bar.update(composed.sent)
+                moved["sent"] += composed.sent
+                moved["copied"] += composed.copied
 
     with (
         holding(store, "publish", (blob.digest for _, blob in parts.values())) as lease,

@@ -23,6 +23,9 @@ class Request:
     method: str
     path: str
     range: str | None
+    #: S3 only: the ``x-amz-copy-source`` of a server-side copy, and the request body's length.
+    copy_source: str | None = None
+    length: int = 0
 
 
 @dataclass
@@ -64,7 +67,11 @@ class CountingMotoServer(ThreadedMotoServer):
 
         def wrapped(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
             path = environ.get("PATH_INFO", "")
-            self.requests.append(Request(environ["REQUEST_METHOD"], path, environ.get("HTTP_RANGE")))
+            method = environ["REQUEST_METHOD"]
+            # an aws-chunked body (a checksum trailer) says its own length apart from the framing
+            length = int(environ.get("HTTP_X_AMZ_DECODED_CONTENT_LENGTH") or environ.get("CONTENT_LENGTH") or 0)
+            copy = environ.get("HTTP_X_AMZ_COPY_SOURCE")
+            self.requests.append(Request(method, path, environ.get("HTTP_RANGE"), copy, length))
             fault = self.faults.take(path) if environ["REQUEST_METHOD"] == "GET" else None
             if fault == "error":
                 start_response("503 Service Unavailable", [("Content-Length", "0")])

@@ -21,6 +21,7 @@ from safetensors.torch import save as save_safetensors
 from servers import CountingMotoServer, Request, StaticServer
 
 import sepstore
+from sepstore.compose import MIN_PART, Run, plan_runs
 from sepstore.delta import INDEX_DIR
 from sepstore.demo import llama_decider, tiny_llama_state_dict
 from sepstore.hashing import digest_buffer, digest_file, digest_hex
@@ -229,3 +230,93 @@ def test_concurrent_upgrades_into_one_cache_stay_correct(remote: Remote, local_s
         for p in manifest(local_store, "m", tag).mid:
             assert p is not None and digest_file(cache / "parts" / "blake3" / p.file_name) == p.digest
     assert not [f for f in os.listdir(cache / "incoming") if not f.endswith(".lock")]
+
+
+# -- push: server-side copies on S3 ------------------------------------------------------------------
+
+
+def big_layer() -> dict[str, torch.Tensor]:
+    """One layer whose unchanged tensors (about 10 MiB, adjacent) exceed S3's 5 MiB part minimum."""
+    return tiny_llama_state_dict(layers=1, hidden=768, intermediate=2048, vocab=64, seed=5)
+
+
+@pytest.fixture(scope="session")
+def big_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    store = tmp_path_factory.mktemp("delta-push") / "store"
+    sd = big_layer()
+    sepstore.dump(llama_decider, sd, store, name="big", tag="v1", quiet=True)
+    sepstore.dump(llama_decider, lora_merged(sd), store, name="big", tag="v2", quiet=True)
+    return store
+
+
+def s3_with_v1(big_store: Path, moto_server: CountingMotoServer) -> tuple[str, fsspec.AbstractFileSystem]:
+    bucket = f"push-{uuid.uuid4().hex[:12]}"
+    fs = fsspec.filesystem("s3", endpoint_url=moto_server.endpoint)
+    fs.mkdir(bucket)
+    sepstore.push(big_store / "manifests/big/v1.json", f"s3://{bucket}/store", quiet=True)
+    moto_server.requests.clear()
+    return f"s3://{bucket}/store", fs
+
+
+def sent(moto_server: CountingMotoServer) -> tuple[int, int]:
+    """Bytes of part objects the client sent to moto, and how many server-side copies it asked for."""
+    parts = [r for r in moto_server.requests if r.method == "PUT" and "/parts/blake3/" in r.path]
+    return sum(r.length for r in parts if r.copy_source is None), sum(r.copy_source is not None for r in parts)
+
+
+def test_push_to_s3_sends_the_changed_tensors_and_copies_the_rest_server_side(
+    big_store: Path, moto_server: CountingMotoServer
+) -> None:
+    dest, _ = s3_with_v1(big_store, moto_server)
+    report = sepstore.push(big_store / "manifests/big/v2.json", dest, quiet=True)
+    part = manifest(big_store, "big", "v2").mid[0]
+    assert part is not None and report.uploaded == ["mid.0"]
+    changed = data_bytes(part, CHANGED)
+    body, copies = sent(moto_server)
+    assert body == report.transferred_bytes == changed  # q_proj and v_proj: the last of the layer's bytes
+    assert copies == 1 and report.copied_bytes == part.size - changed
+    assert all(c.error is None for c in sepstore.verify(f"{dest}/manifests/big/v2.json").checks)
+
+
+def test_a_source_object_with_other_bytes_is_caught_by_its_etag_and_the_part_is_uploaded_whole(
+    big_store: Path, moto_server: CountingMotoServer
+) -> None:
+    dest, fs = s3_with_v1(big_store, moto_server)
+    old = manifest(big_store, "big", "v1").mid[0]
+    assert old is not None
+    key = f"{dest.removeprefix('s3://')}/parts/blake3/{old.file_name}"
+    data = bytearray(fs.cat_file(key))
+    data[len(data) // 3] ^= 0x01  # a reused tensor's byte, in the object the copy reads
+    fs.pipe_file(key, bytes(data))
+    moto_server.requests.clear()
+    report = sepstore.push(big_store / "manifests/big/v2.json", dest, quiet=True)
+    part = manifest(big_store, "big", "v2").mid[0]
+    assert part is not None
+    # what the aborted upload sent counts too
+    assert report.copied_bytes == 0 and report.transferred_bytes == sent(moto_server)[0] > part.size
+    assert all(c.error is None for c in sepstore.verify(f"{dest}/manifests/big/v2.json").checks)
+
+
+def test_push_to_a_store_without_server_side_copies_uploads_whole_parts(big_store: Path, tmp_path: Path) -> None:
+    sepstore.push(big_store / "manifests/big/v1.json", tmp_path / "dest", quiet=True)
+    report = sepstore.push(big_store / "manifests/big/v2.json", tmp_path / "dest", quiet=True)
+    assert report.copied_bytes == 0 and report.transferred_bytes == report.uploaded_bytes > 0
+
+
+def test_s3_parts_are_at_least_5_mib_but_the_last() -> None:
+    mib, copy = 1024 * 1024, "bucket/old"
+    header, long_copy = Run(0, 1000), Run(1000, 12 * mib, copy, 1000)
+    short_copy, rest = Run(12 * mib, 12 * mib + 10, copy, 0), Run(12 * mib + 10, 13 * mib)
+    # the header takes the copy's first bytes; the 10-byte copy is uploaded with the last run
+    assert plan_runs([header, long_copy, short_copy, rest]) == [
+        Run(0, MIN_PART),
+        Run(MIN_PART, 12 * mib, copy, MIN_PART),
+        Run(12 * mib, 13 * mib),
+    ]
+    # a copy too short is uploaded, and a long upload is sent in equal pieces of at most 16 MiB
+    third = 40 * mib // 3
+    assert plan_runs([Run(0, 3 * mib, copy), Run(3 * mib, 40 * mib)]) == [
+        Run(0, third),
+        Run(third, 2 * third),
+        Run(2 * third, 40 * mib),
+    ]

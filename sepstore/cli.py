@@ -350,8 +350,9 @@ def cmd_push(args: argparse.Namespace) -> int:
         return EXIT_OK
     checked = "re-hashed" if report.verified else "size checked"
     repaired = f", replacing {len(report.repaired)} damaged there" if report.repaired else ""
+    copied = f", {human_bytes(report.copied_bytes)} of it copied server-side" if report.copied_bytes else ""
     print(
-        f"uploaded {counted(len(report.uploaded), 'part')} ({human_bytes(report.uploaded_bytes)}){repaired}; "
+        f"uploaded {counted(len(report.uploaded), 'part')} ({human_bytes(report.uploaded_bytes)}{copied}){repaired}; "
         f"skipped {len(report.skipped)} already there ({human_bytes(report.skipped_bytes)}, {checked})"
     )
     state = "published" if report.manifest_written else "already published"

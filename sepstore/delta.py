@@ -274,9 +274,10 @@ def _attempt(plans: Sequence[_Plan], known: dict[str, Source], pool: ThreadPoolE
 def assemble(
     cache: Cache, items: Sequence[Fetch], *, workers: int, bar: tqdm | None = None, transfer: Transfer
 ) -> list[Fetch]:
-    """Assemble into the cache those of ``items`` (parts it lacks) whose tensors are mostly
-    cached already; returns those now cached, verified. The others (nothing to reuse, a part
-    another process is fetching, any failure or mismatch) are left for a whole fetch.
+    """Assemble into the cache those of ``items`` (parts it lacks) that have at least
+    :data:`MIN_REUSE` bytes of tensors cached already; returns those now cached, verified. The
+    others (too little to reuse, a part another process is fetching, any failure or mismatch) are
+    left for a whole fetch.
     ``transfer`` counts the bytes fetched and copied; ``bar`` counts the bytes fetched."""
     parts = [i for i in items if isinstance(i.part, Part) and i.part.tensors]
     if not parts:

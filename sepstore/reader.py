@@ -106,7 +106,7 @@ class PartReader:
 
     def prefetch(self, chosen: Iterable[tuple[str, Blob]], *, desc: str = "fetch", quiet: bool = False) -> list[Fetch]:
         """Fetch the chosen parts (or assets) the cache lacks, in parallel; returns what was fetched.
-        A part whose tensors are mostly cached (in parts of any model) is assembled from them and
+        A part with tensors already cached (in parts of any model) is assembled from them and
         ranged reads of the rest (:mod:`sepstore.delta`); the others are fetched whole."""
         chosen = list(chosen)
         todo = self.missing(chosen)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -48,6 +49,9 @@ INDEX_DIR = "tensors/blake3"
 #: Bytes of a part that must be found cached before it is assembled rather than fetched whole
 #: (below this, the extra header read costs more than the copy saves).
 MIN_REUSE = 64 * 1024
+_HEX = re.compile(r"[0-9a-f]{64}")
+#: The suffix of a part's file in ``incoming/`` while it is assembled (under the part's lock).
+ASSEMBLING = ".assembling"
 #: Ranges to fetch that are at most this far apart are fetched as one read (the bytes between
 #: are fetched too): fewer requests for small tensors (norms, biases) between changed ones.
 GAP_BYTES = 64 * 1024
@@ -134,7 +138,7 @@ class TensorIndex:
             return found
         for name in names:
             hex_, dot, ext = name.partition(".")
-            if ext != "json" or not dot or len(hex_) != 64:
+            if ext != "json" or not dot or not _HEX.fullmatch(hex_):
                 continue
             digest = f"blake3:{hex_}"
             path = os.path.join(self.cache.parts, f"{hex_}.safetensors")
@@ -225,6 +229,7 @@ def _plan(plan: _Plan, known: dict[str, Source]) -> None:
     nothing more to do when a server that ignores ``Range`` sent the whole part instead."""
     part = plan.item.part
     assert isinstance(part, Part)
+    os.ftruncate(plan.fd, part.size)
     asked = min(_predicted_head(part), part.size)
     if plan.fetch(0, asked) == (0, part.size):
         return
@@ -286,6 +291,7 @@ def assemble(
     known = index.load()
     if not known:
         return []
+    _sweep(cache)
     chosen = [i for i in parts if _reusable(i.part, known) >= MIN_REUSE]
     done: list[Fetch] = []
     with contextlib.ExitStack() as held:
@@ -295,28 +301,52 @@ def assemble(
                 continue  # another process is fetching it: the whole fetch waits for that
             if cache.has(item.part):
                 continue
-            tmp = os.path.join(cache.incoming, f"{digest_hex(item.part.digest)}.assembling")
-            fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o666)
+            tmp = os.path.join(cache.incoming, f"{digest_hex(item.part.digest)}{ASSEMBLING}")
+            try:
+                fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o666)
+            except OSError:
+                continue  # the whole fetch says what is wrong with the cache
             held.callback(os.close, fd)
-            os.ftruncate(fd, item.part.size)
             plans.append(_Plan(item, tmp, fd, bar, transfer, planned=item.part.size))
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="sepstore-delta") as pool:
             assembled = _attempt(plans, known, pool)
         for plan in plans:
             part = plan.item.part
-            if plan in assembled and digest_file(plan.tmp) == part.digest:  # what a whole fetch checks
-                replace_durably(plan.tmp, cache.path(part))
+            verified = plan in assembled and _succeeds(partial(_commit, plan, cache))
+            if verified:
                 done.append(plan.item)
                 continue
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(plan.tmp)
             if plan in assembled:  # the bytes copied were not what the index said: stop trusting it
-                assert isinstance(part, Part)
                 index.forget({s.part for s, _ in plan.copies})
             if bar is not None:  # the whole fetch adds the part's size to what this one sent
                 bar.total += plan.sent + part.size - plan.planned
     index.remember(item.part for item in done)
     return done
+
+
+def _commit(plan: _Plan, cache: Cache) -> None:
+    """Rename the assembled part into the cache if its digest is the manifest's (what a whole
+    fetch checks), else an :class:`IntegrityError`."""
+    got, part = digest_file(plan.tmp), plan.item.part
+    if got != part.digest:
+        raise IntegrityError(f"part {plan.item.label} assembled: digest is {got}, manifest says {part.digest}")
+    replace_durably(plan.tmp, cache.path(part))
+
+
+def _sweep(cache: Cache) -> None:
+    """Delete the files of assemblies a killed process left in ``incoming/`` (those whose part's
+    lock no one holds)."""
+    with contextlib.suppress(OSError):
+        for name in os.listdir(cache.incoming):
+            hex_, _, suffix = name.partition(".")
+            if "." + suffix != ASSEMBLING or not _HEX.fullmatch(hex_):
+                continue
+            with file_lock(cache.lock_path(f"blake3:{hex_}"), blocking=False) as free:
+                if free:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(os.path.join(cache.incoming, name))
 
 
 def _reusable(part: Blob, known: dict[str, Source]) -> int:

@@ -320,3 +320,17 @@ def test_s3_parts_are_at_least_5_mib_but_the_last() -> None:
         Run(third, 2 * third),
         Run(2 * third, 40 * mib),
     ]
+
+
+def test_an_assembly_a_killed_process_left_is_removed_and_stray_index_files_are_ignored(
+    remote: Remote, tmp_path: Path
+) -> None:
+    cache = tmp_path / "cache"
+    sepstore.pull(remote.url("m", "v1"), cache_dir=cache, quiet=True)
+    left = cache / "incoming" / f"{'ab' * 32}.assembling"
+    left.write_bytes(b"half a part")
+    (cache / INDEX_DIR / "not-an-index.json").write_text("{")
+    (cache / INDEX_DIR / f"{'cd' * 32}.json").write_text('{"size": 1, "tensors": {}}')  # its part is not cached
+    report = sepstore.pull(remote.url("m", "v2"), cache_dir=cache, quiet=True)
+    assert report.reused_bytes > 0 and not left.exists()
+    assert not (cache / INDEX_DIR / f"{'cd' * 32}.json").exists()

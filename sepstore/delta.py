@@ -134,7 +134,7 @@ class TensorIndex:
         found: dict[str, Source] = {}
         try:
             names = sorted(os.listdir(self.root))
-        except FileNotFoundError:
+        except OSError:  # none yet, or a cache that cannot be used (the whole fetch says why)
             return found
         for name in names:
             hex_, dot, ext = name.partition(".")

@@ -39,7 +39,16 @@ from .errors import IntegrityError
 from .hashing import digest_file, digest_hex
 from .manifest import Blob, Part
 from .retry import with_retries
-from .safetensors_io import HeaderEntry, RawTensor, copy_range, header_end, layout, parse_header, pwrite_all
+from .safetensors_io import (
+    HeaderEntry,
+    RawTensor,
+    copy_range,
+    header_end,
+    layout,
+    parse_header,
+    pread_exact,
+    pwrite_all,
+)
 from .store import create_temp, file_lock, replace_durably
 
 __all__ = ["INDEX_DIR", "TensorIndex", "Transfer", "assemble"]
@@ -179,11 +188,13 @@ class _Plan:
     #: Bytes this part adds to the bar's total, and bytes it has sent there.
     planned: int = 0
     sent: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def write(self, offset: int, piece: bytes) -> None:
         pwrite_all(self.fd, piece, offset)
         self.transfer.add(transferred=len(piece))
-        self.sent += len(piece)
+        with self._lock:
+            self.sent += len(piece)
         if self.bar is not None:
             self.bar.update(len(piece))
 
@@ -233,11 +244,11 @@ def _plan(plan: _Plan, known: dict[str, Source]) -> None:
     asked = min(_predicted_head(part), part.size)
     if plan.fetch(0, asked) == (0, part.size):
         return
-    head = os.pread(plan.fd, asked, 0)
+    head = pread_exact(plan.fd, asked, 0)
     need = header_end(head, part.size)
     if need > asked:
         plan.fetch(asked, need)
-        head += os.pread(plan.fd, need - asked, asked)
+        head += pread_exact(plan.fd, need - asked, asked)
     header = parse_header(head, part.size, where=plan.item.url)
     if not _matches(header, part):
         raise IntegrityError(f"{plan.item.url}: the header does not list the manifest's tensors")

@@ -16,7 +16,8 @@ starts moto's S3 server in a child process; then:
 - publisher: ``push`` v1 to ``s3://bench/store`` (untimed), then ``push`` v2 there (timed):
   bytes sent in PUT bodies (the report's ``transferred_bytes``) against the changed tensors' bytes.
   Target <= 1.2x.
-- node: pulls v1 into a cache once (untimed); then, over S3 and over HTTP, interleaved
+- node: pulls v1 into a cache once (untimed); then, over S3 and over HTTP (``--limit-rate``
+  slows nginx down to model a slower link; ``--http-only`` skips S3), interleaved
   ``--repeats`` times, a copy of that cache (hard links) is upgraded to v2 with ``pull`` assembling
   parts from cached tensors (delta) and with parts fetched whole (``sepstore.delta.MIN_REUSE`` set
   out of reach: the part-level upgrade as before). Bytes fetched (headers, changed tensors, the
@@ -86,8 +87,9 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def http_server(root: Path, workdir: Path) -> Iterator[tuple[str, str]]:
-    """nginx serving ``root`` on 127.0.0.1 (the aiohttp test server if there is no nginx); its URL and name."""
+def http_server(root: Path, workdir: Path, limit_rate: str | None = None) -> Iterator[tuple[str, str]]:
+    """nginx serving ``root`` on 127.0.0.1 (the aiohttp test server if there is no nginx; it has no
+    ``limit_rate``); its URL and name."""
     nginx = shutil.which("nginx") or ("/usr/sbin/nginx" if os.path.exists("/usr/sbin/nginx") else None)
     if nginx is None:
         sys.path.insert(0, str(Path(__file__).parents[1]))
@@ -107,7 +109,7 @@ def http_server(root: Path, workdir: Path) -> Iterator[tuple[str, str]]:
         "events { worker_connections 256; }\n"
         f"http {{ access_log off; sendfile on; client_body_temp_path {prefix}; proxy_temp_path {prefix};\n"
         f"  fastcgi_temp_path {prefix}; uwsgi_temp_path {prefix}; scgi_temp_path {prefix};\n"
-        f"  server {{ listen 127.0.0.1:{port}; root {root}; }} }}\n"
+        f"  server {{ listen 127.0.0.1:{port}; root {root}; {f'limit_rate {limit_rate};' if limit_rate else ''} }} }}\n"
     )
     process = subprocess.Popen([nginx, "-p", str(prefix), "-c", str(prefix / "nginx.conf")])
     try:
@@ -142,6 +144,55 @@ def verdict(value: float, target: float) -> str:
     return f"target <= {target}x: {'met' if value <= target else 'NOT met'}"
 
 
+def publish(store: Path, changed: int) -> None:
+    """Push v1 to the S3 store (untimed), then v2 (timed); print what v2 sent and copied."""
+    start = time.perf_counter()
+    sepstore.push(store / "manifests" / NAME / "v1.json", STORE_URL, quiet=True)
+    print(f"\npublisher: push v1 to moto S3 (untimed) {time.perf_counter() - start:.1f} s")
+    start = time.perf_counter()
+    pushed = sepstore.push(store / "manifests" / NAME / "v2.json", STORE_URL, quiet=True)
+    seconds = time.perf_counter() - start
+    ratio = pushed.transferred_bytes / changed
+    print(
+        f"publisher: push v2 {seconds:.2f} s; {len(pushed.uploaded)} parts, {pushed.uploaded_bytes / MB:.1f} MB: "
+        f"{pushed.transferred_bytes / MB:.1f} MB sent, {pushed.copied_bytes / MB:.1f} MB copied server-side"
+    )
+    print(f"  sent / changed tensors ({changed / MB:.1f} MB): {ratio:.3f}x   {verdict(ratio, 1.2)}")
+
+
+def upgrades(servers: dict[str, str], args: argparse.Namespace, changed: int, manifest_bytes: int) -> None:
+    """Pull v1 into a cache from the first server (untimed); then, on each server, upgrade copies
+    of it to v2 tensor by tensor and part by part, interleaved; print bytes and times."""
+    base = args.workdir / "v1-cache"
+    shutil.rmtree(base, ignore_errors=True)
+    start = time.perf_counter()
+    sepstore.pull(f"{next(iter(servers.values()))}/manifests/{NAME}/v1.json", cache_dir=base, quiet=True)
+    print(f"\nnode: pull v1 into a cache (untimed) {time.perf_counter() - start:.1f} s")
+    for server, root in servers.items():
+        url = f"{root}/manifests/{NAME}/v2.json"
+        times: dict[bool, list[float]] = {True: [], False: []}
+        reports: dict[bool, sepstore.PullReport] = {}
+        for i in range(args.repeats):
+            for delta in (True, False) if i % 2 == 0 else (False, True):
+                seconds, reports[delta] = upgrade(base, args.workdir, url, delta=delta)
+                times[delta].append(seconds)
+        fetched = reports[True].transferred_bytes + manifest_bytes
+        whole = reports[False].transferred_bytes + manifest_bytes
+        speed = statistics.median(times[True]) / statistics.median(times[False])
+        reused = reports[True].reused_bytes / MB
+        each: Callable[[list[float]], str] = lambda ts: " ".join(f"{t:.2f}" for t in ts)  # noqa: E731
+        print(f"\nnode: upgrade v1 -> v2 over {server}, {len(reports[True].fetched)} parts")
+        print(
+            f"  tensor-level: {statistics.median(times[True]):.2f} s ({each(times[True])}), "
+            f"{fetched / MB:.1f} MB fetched, {reused:.1f} MB copied from cached parts"
+        )
+        part_level = statistics.median(times[False])
+        print(f"  part-level:   {part_level:.2f} s ({each(times[False])}), {whole / MB:.1f} MB fetched")
+        print(f"  fetched / changed tensors: {fetched / changed:.3f}x   {verdict(fetched / changed, 1.1)}")
+        print(f"  time / part-level time: {speed:.3f}x   {verdict(speed, 0.3)}")
+    shutil.rmtree(base, ignore_errors=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", type=Path, default=Path("bench-delta"), help="scratch folder (./bench-delta)")
@@ -149,6 +200,10 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=22, help="transformer layers (default 22, TinyLlama)")
     parser.add_argument("--repeats", type=int, default=1, help="timed upgrades per variant and server (default 1)")
     parser.add_argument("--server", choices=("process", "thread"), default="process", help="where moto runs")
+    parser.add_argument("--http-only", action="store_true", help="no S3: only the node's upgrade over HTTP")
+    parser.add_argument(
+        "--limit-rate", help="nginx's limit_rate per connection (e.g. 12m: about 100 MB/s over 8), to model a WAN link"
+    )
     parser.add_argument("--clean", action="store_true", help="delete --workdir at the end")
     args = parser.parse_args()
     args.workdir = args.workdir.resolve()
@@ -158,61 +213,23 @@ def main() -> None:
     store = www / "store"
     changed = prepare(args, store)
     manifest_bytes = (store / "manifests" / NAME / "v2.json").stat().st_size
-
-    with moto_server(args.server) as endpoint:
-        os.environ.update(
-            AWS_ACCESS_KEY_ID="testing",
-            AWS_SECRET_ACCESS_KEY="testing",
-            AWS_DEFAULT_REGION="us-east-1",
-            AWS_ENDPOINT_URL=endpoint,
-        )
-        fresh_fs().mkdir(BUCKET)
-        start = time.perf_counter()
-        sepstore.push(store / "manifests" / NAME / "v1.json", STORE_URL, quiet=True)
-        print(f"\npublisher: push v1 to moto S3 (untimed) {time.perf_counter() - start:.1f} s")
-        start = time.perf_counter()
-        pushed = sepstore.push(store / "manifests" / NAME / "v2.json", STORE_URL, quiet=True)
-        seconds = time.perf_counter() - start
-        ratio = pushed.transferred_bytes / changed
-        print(
-            f"publisher: push v2 {seconds:.2f} s; {len(pushed.uploaded)} parts, {pushed.uploaded_bytes / MB:.1f} MB: "
-            f"{pushed.transferred_bytes / MB:.1f} MB sent, {pushed.copied_bytes / MB:.1f} MB copied server-side"
-        )
-        print(f"  sent / changed tensors ({changed / MB:.1f} MB): {ratio:.3f}x   {verdict(ratio, 1.2)}")
-
-        base = args.workdir / "v1-cache"
-        shutil.rmtree(base, ignore_errors=True)
-        start = time.perf_counter()
-        sepstore.pull(f"{STORE_URL}/manifests/{NAME}/v1.json", cache_dir=base, quiet=True)
-        print(f"\nnode: pull v1 into a cache (untimed) {time.perf_counter() - start:.1f} s")
-
-        with http_server(www, args.workdir) as (http, kind):
-            servers = {"S3 (moto)": STORE_URL, f"HTTP ({kind})": f"{http}/store"}
-            for server, root in servers.items():
-                url = f"{root}/manifests/{NAME}/v2.json"
-                times: dict[bool, list[float]] = {True: [], False: []}
-                reports: dict[bool, sepstore.PullReport] = {}
-                for i in range(args.repeats):
-                    for delta in (True, False) if i % 2 == 0 else (False, True):
-                        seconds, reports[delta] = upgrade(base, args.workdir, url, delta=delta)
-                        times[delta].append(seconds)
-                fetched = reports[True].transferred_bytes + manifest_bytes
-                whole = reports[False].transferred_bytes + manifest_bytes
-                speed = statistics.median(times[True]) / statistics.median(times[False])
-                print(f"\nnode: upgrade v1 -> v2 over {server}, {len(reports[True].fetched)} parts")
-                each: Callable[[list[float]], str] = lambda ts: " ".join(f"{t:.2f}" for t in ts)  # noqa: E731
-                reused = reports[True].reused_bytes / MB
-                print(
-                    f"  tensor-level: {statistics.median(times[True]):.2f} s ({each(times[True])}), "
-                    f"{fetched / MB:.1f} MB fetched, {reused:.1f} MB copied from cached parts"
-                )
-                print(f"  part-level:   {statistics.median(times[False]):.2f} s ({each(times[False])}), "
-                      f"{whole / MB:.1f} MB fetched")  # fmt: skip
-                print(f"  fetched / changed tensors: {fetched / changed:.3f}x   {verdict(fetched / changed, 1.1)}")
-                print(f"  time / part-level time: {speed:.3f}x   {verdict(speed, 0.3)}")
+    with contextlib.ExitStack() as running:
+        http, kind = running.enter_context(http_server(www, args.workdir, args.limit_rate))
+        servers = {f"HTTP ({kind}{', limit_rate ' + args.limit_rate if args.limit_rate else ''})": f"{http}/store"}
+        if not args.http_only:
+            endpoint = running.enter_context(moto_server(args.server))
+            os.environ.update(
+                AWS_ACCESS_KEY_ID="testing",
+                AWS_SECRET_ACCESS_KEY="testing",
+                AWS_DEFAULT_REGION="us-east-1",
+                AWS_ENDPOINT_URL=endpoint,
+            )
+            fresh_fs().mkdir(BUCKET)
+            publish(store, changed)
+            servers = {"S3 (moto)": STORE_URL, **servers}
+        upgrades(servers, args, changed, manifest_bytes)
     print(f"\nload average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     shutil.rmtree(store)
-    shutil.rmtree(args.workdir / "v1-cache", ignore_errors=True)
     if args.clean:
         shutil.rmtree(args.workdir)
 

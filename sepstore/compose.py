@@ -29,6 +29,7 @@ import logging
 import threading
 from collections import Counter
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -180,10 +181,19 @@ class Composer:
                 for _, part in manifest.labelled_parts():
                     if any(t.digest in wanted for t in part.tensors.values()):
                         candidates.setdefault(part.digest, part)
-        for part in candidates.values():
-            with contextlib.suppress(SepstoreError, OSError):
-                path = self.store.blob_path(part)
-                header, self._headers[path] = _remote_header(self.store, path, part)
+
+        def read(part: Part) -> tuple[Part, str, dict[str, HeaderEntry], bytes] | None:
+            path = self.store.blob_path(part)
+            try:
+                return (part, path, *_remote_header(self.store, path, part))
+            except (SepstoreError, OSError):  # gone, or not readable: not a source
+                return None
+
+        with ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="sepstore-compose") as pool:
+            for found in pool.map(read, candidates.values()):
+                if found is None:
+                    continue
+                part, path, header, self._headers[path] = found
                 for tensor, entry in header.items():
                     if tensor in part.tensors and entry.end > entry.start:
                         source = _Source(path, entry.start, entry.end)

@@ -21,6 +21,7 @@ from .manifest import (
     MAX_TENSOR_NAME,
     Manifest,
     Part,
+    Renames,
     Tensor,
     decode_manifest,
     encode_manifest,
@@ -224,6 +225,18 @@ def _check_extras(name: str, config: dict[str, Any] | None, metadata: Mapping[st
     decode_manifest(data, source="config= and metadata= (metadata values must be strings)")
 
 
+def _combined_renames(previous: Manifest | None, given: Renames | None, where: str) -> Renames | None:
+    """The rename record of a combining dump: the tag's, or the one given; two that differ are a
+    :class:`ManifestError`."""
+    held = None if previous is None or isinstance(previous.renames, msgspec.UnsetType) else previous.renames
+    if held is not None and given is not None and held != given:
+        raise ManifestError(
+            f"{where} records other renames than this dump's (another checkpoint's spelling?); replace the tag "
+            "(force=True, convert --force) or use another tag"
+        )
+    return given if given is not None else held
+
+
 def dump(
     decider: Decider | str,
     state_dict: Mapping[str, torch.Tensor],
@@ -234,6 +247,7 @@ def dump(
     config: dict[str, Any] | None = None,
     metadata: Mapping[str, str] | None = None,
     assets: Mapping[str, AssetInput] | None = None,
+    renames: Renames | None = None,
     storage_options: dict[str, Any] | None = None,
     force: bool = False,
     quiet: bool = False,
@@ -252,8 +266,11 @@ def dump(
     ``assets`` adds the model's other files (``{"tokenizer.json": path_or_bytes, ...}``, each a
     relative path mapped to bytes, a local path or a URL), stored beside the parts by digest; a
     combining call adds to the assets the tag holds, and the same path with other content is a
-    :class:`ManifestError` unless ``force``. A manifest with assets is format version 2, one
-    without stays version 1 (readable by every sepstore).
+    :class:`ManifestError` unless ``force``. ``renames`` records how the state dict's keys were
+    renamed into the parts (:class:`~sepstore.manifest.Renames`; ``convert`` gives one for a
+    built-in family), so that :func:`sepstore.export` can name them back; a combining call keeps
+    the tag's record, and another one is a :class:`ManifestError` unless ``force``. A manifest with
+    assets or renames is format version 2, one without stays version 1 (readable by every sepstore).
     """
     if isinstance(decider, str):
         from .deciders import get
@@ -265,6 +282,8 @@ def dump(
     config = _as_json(config)
     _check_extras(name, config, metadata)
     given_assets = check_asset_paths(assets)
+    if renames is not None and not isinstance(renames, Renames):
+        raise ManifestError(f"renames= is a sepstore.manifest.Renames, got {type(renames).__name__}")
     groups = _group(decider, state_dict.keys())
     # Calls into one tag combine: one at a time. The lease keeps gc from the parts relied on.
     with (
@@ -280,6 +299,7 @@ def dump(
             held = (*existing.manifest.labelled_parts(), *existing.manifest.labelled_assets())
             lease.protect(blob.digest for _, blob in held)
         previous = existing.manifest if existing is not None else None
+        record = _combined_renames(previous, renames, store.url_of(store.manifest_path(name, tag)))
         parts: dict[Slot, Part | None] = {"begin": previous.begin, "end": previous.end} if previous else {}
         parts.update(enumerate(previous.mid) if previous else ())
         writer = _Writer(store, existing, lease, committer)
@@ -321,7 +341,7 @@ def dump(
         layers = max((slot + 1 for slot in parts if isinstance(slot, int)), default=0)
         meta = {**(previous.metadata if previous else {}), "sepstore_version": __version__, **(metadata or {})}
         manifest = Manifest(
-            format_version=format_version_for(all_assets),
+            format_version=format_version_for(all_assets, record),
             name=name,
             parts=standard_parts_location(name),
             begin=parts.get("begin"),
@@ -330,6 +350,7 @@ def dump(
             config=config if config is not None else (previous.config if previous else None),
             metadata=dict(sorted(meta.items())),
             assets=all_assets or msgspec.UNSET,
+            renames=msgspec.UNSET if record is None else record,
         )
         data = encode_manifest(manifest)
         if not store.write_manifest_bytes(name, tag, data, create=not force and previous is None, if_version=version):

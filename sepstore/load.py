@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -151,6 +151,14 @@ def load(
     return result
 
 
+def _rebuilt_buffers(manifest: Manifest) -> Callable[[str], bool]:
+    """Which names are buffers the model rebuilds, for the built-in family ``convert`` recorded."""
+    from .deciders import families
+
+    family = families().get(manifest.metadata.get("decider", ""))
+    return family.is_buffer if family is not None else lambda name: False
+
+
 class LoadResult(NamedTuple):
     """What :func:`lazy_load` could not match, as in ``nn.Module.load_state_dict``."""
 
@@ -173,12 +181,15 @@ def lazy_load(
     Keys are ``begin.X``, ``mid.<layer>.X`` and ``end.X``, as in a :class:`sepstore.Part`.
     Tensors are copied onto the device of the module's own parameters. With ``strict`` (the
     default) a key the module lacks, or a module key no part provided, is a
-    :class:`ModuleMismatchError`. ``ref`` and the options are as for :func:`load`. ``mmap=True``
-    copies straight from memory-mapped part files, saving one copy of each part, under
-    :func:`load`'s condition for it.
+    :class:`ModuleMismatchError`; a store ``convert`` made with a built-in family may hold buffers
+    the model rebuilds itself (:attr:`sepstore.deciders.Family.buffers`, e.g. rotary ``inv_freq``),
+    which a module that lacks them skips (they are listed in ``unexpected_keys``). ``ref`` and
+    the options are as for :func:`load`. ``mmap=True`` copies straight from memory-mapped part
+    files, saving one copy of each part, under :func:`load`'s condition for it.
     """
     resolved = open_ref("lazy_load", ref, options, FETCH_OPTIONS)
     expected = set(module.state_dict().keys())
+    rebuilt = _rebuilt_buffers(resolved.manifest)
     loaded: set[str] = set()
     unexpected: list[str] = []
     for label, tensors in iter_parts(resolved, spec, verify=verify, cache_dir=options.get("cache_dir"), mmap=mmap):
@@ -188,10 +199,9 @@ def lazy_load(
         except RuntimeError as exc:  # shapes that do not fit the module's parameters
             raise ModuleMismatchError(f"part {label} does not fit the module: {exc}") from exc
         unexpected.extend(result.unexpected_keys)
-        if strict and result.unexpected_keys:
-            raise ModuleMismatchError(
-                f"part {label} has tensors the module lacks: {sorted(result.unexpected_keys)[:10]}"
-            )
+        refused = [key for key in result.unexpected_keys if not rebuilt(key)]
+        if strict and refused:
+            raise ModuleMismatchError(f"part {label} has tensors the module lacks: {sorted(refused)[:10]}")
         loaded.update(prefixed.keys() - set(result.unexpected_keys))
     missing = sorted(expected - loaded)
     if strict and missing:

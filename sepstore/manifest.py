@@ -29,8 +29,11 @@ __all__ = [
     "MAX_MANIFEST_BYTES",
     "Asset",
     "Blob",
+    "LayerRename",
     "Manifest",
     "Part",
+    "Rename",
+    "Renames",
     "Tensor",
     "decode_manifest",
     "encode_manifest",
@@ -39,12 +42,12 @@ __all__ = [
 ]
 
 FORMAT: Final = "sepweight"
-#: The newest format this sepstore reads and writes. Version 2 adds ``assets``; a manifest without
-#: assets is still written as version 1, so its bytes (and digest) stay what they were.
+#: The newest format this sepstore reads and writes. Version 2 adds ``assets`` and ``renames``; a
+#: manifest without either is still written as version 1, so its bytes (and digest) stay what they were.
 FORMAT_VERSION: Final = 2
 #: How reports (pull, push, verify) name an asset: this, then its path.
 ASSET_LABEL: Final = "asset:"
-#: The first format version that may hold ``assets``.
+#: The first format version that may hold ``assets`` and ``renames``.
 ASSETS_VERSION: Final = 2
 #: Manifests larger than this are refused before they are decoded.
 MAX_MANIFEST_BYTES: Final = 64 * 1024 * 1024
@@ -75,6 +78,24 @@ AssetPath = Annotated[
         pattern=ASSET_PATH_PATTERN,
         max_length=MAX_ASSET_PATH,
         description="relative path: '/'-separated segments, none empty, '.' or '..', no '\\', ':' or controls",
+    ),
+]
+
+
+#: Bounds on a rename record: rules per section, names added, and the length of a prefix.
+MAX_RENAMES: Final = 64
+MAX_ADDED: Final = 64
+MAX_PREFIX: Final = 256
+# Prefixes of tensor names: the characters of the families' module paths (no '/', '\\', controls or
+# braces), so a record can only ever produce plain dotted names.
+_PREFIX_CHARS = r"[A-Za-z0-9_.-]*"
+NamePrefix = Annotated[str, Meta(pattern=rf"^{_PREFIX_CHARS}{END}", max_length=MAX_PREFIX)]
+LayerPrefix = Annotated[
+    str,
+    Meta(
+        pattern=rf"^{_PREFIX_CHARS}\{{i\}}{_PREFIX_CHARS}{END}",
+        max_length=MAX_PREFIX,
+        description="a prefix holding '{i}' once, for the layer number",
     ),
 ]
 
@@ -134,11 +155,68 @@ class Asset(Struct, frozen=True, forbid_unknown_fields=True):
 Blob = Part | Asset
 
 
+class Rename(Struct, frozen=True, forbid_unknown_fields=True):
+    """A name in a begin or end part that starts with ``stored`` was ``original`` + the rest in the checkpoint."""
+
+    stored: NamePrefix
+    original: NamePrefix
+
+
+class LayerRename(Struct, frozen=True, forbid_unknown_fields=True):
+    """A name in layer ``i``'s part that starts with ``stored`` was ``original`` (its ``{i}`` the
+    layer number) + the rest in the checkpoint."""
+
+    stored: NamePrefix
+    original: LayerPrefix
+
+
+class Renames(Struct, frozen=True, forbid_unknown_fields=True):
+    """How ``convert`` renamed a checkpoint's keys, per family rather than per tensor.
+
+    Each section lists prefix rewrites; the first whose ``stored`` prefix starts a part's tensor
+    name gives that tensor's name in the checkpoint. ``added`` are the checkpoint names of tensors
+    ``convert`` added that the checkpoint did not hold (a tied LM head, BERT's decoder bias), which
+    ``export`` leaves out as ``save_pretrained`` does."""
+
+    begin: Annotated[tuple[Rename, ...], Meta(max_length=MAX_RENAMES)] = ()
+    mid: Annotated[tuple[LayerRename, ...], Meta(max_length=MAX_RENAMES)] = ()
+    end: Annotated[tuple[Rename, ...], Meta(max_length=MAX_RENAMES)] = ()
+    added: Annotated[tuple[TensorName, ...], Meta(max_length=MAX_ADDED)] = ()
+
+    def original(self, label: str, name: str) -> str | None:
+        """The checkpoint's name of tensor ``name`` of part ``label`` (``begin``, ``mid.<i>``,
+        ``end``); ``None`` when no rule covers it."""
+        section, _, layer = label.partition(".")
+        rules: tuple[Rename | LayerRename, ...] = self.mid if section == "mid" else getattr(self, section, ())
+        for rule in rules:
+            if name.startswith(rule.stored):
+                return rule.original.replace("{i}", layer) + name[len(rule.stored) :]
+        return None
+
+
 class Manifest(Struct, frozen=True, forbid_unknown_fields=True, tag_field="format", tag=FORMAT):
     """A published model version: begin, one part per layer, end, and the model's config.
 
     ``mid[i]`` is layer ``i``; it is ``None`` only while a multi-call ``dump`` has not yet been
     given that layer's tensors.
+
+    Format version 2 adds two optional fields, left out of a version-1 manifest:
+
+    - ``assets``: the model's other files (tokenizer, configs, templates, license) by relative path.
+    - ``renames``: how ``convert`` renamed the checkpoint's keys, derived from the model family's
+      layout (:meth:`sepstore.deciders.Family.renames`) and the spelling the checkpoint used (with
+      or without the base model's prefix, e.g. ``model.``), so that ``export`` writes every tensor
+      under its original name. For a Llama checkpoint saved from ``LlamaForCausalLM``::
+
+          {"begin": [{"stored": "rotary_emb.", "original": "model.rotary_emb."},
+                     {"stored": "embed_tokens.", "original": "model.embed_tokens."}],
+           "mid": [{"stored": "", "original": "model.layers.{i}."}],
+           "end": [{"stored": "final_layernorm.", "original": "model.final_layernorm."},
+                   {"stored": "lm_head.", "original": "lm_head."},
+                   {"stored": "norm.", "original": "model.norm."}, ...],
+           "added": ["lm_head.weight"]}   # only when convert added a tied head
+
+      A store written by ``dump`` with a decider function has none.
     """
 
     format_version: Annotated[int, Meta(ge=1)]
@@ -151,6 +229,8 @@ class Manifest(Struct, frozen=True, forbid_unknown_fields=True, tag_field="forma
     metadata: dict[str, str] = {}
     #: Format version 2: the model's other files by relative path (left out of a version-1 manifest).
     assets: Annotated[dict[AssetPath, Asset], Meta(max_length=MAX_ASSETS)] | UnsetType = UNSET
+    #: Format version 2: how the checkpoint's keys were renamed (left out of a version-1 manifest).
+    renames: Renames | UnsetType = UNSET
 
     @property
     def n_layers(self) -> int:
@@ -236,6 +316,11 @@ def decode_manifest(data: bytes, *, source: str) -> Manifest:
         raise ManifestError(f"{source}: JSON nested too deeply") from None
     _check_parts_location(manifest.parts, source)
     _check_assets(manifest, source)
+    if not isinstance(manifest.renames, UnsetType) and manifest.format_version < ASSETS_VERSION:
+        raise ManifestError(
+            f"{source}: field `renames` needs `format_version` {ASSETS_VERSION} or later, the manifest says "
+            f"{manifest.format_version}"
+        )
     for label, part in manifest.labelled_parts():
         _check_size(part, f"{source}: part {label}")
     return manifest
@@ -246,10 +331,10 @@ def _check_parts_location(parts: str, source: str) -> None:
         raise ManifestError(f"{source}: field `parts` {parts!r} has a character not allowed in a location")
 
 
-def format_version_for(assets: Mapping[str, Asset]) -> int:
+def format_version_for(assets: Mapping[str, Asset], renames: Renames | None = None) -> int:
     """The format version a writer gives a manifest: the oldest that holds what it holds, so that a
-    model without assets keeps the version-1 bytes (and digest) older sepstores wrote and read."""
-    return ASSETS_VERSION if assets else 1
+    model without assets or renames keeps the version-1 bytes (and digest) older sepstores wrote and read."""
+    return ASSETS_VERSION if assets or renames is not None else 1
 
 
 def _check_assets(manifest: Manifest, source: str) -> None:

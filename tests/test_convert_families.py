@@ -119,7 +119,7 @@ def build(name: str, seed: int) -> transformers.PreTrainedModel:
 
 
 def legacy_buffers(name: str, config: Any) -> dict[str, torch.Tensor]:
-    """Buffers that older checkpoints carry and the model rebuilds itself; deciders drop them."""
+    """Buffers that older checkpoints carry and the model rebuilds itself; convert keeps them."""
     family, n = CASES[name].family, config.num_hidden_layers
     out: dict[str, torch.Tensor] = {}
     for i in range(n):
@@ -244,18 +244,21 @@ def test_family_converts_and_rebuilds_bit_exact(tmp_path: Path, name: str, fmt: 
     assert detect(keys).name == family.name  # the key patterns alone pick the same family...
     assert signed_and_placing(keys) == [family.name]  # ... and no other one could
 
-    # Layer parts hold the checkpoint's keys made relative to the layer, legacy buffers dropped.
+    # Layer parts hold the checkpoint's keys made relative to the layer, legacy buffers kept.
     for i in range(n_layers):
         prefix = f"{family.layers}.{i}."
-        expected = {k.removeprefix(prefix) for k in set(keys) - legacy if k.startswith(prefix)}
+        expected = {k.removeprefix(prefix) for k in keys if k.startswith(prefix)}
         assert set(psd.mid[i]) == expected
+    assert all(family.is_buffer(k) for k in legacy)
 
-    # A differently initialized model takes each layer part strictly into its own layer module...
+    # A differently initialized model takes each layer part strictly into its own layer module
+    # (less the buffers it rebuilds itself, as the family names them)...
     rebuilt = build(name, seed=1)
     assert not torch.equal(outputs(rebuilt), outputs(original))
     layers = rebuilt.get_submodule(family.layers)
     for i in range(n_layers):
-        layers[i].load_state_dict(runtime_layout(psd.mid[i], layers[i]), strict=True)
+        layer = family.skip_buffers(psd.mid[i], layers[i].state_dict())
+        layers[i].load_state_dict(runtime_layout(layer, layers[i]), strict=True)
 
     # ... and begin/end under the checkpoint's names (the decider run backwards) fill the rest.
     aliases = family.tied_head(keys, config)
@@ -271,7 +274,7 @@ def test_family_converts_and_rebuilds_bit_exact(tmp_path: Path, name: str, fmt: 
             key = back[slot, part_name]
             rest[key if key in in_memory else RUNTIME_NAMES.get(key, key)] = tensor
     result = rebuilt.load_state_dict(rest, strict=False)
-    assert result.unexpected_keys == []
+    assert all(family.is_buffer(k) for k in result.unexpected_keys)
     assert [k for k in result.missing_keys if not k.startswith(f"{family.layers}.")] == []
 
     assert torch.equal(outputs(rebuilt), outputs(original))
@@ -326,7 +329,8 @@ def test_gpt2_hub_checkpoint_without_prefix_gets_its_tied_head(tmp_path: Path) -
     assert torch.equal(psd.end["lm_head.weight"], psd.begin["wte.weight"])
     layers = build("gpt2", seed=1).get_submodule("transformer.h")
     for i in range(3):
-        layers[i].load_state_dict(psd.mid[i], strict=True)
+        assert {"attn.bias", "attn.masked_bias"} <= psd.mid[i].keys()  # kept, and skipped by the loader
+        layers[i].load_state_dict(get("gpt2").skip_buffers(psd.mid[i], layers[i].state_dict()), strict=True)
 
 
 def test_mixtral_part_keeps_the_checkpoint_layout_that_transformers_fuses(tmp_path: Path) -> None:
@@ -350,27 +354,32 @@ def test_mixtral_part_keeps_the_checkpoint_layout_that_transformers_fuses(tmp_pa
 @pytest.mark.parametrize(
     ("family", "key", "placement"),
     [
-        ("llama", "model.layers.0.self_attn.rotary_emb.inv_freq", None),
-        ("llama", "model.rotary_emb.inv_freq", None),
+        ("llama", "model.layers.0.self_attn.rotary_emb.inv_freq", ("mid", 0, "self_attn.rotary_emb.inv_freq")),
+        ("llama", "model.rotary_emb.inv_freq", ("begin", "rotary_emb.inv_freq")),
         ("llama", "layers.2.mlp.up_proj.weight", ("mid", 2, "mlp.up_proj.weight")),
         ("llama", "embed_tokens.weight", ("begin", "embed_tokens.weight")),
         ("llama", "model.final_layernorm.bias", ("end", "final_layernorm.bias")),
-        ("gpt2", "h.0.attn.bias", None),
-        ("gpt2", "transformer.h.11.attn.masked_bias", None),
+        ("gpt2", "h.0.attn.bias", ("mid", 0, "attn.bias")),
+        ("gpt2", "transformer.h.11.attn.masked_bias", ("mid", 11, "attn.masked_bias")),
         ("gpt2", "h.0.attn.c_attn.bias", ("mid", 0, "attn.c_attn.bias")),
         ("gpt2", "wpe.weight", ("begin", "wpe.weight")),
         ("gpt2", "lm_head.weight", ("end", "lm_head.weight")),
-        ("gpt_neox", "gpt_neox.layers.3.attention.bias", None),
-        ("gpt_neox", "gpt_neox.layers.3.attention.rotary_emb.inv_freq", None),
+        ("gpt_neox", "gpt_neox.layers.3.attention.bias", ("mid", 3, "attention.bias")),
+        ("gpt_neox", "gpt_neox.layers.3.attention.rotary_emb.inv_freq", ("mid", 3, "attention.rotary_emb.inv_freq")),
         ("gpt_neox", "gpt_neox.layers.3.attention.dense.bias", ("mid", 3, "attention.dense.bias")),
         ("gpt_neox", "embed_out.weight", ("end", "embed_out.weight")),
-        ("falcon", "transformer.h.1.self_attention.maybe_rotary.inv_freq", None),
+        (
+            "falcon",
+            "transformer.h.1.self_attention.maybe_rotary.inv_freq",
+            ("mid", 1, "self_attention.maybe_rotary.inv_freq"),
+        ),
+        ("falcon", "transformer.rotary_emb.inv_freq", ("begin", "rotary_emb.inv_freq")),
         ("bloom", "word_embeddings_layernorm.weight", ("begin", "word_embeddings_layernorm.weight")),
         ("opt", "decoder.project_out.weight", ("end", "decoder.project_out.weight")),
-        ("bert", "bert.embeddings.position_ids", None),
+        ("bert", "bert.embeddings.position_ids", ("begin", "embeddings.position_ids")),
         ("bert", "cls.seq_relationship.weight", ("end", "cls.seq_relationship.weight")),
         ("bert", "pooler.dense.weight", ("end", "pooler.dense.weight")),
-        ("roberta", "roberta.embeddings.token_type_ids", None),
+        ("roberta", "roberta.embeddings.token_type_ids", ("begin", "embeddings.token_type_ids")),
         ("roberta", "lm_head.dense.weight", ("end", "lm_head.dense.weight")),
         ("gguf", "token_embd.weight", ("begin", "token_embd.weight")),
         ("gguf", "blk.12.ffn_down.weight", ("mid", 12, "ffn_down.weight")),

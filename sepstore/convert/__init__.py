@@ -83,7 +83,9 @@ def convert(
     Converting into a tag that exists combines with it (as :func:`sepstore.dump` does); ``force``
     replaces it. From a Hugging Face folder (or its index), the folder's tokenizer, configs, chat
     templates, README and license are stored as the model's assets (the allow-list is in
-    :mod:`sepstore.convert.assets`); ``assets=False`` leaves them out.
+    :mod:`sepstore.convert.assets`); ``assets=False`` leaves them out. With a built-in family, the
+    manifest records how the keys were renamed (``renames``), so :func:`sepstore.export` gives the
+    checkpoint back under its own names; nothing the checkpoint holds is dropped (buffers too).
 
     A llama or qwen2 GGUF converts under Hugging Face names and layout, Q/K un-permuted as
     transformers' GGUF loader does, with an HF ``config.json`` as the manifest's config: the same
@@ -110,6 +112,7 @@ def convert(
             family = detect(keys, checkpoint.config) if decider == "auto" else get(decider)
             chosen, decider_name = family.decider, family.name
         aliases = family.tied_head(keys, checkpoint.config) if family is not None else {}
+        renames = family.renames(keys, aliases) if family is not None else None
         state = LazyStateDict(checkpoint.sources, aliases=aliases, dtype=dtype_name)
         metadata = {
             "source": checkpoint.url,
@@ -132,6 +135,7 @@ def convert(
             config=checkpoint.config,
             metadata=metadata,
             assets=checkpoint.assets() if assets else None,
+            renames=renames,
             storage_options=dest_storage_options,
             force=force,
             quiet=quiet,

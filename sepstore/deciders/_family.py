@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Collection, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
-from ..dump import Decider, Placement
+from ..dump import Decider, Placement, place
 from ..errors import DeciderError
+from ..manifest import LayerRename, Rename, Renames
 
-__all__ = ["Family", "Runtime", "detect", "families", "get", "prefix_decider", "register"]
+__all__ = ["Family", "PrefixDecider", "Runtime", "detect", "families", "get", "prefix_decider", "register"]
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -40,6 +43,13 @@ class Family:
     its masked-LM head gets none). ``aliases`` are tensors a model always shares under two names
     (``{alias: key}``, e.g. BERT's ``cls.predictions.decoder.bias``), added when only ``key`` is
     stored.
+
+    ``buffers`` matches the names (as the checkpoint or a part spells them) of buffers that older
+    checkpoints hold and the model rebuilds itself: rotary ``inv_freq``, causal-mask ``bias`` /
+    ``masked_bias``, ``position_ids``. ``convert`` keeps them in the part they belong to, so that
+    ``export`` gives back the checkpoint exactly; a loader may skip those its module lacks
+    (:func:`sepstore.lazy_load` does, even with ``strict=True``, for a store ``convert`` made with
+    this family; for ``module.load_state_dict`` leave them out with :meth:`skip_buffers`).
     """
 
     name: str
@@ -57,6 +67,40 @@ class Family:
     aliases: tuple[tuple[str, str], ...] = ()
     #: How sepstore.hf runs a slice of this family's model; None where it cannot.
     runtime: Runtime | None = None
+    buffers: re.Pattern[str] | None = None
+
+    def is_buffer(self, name: str) -> bool:
+        """Whether ``name`` (a checkpoint key, or a name in a part) is a buffer the model rebuilds."""
+        return self.buffers is not None and self.buffers.search(name) is not None
+
+    def skip_buffers(self, tensors: Mapping[str, T], wanted: Collection[str]) -> dict[str, T]:
+        """``tensors`` less the buffers the model rebuilds that a module does not hold (its
+        state-dict keys are ``wanted``): ``layer.load_state_dict(family.skip_buffers(part,
+        layer.state_dict()), strict=True)``."""
+        return {name: t for name, t in tensors.items() if name in wanted or not self.is_buffer(name)}
+
+    def renames(self, keys: Collection[str], added: Iterable[str] = ()) -> Renames | None:
+        """The manifest's record of how this family's decider renames the checkpoint ``keys`` (see
+        :class:`~sepstore.manifest.Renames`), with ``added`` the keys ``convert`` adds
+        (:meth:`tied_head`); checked to give back every key. ``None`` for a decider that is not a
+        :class:`PrefixDecider`."""
+        if not isinstance(self.decider, PrefixDecider):
+            return None
+        added = sorted(added)
+        record = self.decider.renames(keys, added)
+        for key in [*keys, *added]:
+            placed = place(self.decider, key)
+            if placed is None:
+                continue
+            slot, name = placed
+            label = slot if isinstance(slot, str) else f"mid.{slot}"
+            if record.original(label, name) != key:
+                raise DeciderError(
+                    f"{self.name}: the checkpoint spells its keys both with and without {self.decider.base!r} "
+                    f"(e.g. {key!r}), so they cannot be named back on export; save it with one spelling, or "
+                    "pass a decider function"
+                )
+        return record
 
     def tied_head(self, keys: Iterable[str], config: Mapping[str, Any] | None) -> dict[str, str]:
         """Tensors to add under a second name: ``{head_key: embed_key}`` when the config ties the
@@ -193,50 +237,74 @@ def _sample(keys: list[str], n: int = 12) -> str:
     return shown + (f", ... ({len(keys)} keys)" if len(keys) > n else "")
 
 
+@dataclass(frozen=True)
+class PrefixDecider:
+    """A decider for the usual layout (see :func:`prefix_decider`), which can also say how it
+    renames keys (:meth:`renames`)."""
+
+    begin: tuple[str, ...]
+    layers: str
+    end: tuple[str, ...]
+    strip: str = ""
+    base: str = ""
+    _layer_re: re.Pattern[str] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "strip", self.strip or self.base)
+        object.__setattr__(self, "_layer_re", re.compile(rf"^{re.escape(self.layers)}\.(\d+)\.(.+)$"))
+
+    def _place(self, key: str) -> Placement:
+        match = self._layer_re.match(key)
+        if match:
+            return "mid", int(match[1]), match[2]
+        short = key.removeprefix(self.strip)
+        if key.startswith(self.begin):
+            return "begin", short
+        if key.startswith(self.end):
+            return "end", short
+        return None
+
+    def __call__(self, key: str) -> Placement:
+        where = self._place(key)
+        if where is None and self.base and not key.startswith(self.base):
+            where = self._place(self.base + key)
+        if where is None:
+            also = f" (with or without {self.base!r})" if self.base else ""
+            raise DeciderError(
+                f"key {key!r} is not in this family's begin ({', '.join(self.begin)}), layers ({self.layers}.N.*) "
+                f"or end ({', '.join(self.end)}){also}"
+            )
+        return where
+
+    def renames(self, keys: Collection[str], added: Iterable[str] = ()) -> Renames:
+        """How this decider renames ``keys``: each prefix's stored form and the checkpoint's, spelled
+        with ``base`` unless no key has it (a checkpoint saved from the base model)."""
+        full = not self.base or any(key.startswith(self.base) for key in keys)
+
+        def original(prefix: str) -> str:
+            return prefix if full else prefix.removeprefix(self.base)
+
+        def rules(prefixes: tuple[str, ...]) -> tuple[Rename, ...]:
+            found = {Rename(p.removeprefix(self.strip), original(p)) for p in prefixes}
+            return tuple(sorted(found, key=lambda r: (-len(r.stored), r.stored, r.original)))
+
+        layer = LayerRename("", f"{original(self.layers)}.{{i}}.")
+        return Renames(rules(self.begin), (layer,), rules(self.end), tuple(sorted(added)))
+
+
 def prefix_decider(
     *,
     begin: Iterable[str],
     layers: str,
     end: Iterable[str],
-    drop: str | None = None,
     strip: str = "",
     base: str = "",
-) -> Callable[[str], Placement]:
+) -> PrefixDecider:
     """A decider for the usual layout: keys under a ``begin`` prefix go to begin, ``<layers>.N.rest``
     to layer N (as ``rest``, so the part is the layer module's own state dict), keys under an
-    ``end`` prefix to end; ``drop`` (a regex) drops keys such as rotary ``inv_freq`` buffers.
-    ``strip`` is removed from begin/end names. ``base`` (``"model."``) is the base model's prefix:
-    it is stripped like ``strip``, and a key without it (a checkpoint saved from the base model)
-    is placed as if it had it, so both spellings give the same parts. Anything else is a
-    :class:`DeciderError` naming the key."""
-    begin, end = tuple(begin), tuple(end)
-    strip = strip or base
-    layer_re = re.compile(rf"^{re.escape(layers)}\.(\d+)\.(.+)$")
-    drop_re = re.compile(drop) if drop else None
-
-    def place(key: str) -> Placement:
-        match = layer_re.match(key)
-        if match:
-            return "mid", int(match[1]), match[2]
-        short = key.removeprefix(strip) if strip else key
-        if key.startswith(begin):
-            return "begin", short
-        if key.startswith(end):
-            return "end", short
-        return None
-
-    def decide(key: str) -> Placement:
-        if drop_re is not None and drop_re.search(key):
-            return None
-        where = place(key)
-        if where is None and base and not key.startswith(base):
-            where = place(base + key)
-        if where is None:
-            also = f" (with or without {base!r})" if base else ""
-            raise DeciderError(
-                f"key {key!r} is not in this family's begin ({', '.join(begin)}), layers ({layers}.N.*) "
-                f"or end ({', '.join(end)}){also}"
-            )
-        return where
-
-    return decide
+    ``end`` prefix to end. ``strip`` is removed from begin/end names. ``base`` (``"model."``) is the
+    base model's prefix: it is stripped like ``strip``, and a key without it (a checkpoint saved
+    from the base model) is placed as if it had it, so both spellings give the same parts. Anything
+    else is a :class:`DeciderError` naming the key. Nothing is dropped: buffers a checkpoint holds
+    go where their prefix says (see :attr:`Family.buffers`)."""
+    return PrefixDecider(tuple(begin), layers, tuple(end), strip, base)

@@ -5,7 +5,8 @@ layer N as ``rest`` (a ``BertLayer``'s state dict); ``bert.pooler.*`` -> end as 
 heads ``cls.*`` (pre-training / masked LM), ``classifier.*`` and ``qa_outputs.*`` -> end unchanged.
 RoBERTa is the same with ``roberta.`` for ``bert.`` and ``lm_head.*`` for ``cls.*``. Checkpoints
 saved from ``BertModel``/``RobertaModel`` (no ``bert.``/``roberta.`` prefix) give the same parts.
-The ``embeddings.position_ids``/``token_type_ids`` buffers are dropped (the model rebuilds them).
+The ``embeddings.position_ids``/``token_type_ids`` buffers older checkpoints hold are kept in begin
+and named in :attr:`Family.buffers` (the model rebuilds them).
 A masked-LM head ties its decoder to the word embeddings: when a checkpoint has the head
 (``cls.predictions.*``, ``lm_head.*``) but not its decoder, end gets ``...decoder.weight`` from the
 embeddings and ``...decoder.bias`` from the head's ``bias``, as the model shares them.
@@ -19,13 +20,12 @@ from ._family import Family, prefix_decider, register
 
 __all__ = ["bert_decider", "bert_family", "family", "roberta_decider", "roberta_family"]
 
-_DROP = r"(?:^|\.)embeddings\.(?:position_ids|token_type_ids)$"
+_BUFFERS = re.compile(r"(?:^|\.)embeddings\.(?:position_ids|token_type_ids)$")
 
 bert_decider = prefix_decider(
     begin=("bert.embeddings.",),
     layers="bert.encoder.layer",
     end=("bert.pooler.", "cls.", "classifier.", "qa_outputs."),
-    drop=_DROP,
     base="bert.",
 )
 
@@ -33,7 +33,6 @@ roberta_decider = prefix_decider(
     begin=("roberta.embeddings.",),
     layers="roberta.encoder.layer",
     end=("roberta.pooler.", "lm_head.", "classifier.", "qa_outputs."),
-    drop=_DROP,
     base="roberta.",
 )
 
@@ -51,6 +50,7 @@ bert_family = register(
         aliases=(("cls.predictions.decoder.bias", "cls.predictions.bias"),),
         ties_by_default=True,
         signature=re.compile(r"^(?:bert\.)?encoder\.layer\.\d+\.attention\.self\."),
+        buffers=_BUFFERS,
     )
 )
 
@@ -68,6 +68,7 @@ roberta_family = register(
         aliases=(("lm_head.decoder.bias", "lm_head.bias"),),
         ties_by_default=True,
         signature=re.compile(r"^roberta\.encoder\.layer\.\d+\.attention\.self\."),
+        buffers=_BUFFERS,
     )
 )
 

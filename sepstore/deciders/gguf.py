@@ -15,30 +15,15 @@ from __future__ import annotations
 
 import re
 
-from ..dump import Placement
-from ..errors import DeciderError
-from ._family import Family, register
+from ._family import Family, prefix_decider, register
 
 __all__ = ["decider", "family"]
 
-_LAYER = re.compile(r"^blk\.(\d+)\.(.+)$")
 _BEGIN = ("token_embd.", "token_embd_norm.", "position_embd.", "token_types.")
 _END = ("output_norm.", "output.", "rope_freqs.", "cls.")
 
-
-def decider(key: str) -> Placement:
-    """Place a GGUF tensor name; anything unknown is a :class:`DeciderError` naming it."""
-    match = _LAYER.match(key)
-    if match:
-        return "mid", int(match[1]), match[2]
-    if key.startswith(_BEGIN):
-        return "begin", key
-    if key.startswith(_END):
-        return "end", key
-    raise DeciderError(
-        f"GGUF tensor {key!r} is not token_embd.* (begin), blk.N.* (layer N) or output_norm.*, output.*, "
-        "rope_freqs.* (end)"
-    )
+#: Places a GGUF tensor name; anything unknown is a :class:`DeciderError` naming it.
+decider = prefix_decider(begin=_BEGIN, layers="blk", end=_END)
 
 
 family = register(

@@ -6,8 +6,9 @@
 unchanged. The hub's original checkpoints were saved from ``GPT2Model`` and lack the
 ``transformer.`` prefix (``wte.weight``, ``h.0.attn.c_attn.weight``); they give the same parts.
 The causal-mask buffers older checkpoints carry (``h.N.attn.bias``, ``h.N.attn.masked_bias``) are
-dropped. GPT-2 ties its LM head to ``wte`` by default, so end gets ``lm_head.weight`` from the
-embedding when the checkpoint has no head.
+kept in their layer's part and named in :attr:`Family.buffers` (the model rebuilds them). GPT-2
+ties its LM head to ``wte`` by default, so end gets ``lm_head.weight`` from the embedding when the
+checkpoint has no head.
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ decider = prefix_decider(
     begin=("transformer.wte.", "transformer.wpe."),
     layers="transformer.h",
     end=("transformer.ln_f.", "lm_head.", "score."),
-    drop=r"\.(?:attn|crossattention)\.(?:masked_)?bias$",
     base="transformer.",
 )
 
@@ -39,5 +39,6 @@ family = register(
         ties_by_default=True,
         signature=re.compile(r"^(?:transformer\.)?h\.\d+\.attn\.c_attn\."),
         runtime=Runtime(("gpt2",)),
+        buffers=re.compile(r"(?:^|\.)(?:attn|crossattention)\.(?:masked_)?bias$"),
     )
 )

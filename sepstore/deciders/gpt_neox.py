@@ -5,7 +5,8 @@
 ``final_layer_norm.*``; the LM head ``embed_out.*`` (as checkpoints name it; transformers 5 calls
 it ``lm_head`` in memory and renames it when loading) and ``lm_head.*`` -> end unchanged. Keys saved
 from ``GPTNeoXModel`` (no ``gpt_neox.`` prefix) give the same parts. Buffers older checkpoints carry
-(``attention.bias``, ``attention.masked_bias`` causal masks, rotary ``inv_freq``) are dropped.
+(``attention.bias``, ``attention.masked_bias`` causal masks, rotary ``inv_freq``) are kept in their
+layer's part (``gpt_neox.rotary_emb.*`` in begin) and named in :attr:`Family.buffers`.
 """
 
 from __future__ import annotations
@@ -17,10 +18,9 @@ from ._family import Family, Runtime, prefix_decider, register
 __all__ = ["decider", "family"]
 
 decider = prefix_decider(
-    begin=("gpt_neox.embed_in.",),
+    begin=("gpt_neox.embed_in.", "gpt_neox.rotary_emb."),
     layers="gpt_neox.layers",
     end=("gpt_neox.final_layer_norm.", "embed_out.", "lm_head.", "score."),
-    drop=r"(?:\.attention\.(?:masked_)?bias|(?:^|\.)(?:original_)?inv_freq)$",
     base="gpt_neox.",
 )
 
@@ -36,5 +36,6 @@ family = register(
         head_key="embed_out.weight",
         signature=re.compile(r"^(?:gpt_neox\.)?layers\.\d+\.attention\.query_key_value\."),
         runtime=Runtime(("gpt_neox",)),
+        buffers=re.compile(r"(?:^|\.)(?:attention\.(?:masked_)?bias|(?:original_)?inv_freq)$"),
     )
 )

@@ -5,7 +5,9 @@ phi3, phi, and other models with Llama's module layout (starcoder2, olmo, granit
 ``rest`` (a ``LlamaDecoderLayer``'s own state dict); ``model.norm.*`` (``model.final_layernorm.*``
 in phi) -> end as ``norm.*``; ``lm_head.*`` (and a classifier's ``score.*``) -> end unchanged.
 Keys saved from the base model (``LlamaModel``: ``embed_tokens.weight``, ``layers.0....``) give the
-same parts. Rotary ``inv_freq`` buffers are dropped (the model rebuilds them). Gemma ties the LM
+same parts. Rotary ``inv_freq`` buffers older checkpoints hold are kept where they are
+(``model.rotary_emb.*`` in begin, a layer's in its part) and named in :attr:`Family.buffers`, so a
+loader may skip them (the model rebuilds them). Gemma ties the LM
 head to the embeddings: when no ``lm_head.weight`` is stored, end gets the embedding as
 ``lm_head.weight``. Mixtral checkpoints keep their per-expert weights
 (``block_sparse_moe.experts.E.w1``); transformers 5 fuses them when it loads a layer.
@@ -41,10 +43,9 @@ LLAMA_TYPES = (
 )
 
 decider = prefix_decider(
-    begin=("model.embed_tokens.",),
+    begin=("model.embed_tokens.", "model.rotary_emb."),
     layers="model.layers",
     end=("model.norm.", "model.final_layernorm.", "lm_head.", "score."),
-    drop=r"(?:^|\.)(?:original_)?inv_freq$",
     base="model.",
 )
 
@@ -70,5 +71,6 @@ family = register(
         head_key="lm_head.weight",
         signature=re.compile(r"^(?:model\.)?layers\.\d+\.self_attn\."),
         runtime=Runtime(("llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "phi3")),
+        buffers=re.compile(r"(?:^|\.)(?:original_)?inv_freq$"),
     )
 )

@@ -29,6 +29,7 @@ from .errors import (
     TensorError,
     TrustError,
 )
+from .export import ExportReport, export
 from .gc import GcReport, gc
 from .load import LoadResult, PartStateDict, lazy_load, load, read_manifest
 from .manifest import Asset, Manifest, Tensor
@@ -55,6 +56,7 @@ __all__ = [
     "CachedFile",
     "Decider",
     "DeciderError",
+    "ExportReport",
     "GcReport",
     "IntegrityError",
     "KeyFileError",
@@ -104,6 +106,7 @@ __all__ = [
     "convert",
     "diff",
     "dump",
+    "export",
     "files",
     "gc",
     "keygen",

@@ -21,6 +21,7 @@ from .cache_admin import CachedFile, cache_ls, cache_prune, cache_verify
 from .convert import convert
 from .diff import diff
 from .errors import IntegrityError, RefError, SepstoreError, TrustError
+from .export import export
 from .gc import DEFAULT_GRACE, gc
 from .manifest import ASSET_LABEL
 from .plan import plan
@@ -334,6 +335,34 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    report = export(
+        args.ref,
+        args.out_dir,
+        spec=args.spec,
+        max_shard_size=args.max_shard_size,
+        force=args.force,
+        quiet=args.quiet,
+        **_ref_options(args),
+    )
+    if args.json:
+        _print_json(report.to_dict())
+        return EXIT_OK
+    named = (
+        "the checkpoint's names"
+        if report.names == "renames"
+        else "begin./mid.<i>./end. names (the store records no renames)"
+    )
+    weights = counted(report.shards, "weight file")
+    print(
+        f"exported {counted(report.tensors, 'tensor')} ({human_bytes(report.tensor_bytes)}) under {named} "
+        f"in {weights}, and {counted(len(report.files) - report.shards, 'other file')} -> {report.out_dir}"
+    )
+    if report.left_out:
+        print(f"left out what convert added: {', '.join(report.left_out)}")
+    return EXIT_OK
+
+
 def cmd_push(args: argparse.Namespace) -> int:
     report = push(
         args.ref,
@@ -553,6 +582,24 @@ def build_parser() -> argparse.ArgumentParser:
         "Hugging Face names and layout, as transformers loads it)",
     )
     p.add_argument("--force", action="store_true", help="replace the tag if it exists (default: combine with it)")
+    _add_quiet(p)
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+    p = command(
+        "export",
+        cmd_export,
+        "write a model back as a Hugging Face folder (config, assets, safetensors shards) under its original names",
+        "sepstore export s3://models/store/manifests/acme/llama/v2.json ./llama-hf --max-shard-size 2GB",
+    )
+    _add_ref(p)
+    p.add_argument("out_dir", help="local folder to write (must be empty unless --force)")
+    p.add_argument("--spec", default="f", help="parts to export, e.g. 'b 0-5' (default: f, all)")
+    p.add_argument(
+        "--max-shard-size", default="5GB", help="largest weight file, e.g. 5GB, 500MiB (default: 5GB, as transformers)"
+    )
+    p.add_argument("--force", action="store_true", help="write into a folder that is not empty, replacing weight files")
+    p.add_argument("--cache-dir", help="cache folder for remote parts (default: $SEPSTORE_CACHE or ~/.cache/sepstore)")
+    _add_parts_url(p)
     _add_quiet(p)
     p.add_argument("--json", action="store_true", help="print JSON")
 

@@ -208,13 +208,16 @@ class Manifest(Struct, frozen=True, forbid_unknown_fields=True, tag_field="forma
       or without the base model's prefix, e.g. ``model.``), so that ``export`` writes every tensor
       under its original name. For a Llama checkpoint saved from ``LlamaForCausalLM``::
 
-          {"begin": [{"stored": "rotary_emb.", "original": "model.rotary_emb."},
-                     {"stored": "embed_tokens.", "original": "model.embed_tokens."}],
+          {"begin": [{"stored": "embed_tokens.", "original": "model.embed_tokens."},
+                     {"stored": "rotary_emb.", "original": "model.rotary_emb."}],
            "mid": [{"stored": "", "original": "model.layers.{i}."}],
            "end": [{"stored": "final_layernorm.", "original": "model.final_layernorm."},
                    {"stored": "lm_head.", "original": "lm_head."},
-                   {"stored": "norm.", "original": "model.norm."}, ...],
-           "added": ["lm_head.weight"]}   # only when convert added a tied head
+                   {"stored": "score.", "original": "score."},
+                   {"stored": "norm.", "original": "model.norm."}],
+           "added": ["lm_head.weight"]}   # a tied head convert added (else [])
+
+      Rules are tried in order (longest ``stored`` first), the first that starts the name wins.
 
       A store written by ``dump`` with a decider function has none.
     """

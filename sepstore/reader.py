@@ -138,6 +138,19 @@ class PartReader:
         its digest (a disk fault, a hand edit) is deleted and fetched again, once."""
         return self._repairing(part, lambda: self._read(label, part, verify=verify, mmap=mmap, device=device))
 
+    def read_bytes(self, label: str, part: Part) -> tuple[bytearray, dict[str, HeaderEntry]]:
+        """The part file's bytes, read once and hashed as they are read, and its parsed header,
+        checked against the manifest as :meth:`read` does, without torch."""
+        return self._repairing(part, lambda: self._read_bytes(label, part))
+
+    def _read_bytes(self, label: str, part: Part) -> tuple[bytearray, dict[str, HeaderEntry]]:
+        with self._held(label, part) as (path, where):
+            data = bytearray(part.size)
+            _read_into(memoryview(data), path, part, where, verify=True)
+        header = parse_header(data, part.size, where=where)
+        check_header(header, part, where)
+        return data, header
+
     def check(self, label: str, part: Part) -> None:
         """Check a part as :meth:`read` does and every tensor's digest too, without torch; an
         :class:`IntegrityError` (or :class:`NotFoundError`) says what is wrong."""
@@ -278,15 +291,20 @@ def _fill(file: FileIO, into: memoryview, part: Part, where: str) -> None:
 
 
 def _copied(path: str, part: Part, where: str, *, verify: bool) -> torch.Tensor:
-    """The part's bytes read into fresh memory in pieces, each hashed (if ``verify``) by a second
-    thread right after it is read: the digest is of exactly these bytes, and no one else can
-    change them."""
+    """The part's bytes read into fresh memory (see :func:`_read_into`)."""
     import torch
 
     data = torch.empty(part.size, dtype=torch.uint8)
+    _read_into(memoryview(data.numpy()), path, part, where, verify=verify)
+    return data
+
+
+def _read_into(whole: memoryview, path: str, part: Part, where: str, *, verify: bool) -> None:
+    """Read the part's bytes into ``whole`` in pieces, each hashed (if ``verify``) by a second
+    thread right after it is read: the digest is of exactly these bytes, and no one else can
+    change them."""
     hasher = Hasher()
     with open(path, "rb", buffering=0) as file, ThreadPoolExecutor(1, "sepstore-hash") as hashing:
-        whole = memoryview(data.numpy())
         hashed = []
         for at in range(0, part.size, READ_PIECE):
             piece = whole[at : at + READ_PIECE]
@@ -297,7 +315,6 @@ def _copied(path: str, part: Part, where: str, *, verify: bool) -> torch.Tensor:
             future.result()
     if verify:
         _compare(digest_of(hasher), part.digest, where, "digest")
-    return data
 
 
 def _mapped(path: str, part: Part, where: str) -> torch.Tensor:

@@ -178,10 +178,13 @@ class WrittenPart:
     tensors: dict[str, TensorRecord]
 
 
-def layout(tensors: Mapping[str, RawTensor]) -> tuple[list[tuple[str, int]], bytes]:
-    """Each tensor's name and offset in file order, and the file's length prefix plus header."""
+def layout(
+    tensors: Mapping[str, RawTensor], metadata: Mapping[str, str] | None = None
+) -> tuple[list[tuple[str, int]], bytes]:
+    """Each tensor's name and offset in file order, and the file's length prefix plus header (with
+    ``__metadata__`` when given; parts have none)."""
     order = sorted(tensors, key=lambda n: (-ITEMSIZE[tensors[n].dtype], n))
-    header: dict[str, object] = {}
+    header: dict[str, object] = {"__metadata__": dict(metadata)} if metadata is not None else {}
     offset = 0
     for name in order:
         t = tensors[name]

@@ -20,6 +20,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final, Literal
 
+import numpy as np
 from msgspec import UnsetType
 
 from ._text import parse_size
@@ -370,28 +371,33 @@ def _write_shards(
     files: list[str],
     bar: tqdm,
 ) -> None:
-    """Write the shards, reading each part once (verified as it is read) and copying its tensors
-    to their places; a shard's file is open only while tensors are still to come into it."""
+    """Write the shards, reading each part once (verified as it is read, into one buffer of the
+    largest part's size) and copying its tensors to their places; a shard's file is open only while
+    tensors are still to come into it."""
     by_part: dict[str, list[_Placed]] = {}
     for p in placed:
         by_part.setdefault(p.label, []).append(p)
     remaining = [len(shard) for shard in shards]
     fds: dict[int, int] = {}
+    buffer = memoryview(np.empty(max((part.size for _, part in chosen), default=0), dtype=np.uint8))
+
+    def copy(label: str, part: Part) -> None:
+        data, header = reader.read_bytes(label, part, into=buffer)
+        for p in by_part.get(label, []):
+            if p.shard not in fds:
+                fds[p.shard] = fd = staging.create(files[p.shard])
+                _, head = layout(shards[p.shard], _METADATA)
+                os.ftruncate(fd, len(head) + sum(t.nbytes for t in shards[p.shard].values()))
+                pwrite_all(fd, head, 0)
+            entry = header[p.stored]
+            pwrite_all(fds[p.shard], data[entry.start : entry.end], p.offset)
+            remaining[p.shard] -= 1
+            if remaining[p.shard] == 0:
+                os.close(fds.pop(p.shard))
+
     try:
         for label, part in chosen:
-            data, header = reader.read_bytes(label, part)
-            with memoryview(data) as view:
-                for p in by_part.get(label, []):
-                    if p.shard not in fds:
-                        fds[p.shard] = fd = staging.create(files[p.shard])
-                        _, head = layout(shards[p.shard], _METADATA)
-                        os.ftruncate(fd, len(head) + sum(t.nbytes for t in shards[p.shard].values()))
-                        pwrite_all(fd, head, 0)
-                    entry = header[p.stored]
-                    pwrite_all(fds[p.shard], view[entry.start : entry.end], p.offset)
-                    remaining[p.shard] -= 1
-                    if remaining[p.shard] == 0:
-                        os.close(fds.pop(p.shard))
+            copy(label, part)
             bar.update(part.size)
     finally:
         for fd in fds.values():

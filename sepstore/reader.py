@@ -138,15 +138,22 @@ class PartReader:
         its digest (a disk fault, a hand edit) is deleted and fetched again, once."""
         return self._repairing(part, lambda: self._read(label, part, verify=verify, mmap=mmap, device=device))
 
-    def read_bytes(self, label: str, part: Part) -> tuple[bytearray, dict[str, HeaderEntry]]:
-        """The part file's bytes, read once and hashed as they are read, and its parsed header,
-        checked against the manifest as :meth:`read` does, without torch."""
-        return self._repairing(part, lambda: self._read_bytes(label, part))
+    def read_bytes(
+        self, label: str, part: Part, *, into: memoryview | None = None
+    ) -> tuple[memoryview, dict[str, HeaderEntry]]:
+        """The part file's bytes, read once into memory of their own (the start of ``into``, when
+        given: a buffer reused from part to part is not paged in again) and hashed as they are
+        read, and its parsed header, checked against the manifest as :meth:`read` does, without torch."""
+        return self._repairing(part, lambda: self._read_bytes(label, part, into))
 
-    def _read_bytes(self, label: str, part: Part) -> tuple[bytearray, dict[str, HeaderEntry]]:
+    def _read_bytes(self, label: str, part: Part, into: memoryview | None) -> tuple[memoryview, dict[str, HeaderEntry]]:
+        import numpy as np
+
+        if into is None or len(into) < part.size:
+            into = memoryview(np.empty(part.size, dtype=np.uint8))  # not zeroed first, as bytearray() would be
+        data = into[: part.size]
         with self._held(label, part) as (path, where):
-            data = bytearray(part.size)
-            _read_into(memoryview(data), path, part, where, verify=True)
+            _read_into(data, path, part, where, verify=True)
         header = parse_header(data, part.size, where=where)
         check_header(header, part, where)
         return data, header

@@ -39,11 +39,11 @@ if TYPE_CHECKING:
     from tqdm import tqdm
     from typing_extensions import Unpack
 
-__all__ = ["ExportReport", "Rename", "export"]
+__all__ = ["ExportReport", "RenameFunction", "export"]
 
 #: ``rename=``: a stored tensor's label name (``begin.X``, ``mid.<i>.X``, ``end.X``) to the name to
 #: write it under, or ``None`` to leave it out.
-Rename = Callable[[str], "str | None"]
+RenameFunction = Callable[[str], "str | None"]
 
 CONFIG: Final = "config.json"
 SINGLE: Final = "model.safetensors"
@@ -101,7 +101,7 @@ def export(
     *,
     spec: str = "f",
     max_shard_size: int | str = "5GB",
-    rename: Rename | None = None,
+    rename: RenameFunction | None = None,
     force: bool = False,
     quiet: bool = False,
     **options: Unpack[RefOptions],
@@ -131,7 +131,8 @@ def export(
     names, left_out, how = _names(manifest, chosen, rename, resolved.url)
     placed, shards = _plan(chosen, names, limit)
     shard_files = _shard_files(len(shards))
-    out = _prepare(out_dir, force, [CONFIG, INDEX, *shard_files], manifest.asset_files)
+    written = [CONFIG] if manifest.config is not None else []
+    out = _prepare(out_dir, force, [*written, INDEX, *shard_files], manifest.asset_files)
     reader = PartReader(resolved, cache_dir=options.get("cache_dir"))
     with _Staging(out) as staging:
         reader.prefetch([*chosen, *manifest.labelled_assets()], desc=f"fetch {manifest.name}", quiet=quiet)
@@ -168,7 +169,7 @@ def _shard_limit(max_shard_size: int | str) -> int:
 
 
 def _names(
-    manifest: Manifest, chosen: list[tuple[str, Part]], rename: Rename | None, url: str
+    manifest: Manifest, chosen: list[tuple[str, Part]], rename: RenameFunction | None, url: str
 ) -> tuple[dict[tuple[str, str], str], list[str], Literal["renames", "rename", "labels"]]:
     """The name each stored tensor is written under, by ``(label, stored name)``; the tensors left
     out; and where the names came from."""
@@ -206,7 +207,7 @@ def _names(
     return names, left_out, how
 
 
-def _call(rename: Rename, where: str) -> str | None:
+def _call(rename: RenameFunction, where: str) -> str | None:
     try:
         name = rename(where)
     except Exception as exc:
@@ -264,7 +265,7 @@ def _prepare(out_dir: str | os.PathLike[str], force: bool, files: list[str], ass
         raise StoreError(f"export writes to a local folder; {out!r} is a URL (export locally, then upload it)")
     out = os.path.abspath(out)
     for path in assets:
-        if path in files or path == INDEX:
+        if path in files:
             raise ManifestError(f"the model's asset {path!r} has the name of a file export writes; refused")
     if os.path.lexists(out) and not os.path.isdir(out):
         raise StoreError(f"{out} exists and is not a folder")

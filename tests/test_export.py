@@ -192,6 +192,14 @@ def test_a_dump_without_renames_exports_part_labels_unless_given_a_rename_functi
     assert not (tmp_path / "twice").exists()
 
 
+def test_an_asset_with_the_name_of_a_weight_file_is_refused(tmp_path: Path) -> None:
+    state = tiny_llama_state_dict(layers=1, hidden=16, intermediate=32, vocab=64)
+    sepstore.dump(llama_decider, state, tmp_path / "store", assets={"model.safetensors": b"not weights"})
+    with pytest.raises(ManifestError, match=r"asset 'model\.safetensors'"):
+        sepstore.export(tmp_path / "store", tmp_path / "out", quiet=True)
+    assert not (tmp_path / "out").exists()
+
+
 def test_two_tensors_a_hostile_record_names_alike_are_refused(
     llama: tuple[Path, Path, torch.Tensor], tmp_path: Path
 ) -> None:

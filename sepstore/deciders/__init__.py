@@ -12,8 +12,12 @@ decider``, or ``sepstore.deciders.get("llama").decider``); its ``decider`` is a 
 - ``sepstore.deciders.gguf``: GGUF tensor names (``token_embd``, ``blk.N``, ``output``)
 
 A layer part holds the checkpoint's keys made relative to the layer module, so
-``model.get_submodule(family.layers)[i].load_state_dict(psd.mid[i], strict=True)`` works; begin
-and end keep the checkpoint's names less the base model's prefix (``model.``, ``transformer.``).
+``layer.load_state_dict(family.skip_buffers(psd.mid[i], layer.state_dict()), strict=True)`` works
+for ``layer = model.get_submodule(family.layers)[i]`` (``skip_buffers`` leaves out the buffers an
+older checkpoint holds and the module rebuilds, :attr:`Family.buffers`; nothing is dropped, so
+:func:`sepstore.export` gives the checkpoint back); begin and end keep the checkpoint's names less
+the base model's prefix (``model.``, ``transformer.``). :meth:`Family.renames` is the record of
+those renames a converted manifest holds.
 :func:`get` gives a family by name or ``model_type``; :func:`detect` picks one from ``config.json``
 (``model_type``, ``architectures``) and falls back to key patterns, and when no family places
 every key it fails listing the keys. :func:`prefix_decider` builds a decider for another family

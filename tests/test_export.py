@@ -255,6 +255,26 @@ def test_renames_name_every_key_back_and_refuse_a_checkpoint_of_two_spellings() 
         family.renames(["model.embed_tokens.weight", "layers.0.mlp.up_proj.weight"])
 
 
+def test_converting_another_spelling_into_a_tag_that_records_one_is_refused(tmp_path: Path) -> None:
+    model = build("llama", seed=0)
+    model.save_pretrained(tmp_path / "full")
+    model.base_model.save_pretrained(tmp_path / "base")
+    sepstore.convert(tmp_path / "full", tmp_path / "store", name="m", quiet=True)
+    with pytest.raises(ManifestError, match="records other renames"):
+        sepstore.convert(tmp_path / "base", tmp_path / "store", name="m", quiet=True)
+    sepstore.convert(tmp_path / "base", tmp_path / "store", name="m", force=True, quiet=True)
+    assert sepstore.read_manifest(tmp_path / "store").renames.mid == (LayerRename("", "layers.{i}."),)
+
+
+def test_a_users_prefix_decider_still_drops_what_it_is_told_and_its_record_skips_those_keys() -> None:
+    from sepstore.deciders import Family, prefix_decider
+
+    decider = prefix_decider(begin=("m.emb.",), layers="m.h", end=("head.",), drop=r"\.cache$", base="m.")
+    assert decider("m.h.1.attn.cache") is None and decider("h.1.attn.w") == ("mid", 1, "attn.w")
+    record = Family("mine", decider).renames(["m.emb.w", "m.h.0.attn.w", "m.h.0.attn.cache", "head.w"])
+    assert record is not None and record.original("begin", "emb.w") == "m.emb.w"
+
+
 def test_lazy_load_skips_the_buffers_a_converted_store_keeps_even_when_strict(tmp_path: Path) -> None:
     model = build("llama", seed=0)
     save_checkpoint(model, "llama", "bin", tmp_path / "hf")  # with rotary inv_freq buffers in every layer

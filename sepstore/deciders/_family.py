@@ -247,6 +247,7 @@ class PrefixDecider:
     end: tuple[str, ...]
     strip: str = ""
     base: str = ""
+    drop: re.Pattern[str] | None = None
     _layer_re: re.Pattern[str] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -265,6 +266,8 @@ class PrefixDecider:
         return None
 
     def __call__(self, key: str) -> Placement:
+        if self.drop is not None and self.drop.search(key):
+            return None
         where = self._place(key)
         if where is None and self.base and not key.startswith(self.base):
             where = self._place(self.base + key)
@@ -297,14 +300,16 @@ def prefix_decider(
     begin: Iterable[str],
     layers: str,
     end: Iterable[str],
+    drop: str | None = None,
     strip: str = "",
     base: str = "",
 ) -> PrefixDecider:
     """A decider for the usual layout: keys under a ``begin`` prefix go to begin, ``<layers>.N.rest``
     to layer N (as ``rest``, so the part is the layer module's own state dict), keys under an
-    ``end`` prefix to end. ``strip`` is removed from begin/end names. ``base`` (``"model."``) is the
-    base model's prefix: it is stripped like ``strip``, and a key without it (a checkpoint saved
+    ``end`` prefix to end; ``drop`` (a regex) drops keys (the built-in families drop nothing, so that
+    :func:`sepstore.export` gives the checkpoint back: buffers go where their prefix says, see
+    :attr:`Family.buffers`). ``strip`` is removed from begin/end names. ``base`` (``"model."``) is
+    the base model's prefix: it is stripped like ``strip``, and a key without it (a checkpoint saved
     from the base model) is placed as if it had it, so both spellings give the same parts. Anything
-    else is a :class:`DeciderError` naming the key. Nothing is dropped: buffers a checkpoint holds
-    go where their prefix says (see :attr:`Family.buffers`)."""
-    return PrefixDecider(tuple(begin), layers, tuple(end), strip, base)
+    else is a :class:`DeciderError` naming the key."""
+    return PrefixDecider(tuple(begin), layers, tuple(end), strip, base, re.compile(drop) if drop else None)

@@ -5,9 +5,10 @@ model's assets, and the weights as ``model.safetensors`` or, past ``max_shard_si
 ``model-0000i-of-0000N.safetensors`` shards with ``model.safetensors.index.json``. Every tensor
 keeps its dtype and bytes; its name is the checkpoint's, from the manifest's rename record
 (:class:`~sepstore.manifest.Renames`, written by ``convert``), and tensors ``convert`` added (a tied
-LM head) are left out. Parts are read one at a time (each verified as it is read), so peak memory
-is about one part. Every file is written under a temporary name and renamed into place only when
-all are whole, the weight index (or the single weight file) last: a folder that looks complete is.
+LM head) are left out. Each part is streamed once, in bounded pieces hashed as they are read and
+written straight to their places, so memory holds two pieces, not a part. Every file is written
+under a temporary name and renamed into place only when every part's digest has matched, the
+weight index (or the single weight file) last: a folder that looks complete is.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final, Literal
 
-import numpy as np
 from msgspec import UnsetType
 
 from ._text import parse_size
@@ -29,9 +29,9 @@ from .errors import DeciderError, IntegrityError, ManifestError, SpecError, Stor
 from .hashing import Hasher, digest_of
 from .manifest import Asset, Manifest, Part, is_tensor_name
 from .progress import progress
-from .reader import READ_PIECE, PartReader
+from .reader import READ_PIECE, PartReader, Writer
 from .refs import FETCH_OPTIONS, RefLike, RefOptions, open_ref
-from .safetensors_io import ITEMSIZE, RawTensor, layout, pwrite_all
+from .safetensors_io import ITEMSIZE, HeaderEntry, RawTensor, layout, pwrite_all
 from .spec import select_parts
 from .store import create_temp, fsync_dir, make_dirs, replace_durably
 
@@ -372,26 +372,41 @@ def _write_shards(
     files: list[str],
     bar: tqdm,
 ) -> None:
-    """Write the shards, reading each part once (verified as it is read, into one buffer of the
-    largest part's size) and copying its tensors to their places; a shard's file is open only while
-    tensors are still to come into it."""
+    """Write the shards, streaming each part once (every piece hashed as it is read, see
+    :meth:`PartReader.stream`) into the places of its tensors, so memory holds two pieces, not a
+    part; the files stay under their temporary names until every part's digest has matched. A
+    shard's file is open only while tensors are still to come into it."""
     by_part: dict[str, list[_Placed]] = {}
     for p in placed:
         by_part.setdefault(p.label, []).append(p)
     remaining = [len(shard) for shard in shards]
     fds: dict[int, int] = {}
-    buffer = memoryview(np.empty(max((part.size for _, part in chosen), default=0), dtype=np.uint8))
+
+    def fd_of(shard: int) -> int:
+        if shard not in fds:
+            fds[shard] = fd = staging.create(files[shard])
+            _, head = layout(shards[shard], _METADATA)
+            os.ftruncate(fd, len(head) + sum(t.nbytes for t in shards[shard].values()))
+            pwrite_all(fd, head, 0)
+        return fds[shard]
 
     def copy(label: str, part: Part) -> None:
-        data, header = reader.read_bytes(label, part, into=buffer)
-        for p in by_part.get(label, []):
-            if p.shard not in fds:
-                fds[p.shard] = fd = staging.create(files[p.shard])
-                _, head = layout(shards[p.shard], _METADATA)
-                os.ftruncate(fd, len(head) + sum(t.nbytes for t in shards[p.shard].values()))
-                pwrite_all(fd, head, 0)
-            entry = header[p.stored]
-            pwrite_all(fds[p.shard], data[entry.start : entry.end], p.offset)
+        wanted = by_part.get(label, [])
+
+        def writer(header: dict[str, HeaderEntry]) -> Writer:
+            # Where each wanted tensor is in the part file; the tensors tile the data, so few overlap a piece.
+            spans = [(header[p.stored].start, header[p.stored].end, p) for p in wanted]
+
+            def write(at: int, piece: memoryview) -> None:
+                for start, end, p in spans:
+                    if start < at + len(piece) and end > at:
+                        lo, hi = max(start, at), min(end, at + len(piece))
+                        pwrite_all(fd_of(p.shard), piece[lo - at : hi - at], p.offset + lo - start)
+
+            return write
+
+        reader.stream(label, part, writer)
+        for p in wanted:
             remaining[p.shard] -= 1
             if remaining[p.shard] == 0:
                 os.close(fds.pop(p.shard))

@@ -12,7 +12,7 @@ import contextlib
 import mmap as mmap_module  # `mmap` is a keyword of read
 import os
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from io import FileIO
 from typing import TYPE_CHECKING, TypeVar
 
@@ -34,6 +34,8 @@ if TYPE_CHECKING:
 __all__ = ["PartReader", "check_header"]
 
 T = TypeVar("T")
+#: What :meth:`PartReader.stream` hands each piece of a part to: ``write(offset in the file, piece)``.
+Writer = Callable[[int, memoryview], None]
 
 #: Parts are read in pieces of this size, each hashed by a second thread while the next is read,
 #: so that it is hashed while still in the CPU's cache: with 4 MiB pieces hashing added about
@@ -138,25 +140,47 @@ class PartReader:
         its digest (a disk fault, a hand edit) is deleted and fetched again, once."""
         return self._repairing(part, lambda: self._read(label, part, verify=verify, mmap=mmap, device=device))
 
-    def read_bytes(
-        self, label: str, part: Part, *, into: memoryview | None = None
-    ) -> tuple[memoryview, dict[str, HeaderEntry]]:
-        """The part file's bytes, read once into memory of their own (the start of ``into``, when
-        given: a buffer reused from part to part is not paged in again) and hashed as they are
-        read, and its parsed header, checked against the manifest as :meth:`read` does, without torch."""
-        return self._repairing(part, lambda: self._read_bytes(label, part, into))
+    def stream(self, label: str, part: Part, writer: Callable[[dict[str, HeaderEntry]], Writer]) -> None:
+        """Read the part once, in bounded pieces each hashed by a second thread, and hand every
+        piece after the header to ``write(offset in the file, piece)``, where ``write`` is what
+        ``writer(header)`` returns once the header is parsed and checked against the manifest.
 
-    def _read_bytes(self, label: str, part: Part, into: memoryview | None) -> tuple[memoryview, dict[str, HeaderEntry]]:
-        import numpy as np
+        The piece handed to ``write`` is exactly the bytes hashed, but the part's digest is known
+        only once the last piece is read: a part that fails it is an :class:`IntegrityError`
+        raised *after* ``write`` saw its bytes, so the caller must keep what it wrote where
+        nothing uses it until this returns. A cached copy that fails is fetched again and
+        streamed once more (``write`` then gets every offset again)."""
+        self._repairing(part, lambda: self._stream(label, part, writer))
 
-        if into is None or len(into) < part.size:
-            into = memoryview(np.empty(part.size, dtype=np.uint8))  # not zeroed first, as bytearray() would be
-        data = into[: part.size]
-        with self._held(label, part) as (path, where):
-            _read_into(data, path, part, where, verify=True)
-        header = parse_header(data, part.size, where=where)
-        check_header(header, part, where)
-        return data, header
+    def _stream(self, label: str, part: Part, writer: Callable[[dict[str, HeaderEntry]], Writer]) -> None:
+        with (
+            self._held(label, part) as (path, where),
+            open(path, "rb", buffering=0) as file,
+            ThreadPoolExecutor(1, "sepstore-hash") as hashing,
+        ):
+            head = bytearray(8)
+            _fill(file, memoryview(head), part, where)
+            head += bytes(header_end(head, part.size) - 8)
+            _fill(file, memoryview(head)[8:], part, where)
+            header = parse_header(head, part.size, where=where)
+            check_header(header, part, where)
+            write = writer(header)
+            whole = Hasher()
+            whole.update(head)
+            # Two pieces in turn: one is read and written while the other is hashed.
+            pieces = [memoryview(bytearray(min(READ_PIECE, part.size))) for _ in range(2)]
+            hashed: list[Future[None] | None] = [None, None]
+            for n, at in enumerate(range(len(head), part.size, READ_PIECE)):
+                if (busy := hashed[n % 2]) is not None:
+                    busy.result()
+                piece = pieces[n % 2][: min(READ_PIECE, part.size - at)]
+                _fill(file, piece, part, where)
+                hashed[n % 2] = hashing.submit(whole.update, piece)
+                write(at, piece)
+            for busy in hashed:
+                if busy is not None:
+                    busy.result()
+        _compare(digest_of(whole), part.digest, where, "digest")
 
     def check(self, label: str, part: Part) -> None:
         """Check a part as :meth:`read` does and every tensor's digest too, without torch; an
@@ -298,20 +322,15 @@ def _fill(file: FileIO, into: memoryview, part: Part, where: str) -> None:
 
 
 def _copied(path: str, part: Part, where: str, *, verify: bool) -> torch.Tensor:
-    """The part's bytes read into fresh memory (see :func:`_read_into`)."""
+    """The part's bytes read into fresh memory in pieces, each hashed (if ``verify``) by a second
+    thread right after it is read: the digest is of exactly these bytes, and no one else can
+    change them."""
     import torch
 
     data = torch.empty(part.size, dtype=torch.uint8)
-    _read_into(memoryview(data.numpy()), path, part, where, verify=verify)
-    return data
-
-
-def _read_into(whole: memoryview, path: str, part: Part, where: str, *, verify: bool) -> None:
-    """Read the part's bytes into ``whole`` in pieces, each hashed (if ``verify``) by a second
-    thread right after it is read: the digest is of exactly these bytes, and no one else can
-    change them."""
     hasher = Hasher()
     with open(path, "rb", buffering=0) as file, ThreadPoolExecutor(1, "sepstore-hash") as hashing:
+        whole = memoryview(data.numpy())
         hashed = []
         for at in range(0, part.size, READ_PIECE):
             piece = whole[at : at + READ_PIECE]
@@ -322,6 +341,7 @@ def _read_into(whole: memoryview, path: str, part: Part, where: str, *, verify: 
             future.result()
     if verify:
         _compare(digest_of(hasher), part.digest, where, "digest")
+    return data
 
 
 def _mapped(path: str, part: Part, where: str) -> torch.Tensor:

@@ -174,7 +174,9 @@ def _names(
     """The name each stored tensor is written under, by ``(label, stored name)``; the tensors left
     out; and where the names came from."""
     record = None if isinstance(manifest.renames, UnsetType) else manifest.renames
-    how: Literal["renames", "rename", "labels"] = "rename" if rename is not None else "renames" if record else "labels"
+    how: Literal["renames", "rename", "labels"] = (
+        "rename" if rename is not None else "renames" if record is not None else "labels"
+    )
     error = DeciderError if rename is not None else ManifestError
     added = set(record.added) if record is not None else set()
     names: dict[tuple[str, str], str] = {}

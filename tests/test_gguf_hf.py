@@ -4,11 +4,9 @@ converted. The store must hold exactly the parts of converting the HF checkpoint
 transformers' own GGUF loader reads from the file (state dict and logits), keep llama.cpp's layout
 with ``--gguf-names``, and carry the embedded tokenizer as assets.
 
-``gguf_model`` (the model transformers loads from a GGUF) and ``store_model`` (one built from the
-store) are the two sides every comparison here uses, through ``logits``. An export test adds a
-third: ``from_pretrained`` of the folder ``sepstore.export`` writes from ``llama_store`` (or a store
-converted from ``write_gguf(...)`` of any dtype), whose ``logits`` must equal
-``logits(gguf_model(path))``; ``hf_state_dict`` is what its safetensors must hold.
+``gguf_model`` (the model transformers loads from a GGUF), ``store_model`` (one built from the
+store) and ``from_pretrained`` of the folder ``sepstore.export`` writes are the sides every
+comparison here uses, through ``logits``.
 """
 
 from __future__ import annotations
@@ -27,7 +25,6 @@ import torch
 import transformers
 from conftest import same_bytes
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
 import sepstore
 from sepstore.cli import main as cli
@@ -181,16 +178,10 @@ def write_gguf(
 
 
 def gguf_model(path: Path) -> transformers.PreTrainedModel:
-    """The model transformers loads from a GGUF: ``from_pretrained(folder, gguf_file=...)``'s two
-    steps for a llama/qwen2 file (config from the metadata, then ``load_gguf_checkpoint``'s tensors
-    in float32), called directly because ``from_pretrained`` wants accelerate for a GGUF."""
-    config = transformers.AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
-    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
-    tensors = load_gguf_checkpoint(str(path), return_tensors=True, model_to_load=model, torch_dtype=torch.float32)
-    missing, unexpected = model.load_state_dict(tensors["tensors"], strict=False)
-    assert not unexpected and set(missing) <= ({"lm_head.weight"} if config.tie_word_embeddings else set())
-    model.tie_weights()
-    return model
+    """The model transformers loads from a GGUF: ``from_pretrained(folder, gguf_file=...)`` in float32."""
+    return transformers.AutoModelForCausalLM.from_pretrained(
+        path.parent, gguf_file=path.name, dtype=torch.float32
+    ).eval()
 
 
 def hf_state_dict(store: Path) -> dict[str, torch.Tensor]:
@@ -396,3 +387,22 @@ def test_tokenizer_transformers_cannot_rebuild_stops_the_conversion_unless_no_as
         sepstore.convert(path, tmp_path / "store", quiet=True)
     manifest = sepstore.convert(path, tmp_path / "store", assets=False, quiet=True)
     assert manifest.metadata["tensor_names"] == "gguf" and sorted(manifest.mid[0].tensors) == ["time_mix_key.weight"]
+
+
+@pytest.mark.parametrize("dtype", ["F32", "F16"])
+def test_gguf_store_exports_to_a_folder_transformers_loads_as_it_loads_the_gguf(
+    tmp_path: Path, llama: Tiny, tokenizer: Tokenizer, dtype: str
+) -> None:
+    path = write_gguf(llama, tokenizer, alone(tmp_path), dtype)
+    sepstore.convert(path, tmp_path / "store", name="tiny", quiet=True)
+    sepstore.export(tmp_path / "store", tmp_path / "out", name="tiny", quiet=True)
+    exported = safetensors.torch.load_file(tmp_path / "out" / "model.safetensors")
+    assert "lm_head.weight" in exported  # the GGUF has output.weight: an untied head, under its HF name
+    expected = gguf_model(path).state_dict()
+    for key, tensor in exported.items():
+        assert same_bytes(tensor.float(), expected[key]), key
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
+    assert torch.equal(logits(model), logits(gguf_model(path)))
+    exported_tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "out")
+    gguf_tokenizer = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    assert exported_tokenizer(TEXT)["input_ids"] == gguf_tokenizer(TEXT)["input_ids"]

@@ -28,6 +28,7 @@ from .errors import (
     StoreError,
     TensorError,
     TrustError,
+    UnsupportedModelError,
 )
 from .export import ExportReport, export
 from .gc import GcReport, gc
@@ -97,6 +98,7 @@ __all__ = [
     "TrustPolicy",
     "TrustReport",
     "TrustedKey",
+    "UnsupportedModelError",
     "VerifyReport",
     "__version__",
     "assets",

@@ -15,6 +15,7 @@ __all__ = [
     "StoreError",
     "TensorError",
     "TrustError",
+    "UnsupportedModelError",
 ]
 
 
@@ -65,3 +66,7 @@ class TrustError(SepstoreError):
 
 class KeyFileError(SepstoreError, ValueError):
     """A key or trust policy cannot be used: unreadable, malformed, or of an unsupported kind."""
+
+
+class UnsupportedModelError(SepstoreError):
+    """A model :mod:`sepstore.hf` cannot run as slices: an unsupported family, or transformers is missing."""

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from .deciders import Family, get
-from .errors import DeciderError, ModuleMismatchError, SepstoreError, SpecError
+from .errors import DeciderError, ModuleMismatchError, SpecError, UnsupportedModelError
 from .load import iter_parts
 from .manifest import Manifest
 from .refs import FETCH_OPTIONS, RefLike, RefOptions, open_ref
@@ -43,10 +43,6 @@ __all__ = [
     "quiet_loading",
     "supported_model_types",
 ]
-
-
-class UnsupportedModelError(SepstoreError):
-    """A model sepstore cannot run as slices: an unsupported family, or transformers is missing."""
 
 
 @dataclass

@@ -10,6 +10,8 @@ __all__ = [
     "ModuleMismatchError",
     "NotFoundError",
     "RefError",
+    "RegistryAuthError",
+    "RegistryError",
     "SepstoreError",
     "SpecError",
     "StoreError",
@@ -66,6 +68,14 @@ class TrustError(SepstoreError):
 
 class KeyFileError(SepstoreError, ValueError):
     """A key or trust policy cannot be used: unreadable, malformed, or of an unsupported kind."""
+
+
+class RegistryError(StoreError):
+    """An OCI registry refused a request, or answered it outside the distribution spec."""
+
+
+class RegistryAuthError(RegistryError, PermissionError):
+    """An OCI registry wants credentials that were not given, or refused those that were."""
 
 
 class UnsupportedModelError(SepstoreError):

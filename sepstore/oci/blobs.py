@@ -1,0 +1,70 @@
+"""A read-only fsspec filesystem over a registry repository's blobs, named as a store's
+``parts/blake3/`` files, so that the cache and the part reader fetch a model's parts from a registry
+as from any other store: ranged, in parallel, in bounded pieces, verified by BLAKE3 on the way in.
+
+Its URLs are ``sepstore-oci://HOST/REPOSITORY`` (internal: the ``oci://`` reference a user gives
+is resolved by :func:`sepstore.oci.resolve_oci` into a manifest and one of these), and its options
+the :class:`~sepstore.oci.client.Registry` and the map from part file name to blob digest and size.
+"""
+
+from __future__ import annotations
+
+import posixpath
+from collections.abc import Mapping
+from typing import Any
+
+from fsspec.spec import AbstractBufferedFile, AbstractFileSystem
+
+from .client import Registry
+
+__all__ = ["PROTOCOL", "OciBlobFileSystem"]
+
+PROTOCOL = "sepstore-oci"
+
+
+class OciBlobFileSystem(AbstractFileSystem):
+    """The blobs of ``repository`` in ``registry``, by their file name in a store (``<blake3 hex>.safetensors``
+    for a part, ``<blake3 hex>`` for an asset): ``blobs`` maps each to its ``(sha256 digest, size)``."""
+
+    protocol = PROTOCOL
+    cachable = False
+
+    def __init__(
+        self, *, registry: Registry, repository: str, blobs: Mapping[str, tuple[str, int]], **kwargs: Any
+    ) -> None:
+        super().__init__(**kwargs)
+        self.registry = registry
+        self.repository = repository
+        self.blobs = dict(blobs)
+
+    def _blob(self, path: str) -> tuple[str, int]:
+        found = self.blobs.get(posixpath.basename(path))
+        if found is None:
+            raise FileNotFoundError(f"{PROTOCOL}://{path}: no such blob in the image manifest")
+        return found
+
+    def info(self, path: str, **kwargs: Any) -> dict[str, Any]:
+        return {"name": path, "size": self._blob(path)[1], "type": "file"}
+
+    def ls(self, path: str, detail: bool = True, **kwargs: Any) -> list[Any]:
+        base = self._strip_protocol(path).rstrip("/")
+        entries = [{"name": f"{base}/{name}", "size": size, "type": "file"} for name, (_, size) in self.blobs.items()]
+        return entries if detail else [e["name"] for e in entries]
+
+    def _open(self, path: str, mode: str = "rb", block_size: Any = None, **kwargs: Any) -> _BlobFile:
+        if mode != "rb":
+            raise NotImplementedError(f"{PROTOCOL}://{path}: registry blobs are read-only here")
+        digest, size = self._blob(path)
+        return _BlobFile(self, path, digest, size, block_size)
+
+
+class _BlobFile(AbstractBufferedFile):
+    """One blob, read by ranged GETs of exactly the bytes asked for (no read-ahead)."""
+
+    def __init__(self, fs: OciBlobFileSystem, path: str, digest: str, size: int, block_size: Any) -> None:
+        self.digest = digest
+        super().__init__(fs, path, mode="rb", block_size=block_size or "default", cache_type="none", size=size)
+
+    def _fetch_range(self, start: int, end: int) -> bytes:
+        fs: OciBlobFileSystem = self.fs
+        return fs.registry.read_blob(fs.repository, self.digest, start, min(end, self.size), self.size)

@@ -1,0 +1,597 @@
+"""A sepstore model in an OCI registry, in ModelPack's form.
+
+A repository holds one model, its tags the model's versions (as with ``docker push``):
+``oci://HOST[:PORT]/REPOSITORY:TAG`` names one. Its image manifest has artifact type
+``application/vnd.cncf.model.manifest.v1+json`` and a ModelPack model config; its layers are
+
+- one ``application/vnd.cncf.model.weight.v1.raw`` layer per part file (parts of equal bytes share
+  one), annotated with the part's label (``org.sepstore.part``: ``begin``, ``mid.3``, ``end``) and
+  BLAKE3 digest (``org.sepstore.digest``);
+- one layer per asset (``...doc.v1.raw`` for READMEs and licenses, else ``...weight.config.v1.raw``),
+  annotated with its path (``org.sepstore.asset``) and BLAKE3 digest;
+- the sepstore manifest itself, byte for byte (so its BLAKE3 digest and its signatures hold), as a
+  ``...weight.config.v1.raw`` layer annotated ``org.sepstore.manifest: <its BLAKE3 digest>``.
+
+Every layer's title (``org.opencontainers.image.title``, and ModelPack's ``org.cncf.model.filepath``)
+is its path in a sepstore store (``parts/blake3/<hex>.safetensors``, ``manifests/<name>/<tag>.json``),
+so ``oras pull`` of a model writes a store that sepstore loads as it is. The registry addresses blobs
+by SHA-256; a reader checks the SHA-256 of what it reads whole, and the BLAKE3 the sepstore manifest
+promises of every part and asset. Signatures are OCI referrers of the image manifest (with the
+``sha256-<hex>`` tag schema where a registry lacks the referrers API).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import re
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+from ..errors import IntegrityError, ManifestError, NotFoundError, RefError, SepstoreError, StoreError
+from ..hashing import Hasher, digest_buffer, digest_of
+from ..manifest import MAX_MANIFEST_BYTES, Blob, Manifest, decode_manifest
+from ..refs import Resolved
+from ..signing import BUNDLE_MEDIA_TYPE
+from ..store import MANIFESTS_DIR, PARTS_DIR, check_tag
+from ..tags import TagInfo
+from .blobs import PROTOCOL
+from .client import OCI_INDEX, OCI_MANIFEST, UPLOAD_CHUNK, Registry, sha256_file
+
+__all__ = [
+    "MODEL_ARTIFACT",
+    "OciModel",
+    "OciPushReport",
+    "OciRef",
+    "attach_signature_oci",
+    "push_oci",
+    "resolve_oci",
+    "signatures_oci",
+    "tags_oci",
+]
+
+MODEL_ARTIFACT: Final = "application/vnd.cncf.model.manifest.v1+json"
+MODEL_CONFIG: Final = "application/vnd.cncf.model.config.v1+json"
+WEIGHT_RAW: Final = "application/vnd.cncf.model.weight.v1.raw"
+WEIGHT_CONFIG_RAW: Final = "application/vnd.cncf.model.weight.config.v1.raw"
+DOC_RAW: Final = "application/vnd.cncf.model.doc.v1.raw"
+EMPTY: Final = "application/vnd.oci.empty.v1+json"
+TITLE: Final = "org.opencontainers.image.title"
+FILEPATH: Final = "org.cncf.model.filepath"
+PART: Final = "org.sepstore.part"
+ASSET: Final = "org.sepstore.asset"
+DIGEST: Final = "org.sepstore.digest"
+MANIFEST: Final = "org.sepstore.manifest"
+KEY_ID: Final = "org.sepstore.key-id"
+#: Signature bundles larger than this are not read.
+_MAX_SIGNATURE_BYTES = 1024 * 1024
+_WORKERS = 8
+
+_COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
+_REPOSITORY = re.compile(rf"^{_COMPONENT}(?:/{_COMPONENT})*\Z")
+_OCI_TAG = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}\Z")
+_PIN = re.compile(r"^sha256:[0-9a-f]{64}\Z")
+_DOC = re.compile(r"(?:^|/)(?:readme|license|licence|notice|copying)[^/]*$|\.md$", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class OciRef:
+    """``oci://HOST[:PORT]/REPOSITORY[:TAG][@sha256:<hex>]``, checked when it is made."""
+
+    host: str
+    repository: str
+    tag: str | None = None
+    digest: str | None = None
+
+    @classmethod
+    def parse(cls, url: str) -> OciRef:
+        if not isinstance(url, str) or not url.startswith("oci://"):
+            raise RefError(f"an OCI reference is oci://HOST[:PORT]/REPOSITORY[:TAG]; got {url!r}")
+        rest = url[len("oci://") :]
+        host, slash, path = rest.partition("/")
+        if not slash or not host or not path:
+            raise RefError(f"{url}: an OCI reference is oci://HOST[:PORT]/REPOSITORY[:TAG]")
+        path, _, pin = path.partition("@")
+        last = path.rsplit("/", 1)[-1]
+        tag = None
+        if ":" in last:
+            path, _, tag = path.rpartition(":")
+        return cls(host, path, tag, pin or None)
+
+    def __post_init__(self) -> None:
+        where = f"oci://{self.host}/{self.repository}"
+        if not _REPOSITORY.fullmatch(self.repository) or len(self.repository) > 255:
+            raise RefError(
+                f"{where}: a repository is lowercase letters and digits, in '/'-separated components joined by "
+                "'.', '_', '__' or '-' (e.g. models/llama-3-8b)"
+            )
+        if self.tag is not None:
+            if not _OCI_TAG.fullmatch(self.tag):
+                raise RefError(f"{where}: tag {self.tag!r} is not an OCI tag ([A-Za-z0-9_][A-Za-z0-9._-]{{0,127}})")
+            try:
+                check_tag(self.tag)
+            except StoreError as exc:
+                raise RefError(str(exc)) from None
+        if self.digest is not None and not _PIN.fullmatch(self.digest):
+            raise RefError(f"{where}: a pinned image digest is sha256:<64 lowercase hex>, got {self.digest!r}")
+
+    @property
+    def url(self) -> str:
+        tag = f":{self.tag}" if self.tag else ""
+        pin = f"@{self.digest}" if self.digest else ""
+        return f"oci://{self.host}/{self.repository}{tag}{pin}"
+
+    @property
+    def reference(self) -> str:
+        """What the registry is asked for: the pinned digest, else the tag."""
+        if self.digest is not None:
+            return self.digest
+        if self.tag is None:
+            raise RefError(f"{self.url}: name a tag (oci://HOST/REPOSITORY:TAG) or pin a digest (@sha256:...)")
+        return self.tag
+
+    def with_tag(self, tag: str) -> OciRef:
+        return OciRef(self.host, self.repository, tag)
+
+
+def _file_path(blob: Blob) -> str:
+    return f"{PARTS_DIR}/{blob.file_name}"
+
+
+def _media_type(path: str) -> str:
+    return DOC_RAW if _DOC.search(path) else WEIGHT_CONFIG_RAW
+
+
+@dataclass
+class _Layer:
+    """One layer to publish: its blob's local file (or bytes), SHA-256, size and annotations."""
+
+    media_type: str
+    annotations: dict[str, str]
+    size: int
+    source: str | bytes
+    sha256: str = ""
+    labels: list[str] = field(default_factory=list)
+
+    def descriptor(self) -> dict[str, Any]:
+        return {"mediaType": self.media_type, "digest": self.sha256, "size": self.size, "annotations": self.annotations}
+
+
+def _layers(manifest: Manifest, data: bytes, tag: str, blob_source: Callable[[Blob], str]) -> list[_Layer]:
+    """The layers of a model, parts in label order, then assets by path, then the manifest."""
+    layers: dict[str, _Layer] = {}
+    for label, part in manifest.labelled_parts():
+        held = layers.get(part.file_name)
+        if held is not None:
+            held.labels.append(label)
+            held.annotations[PART] = ",".join(held.labels)
+            continue
+        path = _file_path(part)
+        notes = {TITLE: path, FILEPATH: path, PART: label, DIGEST: part.digest}
+        layers[part.file_name] = _Layer(WEIGHT_RAW, notes, part.size, blob_source(part), labels=[label])
+    for path, asset in sorted(manifest.asset_files.items()):
+        if asset.file_name in layers:
+            continue  # the same bytes as a part or an earlier asset: one blob, listed once
+        file = _file_path(asset)
+        notes = {TITLE: file, FILEPATH: file, ASSET: path, DIGEST: asset.digest}
+        layers[asset.file_name] = _Layer(_media_type(path), notes, asset.size, blob_source(asset), labels=[path])
+    own = f"{MANIFESTS_DIR}/{manifest.name}/{tag}.json"
+    notes = {TITLE: own, FILEPATH: own, MANIFEST: digest_buffer(data)}
+    return [*layers.values(), _Layer(WEIGHT_CONFIG_RAW, notes, len(data), data, labels=["manifest"])]
+
+
+def _model_config(manifest: Manifest, layers: list[_Layer]) -> bytes:
+    """ModelPack's model config (``application/vnd.cncf.model.config.v1+json``); no time or tag in
+    it, so the same model pushed twice, under any tag, has the same config blob."""
+    descriptor: dict[str, Any] = {"name": manifest.name}
+    config: dict[str, Any] = {"format": "safetensors"}
+    hf = manifest.config or {}
+    if isinstance(hf.get("model_type"), str):
+        descriptor["family"] = hf["model_type"]
+    architectures = hf.get("architectures")
+    if isinstance(architectures, list) and architectures and isinstance(architectures[0], str):
+        config["architecture"] = architectures[0]
+    elif isinstance(manifest.metadata.get("architecture"), str):
+        config["architecture"] = manifest.metadata["architecture"]
+    body = {
+        "descriptor": descriptor,
+        "config": config,
+        "modelfs": {"type": "layers", "diffIds": [layer.sha256 for layer in layers]},
+    }
+    return json.dumps(body, separators=(",", ":")).encode()
+
+
+def _image_manifest(config: bytes, config_digest: str, layers: list[_Layer], name: str) -> bytes:
+    body = {
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "artifactType": MODEL_ARTIFACT,
+        "config": {"mediaType": MODEL_CONFIG, "digest": config_digest, "size": len(config)},
+        "layers": [layer.descriptor() for layer in layers],
+        "annotations": {"org.opencontainers.image.title": name},
+    }
+    return json.dumps(body, separators=(",", ":")).encode()
+
+
+@dataclass(frozen=True)
+class OciPushReport:
+    """What :func:`push_oci` did: the image it published, and which files it uploaded, mounted from
+    another repository, or found in the repository already (labels as ``push`` reports them)."""
+
+    url: str
+    image_digest: str
+    manifest_digest: str
+    uploaded: list[str]
+    uploaded_bytes: int
+    mounted: list[str]
+    present: list[str]
+    present_bytes: int
+    manifest_written: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "manifest": self.url,
+            "image_digest": self.image_digest,
+            "digest": self.manifest_digest,
+            "uploaded": self.uploaded,
+            "uploaded_bytes": self.uploaded_bytes,
+            "mounted": self.mounted,
+            "present": self.present,
+            "present_bytes": self.present_bytes,
+            "manifest_written": self.manifest_written,
+        }
+
+
+def _hashed(layer: _Layer, blob: Blob) -> None:
+    """Set the layer's SHA-256 from its file, checking on the way that its bytes are the blob's
+    (size and BLAKE3): a damaged file is never published under the blob's name."""
+    assert isinstance(layer.source, str)
+    blake3 = Hasher()
+    layer.sha256, size = sha256_file(layer.source, also=blake3.update)
+    got = digest_of(blake3)
+    if size != blob.size or got != blob.digest:
+        raise IntegrityError(
+            f"{', '.join(layer.labels)} ({layer.source}): the file is {size} bytes with digest {got}, "
+            f"the manifest says {blob.size} bytes with {blob.digest}; not pushed"
+        )
+
+
+def push_oci(
+    manifest_bytes: bytes,
+    blob_source: Callable[[Blob], str],
+    ref: OciRef | str,
+    *,
+    tag: str | None = None,
+    registry: Registry | None = None,
+    mount_from: str | None = None,
+    force: bool = False,
+    workers: int = _WORKERS,
+    chunk: int = UPLOAD_CHUNK,
+) -> OciPushReport:
+    """Publish the sepstore manifest ``manifest_bytes`` into repository ``ref`` under ``tag``
+    (default: the reference's tag): ``blob_source(blob)`` is the path of a local, whole copy of
+    each part and asset (a store's file, or the cache's). Each file is hashed (SHA-256 for the
+    registry, BLAKE3 checked against the manifest), then skipped if the repository has it, mounted
+    from repository ``mount_from`` of the same registry where that works, else uploaded; the
+    config, the manifest's own layer and the image manifest go last. A tag that holds another
+    image is refused unless ``force`` (registries offer no conditional write: two publishers racing
+    for one tag both succeed, the last wins).
+
+    Raises:
+        RefError: no tag. StoreError: the tag holds another image. IntegrityError: a local file
+            is not what the manifest says. RegistryAuthError, RegistryError: the registry refused.
+    """
+    oci = ref if isinstance(ref, OciRef) else OciRef.parse(ref)
+    out_tag = tag or oci.tag
+    if out_tag is None:
+        raise RefError(f"{oci.url}: give the tag to publish under (oci://HOST/REPOSITORY:TAG, or tag=)")
+    oci = OciRef(oci.host, oci.repository, out_tag)  # checks the tag
+    client = registry or Registry(oci.host)
+    manifest = decode_manifest(manifest_bytes, source=oci.url)
+    if any(part is None for part in manifest.mid):
+        raise ManifestError(f"{oci.url}: the manifest has layers not dumped yet (a dump in progress); not pushed")
+    blobs = {b.file_name: b for _, b in [*manifest.labelled_parts(), *manifest.labelled_assets()]}
+    layers = _layers(manifest, manifest_bytes, out_tag, blob_source)
+    repo = oci.repository
+
+    def put(layer: _Layer) -> str:
+        if isinstance(layer.source, str):
+            _hashed(layer, blobs[_name_of(layer)])
+        else:
+            layer.sha256 = _sha256(layer.source)
+        there = client.blob_size(repo, layer.sha256)
+        if there == layer.size:
+            return "present"
+        return client.upload_blob(repo, layer.source, layer.sha256, layer.size, mount_from=mount_from, chunk=chunk).how
+
+    with ThreadPoolExecutor(max(1, workers), "sepstore-oci-push") as pool:
+        how = list(pool.map(put, layers))
+    config = _model_config(manifest, layers)
+    config_digest = _sha256(config)
+    if client.blob_size(repo, config_digest) != len(config):
+        client.upload_blob(repo, config, config_digest, len(config))
+    image = _image_manifest(config, config_digest, layers, manifest.name)
+    image_digest = _sha256(image)
+    held = _held_digest(client, oci)
+    if held is not None and held != image_digest and not force:
+        raise StoreError(
+            f"{oci.url} already holds another image ({held}, pushing {image_digest}); pass force=True (--force) "
+            "to replace it, or push under another tag"
+        )
+    written = held != image_digest
+    if written:
+        client.put_manifest(repo, out_tag, image, OCI_MANIFEST)
+    files = list(zip(layers[:-1], how[:-1], strict=True))  # the manifest's own layer is not a file of the model
+    return OciPushReport(
+        url=oci.url,
+        image_digest=image_digest,
+        manifest_digest=digest_buffer(manifest_bytes),
+        uploaded=[label for layer, h in files if h == "uploaded" for label in _labels(layer)],
+        uploaded_bytes=sum(layer.size for layer, h in files if h == "uploaded"),
+        mounted=[label for layer, h in files if h == "mounted" for label in _labels(layer)],
+        present=[label for layer, h in files if h == "present" for label in _labels(layer)],
+        present_bytes=sum(layer.size for layer, h in files if h == "present"),
+        manifest_written=written,
+    )
+
+
+def _name_of(layer: _Layer) -> str:
+    return layer.annotations[TITLE].rsplit("/", 1)[-1]
+
+
+def _labels(layer: _Layer) -> list[str]:
+    return [label if PART in layer.annotations else f"asset:{label}" for label in layer.labels]
+
+
+def _sha256(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def _held_digest(client: Registry, oci: OciRef) -> str | None:
+    try:
+        return client.get_manifest(oci.repository, oci.reference)[2]
+    except NotFoundError:
+        return None
+
+
+# -- reading ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class OciModel:
+    """A model version read from a registry: the sepstore manifest's bytes (checked against the
+    layer's SHA-256 and the BLAKE3 the image promises), the image it came in, and where each of its
+    part and asset files is (``blobs``: file name -> ``(sha256 digest, size)``)."""
+
+    ref: OciRef
+    registry: Registry = field(repr=False, compare=False)
+    image_digest: str
+    image: bytes = field(repr=False)
+    data: bytes = field(repr=False)
+    blobs: Mapping[str, tuple[str, int]] = field(repr=False)
+
+    @property
+    def url(self) -> str:
+        return self.ref.url
+
+    @property
+    def parts_url(self) -> str:
+        """Where the blob filesystem (:mod:`sepstore.oci.blobs`) finds the parts."""
+        return f"{PROTOCOL}://{self.ref.host}/{self.ref.repository}"
+
+    def storage_options(self) -> dict[str, Any]:
+        return {"registry": self.registry, "repository": self.ref.repository, "blobs": dict(self.blobs)}
+
+    def resolved(self) -> Resolved:
+        """The manifest as every reading function takes it (``load``, ``pull``, ``verify``, ``push`` ...)."""
+        return Resolved(self.data, self.url, self.parts_url, self.storage_options())
+
+    def fetch(self, blob: Blob, write: Callable[[bytes], None]) -> None:
+        """Stream a part's or asset's whole blob into ``write``, checking its SHA-256 and its BLAKE3."""
+        sha256, size = self.blobs[blob.file_name]
+        if size != blob.size:
+            raise IntegrityError(f"{self.url}: blob {sha256} is {size} bytes, the manifest says {blob.size}")
+        hasher = Hasher()
+
+        def both(piece: bytes) -> None:
+            hasher.update(piece)
+            write(piece)
+
+        self.registry.download_blob(self.ref.repository, sha256, size, both)
+        if digest_of(hasher) != blob.digest:
+            raise IntegrityError(
+                f"{self.url}: blob {sha256} has BLAKE3 digest {digest_of(hasher)}, the manifest says {blob.digest}"
+            )
+
+
+def _image_json(image: bytes, url: str) -> dict[str, Any]:
+    try:
+        body = json.loads(image)
+    except ValueError:
+        raise ManifestError(f"{url}: the image manifest is not JSON") from None
+    if not isinstance(body, dict):
+        raise ManifestError(f"{url}: the image manifest is not a JSON object")
+    return body
+
+
+def _layer_list(body: dict[str, Any], url: str) -> list[dict[str, Any]]:
+    layers = body.get("layers")
+    if not isinstance(layers, list) or not all(
+        isinstance(x, dict)
+        and isinstance(x.get("digest"), str)
+        and type(x.get("size")) is int
+        and x["size"] >= 0
+        and isinstance(x.get("annotations", {}), dict)
+        for x in layers
+    ):
+        raise ManifestError(f"{url}: the image manifest's layers are not descriptors")
+    return layers
+
+
+def resolve_oci(ref: OciRef | str, *, registry: Registry | None = None) -> OciModel:
+    """Read the model version ``ref`` names (``oci://HOST/REPOSITORY:TAG``, or ``@sha256:`` pinned):
+    its image manifest, then the sepstore manifest layer, checked by SHA-256 and by the BLAKE3
+    the image annotates it with; every part and asset of the manifest must be a layer of the
+    image, of the size the manifest says.
+
+    Raises:
+        NotFoundError: no such tag or image. ManifestError: the image is not a sepstore model, or
+            lacks a layer. IntegrityError: a layer's bytes differ from their digests.
+    """
+    oci = ref if isinstance(ref, OciRef) else OciRef.parse(ref)
+    client = registry or Registry(oci.host)
+    image, media, image_digest = client.get_manifest(oci.repository, oci.reference)
+    url = oci.url
+    body = _image_json(image, url)
+    if media not in ("", OCI_MANIFEST) or body.get("artifactType") != MODEL_ARTIFACT:
+        raise ManifestError(
+            f"{url}: not a model pushed by sepstore (media type {media or body.get('mediaType')!r}, artifact type "
+            f"{body.get('artifactType')!r}; expected an image manifest of artifact type {MODEL_ARTIFACT})"
+        )
+    layers = _layer_list(body, url)
+    own = [x for x in layers if MANIFEST in x.get("annotations", {})]
+    if len(own) != 1:
+        raise ManifestError(f"{url}: the image has {len(own)} sepstore manifest layers ({MANIFEST}), not one")
+    layer = own[0]
+    if layer["size"] > MAX_MANIFEST_BYTES:
+        raise ManifestError(f"{url}: the sepstore manifest layer is {layer['size']} bytes, over the limit")
+    data = bytearray()
+    client.download_blob(oci.repository, layer["digest"], layer["size"], data.extend, what="the manifest layer")
+    promised = layer["annotations"][MANIFEST]
+    if digest_buffer(data) != promised:
+        raise IntegrityError(f"{url}: the manifest layer's BLAKE3 is {digest_buffer(data)}, the image says {promised}")
+    manifest = decode_manifest(bytes(data), source=url)
+    blobs: dict[str, tuple[str, int]] = {}
+    for x in layers:
+        digest = x.get("annotations", {}).get(DIGEST)
+        if isinstance(digest, str) and _is_blake3(digest):
+            blobs[_file_of(digest, x)] = (x["digest"], x["size"])
+    for label, blob in [*manifest.labelled_parts(), *manifest.labelled_assets()]:
+        found = blobs.get(blob.file_name)
+        if found is None:
+            raise ManifestError(f"{url}: {label} ({blob.digest}) is not a layer of the image")
+        if found[1] != blob.size:
+            raise IntegrityError(f"{url}: {label}'s layer is {found[1]} bytes, the manifest says {blob.size}")
+    return OciModel(oci, client, image_digest, image, bytes(data), blobs)
+
+
+def _is_blake3(digest: str) -> bool:
+    return bool(re.fullmatch(r"blake3:[0-9a-f]{64}", digest))
+
+
+def _file_of(digest: str, layer: dict[str, Any]) -> str:
+    """A layer's file name in a store: ``<hex>.safetensors`` for a part, ``<hex>`` for an asset."""
+    hex_ = digest.removeprefix("blake3:")
+    return f"{hex_}.safetensors" if layer.get("mediaType") == WEIGHT_RAW else hex_
+
+
+def tags_oci(ref: OciRef | str, *, registry: Registry | None = None) -> list[TagInfo]:
+    """Every tag of the repository ``ref`` names (its tag, if any, is ignored), sorted, each read as
+    :func:`sepstore.tags` reads a store's: an image that is not a sepstore model is listed with its
+    ``error``. The tags of the referrers tag schema (``sha256-<hex>``) are left out."""
+    oci = ref if isinstance(ref, OciRef) else OciRef.parse(ref)
+    client = registry or Registry(oci.host)
+    names = sorted(t for t in client.tags(oci.repository) if not re.fullmatch(r"sha256-[0-9a-f]{64}", t))
+
+    def row(tag: str) -> TagInfo | None:
+        at = oci.with_tag(tag)
+        try:
+            model = resolve_oci(at, registry=client)
+        except NotFoundError:
+            return None  # deleted since the listing
+        except SepstoreError as exc:
+            return TagInfo(oci.repository, tag, at.url, None, None, None, None, str(exc))
+        manifest = decode_manifest(model.data, source=at.url)
+        return TagInfo(
+            manifest.name, tag, at.url, digest_buffer(model.data), manifest.n_layers, manifest.total_bytes, None
+        )
+
+    with ThreadPoolExecutor(_WORKERS, "sepstore-oci-tags") as pool:
+        rows = list(pool.map(row, names))
+    return [r for r in rows if r is not None]
+
+
+# -- signatures as referrers ----------------------------------------------------------------------
+
+
+def _fallback_tag(digest: str) -> str:
+    return digest.replace(":", "-")
+
+
+def attach_signature_oci(model: OciModel, key_id: str, bundle: bytes) -> str:
+    """Publish a signature bundle of ``model``'s manifest as a referrer of its image (an artifact
+    manifest of type :data:`~sepstore.signing.BUNDLE_MEDIA_TYPE` whose ``subject`` is the image),
+    replacing that key's earlier one in the tag-schema index where the registry lacks the
+    referrers API; the signature manifest's digest."""
+    client, repo = model.registry, model.ref.repository
+    empty = b"{}"
+    for blob in (empty, bundle):
+        digest = _sha256(blob)
+        if client.blob_size(repo, digest) != len(blob):
+            client.upload_blob(repo, blob, digest, len(blob))
+    body = {
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "artifactType": BUNDLE_MEDIA_TYPE,
+        "config": {"mediaType": EMPTY, "digest": _sha256(empty), "size": len(empty)},
+        "layers": [{"mediaType": BUNDLE_MEDIA_TYPE, "digest": _sha256(bundle), "size": len(bundle)}],
+        "subject": {"mediaType": OCI_MANIFEST, "digest": model.image_digest, "size": len(model.image)},
+        "annotations": {KEY_ID: key_id},
+    }
+    data = json.dumps(body, separators=(",", ":")).encode()
+    digest, indexed = client.put_manifest(repo, _sha256(data), data, OCI_MANIFEST)
+    if not indexed and client.referrers(repo, model.image_digest) is None:
+        tag = _fallback_tag(model.image_digest)
+        try:
+            held = _descriptors_of(client.get_manifest(repo, tag, accept=(OCI_INDEX,))[0], model.url)
+        except NotFoundError:
+            held = []
+        kept = [d for d in held if d.get("annotations", {}).get(KEY_ID) != key_id]
+        entry = {
+            "mediaType": OCI_MANIFEST,
+            "digest": digest,
+            "size": len(data),
+            "artifactType": BUNDLE_MEDIA_TYPE,
+            "annotations": {KEY_ID: key_id},
+        }
+        index = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [*kept, entry]}
+        client.put_manifest(repo, tag, json.dumps(index, separators=(",", ":")).encode(), OCI_INDEX)
+    return digest
+
+
+def _descriptors_of(data: bytes, url: str) -> list[dict[str, Any]]:
+    body = _image_json(data, url)
+    manifests = body.get("manifests") or []
+    if not isinstance(manifests, list) or not all(isinstance(m, dict) for m in manifests):
+        raise ManifestError(f"{url}: the referrers index's `manifests` is not a list of descriptors")
+    return manifests
+
+
+def signatures_oci(model: OciModel) -> dict[str, bytes]:
+    """The signature bundles of ``model``'s image by key id, from the referrers API or, where the
+    registry lacks it, the tag schema's index; unverified (a trust policy checks them)."""
+    client, repo = model.registry, model.ref.repository
+    found = client.referrers(repo, model.image_digest, BUNDLE_MEDIA_TYPE)
+    if found is None:
+        try:
+            index = client.get_manifest(repo, _fallback_tag(model.image_digest), accept=(OCI_INDEX,))[0]
+        except NotFoundError:
+            return {}
+        found = _descriptors_of(index, model.url)
+    out: dict[str, bytes] = {}
+    for entry in found:
+        if entry.get("artifactType") != BUNDLE_MEDIA_TYPE or not isinstance(entry.get("digest"), str):
+            continue
+        data, _, _ = client.get_manifest(repo, entry["digest"])
+        body = _image_json(data, model.url)
+        layers = _layer_list(body, model.url)
+        key_id = (body.get("annotations") or {}).get(KEY_ID)
+        if not layers or not isinstance(key_id, str) or layers[0]["size"] > _MAX_SIGNATURE_BYTES:
+            continue
+        buffer = io.BytesIO()
+        client.download_blob(repo, layers[0]["digest"], layers[0]["size"], buffer.write, what="the signature")
+        out[key_id] = buffer.getvalue()
+    return out

@@ -1,0 +1,374 @@
+"""sepstore models in a real OCI registry (Debian's docker-registry, distribution 2.8, on 127.0.0.1):
+push, resolve, pull and load with ranged, verified reads; dedup and mounts counted at the registry;
+corruption, credentials and the token flow; signatures as referrers; oras interop."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import same_bytes
+from registry import DistributionRegistry, RegistryProxy
+
+import sepstore
+from sepstore.demo import llama_decider, tiny_llama_state_dict
+from sepstore.errors import IntegrityError, NotFoundError, RefError, RegistryAuthError, RegistryError, StoreError
+from sepstore.hashing import digest_file
+from sepstore.manifest import decode_manifest
+from sepstore.oci import (
+    MODEL_ARTIFACT,
+    Credentials,
+    OciRef,
+    Registry,
+    attach_signature_oci,
+    push_oci,
+    resolve_oci,
+    signatures_oci,
+    tags_oci,
+)
+from sepstore.oci.auth import credentials_for, parse_challenge
+
+USER, PASSWORD = "sepstore", "s3cret-pass"
+
+
+@pytest.fixture(scope="session")
+def plain_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DistributionRegistry]:
+    registry = DistributionRegistry(tmp_path_factory.mktemp("registry")).start()
+    yield registry
+    registry.stop()
+
+
+@pytest.fixture(scope="session")
+def oci(plain_registry: DistributionRegistry) -> Iterator[RegistryProxy]:
+    """The registry without auth, behind a proxy that records every request it gets."""
+    proxy = RegistryProxy(f"http://{plain_registry.host}").start()
+    yield proxy
+    proxy.stop()
+
+
+@pytest.fixture(scope="session")
+def auth_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DistributionRegistry]:
+    registry = DistributionRegistry(tmp_path_factory.mktemp("auth-registry"), user=USER, password=PASSWORD).start()
+    yield registry
+    registry.stop()
+
+
+@pytest.fixture(scope="session")
+def token_proxy(plain_registry: DistributionRegistry) -> Iterator[RegistryProxy]:
+    """The registry without auth behind a proxy that asks for bearer tokens (the registry token flow)."""
+    proxy = RegistryProxy(f"http://{plain_registry.host}", tokens=(USER, PASSWORD)).start()
+    yield proxy
+    proxy.stop()
+
+
+@pytest.fixture(autouse=True)
+def no_ambient_credentials(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Credentials only where a test gives them: none from this machine's environment or Docker config."""
+    monkeypatch.delenv("SEPSTORE_OCI_USERNAME", raising=False)
+    monkeypatch.delenv("SEPSTORE_OCI_PASSWORD", raising=False)
+    monkeypatch.delenv("SEPSTORE_OCI_INSECURE", raising=False)
+    monkeypatch.setenv("DOCKER_CONFIG", str(tmp_path / "docker-config"))
+
+
+def _model(root: Path, *, seed: int = 0, tag: str = "v1", change_layer: int | None = None) -> tuple[bytes, Path]:
+    """A tiny model dumped into ``root``: its manifest's bytes, and its parts folder."""
+    state = tiny_llama_state_dict(layers=4, hidden=16, intermediate=32, vocab=64, seed=seed)
+    if change_layer is not None:
+        key = f"model.layers.{change_layer}.mlp.down_proj.weight"
+        state[key] = state[key] + 1
+    sepstore.dump(llama_decider, state, root, name="tiny", tag=tag)
+    return (root / "manifests" / "tiny" / f"{tag}.json").read_bytes(), root / "parts" / "blake3"
+
+
+def _source(parts: Path):
+    return lambda blob: str(parts / blob.file_name)
+
+
+@pytest.fixture(scope="module")
+def pushed(oci: RegistryProxy, tmp_path_factory: pytest.TempPathFactory) -> tuple[bytes, Path, str]:
+    """Model ``tiny`` pushed as ``models/tiny:v1``: its manifest bytes, parts folder and reference."""
+    data, parts = _model(tmp_path_factory.mktemp("v1"))
+    ref = f"oci://{oci.host}/models/tiny:v1"
+    report = push_oci(data, _source(parts), ref)
+    assert report.manifest_written and not report.present
+    return data, parts, ref
+
+
+def test_pushed_model_is_a_modelpack_image_carrying_the_manifest_byte_for_byte(
+    oci: RegistryProxy, pushed: tuple[bytes, Path, str]
+) -> None:
+    data, _, ref = pushed
+    model = resolve_oci(ref)
+    assert model.data == data  # so the manifest's digest, and its signatures, hold
+    image = json.loads(model.image)
+    assert image["artifactType"] == MODEL_ARTIFACT
+    assert image["config"]["mediaType"] == "application/vnd.cncf.model.config.v1+json"
+    manifest = decode_manifest(data, source="test")
+    weights = [x for x in image["layers"] if x["mediaType"] == "application/vnd.cncf.model.weight.v1.raw"]
+    assert [x["annotations"]["org.sepstore.part"] for x in weights] == [label for label, _ in manifest.labelled_parts()]
+    for (_, part), layer in zip(manifest.labelled_parts(), weights, strict=True):
+        assert layer["annotations"]["org.sepstore.digest"] == part.digest
+        assert layer["annotations"]["org.opencontainers.image.title"] == f"parts/blake3/{part.file_name}"
+    config = bytearray()
+    Registry(oci.host).download_blob("models/tiny", image["config"]["digest"], image["config"]["size"], config.extend)
+    config = json.loads(config)
+    assert config["modelfs"]["diffIds"] == [x["digest"] for x in image["layers"]]
+
+
+def test_pulled_parts_match_their_sha256_and_blake3_and_load_as_pushed(
+    pushed: tuple[bytes, Path, str], tmp_path: Path
+) -> None:
+    data, parts, ref = pushed
+    model = resolve_oci(ref)
+    report = sepstore.pull(model.resolved(), cache_dir=tmp_path / "cache", quiet=True)
+    manifest = decode_manifest(data, source="test")
+    assert sorted(report.fetched) == sorted(label for label, _ in manifest.labelled_parts())
+    layers = {
+        x["annotations"]["org.sepstore.part"]: x["digest"]
+        for x in json.loads(model.image)["layers"]
+        if "org.sepstore.part" in x["annotations"]
+    }
+    for label, part in manifest.labelled_parts():
+        path = report.paths[label]
+        assert digest_file(path) == part.digest
+        assert "sha256:" + hashlib.sha256(Path(path).read_bytes()).hexdigest() == layers[label]
+    loaded = sepstore.load(resolve_oci(ref).resolved(), cache_dir=tmp_path / "cache").to_dict()
+    local = sepstore.load(parts.parent.parent, name="tiny", tag="v1").to_dict()
+    assert loaded.keys() == local.keys()
+    assert all(same_bytes(loaded[k], local[k]) for k in local)
+
+
+def test_push_of_v2_after_v1_uploads_only_the_changed_layer(
+    oci: RegistryProxy, pushed: tuple[bytes, Path, str], tmp_path: Path
+) -> None:
+    data, parts = _model(tmp_path / "v2", tag="v2", change_layer=2)
+    since = len(oci.calls)
+    report = push_oci(data, _source(parts), f"oci://{oci.host}/models/tiny:v2")
+    assert report.uploaded == ["mid.2"]
+    assert sorted(report.present) == sorted(["begin", "mid.0", "mid.1", "mid.3", "end"])
+    # at the registry: the changed part, the new manifest's layer and the new model config, nothing else
+    assert len(oci.uploads(since)) == 3
+    assert len([p for m, p in oci.calls[since:] if m == "PUT" and "/blobs/uploads/" in p]) == 3
+    assert sorted(t.tag for t in tags_oci(f"oci://{oci.host}/models/tiny")) == ["v1", "v2"]
+
+
+def test_push_into_another_repository_mounts_the_blobs_instead_of_uploading(
+    oci: RegistryProxy, pushed: tuple[bytes, Path, str]
+) -> None:
+    data, parts, _ = pushed
+    since = len(oci.calls)
+    report = push_oci(data, _source(parts), f"oci://{oci.host}/mirror/tiny:v1", mount_from="models/tiny")
+    assert report.uploaded == [] and len(report.mounted) == 6
+    assert all("mount=sha256" in path and "from=models%2Ftiny" in path for path in oci.uploads(since)[:6])
+    assert resolve_oci(f"oci://{oci.host}/mirror/tiny:v1").data == data
+
+
+def test_a_node_fetches_only_its_slice_with_ranged_reads(
+    oci: RegistryProxy, pushed: tuple[bytes, Path, str], tmp_path: Path
+) -> None:
+    data, _, ref = pushed
+    model = resolve_oci(ref)
+    since = len(oci.requests)
+    report = sepstore.pull(model.resolved(), "1-3", cache_dir=tmp_path / "cache", quiet=True)
+    assert sorted(report.fetched) == ["mid.1", "mid.2"]
+    gets = [r for r in oci.requests[since:] if r.method == "GET" and "/blobs/" in r.path]
+    wanted = {
+        model.blobs[p.file_name][0]
+        for _, p in decode_manifest(data, source="test").labelled_parts()
+        if _ in ("mid.1", "mid.2")
+    }
+    assert {r.path.rsplit("/", 1)[-1] for r in gets} == wanted
+    assert all(r.range is not None and r.range.startswith("bytes=") for r in gets)
+    # and any slice of a blob, by itself
+    sha, size = next(iter(model.blobs.values()))
+    whole = Registry(oci.host).read_blob("models/tiny", sha, 0, size, size)
+    assert Registry(oci.host).read_blob("models/tiny", sha, 5, 50, size) == whole[5:50]
+
+
+def test_a_corrupted_blob_in_the_registry_is_refused(
+    oci: RegistryProxy, plain_registry: DistributionRegistry, tmp_path: Path
+) -> None:
+    data, parts = _model(tmp_path / "store", seed=7)  # blobs of its own: other tests are not touched
+    push_oci(data, _source(parts), f"oci://{oci.host}/models/corrupt:v1")
+    model = resolve_oci(f"oci://{oci.host}/models/corrupt:v1")
+    part = decode_manifest(data, source="test").mid[1]
+    assert part is not None
+    stored = plain_registry.blob_file(model.blobs[part.file_name][0])
+    spoilt = bytearray(stored.read_bytes())
+    spoilt[len(spoilt) // 2] ^= 0x01
+    stored.write_bytes(bytes(spoilt))
+    with pytest.raises(IntegrityError, match=r"mid\.1"):
+        sepstore.pull(model.resolved(), "1-2", cache_dir=tmp_path / "cache", quiet=True)
+    assert not list((tmp_path / "cache" / "parts" / "blake3").glob("*"))
+    with pytest.raises(IntegrityError, match="SHA-256"):
+        model.fetch(part, lambda piece: None)
+
+
+def test_a_pushed_tag_holding_another_image_is_refused_unless_forced(
+    oci: RegistryProxy, pushed: tuple[bytes, Path, str], tmp_path: Path
+) -> None:
+    data, parts = _model(tmp_path / "other", seed=3)
+    with pytest.raises(StoreError, match="already holds another image"):
+        push_oci(data, _source(parts), f"oci://{oci.host}/models/tiny:v1")
+    again = push_oci(pushed[0], _source(pushed[1]), f"oci://{oci.host}/models/tiny:v1")
+    assert not again.manifest_written and not again.uploaded
+
+
+def test_a_damaged_local_file_is_never_pushed(oci: RegistryProxy, tmp_path: Path) -> None:
+    data, parts = _model(tmp_path / "store", seed=11)
+    first = next(parts.glob("*.safetensors"))
+    spoilt = bytearray(first.read_bytes())
+    spoilt[-1] ^= 0x01
+    first.write_bytes(bytes(spoilt))
+    with pytest.raises(IntegrityError, match="not pushed"):
+        push_oci(data, _source(parts), f"oci://{oci.host}/models/damaged:v1")
+    with pytest.raises(NotFoundError):
+        resolve_oci(f"oci://{oci.host}/models/damaged:v1")
+
+
+def test_credentials_from_the_docker_config_open_the_auth_registry(
+    auth_registry: DistributionRegistry, pushed: tuple[bytes, Path, str], tmp_path: Path
+) -> None:
+    pair = base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
+    (tmp_path / "docker-config").mkdir()
+    (tmp_path / "docker-config" / "config.json").write_text(json.dumps({"auths": {auth_registry.host: {"auth": pair}}}))
+    data, parts, _ = pushed
+    ref = f"oci://{auth_registry.host}/private/tiny:v1"
+    push_oci(data, _source(parts), ref)
+    assert resolve_oci(ref).data == data
+
+
+def test_missing_or_wrong_credentials_are_a_clear_error(
+    auth_registry: DistributionRegistry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ref = f"oci://{auth_registry.host}/private/tiny:v1"
+    with pytest.raises(RegistryAuthError, match=r"wants credentials.*SEPSTORE_OCI_USERNAME"):
+        resolve_oci(ref)
+    monkeypatch.setenv("SEPSTORE_OCI_USERNAME", USER)
+    monkeypatch.setenv("SEPSTORE_OCI_PASSWORD", "wrong")
+    with pytest.raises(RegistryAuthError, match=f"refused the credentials of user '{USER}'.*SEPSTORE_OCI_USERNAME"):
+        resolve_oci(ref)
+
+
+def test_the_token_flow_fetches_a_bearer_token_with_the_credentials(
+    token_proxy: RegistryProxy, pushed: tuple[bytes, Path, str], tmp_path: Path
+) -> None:
+    data, parts, _ = pushed
+    ref = f"oci://{token_proxy.host}/tokened/tiny:v1"
+    registry = Registry(token_proxy.host, credentials=Credentials(USER, PASSWORD))
+    push_oci(data, _source(parts), ref, registry=registry)
+    model = resolve_oci(ref, registry=registry)
+    report = sepstore.pull(model.resolved(), cache_dir=tmp_path / "cache", quiet=True)
+    assert len(report.fetched) == 6
+    assert any("scope=repository:tokened/tiny:pull,push" in q for q in token_proxy.token_requests)
+    wrong = Registry(token_proxy.host, credentials=Credentials(USER, "nope"))
+    with pytest.raises(RegistryAuthError, match="refused the credentials"):
+        resolve_oci(ref, registry=wrong)
+    with pytest.raises(RegistryAuthError, match="wants credentials"):
+        resolve_oci(ref, registry=Registry(token_proxy.host))
+
+
+def test_signatures_travel_as_referrers_of_the_image(oci: RegistryProxy, pushed: tuple[bytes, Path, str]) -> None:
+    model = resolve_oci(pushed[2])
+    first, second = "a" * 64, "b" * 64
+    attach_signature_oci(model, first, b'{"old": 1}')
+    attach_signature_oci(model, first, b'{"new": 1}')  # replaces that key's signature
+    attach_signature_oci(model, second, b'{"other": 1}')
+    assert signatures_oci(model) == {first: b'{"new": 1}', second: b'{"other": 1}'}
+    # distribution 2.8 has no referrers API: the tag schema's index holds them, and tags leaves it out
+    assert f"sha256-{model.image_digest.removeprefix('sha256:')}" in Registry(oci.host).tags("models/tiny")
+    assert "sha256-" not in " ".join(t.tag for t in tags_oci(pushed[2]))
+
+
+def test_oras_pulls_a_store_that_sepstore_loads(
+    pushed: tuple[bytes, Path, str], oci: RegistryProxy, tmp_path: Path
+) -> None:
+    import oras.client
+
+    data, _, _ = pushed
+    client = oras.client.OrasClient(hostname=oci.host, insecure=True)
+    client.pull(target=f"{oci.host}/models/tiny:v1", outdir=str(tmp_path / "pulled"))
+    assert (tmp_path / "pulled" / "manifests" / "tiny" / "v1.json").read_bytes() == data
+    report = sepstore.verify(tmp_path / "pulled", name="tiny", tag="v1")
+    assert report.ok
+
+
+# -- references, credentials, transport rules --------------------------------------------------------
+
+
+def test_oci_references_parse_and_bad_ones_are_refused() -> None:
+    ref = OciRef.parse("oci://registry.example:5000/team/llama-3:v2@sha256:" + "0" * 64)
+    assert (ref.host, ref.repository, ref.tag, ref.reference) == (
+        "registry.example:5000",
+        "team/llama-3",
+        "v2",
+        "sha256:" + "0" * 64,
+    )
+    assert OciRef.parse("oci://localhost/m").tag is None
+    for bad in ("oci://host", "oci://host/Upper:v1", "oci://host/m:.hidden", "oci://host/m@sha256:12", "s3://b/m"):
+        with pytest.raises(RefError):
+            OciRef.parse(bad)
+    with pytest.raises(RefError, match="name a tag"):
+        resolve_oci("oci://127.0.0.1:1/m")
+
+
+def test_plain_http_is_refused_for_a_registry_not_on_this_machine() -> None:
+    registry = Registry("registry.invalid:5000")
+    with pytest.raises(RegistryError, match="plain HTTP"):
+        registry.request("GET", "http://registry.invalid:5000/v2/", scope="registry:catalog:*")
+    assert Registry("registry.invalid:5000", insecure=True)._allowed("http://registry.invalid:5000/v2/")
+    assert registry._allowed("https://registry.invalid:5000/v2/")
+
+
+def test_docker_config_and_environment_credentials(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    folder = tmp_path / "docker-config"
+    folder.mkdir()
+    pair = base64.b64encode(b"alice:pw:with:colons").decode()
+    auths = {"https://ghcr.io/v1/": {"auth": pair}, "quay.io": {}}
+    (folder / "config.json").write_text(json.dumps({"auths": auths, "credsStore": "desktop"}))
+    found = credentials_for("ghcr.io")
+    assert found is not None and (found.username, found.password) == ("alice", "pw:with:colons")
+    assert credentials_for("docker.example") is None
+    with pytest.raises(RegistryAuthError, match="credential helper"):
+        credentials_for("quay.io")
+    monkeypatch.setenv("SEPSTORE_OCI_USERNAME", "bob")
+    with pytest.raises(RegistryAuthError, match="both"):
+        credentials_for("ghcr.io")
+    monkeypatch.setenv("SEPSTORE_OCI_PASSWORD", "secret")
+    env = credentials_for("ghcr.io")
+    assert env is not None and (env.username, env.password) == ("bob", "secret")
+    assert "secret" not in repr(env)
+
+
+def test_bearer_challenges_parse_with_quoted_commas() -> None:
+    challenge = parse_challenge(
+        'Bearer realm="https://auth.example/token",service="reg",scope="repository:a/b:pull,push"'
+    )
+    assert challenge is not None and challenge.scheme == "bearer"
+    assert challenge.params == {
+        "realm": "https://auth.example/token",
+        "service": "reg",
+        "scope": "repository:a/b:pull,push",
+    }
+
+
+def test_a_large_blob_uploads_in_patch_chunks_hashed_on_the_way(oci: RegistryProxy, tmp_path: Path) -> None:
+    blob = tmp_path / "blob"
+    blob.write_bytes(os.urandom(250_000))
+    digest = "sha256:" + hashlib.sha256(blob.read_bytes()).hexdigest()
+    since = len(oci.calls)
+    registry = Registry(oci.host)
+    assert registry.upload_blob("chunks/test", str(blob), digest, 250_000, chunk=100_000).how == "uploaded"
+    assert [m for m, p in oci.calls[since:] if "/blobs/uploads/" in p] == ["POST", "PATCH", "PATCH", "PATCH", "PUT"]
+    got = bytearray()
+    registry.download_blob("chunks/test", digest, 250_000, got.extend)
+    assert bytes(got) == blob.read_bytes()
+    wrong = "sha256:" + "0" * 64
+    with pytest.raises(IntegrityError, match="SHA-256"):  # found before the upload is closed
+        registry.upload_blob("chunks/test", str(blob), wrong, 250_000, chunk=100_000)
+    assert registry.blob_size("chunks/test", wrong) is None

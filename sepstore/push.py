@@ -17,7 +17,7 @@ from .leases import holding
 from .manifest import Blob, encode_manifest, manifest_digest
 from .progress import progress
 from .reader import PartReader
-from .refs import FETCH_OPTIONS, RefLike, RefOptions, Resolved, open_checked
+from .refs import FETCH_OPTIONS, OCI_SCHEME, RefLike, RefOptions, Resolved, open_checked
 from .sign import copy_signatures, private_key
 from .sign import sign as sign_manifest
 from .store import Store, check_tag, standard_parts_location
@@ -92,7 +92,8 @@ def push(
     sign: str | os.PathLike[str] | PrivateKey | None = None,
     **options: Unpack[RefOptions],
 ) -> PushReport:
-    """Publish the model at ``ref`` into the store ``dest`` (a path or any fsspec URL).
+    """Publish the model at ``ref`` into the store ``dest`` (a path or any fsspec URL), or into an OCI
+    registry repository (``oci://HOST/REPOSITORY[:TAG]``, see :mod:`sepstore.oci`).
 
     Parts the destination already has with the right size are skipped (dedup across versions
     and models); with ``verify``, they are re-hashed too (fetched, from a remote store). Every
@@ -106,6 +107,22 @@ def push(
     """
     src, trusted = open_checked("push", ref, options, FETCH_OPTIONS)
     signer = private_key(sign) if sign is not None else None  # an unusable key is refused before any upload
+    if os.fspath(dest).startswith(OCI_SCHEME):  # a registry repository: sepstore.oci publishes there
+        from .oci.publish import push_to_registry
+
+        return push_to_registry(
+            src,
+            trusted,
+            os.fspath(dest),
+            dest_tag=dest_tag,
+            force=force,
+            dest_storage_options=dest_storage_options,
+            workers=workers,
+            quiet=quiet,
+            verify=verify,
+            signer=signer,
+            cache_dir=options.get("cache_dir"),
+        )
     store = Store(dest, dest_storage_options)
     manifest = src.manifest
     out_tag = check_tag(dest_tag or src.tag)

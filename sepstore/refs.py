@@ -50,6 +50,8 @@ __all__ = [
 #: A manifest's path or URL, or a store root's.
 Ref = str | os.PathLike[str]
 _LOCAL = {None, "file", "local"}
+#: References of this scheme name a model version in an OCI registry (:mod:`sepstore.oci`).
+OCI_SCHEME: Final = "oci://"
 _PIN = re.compile(DIGEST_PATTERN)
 # Percent escapes a server may decode into a path separator or a dot segment ("%2e%2e" is ".."):
 # in `parts` they would climb out of the store after the location was checked.
@@ -196,7 +198,11 @@ class Resolved:
 
     @property
     def tag(self) -> str:
-        """The tag the manifest is published under: its file name without ``.json``."""
+        """The tag the manifest is published under: its file name without ``.json`` (the tag of an
+        ``oci://HOST/REPOSITORY:TAG`` reference; empty for one pinned by image digest alone)."""
+        if self.url.startswith(OCI_SCHEME):
+            name = self.url.rsplit("/", 1)[-1].partition("@")[0]
+            return name.rpartition(":")[2] if ":" in name else ""
         return posixpath.basename(self.url).removesuffix(".json")
 
     def part_url(self, part: Blob) -> str:
@@ -320,6 +326,10 @@ def _check_pin(url: str, got: str, pinned: str | None) -> None:
 
 def _read(ref: ModelRef) -> Resolved:
     """Read the manifest a checked reference names, pin first, then decode it."""
+    if ref.url.startswith(OCI_SCHEME):
+        resolved = _read_oci(ref)
+        _check_pin(resolved.url, resolved.digest, ref.digest)
+        return resolved
     if is_manifest_url(ref.url):
         fs, path = open_url(ref.url, ref.storage_options)
         manifest_url = _absolute(ref.url)
@@ -331,6 +341,15 @@ def _read(ref: ModelRef) -> Resolved:
         data = store.read_manifest_bytes(name, tag)
     _check_pin(manifest_url, manifest_digest(data), ref.digest)
     return Resolved(data, manifest_url, ref.parts_url, ref.storage_options)
+
+
+def _read_oci(ref: ModelRef) -> Resolved:
+    """An ``oci://HOST/REPOSITORY[:TAG]`` reference, read from its registry (imported only for one)."""
+    from .oci.layout import resolve_url
+
+    if ref.name is not None:
+        raise RefError(f"{ref.url}: an OCI repository holds one model; name= is for a store root")
+    return resolve_url(ref.url, tag=ref.tag, parts_url=ref.parts_url, storage_options=ref.storage_options)
 
 
 def _pick(store: Store, name: str | None, tag: str | None) -> tuple[str, str]:

@@ -15,7 +15,7 @@ from typing import Any
 
 from .errors import NotFoundError, RefError, SepstoreError, StoreError
 from .manifest import decode_manifest, manifest_digest
-from .refs import is_manifest_url
+from .refs import OCI_SCHEME, is_manifest_url
 from .store import MANIFESTS_DIR, Store, check_name, modified_time
 
 __all__ = ["TagInfo", "tags"]
@@ -57,14 +57,21 @@ def tags(
 ) -> list[TagInfo]:
     """Every model and tag in ``store`` (only model ``name``'s, if given), sorted by name then tag.
 
-    ``store`` is a store root on any backend that lists (local disk, S3, ``memory://``); an HTTP
-    server cannot list, so one is refused (read a manifest URL with :func:`sepstore.resolve` instead).
+    ``store`` is a store root on any backend that lists (local disk, S3, ``memory://``), or an OCI
+    registry repository (``oci://HOST/REPOSITORY``: one model, its tags); an HTTP server cannot
+    list, so one is refused (read a manifest URL with :func:`sepstore.resolve` instead).
     A manifest that does not decode is listed with its ``error``, not fatal: the others still show.
 
     Raises:
         StoreError: the store is served over HTTP, or cannot be read. RefError: ``store`` is a
             manifest URL, or ``name`` is malformed. NotFoundError: nothing is at ``store``.
     """
+    if isinstance(store, str | os.PathLike) and os.fspath(store).startswith(OCI_SCHEME):
+        from .oci.layout import registry_for, tags_oci  # a registry repository: its tags are the model's
+
+        url = os.fspath(store)
+        rows = tags_oci(url, registry=registry_for(url[len(OCI_SCHEME) :].split("/", 1)[0], storage_options))
+        return [row for row in rows if name in (None, row.name)]
     if isinstance(store, str | os.PathLike) and is_manifest_url(os.fspath(store)):
         raise RefError(f"{os.fspath(store)} is a manifest; tags lists a store root (read one manifest with `info`)")
     if name is not None:

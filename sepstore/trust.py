@@ -19,7 +19,7 @@ import json
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, cast
 
 import msgspec
 from msgspec import Struct
@@ -181,7 +181,11 @@ class Published:
 
 def published_as(resolved: Resolved) -> Published | None:
     """Where a manifest is published, if at ``<root>/manifests/<its own name>/<tag>.json``."""
+    from .refs import OCI_SCHEME  # refs imports this module
+
     name, tag = resolved.manifest.name, resolved.tag
+    if resolved.url.startswith(OCI_SCHEME):  # oci://HOST/REPOSITORY:TAG: the repository is its store
+        return Published(resolved.url.partition("@")[0].removesuffix(f":{tag}"), name, tag) if tag else None
     suffix = f"/{MANIFESTS_DIR}/{name}/{tag}.json"
     if not resolved.url.endswith(suffix):
         return None
@@ -189,6 +193,13 @@ def published_as(resolved: Resolved) -> Published | None:
 
 
 def store_of(where: Published, resolved: Resolved) -> Store:
+    """Where the manifest's signatures are: its store, or for a registry, its image's referrers."""
+    from .refs import OCI_SCHEME
+
+    if where.root.startswith(OCI_SCHEME):
+        from .oci.layout import RegistrySignatures
+
+        return cast(Store, RegistrySignatures.of(resolved))  # the signature methods of a Store
     return Store(where.root, dict(resolved.storage_options))
 
 

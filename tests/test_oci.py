@@ -372,3 +372,71 @@ def test_a_large_blob_uploads_in_patch_chunks_hashed_on_the_way(oci: RegistryPro
     with pytest.raises(IntegrityError, match="SHA-256"):  # found before the upload is closed
         registry.upload_blob("chunks/test", str(blob), wrong, 250_000, chunk=100_000)
     assert registry.blob_size("chunks/test", wrong) is None
+
+
+# -- the public API and the command line, with oci:// references ------------------------------------
+
+
+def test_push_pull_load_info_and_tags_take_oci_references(oci: RegistryProxy, tmp_path: Path) -> None:
+    _, parts = _model(tmp_path / "store", seed=5)
+    store = parts.parent.parent
+    report = sepstore.push(store, f"oci://{oci.host}/api/tiny", name="tiny", tag="v1", quiet=True)
+    assert report.manifest_url == f"oci://{oci.host}/api/tiny:v1" and len(report.uploaded) == 6
+    again = sepstore.push(store, f"oci://{oci.host}/api/tiny", name="tiny", tag="v1", quiet=True)
+    assert not again.manifest_written and again.uploaded == [] and len(again.skipped) == 6
+    ref = f"oci://{oci.host}/api/tiny:v1"
+    assert sepstore.resolve(ref).digest == sepstore.resolve(store, name="tiny", tag="v1").digest
+    pulled = sepstore.pull(ref, "b 0-2", cache_dir=tmp_path / "cache", quiet=True)
+    assert sorted(pulled.fetched) == ["begin", "mid.0", "mid.1"]
+    loaded = sepstore.load(ref, "f", cache_dir=tmp_path / "cache").to_dict()
+    local = sepstore.load(store, "f", name="tiny", tag="v1").to_dict()
+    assert all(same_bytes(loaded[k], local[k]) for k in local)
+    assert sepstore.verify(ref, cache_dir=tmp_path / "cache", quiet=True).ok
+    assert [(t.name, t.tag) for t in sepstore.tags(f"oci://{oci.host}/api/tiny")] == [("tiny", "v1")]
+    with pytest.raises(RefError, match="holds one model"):
+        sepstore.resolve(f"oci://{oci.host}/api/tiny", name="tiny", tag="v1")
+    assert sepstore.resolve(f"oci://{oci.host}/api/tiny", tag="v1").digest == report.manifest_digest
+    with pytest.raises(RefError, match="verify"):
+        sepstore.push(store, f"oci://{oci.host}/api/tiny", name="tiny", tag="v1", verify=True, quiet=True)
+
+
+def test_a_signed_push_is_trusted_and_an_unsigned_tag_is_refused(oci: RegistryProxy, tmp_path: Path) -> None:
+    _, parts = _model(tmp_path / "store", seed=6)
+    store = parts.parent.parent
+    key = tmp_path / "key.pem"
+    sepstore.keygen(key)
+    signed = sepstore.push(store, f"oci://{oci.host}/trusted/tiny", name="tiny", tag="v1", sign=key, quiet=True)
+    assert len(signed.signatures) == 1
+    ref = f"oci://{oci.host}/trusted/tiny:v1"
+    trust = str(tmp_path / "key.pem.pub")
+    assert sepstore.pull(ref, cache_dir=tmp_path / "cache", trust=trust, quiet=True).fetched
+    sepstore.push(store, f"oci://{oci.host}/trusted/tiny:unsigned", name="tiny", tag="v1", quiet=True)
+    with pytest.raises(sepstore.TrustError, match="no valid signature"):
+        sepstore.pull(f"oci://{oci.host}/trusted/tiny:unsigned", cache_dir=tmp_path / "cache", trust=trust)
+    # `sepstore sign` signs a version already in the registry; pushing it on carries the signature along
+    sepstore.sign(f"oci://{oci.host}/trusted/tiny:unsigned", key=key)
+    assert sepstore.load(f"oci://{oci.host}/trusted/tiny:unsigned", cache_dir=tmp_path / "cache", trust=trust)
+    copied = sepstore.push(f"oci://{oci.host}/trusted/tiny:v1", f"oci://{oci.host}/copy/tiny", quiet=True,
+                           cache_dir=tmp_path / "cache")  # fmt: skip
+    assert copied.signatures == signed.signatures
+
+
+def test_the_command_line_pushes_to_and_lists_a_registry(oci: RegistryProxy, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    _, parts = _model(tmp_path / "store", seed=8)
+    store = parts.parent.parent
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(sepstore.__file__).parent.parent)])}
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "sepstore", *args], capture_output=True, text=True, env=env)
+
+    pushed = cli("push", str(store), f"oci://{oci.host}/cli/tiny:v1", "--quiet")
+    assert pushed.returncode == 0, pushed.stderr
+    listed = cli("tags", f"oci://{oci.host}/cli/tiny", "--json")
+    assert [row["tag"] for row in json.loads(listed.stdout)] == ["v1"]
+    pulled = cli("pull", f"oci://{oci.host}/cli/tiny:v1", "--cache-dir", str(tmp_path / "cache"), "--json")
+    assert pulled.returncode == 0 and len(json.loads(pulled.stdout)["fetched"]) == 6
+    missing = cli("info", f"oci://{oci.host}/cli/tiny:v9")
+    assert missing.returncode != 0 and "not found" in missing.stderr

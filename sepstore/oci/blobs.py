@@ -30,12 +30,19 @@ class OciBlobFileSystem(AbstractFileSystem):
     cachable = False
 
     def __init__(
-        self, *, registry: Registry, repository: str, blobs: Mapping[str, tuple[str, int]], **kwargs: Any
+        self,
+        *,
+        registry: Registry,
+        repository: str,
+        blobs: Mapping[str, tuple[str, int]],
+        subject: tuple[str, int] | None = None,
+        **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         self.registry = registry
         self.repository = repository
         self.blobs = dict(blobs)
+        self.subject = subject  # the image these blobs are layers of (its signatures hang from it)
 
     def _blob(self, path: str) -> tuple[str, int]:
         found = self.blobs.get(posixpath.basename(path))

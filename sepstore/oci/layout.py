@@ -38,6 +38,7 @@ from ..refs import Resolved
 from ..signing import BUNDLE_MEDIA_TYPE
 from ..store import MANIFESTS_DIR, PARTS_DIR, check_tag
 from ..tags import TagInfo
+from .auth import Credentials
 from .blobs import PROTOCOL
 from .client import OCI_INDEX, OCI_MANIFEST, UPLOAD_CHUNK, Registry, sha256_file
 
@@ -46,9 +47,12 @@ __all__ = [
     "OciModel",
     "OciPushReport",
     "OciRef",
+    "RegistrySignatures",
     "attach_signature_oci",
     "push_oci",
+    "registry_for",
     "resolve_oci",
+    "resolve_url",
     "signatures_oci",
     "tags_oci",
 ]
@@ -227,6 +231,7 @@ class OciPushReport:
     uploaded: list[str]
     uploaded_bytes: int
     mounted: list[str]
+    mounted_bytes: int
     present: list[str]
     present_bytes: int
     manifest_written: bool
@@ -239,6 +244,7 @@ class OciPushReport:
             "uploaded": self.uploaded,
             "uploaded_bytes": self.uploaded_bytes,
             "mounted": self.mounted,
+            "mounted_bytes": self.mounted_bytes,
             "present": self.present,
             "present_bytes": self.present_bytes,
             "manifest_written": self.manifest_written,
@@ -332,6 +338,7 @@ def push_oci(
         uploaded=[label for layer, h in files if h == "uploaded" for label in _labels(layer)],
         uploaded_bytes=sum(layer.size for layer, h in files if h == "uploaded"),
         mounted=[label for layer, h in files if h == "mounted" for label in _labels(layer)],
+        mounted_bytes=sum(layer.size for layer, h in files if h == "mounted"),
         present=[label for layer, h in files if h == "present" for label in _labels(layer)],
         present_bytes=sum(layer.size for layer, h in files if h == "present"),
         manifest_written=written,
@@ -383,7 +390,16 @@ class OciModel:
         return f"{PROTOCOL}://{self.ref.host}/{self.ref.repository}"
 
     def storage_options(self) -> dict[str, Any]:
-        return {"registry": self.registry, "repository": self.ref.repository, "blobs": dict(self.blobs)}
+        """The blob filesystem's options; ``subject`` (the image) is where the signatures hang."""
+        return {
+            "registry": self.registry,
+            "repository": self.ref.repository,
+            "blobs": dict(self.blobs),
+            "subject": (self.image_digest, len(self.image)),
+        }
+
+    def signatures(self) -> RegistrySignatures:
+        return RegistrySignatures(self.registry, self.url, self.ref.repository, (self.image_digest, len(self.image)))
 
     def resolved(self) -> Resolved:
         """The manifest as every reading function takes it (``load``, ``pull``, ``verify``, ``push`` ...)."""
@@ -405,6 +421,48 @@ class OciModel:
             raise IntegrityError(
                 f"{self.url}: blob {sha256} has BLAKE3 digest {digest_of(hasher)}, the manifest says {blob.digest}"
             )
+
+
+#: What ``storage_options`` may hold with an ``oci://`` reference.
+_REGISTRY_OPTIONS: Final = frozenset({"insecure", "username", "password"})
+
+
+def registry_for(host: str, storage_options: Mapping[str, Any] | None) -> Registry:
+    """A client of ``host`` configured by ``storage_options`` (``insecure``, and ``username`` with
+    ``password`` instead of the environment's or the Docker config's credentials)."""
+    options = dict(storage_options or {})
+    unknown = sorted(set(options) - _REGISTRY_OPTIONS)
+    if unknown:
+        raise RefError(
+            f"storage_options {unknown} do not apply to an OCI registry; it takes {sorted(_REGISTRY_OPTIONS)}"
+        )
+    username, password = options.get("username"), options.get("password")
+    if (username is None) != (password is None) or not isinstance(username or "", str):
+        raise RefError("storage_options: give both username and password (strings), or neither")
+    credentials = Credentials(username, password, "storage_options") if username is not None else None
+    return Registry(host, credentials=credentials, insecure=bool(options.get("insecure", False)))
+
+
+def resolve_url(
+    url: str,
+    *,
+    tag: str | None = None,
+    parts_url: str | None = None,
+    storage_options: Mapping[str, Any] | None = None,
+) -> Resolved:
+    """What :func:`sepstore.resolve` does with an ``oci://HOST/REPOSITORY[:TAG]`` reference: the
+    version it names (``tag`` fills in a tag the URL leaves out) as a :class:`Resolved` whose parts
+    are read from the registry (or from the ``parts_url`` mirror), verified as any store's."""
+    oci = OciRef.parse(url)
+    if tag is not None and oci.tag is not None and tag != oci.tag:
+        raise RefError(f"tag={tag!r} contradicts the reference's tag {oci.tag!r} ({url})")
+    if tag is not None and oci.tag is None:
+        oci = OciRef(oci.host, oci.repository, tag, oci.digest)
+    model = resolve_oci(oci, registry=registry_for(oci.host, storage_options))
+    resolved = model.resolved()
+    if parts_url is None:
+        return resolved
+    return Resolved(resolved.data, resolved.url, parts_url)
 
 
 def _image_json(image: bytes, url: str) -> dict[str, Any]:
@@ -521,45 +579,108 @@ def _fallback_tag(digest: str) -> str:
     return digest.replace(":", "-")
 
 
-def attach_signature_oci(model: OciModel, key_id: str, bundle: bytes) -> str:
-    """Publish a signature bundle of ``model``'s manifest as a referrer of its image (an artifact
-    manifest of type :data:`~sepstore.signing.BUNDLE_MEDIA_TYPE` whose ``subject`` is the image),
-    replacing that key's earlier one in the tag-schema index where the registry lacks the
-    referrers API; the signature manifest's digest."""
-    client, repo = model.registry, model.ref.repository
-    empty = b"{}"
-    for blob in (empty, bundle):
-        digest = _sha256(blob)
-        if client.blob_size(repo, digest) != len(blob):
-            client.upload_blob(repo, blob, digest, len(blob))
-    body = {
-        "schemaVersion": 2,
-        "mediaType": OCI_MANIFEST,
-        "artifactType": BUNDLE_MEDIA_TYPE,
-        "config": {"mediaType": EMPTY, "digest": _sha256(empty), "size": len(empty)},
-        "layers": [{"mediaType": BUNDLE_MEDIA_TYPE, "digest": _sha256(bundle), "size": len(bundle)}],
-        "subject": {"mediaType": OCI_MANIFEST, "digest": model.image_digest, "size": len(model.image)},
-        "annotations": {KEY_ID: key_id},
-    }
-    data = json.dumps(body, separators=(",", ":")).encode()
-    digest, indexed = client.put_manifest(repo, _sha256(data), data, OCI_MANIFEST)
-    if not indexed and client.referrers(repo, model.image_digest) is None:
-        tag = _fallback_tag(model.image_digest)
+class RegistrySignatures:
+    """The signatures of one image (``subject``: its digest and size) in ``repository``, as OCI
+    referrers, behind the part of :class:`~sepstore.store.Store`'s interface that signing, trust
+    and ``push`` use (``name`` and ``tag`` are the image's own, and so are not needed to find them)."""
+
+    def __init__(self, registry: Registry, url: str, repository: str, subject: tuple[str, int]) -> None:
+        self.registry, self.url, self.repository, self.subject = registry, url, repository, subject
+
+    @classmethod
+    def of(cls, resolved: Resolved) -> RegistrySignatures:
+        """The signatures of the image a resolved ``oci://`` reference was read from."""
+        options = resolved.storage_options
+        if isinstance(options.get("registry"), Registry) and "subject" in options:
+            return cls(options["registry"], resolved.url, options["repository"], options["subject"])
+        model = resolve_oci(resolved.url)  # read from a mirror: the image is looked up again
+        return model.signatures()
+
+    def signature_path(self, name: str, tag: str, key_id: str) -> str:
+        return key_id
+
+    def signatures_dir(self, name: str, tag: str) -> str:
+        return ""
+
+    def url_of(self, path: str) -> str:
+        return f"{self.url} (referrers of {self.subject[0]}{f', key {path}' if path else ''})"
+
+    def _index(self) -> list[dict[str, Any]]:
+        """Descriptors of the image's referrers: from the referrers API, else the tag schema's index."""
+        client, repo, digest = self.registry, self.repository, self.subject[0]
+        found = client.referrers(repo, digest, BUNDLE_MEDIA_TYPE)
+        if found is not None:
+            return found
         try:
-            held = _descriptors_of(client.get_manifest(repo, tag, accept=(OCI_INDEX,))[0], model.url)
+            index = client.get_manifest(repo, _fallback_tag(digest), accept=(OCI_INDEX,))[0]
+        except NotFoundError:
+            return []
+        return _descriptors_of(index, self.url)
+
+    def _bundles(self) -> dict[str, str]:
+        """The signature manifests' digests by key id."""
+        return {
+            entry["annotations"][KEY_ID]: entry["digest"]
+            for entry in self._index()
+            if entry.get("artifactType") == BUNDLE_MEDIA_TYPE
+            and isinstance(entry.get("digest"), str)
+            and isinstance((entry.get("annotations") or {}).get(KEY_ID), str)
+        }
+
+    def list_signatures(self, name: str, tag: str) -> list[str]:
+        return sorted(self._bundles())
+
+    def read_signature_bytes(self, name: str, tag: str, key_id: str) -> bytes:
+        digest = self._bundles().get(key_id)
+        if digest is None:
+            raise NotFoundError(f"{self.url_of(key_id)}: no signature by that key")
+        data, _, _ = self.registry.get_manifest(self.repository, digest)
+        layers = _layer_list(_image_json(data, self.url), self.url)
+        if not layers or layers[0]["size"] > _MAX_SIGNATURE_BYTES:
+            raise ManifestError(f"{self.url_of(key_id)}: the signature manifest holds no bundle of a sane size")
+        buffer = io.BytesIO()
+        size = layers[0]["size"]
+        self.registry.download_blob(self.repository, layers[0]["digest"], size, buffer.write, what="the signature")
+        return buffer.getvalue()
+
+    def write_signature_bytes(self, name: str, tag: str, key_id: str, data: bytes) -> None:
+        """Push a signature bundle as a referrer of the image (an artifact manifest of type
+        :data:`~sepstore.signing.BUNDLE_MEDIA_TYPE` whose ``subject`` is the image), replacing that
+        key's earlier one in the tag schema's index where the registry lacks the referrers API."""
+        client, repo = self.registry, self.repository
+        empty = b"{}"
+        for blob in (empty, data):
+            digest = _sha256(blob)
+            if client.blob_size(repo, digest) != len(blob):
+                client.upload_blob(repo, blob, digest, len(blob))
+        body = {
+            "schemaVersion": 2,
+            "mediaType": OCI_MANIFEST,
+            "artifactType": BUNDLE_MEDIA_TYPE,
+            "config": {"mediaType": EMPTY, "digest": _sha256(empty), "size": len(empty)},
+            "layers": [{"mediaType": BUNDLE_MEDIA_TYPE, "digest": _sha256(data), "size": len(data)}],
+            "subject": {"mediaType": OCI_MANIFEST, "digest": self.subject[0], "size": self.subject[1]},
+            "annotations": {KEY_ID: key_id},
+        }
+        manifest = json.dumps(body, separators=(",", ":")).encode()
+        digest, indexed = client.put_manifest(repo, _sha256(manifest), manifest, OCI_MANIFEST)
+        if indexed or client.referrers(repo, self.subject[0]) is not None:
+            return
+        tag_ = _fallback_tag(self.subject[0])
+        try:
+            held = _descriptors_of(client.get_manifest(repo, tag_, accept=(OCI_INDEX,))[0], self.url)
         except NotFoundError:
             held = []
-        kept = [d for d in held if d.get("annotations", {}).get(KEY_ID) != key_id]
+        kept = [d for d in held if (d.get("annotations") or {}).get(KEY_ID) != key_id]
         entry = {
             "mediaType": OCI_MANIFEST,
             "digest": digest,
-            "size": len(data),
+            "size": len(manifest),
             "artifactType": BUNDLE_MEDIA_TYPE,
             "annotations": {KEY_ID: key_id},
         }
         index = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [*kept, entry]}
-        client.put_manifest(repo, tag, json.dumps(index, separators=(",", ":")).encode(), OCI_INDEX)
-    return digest
+        client.put_manifest(repo, tag_, json.dumps(index, separators=(",", ":")).encode(), OCI_INDEX)
 
 
 def _descriptors_of(data: bytes, url: str) -> list[dict[str, Any]]:
@@ -570,28 +691,13 @@ def _descriptors_of(data: bytes, url: str) -> list[dict[str, Any]]:
     return manifests
 
 
+def attach_signature_oci(model: OciModel, key_id: str, bundle: bytes) -> None:
+    """Publish a signature bundle of ``model``'s manifest as a referrer of its image
+    (see :meth:`RegistrySignatures.write_signature_bytes`)."""
+    model.signatures().write_signature_bytes(model.ref.repository, model.ref.tag or "", key_id, bundle)
+
+
 def signatures_oci(model: OciModel) -> dict[str, bytes]:
-    """The signature bundles of ``model``'s image by key id, from the referrers API or, where the
-    registry lacks it, the tag schema's index; unverified (a trust policy checks them)."""
-    client, repo = model.registry, model.ref.repository
-    found = client.referrers(repo, model.image_digest, BUNDLE_MEDIA_TYPE)
-    if found is None:
-        try:
-            index = client.get_manifest(repo, _fallback_tag(model.image_digest), accept=(OCI_INDEX,))[0]
-        except NotFoundError:
-            return {}
-        found = _descriptors_of(index, model.url)
-    out: dict[str, bytes] = {}
-    for entry in found:
-        if entry.get("artifactType") != BUNDLE_MEDIA_TYPE or not isinstance(entry.get("digest"), str):
-            continue
-        data, _, _ = client.get_manifest(repo, entry["digest"])
-        body = _image_json(data, model.url)
-        layers = _layer_list(body, model.url)
-        key_id = (body.get("annotations") or {}).get(KEY_ID)
-        if not layers or not isinstance(key_id, str) or layers[0]["size"] > _MAX_SIGNATURE_BYTES:
-            continue
-        buffer = io.BytesIO()
-        client.download_blob(repo, layers[0]["digest"], layers[0]["size"], buffer.write, what="the signature")
-        out[key_id] = buffer.getvalue()
-    return out
+    """The signature bundles of ``model``'s image by key id, unverified (a trust policy checks them)."""
+    shelf = model.signatures()
+    return {kid: shelf.read_signature_bytes("", "", kid) for kid in shelf.list_signatures("", "")}

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from conftest import same_bytes
 from registry import DistributionRegistry, RegistryProxy
+from servers import HostileServer
 
 import sepstore
 from sepstore.demo import llama_decider, tiny_llama_state_dict
@@ -440,3 +441,67 @@ def test_the_command_line_pushes_to_and_lists_a_registry(oci: RegistryProxy, tmp
     assert pulled.returncode == 0 and len(json.loads(pulled.stdout)["fetched"]) == 6
     missing = cli("info", f"oci://{oci.host}/cli/tiny:v9")
     assert missing.returncode != 0 and "not found" in missing.stderr
+
+
+def test_assets_travel_as_their_own_layers(oci: RegistryProxy, tmp_path: Path) -> None:
+    state = tiny_llama_state_dict(layers=2, hidden=16, intermediate=32, vocab=64, seed=9)
+    files = {"tokenizer.json": b'{"model": {}}', "README.md": b"# tiny\n"}
+    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama"}
+    sepstore.dump(llama_decider, state, tmp_path / "store", name="tiny", tag="v1", config=config, assets=files)
+    sepstore.push(tmp_path / "store", f"oci://{oci.host}/assets/tiny:v1", quiet=True)
+    model = resolve_oci(f"oci://{oci.host}/assets/tiny:v1")
+    kinds = {x["annotations"].get("org.sepstore.asset"): x["mediaType"] for x in json.loads(model.image)["layers"]}
+    assert kinds["README.md"] == "application/vnd.cncf.model.doc.v1.raw"
+    assert kinds["tokenizer.json"] == "application/vnd.cncf.model.weight.config.v1.raw"
+    got = sepstore.assets(f"oci://{oci.host}/assets/tiny:v1", cache_dir=tmp_path / "cache")
+    assert {path: file.read_bytes() for path, file in got.items()} == files
+    image = json.loads(model.image)
+    blob = bytearray()
+    Registry(oci.host).download_blob("assets/tiny", image["config"]["digest"], image["config"]["size"], blob.extend)
+    assert json.loads(blob)["config"]["architecture"] == "LlamaForCausalLM"
+    assert json.loads(blob)["descriptor"] == {"name": "tiny", "family": "llama"}
+
+
+def _hostile(tmp_path: Path, mode: str, spoil: str, **options: object) -> tuple[HostileServer, str, int]:
+    """A server that answers like a registry under ``tmp_path`` (a 100-byte blob, a manifest),
+    except that GETs of paths with ``spoil`` in them are spoilt as ``mode`` says."""
+    data = bytes(range(100))
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    (tmp_path / "v2" / "r" / "blobs").mkdir(parents=True)
+    (tmp_path / "v2" / "r" / "blobs" / digest).write_bytes(data)
+    (tmp_path / "v2" / "r" / "manifests").mkdir()
+    (tmp_path / "v2" / "r" / "manifests" / "v1").write_bytes(b"{}")
+    server = HostileServer(tmp_path, mode, spoil=spoil, **options).start()  # type: ignore[arg-type]
+    return server, digest, len(data)
+
+
+@pytest.mark.parametrize("mode", ["huge", "huge-chunked"])
+def test_an_oversized_answer_is_refused_without_being_held(tmp_path: Path, mode: str) -> None:
+    server, _digest, _size = _hostile(tmp_path, mode, "/manifests/", huge_bytes=64 * 2**20)
+    try:
+        with pytest.raises(RegistryError, match="over the 4194304-byte limit"):
+            Registry(f"127.0.0.1:{server.port}").get_manifest("r", "v1")
+    finally:
+        server.stop()
+
+
+def test_a_blob_answer_of_another_size_is_refused_before_it_is_read(tmp_path: Path) -> None:
+    server, digest, size = _hostile(tmp_path, "huge", "/blobs/", huge_bytes=64 * 2**20)
+    try:
+        with pytest.raises(IntegrityError, match="67108864 bytes"):
+            Registry(f"127.0.0.1:{server.port}").read_blob("r", digest, 0, 50, size)
+    finally:
+        server.stop()
+
+
+def test_a_trickling_registry_is_cut_off_by_the_minimum_speed_rule(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SEPSTORE_TIMEOUT", "1")
+    monkeypatch.setenv("SEPSTORE_MIN_SPEED", "1000")
+    server, digest, size = _hostile(tmp_path, "trickle", "/blobs/", trickle_seconds=0.2)
+    try:
+        with pytest.raises(StoreError, match="stalled"):
+            Registry(f"127.0.0.1:{server.port}").download_blob("r", digest, size, lambda piece: None)
+    finally:
+        server.stop()

@@ -155,12 +155,11 @@ class _Answer:
         return bytes(data)
 
     def close(self) -> None:
-        """Give the connection back to the pool once the body is read (or what is left of it is
-        small enough to skip); else drop the connection rather than read an unknown rest."""
-        left = self.raw.length_remaining
-        if left is not None and left <= _MAX_ERROR_BYTES:
+        """Give the connection back to the pool once the body is read; else drop the connection
+        (reading an unread rest could take as long as the server likes)."""
+        if self.raw.length_remaining == 0:
             with contextlib.suppress(urllib3.exceptions.HTTPError, OSError):
-                self.raw.drain_conn()
+                self.raw.drain_conn()  # nothing left to read: this ends the exchange on the connection
         else:
             self.raw.close()
         self.raw.release_conn()

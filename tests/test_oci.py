@@ -156,6 +156,9 @@ def test_push_of_v2_after_v1_uploads_only_the_changed_layer(
     assert len(oci.uploads(since)) == 3
     assert len([p for m, p in oci.calls[since:] if m == "PUT" and "/blobs/uploads/" in p]) == 3
     assert sorted(t.tag for t in tags_oci(f"oci://{oci.host}/models/tiny")) == ["v1", "v2"]
+    changed = sepstore.diff(f"oci://{oci.host}/models/tiny:v1", f"oci://{oci.host}/models/tiny:v2").changed
+    assert [p.part for p in changed] == ["mid.2"]
+    assert len(sepstore.plan(f"oci://{oci.host}/models/tiny:v2", nodes=2)) == 2
 
 
 def test_push_into_another_repository_mounts_the_blobs_instead_of_uploading(

@@ -15,7 +15,8 @@ from typing import Any
 
 from fsspec.spec import AbstractBufferedFile, AbstractFileSystem
 
-from .client import Registry
+from ..backends import _Body, _content_range
+from .client import Registry, _Answer
 
 __all__ = ["PROTOCOL", "OciBlobFileSystem"]
 
@@ -58,6 +59,11 @@ class OciBlobFileSystem(AbstractFileSystem):
         entries = [{"name": f"{base}/{name}", "size": size, "type": "file"} for name, (_, size) in self.blobs.items()]
         return entries if detail else [e["name"] for e in entries]
 
+    def open_range(self, path: str, start: int, end: int) -> _RangeBody:
+        """One ranged GET of bytes ``start:end``, streamed (see :func:`sepstore.backends.stream_range`)."""
+        digest, _ = self._blob(path)
+        return _RangeBody(self.registry.open_blob(self.repository, digest, start, end), start)
+
     def _open(self, path: str, mode: str = "rb", block_size: Any = None, **kwargs: Any) -> _BlobFile:
         if mode != "rb":
             raise NotImplementedError(f"{PROTOCOL}://{path}: registry blobs are read-only here")
@@ -75,3 +81,20 @@ class _BlobFile(AbstractBufferedFile):
     def _fetch_range(self, start: int, end: int) -> bytes:
         fs: OciBlobFileSystem = self.fs
         return fs.registry.read_blob(fs.repository, self.digest, start, min(end, self.size), self.size)
+
+
+class _RangeBody(_Body):
+    """A registry's answer to a ranged GET, read piece by piece as it arrives."""
+
+    def __init__(self, answer: _Answer, start: int) -> None:
+        self._answer = answer
+        first, self.total = _content_range(answer.header("Content-Range"))
+        self.ranged = answer.status == 206
+        self.offset = start if first is None else first
+        self.length = answer.length()
+
+    def read(self, size: int) -> bytes:
+        return self._answer.piece(size)
+
+    def close(self) -> None:
+        self._answer.close()

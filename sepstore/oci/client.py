@@ -105,6 +105,7 @@ class _Answer:
 
     raw: urllib3.BaseHTTPResponse
     url: str
+    _progress: _Progress | None = None
 
     @property
     def status(self) -> int:
@@ -118,28 +119,33 @@ class _Answer:
         value = self.header("Content-Length")
         return int(value) if value is not None and value.isdigit() else None
 
-    def pieces(self, expected: int | None = None) -> Iterator[bytes]:
-        """The body in pieces of at most ``PIECE_BYTES``, under the minimum-progress rule; with
-        ``expected``, exactly that many bytes (a longer body is an :class:`IntegrityError`, a
-        shorter one a :class:`RegistryTransientError`)."""
-        progress = _Progress()
-        done = 0
+    def piece(self, size: int) -> bytes:
+        """Up to ``size`` bytes of the body, as soon as some are in (``b""`` at its end), under the
+        minimum-progress rule (see :mod:`sepstore.backends`) counted from this answer's first piece."""
+        if self._progress is None:
+            self._progress = _Progress()
         try:
-            while expected is None or done < expected:
-                want = PIECE_BYTES if expected is None else min(PIECE_BYTES, expected - done)
-                piece = self.raw.read1(want)
-                if not piece:
-                    break
-                progress.add(len(piece))
-                if progress.remaining() <= 0:
-                    raise RegistryTransientError(str(progress.stalled()))
-                done += len(piece)
-                yield piece
+            data = self.raw.read1(size)
         except urllib3.exceptions.HTTPError as exc:
             raise RegistryTransientError(f"{type(exc).__name__}: {exc}") from exc
+        self._progress.add(len(data))
+        if data and self._progress.remaining() <= 0:
+            raise RegistryTransientError(str(self._progress.stalled()))
+        return data
+
+    def pieces(self, expected: int | None = None) -> Iterator[bytes]:
+        """The body in pieces of at most ``PIECE_BYTES``; with ``expected``, exactly that many bytes
+        (a longer body is an :class:`IntegrityError`, a shorter one a :class:`RegistryTransientError`)."""
+        done = 0
+        while expected is None or done < expected:
+            piece = self.piece(PIECE_BYTES if expected is None else min(PIECE_BYTES, expected - done))
+            if not piece:
+                break
+            done += len(piece)
+            yield piece
         if expected is not None and done < expected:
             raise RegistryTransientError(f"got {done} bytes of {expected}")
-        if expected is not None and self.raw.read1(1):
+        if expected is not None and self.piece(1):
             raise IntegrityError(f"{self.url}: the registry sent more than the {expected} bytes expected")
 
     def read(self, limit: int, what: str) -> bytes:
@@ -437,6 +443,17 @@ class Registry:
                 answer.close()
 
         return b"" if start == end else with_retries(get, self.base + path)
+
+    def open_blob(self, repository: str, digest: str, start: int, end: int) -> _Answer:
+        """A GET of bytes ``start:end`` of blob ``digest`` with its body unread (206, or 200 from a
+        registry that ignores ``Range``): for :func:`~sepstore.backends.stream_range`, which checks
+        the answer's span and length and reads it piece by piece. The caller closes it."""
+        path = f"/v2/{repository}/blobs/{_checked_digest(digest)}"
+        headers = {"Range": f"bytes={start}-{end - 1}", "Accept-Encoding": "identity"}
+        return with_retries(
+            lambda: self.request("GET", path, scope=self.scope(repository), headers=headers, ok=(200, 206)),
+            self.base + path,
+        )
 
     def download_blob(
         self, repository: str, digest: str, size: int, write: Callable[[bytes], None], *, what: str = "blob"

@@ -12,9 +12,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from aiohttp import web
 from conftest import same_bytes
 from registry import DistributionRegistry, RegistryProxy
-from servers import HostileServer
+from servers import HostileServer, _LoopbackServer
 
 import sepstore
 from sepstore.demo import llama_decider, tiny_llama_state_dict
@@ -508,3 +509,38 @@ def test_a_trickling_registry_is_cut_off_by_the_minimum_speed_rule(
             Registry(f"127.0.0.1:{server.port}").download_blob("r", digest, size, lambda piece: None)
     finally:
         server.stop()
+
+
+class _Redirecting(_LoopbackServer):
+    """A registry whose blob GETs are redirected to ``storage`` (as S3-backed registries do), asking
+    for basic auth itself; it and the storage record the Authorization header each request came with."""
+
+    def __init__(self, storage: str | None = None) -> None:
+        super().__init__()
+        self.storage = storage
+        self.seen: list[tuple[str, str | None]] = []
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        auth = request.headers.get("Authorization")
+        self.seen.append((request.path, auth))
+        if self.storage is None:  # the storage: serves any blob's bytes
+            return web.Response(body=b"x" * 10)
+        if auth is None:
+            return web.Response(status=401, headers={"WWW-Authenticate": 'Basic realm="r"'})
+        return web.Response(status=307, headers={"Location": f"{self.storage}/bucket/blob?sig=1"})
+
+
+def test_a_redirect_to_blob_storage_does_not_carry_the_registry_credentials() -> None:
+    storage = _Redirecting().start()
+    registry = _Redirecting(storage.url).start()
+    try:
+        client = Registry(f"127.0.0.1:{registry.port}", credentials=Credentials(USER, PASSWORD))
+        digest = "sha256:" + hashlib.sha256(b"x" * 10).hexdigest()
+        got = bytearray()
+        client.download_blob("r", digest, 10, got.extend)
+        assert bytes(got) == b"x" * 10
+        assert any(auth is not None for path, auth in registry.seen if "/blobs/" in path)
+        assert storage.seen == [("/bucket/blob", None)]
+    finally:
+        registry.stop()
+        storage.stop()

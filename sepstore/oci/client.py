@@ -298,7 +298,7 @@ class Registry:
         for attempt in (1, 2):
             sent_auth = self._authorization(scope)
             answer = self._send(method, url, {**(headers or {}), **sent_auth}, body() if callable(body) else body)
-            answer = self._follow(method, answer, headers or {})
+            answer = self._follow(method, answer, {**(headers or {}), **sent_auth})
             if answer.status != 401:
                 break
             challenge = answer.header("WWW-Authenticate")
@@ -318,9 +318,9 @@ class Registry:
             answer.close()
             if not self._allowed(target):
                 raise RegistryError(f"{answer.url}: redirected to {target}, which is not HTTPS; refused")
-            same = _netloc(target) == _netloc(answer.url)
-            auth = {"Authorization": headers["Authorization"]} if same and "Authorization" in headers else {}
-            answer = self._send(method, target, {**headers, **auth}, None)
+            home = _netloc(target) == self.host  # the registry's own token goes to the registry only
+            sent = {k: v for k, v in headers.items() if k.lower() != "authorization" or home}
+            answer = self._send(method, target, sent, None)
         raise RegistryError(f"{answer.url}: more than {_REDIRECTS} redirects")
 
     def _checked(self, method: str, answer: _Answer, ok: tuple[int, ...]) -> _Answer:

@@ -52,6 +52,7 @@ Ref = str | os.PathLike[str]
 _LOCAL = {None, "file", "local"}
 #: References of this scheme name a model version in an OCI registry (:mod:`sepstore.oci`).
 OCI_SCHEME: Final = "oci://"
+_OCI_BLOBS: Final = "sepstore-oci://"  # where a resolved oci:// reference's parts are read (sepstore.oci.blobs)
 _PIN = re.compile(DIGEST_PATTERN)
 # Percent escapes a server may decode into a path separator or a dot segment ("%2e%2e" is ".."):
 # in `parts` they would climb out of the store after the location was checked.
@@ -206,7 +207,11 @@ class Resolved:
         return posixpath.basename(self.url).removesuffix(".json")
 
     def part_url(self, part: Blob) -> str:
-        """The URL of a part's (or an asset's) file."""
+        """The URL of a part's (or an asset's) file (in an OCI registry: its blob's URL there)."""
+        if self.parts_url.startswith(_OCI_BLOBS):
+            from .oci.blobs import blob_url
+
+            return blob_url(self.storage_options, part.file_name) or f"{self.parts_url}/{part.file_name}"
         return f"{self.parts_url}/{part.file_name}"
 
 

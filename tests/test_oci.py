@@ -398,6 +398,8 @@ def test_push_pull_load_info_and_tags_take_oci_references(oci: RegistryProxy, tm
     assert all(same_bytes(loaded[k], local[k]) for k in local)
     assert sepstore.verify(ref, cache_dir=tmp_path / "cache", quiet=True).ok
     assert [(t.name, t.tag) for t in sepstore.tags(f"oci://{oci.host}/api/tiny")] == [("tiny", "v1")]
+    urls = [f.url for f in sepstore.files(ref, "b")]  # for tools that download by URL: the registry's blob
+    assert len(urls) == 1 and urls[0].startswith(f"http://{oci.host}/v2/api/tiny/blobs/sha256:")
     with pytest.raises(RefError, match="holds one model"):
         sepstore.resolve(f"oci://{oci.host}/api/tiny", name="tiny", tag="v1")
     assert sepstore.resolve(f"oci://{oci.host}/api/tiny", tag="v1").digest == report.manifest_digest

@@ -18,9 +18,18 @@ from fsspec.spec import AbstractBufferedFile, AbstractFileSystem
 from ..backends import _Body, _content_range
 from .client import Registry, _Answer
 
-__all__ = ["PROTOCOL", "OciBlobFileSystem"]
+__all__ = ["PROTOCOL", "OciBlobFileSystem", "blob_url"]
 
 PROTOCOL = "sepstore-oci"
+
+
+def blob_url(options: Mapping[str, Any], file_name: str) -> str | None:
+    """The registry URL (``https://HOST/v2/REPOSITORY/blobs/sha256:...``) of a part or asset file,
+    given this filesystem's options; ``None`` if they do not list it."""
+    registry, blobs = options.get("registry"), options.get("blobs")
+    if not isinstance(registry, Registry) or not isinstance(blobs, Mapping) or file_name not in blobs:
+        return None
+    return f"{registry.base}/v2/{options['repository']}/blobs/{blobs[file_name][0]}"
 
 
 class OciBlobFileSystem(AbstractFileSystem):

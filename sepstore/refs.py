@@ -224,7 +224,8 @@ def resolve(ref: RefLike, **options: Unpack[RefOptions]) -> Resolved:
 
     ``ref`` is a manifest's path or URL (``.../manifests/llama/v2.json``), a store root, an OCI
     reference (``oci://HOST/REPOSITORY:TAG``, see :mod:`sepstore.oci`), a :class:`ModelRef`, or a
-    :class:`Resolved` (returned as is, or with ``parts_url`` applied and ``digest`` checked). See :class:`RefOptions` for the options; ``cache_dir`` does not apply.
+    :class:`Resolved` (returned as is, or with ``parts_url`` applied and ``digest`` checked). See
+    :class:`RefOptions` for the options; ``cache_dir`` does not apply.
 
     Raises:
         RefError: a malformed option, or one that cannot apply to ``ref``.

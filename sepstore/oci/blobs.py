@@ -9,6 +9,7 @@ the :class:`~sepstore.oci.client.Registry` and the map from part file name to bl
 
 from __future__ import annotations
 
+import hashlib
 import posixpath
 from collections.abc import Mapping
 from typing import Any
@@ -16,6 +17,7 @@ from typing import Any
 from fsspec.spec import AbstractBufferedFile, AbstractFileSystem
 
 from ..backends import _Body, _content_range
+from ..errors import IntegrityError
 from .client import Registry, _Answer
 
 __all__ = ["PROTOCOL", "OciBlobFileSystem", "blob_url"]
@@ -70,8 +72,8 @@ class OciBlobFileSystem(AbstractFileSystem):
 
     def open_range(self, path: str, start: int, end: int) -> _RangeBody:
         """One ranged GET of bytes ``start:end``, streamed (see :func:`sepstore.backends.stream_range`)."""
-        digest, _ = self._blob(path)
-        return _RangeBody(self.registry.open_blob(self.repository, digest, start, end), start)
+        digest, size = self._blob(path)
+        return _RangeBody(self.registry.open_blob(self.repository, digest, start, end), start, end, digest, size)
 
     def _open(self, path: str, mode: str = "rb", block_size: Any = None, **kwargs: Any) -> _BlobFile:
         if mode != "rb":
@@ -93,17 +95,31 @@ class _BlobFile(AbstractBufferedFile):
 
 
 class _RangeBody(_Body):
-    """A registry's answer to a ranged GET, read piece by piece as it arrives."""
+    """A registry's answer to a ranged GET, read piece by piece as it arrives. An answer that is the
+    whole blob (a part within one cache chunk, or a registry that ignores ``Range``) is hashed on
+    the way and its last piece refused unless the SHA-256 is the blob's (the cache checks BLAKE3)."""
 
-    def __init__(self, answer: _Answer, start: int) -> None:
+    def __init__(self, answer: _Answer, start: int, end: int, digest: str, size: int) -> None:
         self._answer = answer
         first, self.total = _content_range(answer.header("Content-Range"))
         self.ranged = answer.status == 206
         self.offset = start if first is None else first
         self.length = answer.length()
+        whole = not self.ranged or (self.offset == 0 and end == size)
+        self._digest, self._size, self._done = digest, size, 0
+        self._hasher = hashlib.sha256() if whole else None
 
     def read(self, size: int) -> bytes:
-        return self._answer.piece(size)
+        piece = self._answer.piece(size)
+        if self._hasher is not None:
+            self._hasher.update(piece)
+            self._done += len(piece)
+            got = "sha256:" + self._hasher.hexdigest() if self._done == self._size else self._digest
+            if got != self._digest:
+                raise IntegrityError(
+                    f"{self._answer.url}: the blob's SHA-256 is {got}, the registry names it {self._digest}"
+                )
+        return piece
 
     def close(self) -> None:
         self._answer.close()

@@ -60,11 +60,16 @@ def push_to_registry(
     reader.recheck(chosen, rehash=True)  # a damaged cached copy is fetched again, a local one refused
     reader.prefetch(chosen, desc=f"fetch {manifest.name}", quiet=quiet)
     registry = registry_for(oci.host, dest_storage_options)
+    # a source in another repository of the same registry: its blobs are mounted, not uploaded again
+    source = src.storage_options.get("registry")
+    mount_from = src.storage_options.get("repository") if getattr(source, "host", None) == oci.host else None
     with contextlib.ExitStack() as held:
         if reader.cache is not None:  # cached copies are read under their locks, so `cache prune` leaves them
             for _, blob in chosen:
                 held.enter_context(reader.cache.reading(blob))
-        report = push_oci(data, reader.path, oci, tag=tag, registry=registry, force=force, workers=workers)
+        report = push_oci(
+            data, reader.path, oci, tag=tag, registry=registry, mount_from=mount_from, force=force, workers=workers
+        )
     published = resolve_url(report.url, storage_options=dest_storage_options)
     digest = manifest_digest(data)
     signed = copy_signatures(src, trusted, cast(Store, RegistrySignatures.of(published)), tag, digest)

@@ -218,8 +218,10 @@ def test_a_pushed_tag_holding_another_image_is_refused_unless_forced(
     oci: RegistryProxy, pushed: tuple[bytes, Path, str], tmp_path: Path
 ) -> None:
     data, parts = _model(tmp_path / "other", seed=3)
+    since = len(oci.calls)
     with pytest.raises(StoreError, match="already holds another image"):
         push_oci(data, _source(parts), f"oci://{oci.host}/models/tiny:v1")
+    assert oci.uploads(since) == []  # refused before anything was sent
     again = push_oci(pushed[0], _source(pushed[1]), f"oci://{oci.host}/models/tiny:v1")
     assert not again.manifest_written and not again.uploaded
 

@@ -303,30 +303,36 @@ def push_oci(
     layers = _layers(manifest, manifest_bytes, out_tag, blob_source)
     repo = oci.repository
 
-    def put(layer: _Layer) -> str:
+    def hashed(layer: _Layer) -> None:
         if isinstance(layer.source, str):
             _hashed(layer, blobs[_name_of(layer)])
         else:
             layer.sha256 = _sha256(layer.source)
-        there = client.blob_size(repo, layer.sha256)
-        if there == layer.size:
+
+    def put(layer: _Layer) -> str:
+        if client.blob_size(repo, layer.sha256) == layer.size:
             return "present"
         return client.upload_blob(repo, layer.source, layer.sha256, layer.size, mount_from=mount_from, chunk=chunk).how
 
+    def refuse_another(held: str | None) -> None:
+        if held is not None and held != image_digest and not force:
+            raise StoreError(
+                f"{oci.url} already holds another image ({held}, pushing {image_digest}); pass force=True "
+                "(--force) to replace it, or push under another tag"
+            )
+
     with ThreadPoolExecutor(max(1, workers), "sepstore-oci-push") as pool:
+        list(pool.map(hashed, layers))  # every file checked, and the image known, before anything is sent
+        config = _model_config(manifest, layers)
+        config_digest = _sha256(config)
+        image = _image_manifest(config, config_digest, layers, manifest.name)
+        image_digest = _sha256(image)
+        refuse_another(_held_digest(client, oci))
         how = list(pool.map(put, layers))
-    config = _model_config(manifest, layers)
-    config_digest = _sha256(config)
     if client.blob_size(repo, config_digest) != len(config):
         client.upload_blob(repo, config, config_digest, len(config))
-    image = _image_manifest(config, config_digest, layers, manifest.name)
-    image_digest = _sha256(image)
     held = _held_digest(client, oci)
-    if held is not None and held != image_digest and not force:
-        raise StoreError(
-            f"{oci.url} already holds another image ({held}, pushing {image_digest}); pass force=True (--force) "
-            "to replace it, or push under another tag"
-        )
+    refuse_another(held)  # again: another publisher may have taken the tag meanwhile (narrows, cannot close, the race)
     written = held != image_digest
     if written:
         client.put_manifest(repo, out_tag, image, OCI_MANIFEST)

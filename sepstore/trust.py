@@ -197,7 +197,7 @@ def store_of(where: Published, resolved: Resolved) -> Store:
     from .refs import OCI_SCHEME
 
     if where.root.startswith(OCI_SCHEME):
-        from .oci.layout import RegistrySignatures
+        from .oci.signatures import RegistrySignatures
 
         return cast(Store, RegistrySignatures.of(resolved))  # the signature methods of a Store
     return Store(where.root, dict(resolved.storage_options))

@@ -12,17 +12,8 @@ import fsspec
 from .auth import Credentials
 from .blobs import PROTOCOL, OciBlobFileSystem
 from .client import Registry, Upload
-from .layout import (
-    MODEL_ARTIFACT,
-    OciModel,
-    OciPushReport,
-    OciRef,
-    attach_signature_oci,
-    push_oci,
-    resolve_oci,
-    signatures_oci,
-    tags_oci,
-)
+from .layout import MODEL_ARTIFACT, OciModel, OciPushReport, OciRef, push_oci, resolve_oci, tags_oci
+from .signatures import RegistrySignatures, attach_signature_oci, signatures_oci
 
 __all__ = [
     "MODEL_ARTIFACT",
@@ -31,6 +22,7 @@ __all__ = [
     "OciPushReport",
     "OciRef",
     "Registry",
+    "RegistrySignatures",
     "Upload",
     "attach_signature_oci",
     "is_oci_url",

@@ -16,14 +16,13 @@ Every layer's title (``org.opencontainers.image.title``, and ModelPack's ``org.c
 is its path in a sepstore store (``parts/blake3/<hex>.safetensors``, ``manifests/<name>/<tag>.json``),
 so ``oras pull`` of a model writes a store that sepstore loads as it is. The registry addresses blobs
 by SHA-256; a reader checks the SHA-256 of what it reads whole, and the BLAKE3 the sepstore manifest
-promises of every part and asset. Signatures are OCI referrers of the image manifest (with the
-``sha256-<hex>`` tag schema where a registry lacks the referrers API).
+promises of every part and asset. Signatures are OCI referrers of the image manifest
+(:mod:`sepstore.oci.signatures`).
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import re
 from collections.abc import Callable, Mapping
@@ -35,25 +34,21 @@ from ..errors import IntegrityError, ManifestError, NotFoundError, RefError, Sep
 from ..hashing import Hasher, digest_buffer, digest_of
 from ..manifest import MAX_MANIFEST_BYTES, Blob, Manifest, decode_manifest
 from ..refs import Resolved
-from ..signing import BUNDLE_MEDIA_TYPE
 from ..store import MANIFESTS_DIR, PARTS_DIR, check_tag
 from ..tags import TagInfo
 from .auth import Credentials
 from .blobs import PROTOCOL
-from .client import OCI_INDEX, OCI_MANIFEST, UPLOAD_CHUNK, Registry, sha256_file
+from .client import OCI_MANIFEST, UPLOAD_CHUNK, Registry, sha256_file
 
 __all__ = [
     "MODEL_ARTIFACT",
     "OciModel",
     "OciPushReport",
     "OciRef",
-    "RegistrySignatures",
-    "attach_signature_oci",
     "push_oci",
     "registry_for",
     "resolve_oci",
     "resolve_url",
-    "signatures_oci",
     "tags_oci",
 ]
 
@@ -62,16 +57,12 @@ MODEL_CONFIG: Final = "application/vnd.cncf.model.config.v1+json"
 WEIGHT_RAW: Final = "application/vnd.cncf.model.weight.v1.raw"
 WEIGHT_CONFIG_RAW: Final = "application/vnd.cncf.model.weight.config.v1.raw"
 DOC_RAW: Final = "application/vnd.cncf.model.doc.v1.raw"
-EMPTY: Final = "application/vnd.oci.empty.v1+json"
 TITLE: Final = "org.opencontainers.image.title"
 FILEPATH: Final = "org.cncf.model.filepath"
 PART: Final = "org.sepstore.part"
 ASSET: Final = "org.sepstore.asset"
 DIGEST: Final = "org.sepstore.digest"
 MANIFEST: Final = "org.sepstore.manifest"
-KEY_ID: Final = "org.sepstore.key-id"
-#: Signature bundles larger than this are not read.
-_MAX_SIGNATURE_BYTES = 1024 * 1024
 _WORKERS = 8
 
 _COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
@@ -307,7 +298,7 @@ def push_oci(
         if isinstance(layer.source, str):
             _hashed(layer, blobs[_name_of(layer)])
         else:
-            layer.sha256 = _sha256(layer.source)
+            layer.sha256 = sha256_of(layer.source)
 
     def put(layer: _Layer) -> str:
         if client.blob_size(repo, layer.sha256) == layer.size:
@@ -324,9 +315,9 @@ def push_oci(
     with ThreadPoolExecutor(max(1, workers), "sepstore-oci-push") as pool:
         list(pool.map(hashed, layers))  # every file checked, and the image known, before anything is sent
         config = _model_config(manifest, layers)
-        config_digest = _sha256(config)
+        config_digest = sha256_of(config)
         image = _image_manifest(config, config_digest, layers, manifest.name)
-        image_digest = _sha256(image)
+        image_digest = sha256_of(image)
         refuse_another(_held_digest(client, oci))
         how = list(pool.map(put, layers))
     if client.blob_size(repo, config_digest) != len(config):
@@ -359,7 +350,7 @@ def _labels(layer: _Layer) -> list[str]:
     return [label if PART in layer.annotations else f"asset:{label}" for label in layer.labels]
 
 
-def _sha256(data: bytes) -> str:
+def sha256_of(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
@@ -401,11 +392,13 @@ class OciModel:
             "registry": self.registry,
             "repository": self.ref.repository,
             "blobs": dict(self.blobs),
-            "subject": (self.image_digest, len(self.image)),
+            "subject": self.subject,
         }
 
-    def signatures(self) -> RegistrySignatures:
-        return RegistrySignatures(self.registry, self.url, self.ref.repository, (self.image_digest, len(self.image)))
+    @property
+    def subject(self) -> tuple[str, int]:
+        """The image manifest's digest and size: what its referrers (signatures) name."""
+        return self.image_digest, len(self.image)
 
     def resolved(self) -> Resolved:
         """The manifest as every reading function takes it (``load``, ``pull``, ``verify``, ``push`` ...)."""
@@ -471,7 +464,7 @@ def resolve_url(
     return Resolved(resolved.data, resolved.url, parts_url)
 
 
-def _image_json(image: bytes, url: str) -> dict[str, Any]:
+def json_object(image: bytes, url: str) -> dict[str, Any]:
     try:
         body = json.loads(image)
     except ValueError:
@@ -481,7 +474,7 @@ def _image_json(image: bytes, url: str) -> dict[str, Any]:
     return body
 
 
-def _layer_list(body: dict[str, Any], url: str) -> list[dict[str, Any]]:
+def layer_descriptors(body: dict[str, Any], url: str) -> list[dict[str, Any]]:
     layers = body.get("layers")
     if not isinstance(layers, list) or not all(
         isinstance(x, dict)
@@ -509,13 +502,13 @@ def resolve_oci(ref: OciRef | str, *, registry: Registry | None = None) -> OciMo
     client = registry or Registry(oci.host)
     image, media, image_digest = client.get_manifest(oci.repository, oci.reference)
     url = oci.url
-    body = _image_json(image, url)
+    body = json_object(image, url)
     if media not in ("", OCI_MANIFEST) or body.get("artifactType") != MODEL_ARTIFACT:
         raise ManifestError(
             f"{url}: not a model pushed by sepstore (media type {media or body.get('mediaType')!r}, artifact type "
             f"{body.get('artifactType')!r}; expected an image manifest of artifact type {MODEL_ARTIFACT})"
         )
-    layers = _layer_list(body, url)
+    layers = layer_descriptors(body, url)
     own = [x for x in layers if MANIFEST in x.get("annotations", {})]
     if len(own) != 1:
         raise ManifestError(f"{url}: the image has {len(own)} sepstore manifest layers ({MANIFEST}), not one")
@@ -576,134 +569,3 @@ def tags_oci(ref: OciRef | str, *, registry: Registry | None = None) -> list[Tag
     with ThreadPoolExecutor(_WORKERS, "sepstore-oci-tags") as pool:
         rows = list(pool.map(row, names))
     return [r for r in rows if r is not None]
-
-
-# -- signatures as referrers ----------------------------------------------------------------------
-
-
-def _fallback_tag(digest: str) -> str:
-    return digest.replace(":", "-")
-
-
-class RegistrySignatures:
-    """The signatures of one image (``subject``: its digest and size) in ``repository``, as OCI
-    referrers, behind the part of :class:`~sepstore.store.Store`'s interface that signing, trust
-    and ``push`` use (``name`` and ``tag`` are the image's own, and so are not needed to find them)."""
-
-    def __init__(self, registry: Registry, url: str, repository: str, subject: tuple[str, int]) -> None:
-        self.registry, self.url, self.repository, self.subject = registry, url, repository, subject
-
-    @classmethod
-    def of(cls, resolved: Resolved) -> RegistrySignatures:
-        """The signatures of the image a resolved ``oci://`` reference was read from."""
-        options = resolved.storage_options
-        if isinstance(options.get("registry"), Registry) and "subject" in options:
-            return cls(options["registry"], resolved.url, options["repository"], options["subject"])
-        model = resolve_oci(resolved.url)  # read from a mirror: the image is looked up again
-        return model.signatures()
-
-    def signature_path(self, name: str, tag: str, key_id: str) -> str:
-        return key_id
-
-    def signatures_dir(self, name: str, tag: str) -> str:
-        return ""
-
-    def url_of(self, path: str) -> str:
-        return f"{self.url} (referrers of {self.subject[0]}{f', key {path}' if path else ''})"
-
-    def _index(self) -> list[dict[str, Any]]:
-        """Descriptors of the image's referrers: from the referrers API, else the tag schema's index."""
-        client, repo, digest = self.registry, self.repository, self.subject[0]
-        found = client.referrers(repo, digest, BUNDLE_MEDIA_TYPE)
-        if found is not None:
-            return found
-        try:
-            index = client.get_manifest(repo, _fallback_tag(digest), accept=(OCI_INDEX,))[0]
-        except NotFoundError:
-            return []
-        return _descriptors_of(index, self.url)
-
-    def _bundles(self) -> dict[str, str]:
-        """The signature manifests' digests by key id."""
-        return {
-            entry["annotations"][KEY_ID]: entry["digest"]
-            for entry in self._index()
-            if entry.get("artifactType") == BUNDLE_MEDIA_TYPE
-            and isinstance(entry.get("digest"), str)
-            and isinstance((entry.get("annotations") or {}).get(KEY_ID), str)
-        }
-
-    def list_signatures(self, name: str, tag: str) -> list[str]:
-        return sorted(self._bundles())
-
-    def read_signature_bytes(self, name: str, tag: str, key_id: str) -> bytes:
-        digest = self._bundles().get(key_id)
-        if digest is None:
-            raise NotFoundError(f"{self.url_of(key_id)}: no signature by that key")
-        data, _, _ = self.registry.get_manifest(self.repository, digest)
-        layers = _layer_list(_image_json(data, self.url), self.url)
-        if not layers or layers[0]["size"] > _MAX_SIGNATURE_BYTES:
-            raise ManifestError(f"{self.url_of(key_id)}: the signature manifest holds no bundle of a sane size")
-        buffer = io.BytesIO()
-        size = layers[0]["size"]
-        self.registry.download_blob(self.repository, layers[0]["digest"], size, buffer.write, what="the signature")
-        return buffer.getvalue()
-
-    def write_signature_bytes(self, name: str, tag: str, key_id: str, data: bytes) -> None:
-        """Push a signature bundle as a referrer of the image (an artifact manifest of type
-        :data:`~sepstore.signing.BUNDLE_MEDIA_TYPE` whose ``subject`` is the image), replacing that
-        key's earlier one in the tag schema's index where the registry lacks the referrers API."""
-        client, repo = self.registry, self.repository
-        empty = b"{}"
-        for blob in (empty, data):
-            digest = _sha256(blob)
-            if client.blob_size(repo, digest) != len(blob):
-                client.upload_blob(repo, blob, digest, len(blob))
-        body = {
-            "schemaVersion": 2,
-            "mediaType": OCI_MANIFEST,
-            "artifactType": BUNDLE_MEDIA_TYPE,
-            "config": {"mediaType": EMPTY, "digest": _sha256(empty), "size": len(empty)},
-            "layers": [{"mediaType": BUNDLE_MEDIA_TYPE, "digest": _sha256(data), "size": len(data)}],
-            "subject": {"mediaType": OCI_MANIFEST, "digest": self.subject[0], "size": self.subject[1]},
-            "annotations": {KEY_ID: key_id},
-        }
-        manifest = json.dumps(body, separators=(",", ":")).encode()
-        digest, indexed = client.put_manifest(repo, _sha256(manifest), manifest, OCI_MANIFEST)
-        if indexed or client.referrers(repo, self.subject[0]) is not None:
-            return
-        tag_ = _fallback_tag(self.subject[0])
-        try:
-            held = _descriptors_of(client.get_manifest(repo, tag_, accept=(OCI_INDEX,))[0], self.url)
-        except NotFoundError:
-            held = []
-        kept = [d for d in held if (d.get("annotations") or {}).get(KEY_ID) != key_id]
-        entry = {
-            "mediaType": OCI_MANIFEST,
-            "digest": digest,
-            "size": len(manifest),
-            "artifactType": BUNDLE_MEDIA_TYPE,
-            "annotations": {KEY_ID: key_id},
-        }
-        index = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [*kept, entry]}
-        client.put_manifest(repo, tag_, json.dumps(index, separators=(",", ":")).encode(), OCI_INDEX)
-
-
-def _descriptors_of(data: bytes, url: str) -> list[dict[str, Any]]:
-    body = _image_json(data, url)
-    manifests = body.get("manifests") or []
-    if not isinstance(manifests, list) or not all(isinstance(m, dict) for m in manifests):
-        raise ManifestError(f"{url}: the referrers index's `manifests` is not a list of descriptors")
-    return manifests
-
-
-def attach_signature_oci(model: OciModel, key_id: str, bundle: bytes) -> None:
-    """Publish a signature bundle of ``model``'s manifest as a referrer of its image
-    (see :meth:`RegistrySignatures.write_signature_bytes`)."""
-    model.signatures().write_signature_bytes(model.ref.repository, model.ref.tag or "", key_id, bundle)
-
-
-def signatures_oci(model: OciModel) -> dict[str, bytes]:
-    """The signature bundles of ``model``'s image by key id, unverified (a trust policy checks them)."""
-    shelf = model.signatures()
-    return {kid: shelf.read_signature_bytes("", "", kid) for kid in shelf.list_signatures("", "")}

@@ -15,7 +15,8 @@ from ..sign import copy_signatures
 from ..sign import sign as sign_manifest
 from ..store import Store, check_tag
 from ..trust import TrustReport
-from .layout import OciRef, RegistrySignatures, push_oci, registry_for, resolve_url
+from .layout import OciRef, push_oci, registry_for, resolve_url
+from .signatures import RegistrySignatures
 
 if TYPE_CHECKING:
     from ..signing import PrivateKey

@@ -270,6 +270,12 @@ class Registry:
             raise RegistryTransientError(f"{method}: {type(exc).__name__}: {exc}") from exc
         return _Answer(raw, url)
 
+    def _home(self, url: str) -> bool:
+        """Whether ``url`` is on this registry's host (and port, the scheme's default left out)."""
+        parts = urllib.parse.urlsplit(url)
+        default = {"https": ":443", "http": ":80"}.get(parts.scheme, "")
+        return parts.netloc.lower().removesuffix(default) == self.host.lower().removesuffix(default)
+
     def _allowed(self, url: str) -> bool:
         """Whether a URL may be requested: HTTPS, or HTTP to a loopback or insecure host."""
         parts = urllib.parse.urlsplit(url)
@@ -295,8 +301,9 @@ class Registry:
         url = path if "://" in path else self.base + path
         if not self._allowed(url):
             raise RegistryError(f"{url}: plain HTTP to a registry that is not on this machine; use HTTPS or insecure")
+        home = self._home(url)  # an upload location elsewhere gets no credentials of this registry
         for attempt in (1, 2):
-            sent_auth = self._authorization(scope)
+            sent_auth = self._authorization(scope) if home else {}
             answer = self._send(method, url, {**(headers or {}), **sent_auth}, body() if callable(body) else body)
             answer = self._follow(method, answer, {**(headers or {}), **sent_auth})
             if answer.status != 401:
@@ -318,7 +325,7 @@ class Registry:
             answer.close()
             if not self._allowed(target):
                 raise RegistryError(f"{answer.url}: redirected to {target}, which is not HTTPS; refused")
-            home = _netloc(target) == self.host  # the registry's own token goes to the registry only
+            home = self._home(target)  # the registry's own token goes to the registry only
             sent = {k: v for k, v in headers.items() if k.lower() != "authorization" or home}
             answer = self._send(method, target, sent, None)
         raise RegistryError(f"{answer.url}: more than {_REDIRECTS} redirects")

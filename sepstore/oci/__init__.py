@@ -25,7 +25,6 @@ __all__ = [
     "RegistrySignatures",
     "Upload",
     "attach_signature_oci",
-    "is_oci_url",
     "push_oci",
     "resolve_oci",
     "signatures_oci",
@@ -33,8 +32,3 @@ __all__ = [
 ]
 
 fsspec.register_implementation(PROTOCOL, OciBlobFileSystem, clobber=True)
-
-
-def is_oci_url(url: object) -> bool:
-    """Whether ``url`` is an ``oci://`` reference (a registry, not an fsspec store)."""
-    return isinstance(url, str) and url.startswith("oci://")

@@ -1,4 +1,4 @@
-"""Remote benchmark: sepstore push/pull against plain s3fs put/get, on moto's S3 server on 127.0.0.1.
+"""Remote benchmark: sepstore against its anchors, over nginx (HTTP) and moto's S3 server on 127.0.0.1.
 
 Run by hand from the repository root (pytest skips tests/benchmarks):
 
@@ -6,6 +6,8 @@ Run by hand from the repository root (pytest skips tests/benchmarks):
     .venv/bin/python tests/benchmarks/bench_remote.py --layers 4 --repeats 2   # quick
     .venv/bin/python tests/benchmarks/bench_remote.py --clean                  # delete --workdir at the end
     .venv/bin/python tests/benchmarks/bench_remote.py --chunk-mib 32 128 --workers 8 16   # sweep pull settings
+    .venv/bin/python tests/benchmarks/bench_remote.py --repeats 5 --skip-push            # the issue-15 run
+    .venv/bin/python tests/benchmarks/bench_remote.py --only http --repeats 5            # nginx anchors only
 
 It writes (or reuses) a seeded TinyLlama-1.1B-shaped checkpoint (bf16, about 2 GiB at full size) in
 ``--checkpoint`` if given, else in ``./bench-load/checkpoint`` if a complete one with these layers is
@@ -29,18 +31,35 @@ Then, interleaved, ``--repeats`` times each:
 combination (``sepstore.cache.CHUNK_BYTES`` and ``pull(workers=...)``) against the same baseline;
 ``--skip-push`` pushes once untimed and times only the pulls.
 Also printed: BLAKE3 of all parts from the warm page cache (the verification's own cost).
+
+HTTP (``--only http``, or both by default): Debian's nginx (``/usr/sbin/nginx``, started as a child
+with its own config, ``sendfile on``, ``Range`` answered as nginx does by default) serves the local
+store on 127.0.0.1; then, interleaved (the order turns each round), ``--repeats`` times each, every
+sepstore call into a new empty cache:
+
+- ``sepstore.load(url)``: the whole model by URL, what a node does (fetch, verify, tensors in memory);
+- ``sepstore.pull(url)`` then ``sepstore.load(url)``: two calls, so the second re-verifies the cache;
+- the floor: eight parallel ``curl -r`` range requests covering the tensorizer file, to /dev/null;
+- CoreWeave tensorizer (``pip install tensorizer``; skipped with a note if it is not installed):
+  ``TensorDeserializer(url)`` of the same tensors, serialized once to a ``.tensors`` file that the
+  same nginx serves, with ``verify_hash=True`` (its per-tensor hashes) and without.
+
+Targets (issue 15): load <= 0.7x tensorizer verified and <= 3x the eight-curl floor.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import logging
 import multiprocessing
 import os
 import shutil
+import socket
 import statistics
+import subprocess
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -49,7 +68,7 @@ from pathlib import Path
 
 import s3fs
 import torch
-from _checkpoint import INDEX, read_state_dict, tinyllama_config, write_tinyllama_checkpoint
+from _checkpoint import INDEX, read_state_dict, tinyllama_config, tinyllama_shapes, write_tinyllama_checkpoint
 from moto.server import ThreadedMotoServer
 
 import sepstore
@@ -101,6 +120,58 @@ def moto_server(mode: str) -> Iterator[str]:
         process.join(10)
         if process.is_alive():
             process.terminate()
+
+
+NGINX = "/usr/sbin/nginx"
+NGINX_CONF = """\
+worker_processes 2;
+pid {root}/nginx.pid;
+error_log {root}/error.log warn;
+user root;
+events {{ worker_connections 256; }}
+http {{
+    access_log off;
+    sendfile on;
+    tcp_nopush on;
+    client_body_temp_path {root}/tmp;
+    proxy_temp_path {root}/tmp;
+    fastcgi_temp_path {root}/tmp;
+    uwsgi_temp_path {root}/tmp;
+    scgi_temp_path {root}/tmp;
+    types {{ application/json json; }}
+    default_type application/octet-stream;
+    server {{
+        listen 127.0.0.1:{port};
+        root {serve};
+    }}
+}}
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@contextlib.contextmanager
+def nginx_server(root: Path, serve: Path) -> Iterator[str]:
+    """nginx serving the folder ``serve`` on 127.0.0.1 (config and logs in ``root``); yields its URL."""
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "tmp").mkdir(exist_ok=True)
+    port = _free_port()
+    conf = root / "nginx.conf"
+    conf.write_text(NGINX_CONF.format(root=root, port=port, serve=serve))
+    process = subprocess.Popen([NGINX, "-c", str(conf), "-p", str(root), "-g", "daemon off;"])
+    try:
+        for _ in range(100):
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+                break
+            time.sleep(0.05)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        process.terminate()
+        process.wait(10)
 
 
 def fresh_fs() -> s3fs.S3FileSystem:
@@ -202,6 +273,91 @@ def timed_in_empty(root: Path, fn: Callable[[Path], object]) -> float:
         shutil.rmtree(folder)
 
 
+def load_sepstore(url: str, cache: Path, total: int) -> None:
+    loaded = sepstore.load(url, cache_dir=cache).to_dict()
+    if sum(t.nbytes for t in loaded.values()) > total:
+        raise RuntimeError("load returned more bytes than the parts hold")
+
+
+def pull_then_load(url: str, cache: Path, total: int) -> None:
+    sepstore.pull(url, cache_dir=cache, quiet=True)
+    load_sepstore(url, cache, total)
+
+
+def curl_floor(url: str, size: int, streams: int = 8) -> None:
+    """``streams`` parallel ``curl`` range requests that cover ``size`` bytes of ``url``, to /dev/null."""
+    bounds = [size * i // streams for i in range(streams + 1)]
+    calls = [["curl", "-sf", "-r", f"{a}-{b - 1}", "-o", "/dev/null", url] for a, b in itertools.pairwise(bounds)]
+    running = [subprocess.Popen(call) for call in calls]
+    if any(p.wait() for p in running):
+        raise RuntimeError("a curl range request failed")
+
+
+def tensorizer_file(args: argparse.Namespace, folder: Path) -> Path | None:
+    """The checkpoint serialized by tensorizer into ``folder`` (reused if there); ``None`` without tensorizer."""
+    try:
+        from tensorizer import TensorSerializer
+    except ImportError:
+        print("tensorizer is not installed (pip install tensorizer): its anchors are skipped")
+        return None
+    path, stamp = folder / "model.tensors", folder / "layers"
+    if path.is_file() and stamp.is_file() and stamp.read_text() == str(args.layers):
+        return path
+    folder.mkdir(parents=True, exist_ok=True)
+    serializer = TensorSerializer(str(path))
+    serializer.write_state_dict(read_state_dict(checkpoint_path(args)))
+    serializer.close()
+    stamp.write_text(str(args.layers))
+    return path
+
+
+def load_tensorizer(url: str, verify: bool, total: int) -> None:
+    from tensorizer import TensorDeserializer
+
+    with TensorDeserializer(url, device="cpu", verify_hash=verify) as tensors:
+        got = sum(t.nbytes for t in tensors.values())
+    if got != total:
+        raise RuntimeError(f"tensorizer loaded {got} bytes of tensors, expected {total}")
+
+
+def bench_http(args: argparse.Namespace, tensor_bytes: int) -> None:
+    """The nginx anchors: load and pull+load by URL against eight curls and tensorizer."""
+    ours = args.workdir / "tensorizer"
+    tfile = tensorizer_file(args, ours)
+    with nginx_server(args.workdir / "nginx", args.workdir) as base:
+        url = f"{base}/store/manifests/{NAME}/{TAG}.json"
+        print(f"\nnginx at {base}, serving {args.workdir}")
+        floor_url, floor_size = (f"{base}/tensorizer/model.tensors", tfile.stat().st_size) if tfile else (None, 0)
+        if tfile is None:  # the floor then covers the store's parts (fewer, bigger requests are not possible)
+            floor_url = f"{base}/store/parts/blake3/" + max(os.listdir(args.workdir / "store/parts/blake3"))
+            floor_size = os.path.getsize(args.workdir / "store/parts/blake3" / floor_url.rsplit("/", 1)[1])
+        runs: list[tuple[str, Callable[[Path], object]]] = [
+            ("sepstore load (URL, empty cache)", lambda d: load_sepstore(url, d, tensor_bytes)),
+            ("sepstore pull, then load", lambda d: pull_then_load(url, d, tensor_bytes)),
+            ("8 curl ranges to /dev/null (floor)", lambda d: curl_floor(floor_url, floor_size)),
+        ]
+        if tfile is not None:
+            turl = f"{base}/tensorizer/model.tensors"
+            runs += [
+                ("tensorizer, verify_hash=True", lambda d: load_tensorizer(turl, True, tensor_bytes)),
+                ("tensorizer, verify_hash=False", lambda d: load_tensorizer(turl, False, tensor_bytes)),
+            ]
+        table = Table(tensor_bytes)
+        for i in range(args.repeats):
+            turn = i % len(runs)
+            for name, run in runs[turn:] + runs[:turn]:
+                table.add(name, timed_in_empty(args.workdir, run))
+        table.print(f"HTTP (nginx), {tensor_bytes / GB:.3f} GB of tensors, empty cache, {args.repeats} rounds")
+        load, floor = "sepstore load (URL, empty cache)", "8 curl ranges to /dev/null (floor)"
+        if tfile is not None:
+            table.ratio(load, "tensorizer, verify_hash=True", target=0.7)
+            table.ratio(load, "tensorizer, verify_hash=False")
+        table.ratio(load, floor, target=3.0)
+        table.ratio("sepstore pull, then load", load)
+        if tfile is not None:
+            table.ratio("tensorizer, verify_hash=True", floor)
+
+
 # -- reporting -----------------------------------------------------------------------------------
 
 
@@ -237,6 +393,7 @@ def main() -> None:
     parser.add_argument("--chunk-mib", type=int, nargs="+", help="sepstore CHUNK_BYTES in MiB (default: library's)")
     parser.add_argument("--workers", type=int, nargs="+", help="sepstore pull workers (default: library's)")
     parser.add_argument("--skip-push", action="store_true", help="push once (untimed) and time only the pulls")
+    parser.add_argument("--only", choices=("http", "s3"), help="run only the HTTP (nginx) or the S3 (moto) part")
     parser.add_argument("--clean", action="store_true", help="delete --workdir at the end")
     args = parser.parse_args()
     args.workdir = args.workdir.resolve()
@@ -253,7 +410,24 @@ def main() -> None:
     hashing = [timed(lambda: [digest_file(f) for f in files]) for _ in range(3)]
     best = min(hashing)
     print(f"BLAKE3 of all {len(parts)} parts, page cache warm: {best:.3f} s ({total / GB / best:.2f} GB/s)")
+    if args.only != "s3":
+        tensor_bytes = sum(2 * int(torch.Size(s).numel()) for s in tinyllama_shapes(args.layers).values())
+        bench_http(args, tensor_bytes)
+    if args.only != "http":
+        bench_s3(args, store, parts, chunks, workers)
+    sepstore.cache.CHUNK_BYTES = default_chunk
+    print(f"\nload average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    shutil.rmtree(store)
+    if args.clean:
+        shutil.rmtree(args.workdir)
 
+
+def bench_s3(
+    args: argparse.Namespace, store: Path, parts: list[tuple[str, int]], chunks: list[int], workers: list[int]
+) -> None:
+    """The moto anchors: push against s3fs put, pull against s3fs get."""
+    total = sum(s for _, s in parts)
+    default_chunk = sepstore.cache.CHUNK_BYTES
     with moto_server(args.server) as endpoint:
         os.environ.update(
             AWS_ACCESS_KEY_ID="testing",
@@ -300,11 +474,6 @@ def main() -> None:
             small.add(f"sepstore pull {spec!r}", seconds)
         small.total = fetched[0]
         small.print(f"pull {spec!r}, {small.total / GB:.3f} GB, empty cache (information)")
-    sepstore.cache.CHUNK_BYTES = default_chunk
-    print(f"\nload average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
-    shutil.rmtree(store)
-    if args.clean:
-        shutil.rmtree(args.workdir)
 
 
 if __name__ == "__main__":

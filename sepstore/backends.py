@@ -132,7 +132,16 @@ class _Body:
     total: int | None = None
 
     def read(self, size: int) -> bytes:
+        """At most ``size`` of the next bytes (at least one, unless the body is over)."""
         raise NotImplementedError
+
+    def readinto(self, into: memoryview) -> int:
+        """Fill ``into`` with the next bytes; how many there were (fewer only where the body ends)."""
+        got = 0
+        while got < len(into) and (data := self.read(len(into) - got)):
+            into[got : got + len(data)] = data
+            got += len(data)
+        return got
 
     def close(self) -> None:
         raise NotImplementedError
@@ -182,8 +191,30 @@ class _AsyncBody(_Body):
         self._progress.add(len(data))
         return data
 
+    def readinto(self, into: memoryview) -> int:
+        """Fill ``into`` in one trip to the event loop (not one per network read): each read waits
+        only as long as the minimum-progress rule allows."""
+        got: int = sync(self._loop, self._fill, into)
+        return got
+
+    async def _fill(self, into: memoryview) -> int:
+        got = 0
+        while got < len(into):
+            want = len(into) - got
+            data = self._read_nowait(want) or await self._within(lambda want=want: self._read(want))
+            if not data:
+                break
+            into[got : got + len(data)] = data
+            got += len(data)
+            self._progress.add(len(data))
+        return got
+
     async def _read(self, size: int) -> bytes:
         raise NotImplementedError
+
+    def _read_nowait(self, size: int) -> bytes:
+        """Bytes already received, without waiting (none, where the backend cannot say)."""
+        return b""
 
     def close(self) -> None:
         sync(self._loop, self._close)
@@ -221,7 +252,9 @@ class _HTTPBody(_AsyncBody):
         options = dict(fs.kwargs)
         headers = {**options.pop("headers", {}), "Range": f"bytes={start}-{end - 1}", "Accept-Encoding": "identity"}
         session = await fs.set_session()
-        response = await session.get(fs.encode_url(path), headers=headers, **options)
+        # read_bufsize: the body is buffered up to a piece (twice that before the socket is paused),
+        # not aiohttp's 64 KiB, which pauses and resumes the socket many times a piece
+        response = await session.get(fs.encode_url(path), headers=headers, read_bufsize=PIECE_BYTES, **options)
         try:
             fs._raise_not_found_for_status(response, path)
         except BaseException:
@@ -231,6 +264,10 @@ class _HTTPBody(_AsyncBody):
 
     async def _read(self, size: int) -> bytes:
         data: bytes = await self._response.content.read(size)
+        return data
+
+    def _read_nowait(self, size: int) -> bytes:
+        data: bytes = self._response.content.read_nowait(size)
         return data
 
     async def _close(self) -> None:
@@ -292,10 +329,11 @@ def stream_range(
     start: int,
     end: int,
     size: int,
-    write: Callable[[int, bytes], None],
+    write: Callable[[int, memoryview], None],
 ) -> tuple[int, int]:
     """Read bytes ``start:end`` of the ``size``-byte object at ``path`` and hand them to
-    ``write(offset, piece)`` in pieces of at most :data:`PIECE_BYTES`; returns the span written:
+    ``write(offset, piece)`` in pieces of at most :data:`PIECE_BYTES`, each read into one reused
+    buffer (so ``piece`` is valid only during the call: copy it to keep it); returns the span written:
     ``(start, end)``, or ``(0, size)`` when the server ignored ``Range`` and sent the whole object.
 
     An answer of another size, or for another range, or longer than it says, is an
@@ -315,12 +353,15 @@ def stream_range(
                 f"{url}: the server answered bytes {start}-{end - 1} with {body.length} bytes, expected {expected}"
             )
         done = 0
+        buffer = memoryview(bytearray(min(PIECE_BYTES, expected)))  # each piece lands in this one buffer
         while done < expected:
-            piece = body.read(min(PIECE_BYTES, expected - done))
-            if not piece:
+            want = min(len(buffer), expected - done)
+            got = body.readinto(buffer[:want])
+            if got:
+                write(first + done, buffer[:got])
+                done += got
+            if got < want:
                 raise ShortReadError(f"got {done} bytes of {expected} (bytes {first}-{last - 1})")
-            write(first + done, piece)
-            done += len(piece)
         if body.length is None and body.read(1):
             raise IntegrityError(f"{url}: the server sent more than the {expected} bytes asked for")
         return first, last

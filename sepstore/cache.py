@@ -3,17 +3,21 @@
 Parts are fetched in bounded-concurrency ranged reads, each streamed in pieces of at most
 :data:`~sepstore.backends.PIECE_BYTES` into ``incoming/<hex>.partial`` and cut at the length asked
 for (a ``.done`` log beside it records finished ranges, so a killed pull resumes where it stopped),
-then hashed, and renamed to their digest name only when size and digest match: the cache never
-holds a file under a name its bytes do not have. A pull that would not fit on the cache's disk is
-refused before anything is written. A per-part ``flock`` keeps several processes from fetching the
-same part; a process that finds a part locked fetches its other parts first, then waits for that
-one. A part's first chunk is asked for alone: a server that ignores ``Range`` (``python -m
+and renamed to their digest name only when size and digest match: the cache never holds a file
+under a name its bytes do not have. A pull that would not fit on the cache's disk is refused
+before anything is written. A per-part ``flock`` keeps several processes from fetching the same
+part; a process that finds a part locked fetches its other parts first, then waits for that one.
+A part's first chunk is asked for alone: a server that ignores ``Range`` (``python -m
 http.server``) answers it with the whole part, which is streamed in whole, and the part's other
 chunks are skipped.
 
-The digest is computed from the finished file (BLAKE3's threads over a memory map of it), not
-while the pieces arrive: ranged chunks arrive out of order and a resumed pull has bytes from an
-earlier process, so hashing the file once is what covers every byte exactly once.
+The digest is computed while the bytes arrive, in their order in the part: a piece that is the
+digest's next byte is hashed as soon as it is written (still in the CPU's cache), by the thread
+that received it; a piece that arrives ahead of the bytes before it (ranged chunks come in out of
+order) is written and waits, and is hashed from the file as soon as the gap before it is filled.
+The bytes of a resumed pull that an earlier process wrote are hashed from the file in their turn
+too. Each byte is written once (a retried transfer asks only for what it still lacks) and hashed
+once, so the digest is of exactly the file's bytes, with no second pass over the file.
 """
 
 from __future__ import annotations
@@ -23,17 +27,18 @@ import errno
 import os
 import shutil
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 
 import fsspec
+from blake3 import blake3
 from tqdm.auto import tqdm
 
 from ._text import counted, human_bytes
-from .backends import stream_range
+from .backends import PIECE_BYTES, stream_range
 from .errors import IntegrityError, StoreError
-from .hashing import digest_file, digest_hex
+from .hashing import Hasher, digest_hex, digest_of
 from .manifest import Blob
 from .retry import with_retries
 from .safetensors_io import pwrite_all
@@ -44,6 +49,9 @@ __all__ = ["CHUNK_BYTES", "Cache", "Fetch", "default_cache_dir", "read_only"]
 #: Parts larger than this are fetched as concurrent ranged reads of this size.
 CHUNK_BYTES = 32 * 1024 * 1024
 DEFAULT_WORKERS = 8
+#: The partial file is written this many bytes a call: here writes of 1 MiB and more cost the
+#: kernel 1.5-5x the time of 256 KiB ones (it fills large page-cache folios; bench_remote.py).
+WRITE_SLICE = 256 * 1024
 
 
 def read_only(exc: OSError) -> bool:
@@ -72,13 +80,25 @@ class _Download:
     item: Fetch
     final: str
     partial: str
+    #: Memory that receives the part's bytes too (the caller's tensors), or ``None``.
+    into: memoryview | None = None
     log: str = field(init=False)
     #: The part is fetched in ``count`` chunks of ``chunk`` bytes (``CHUNK_BYTES`` when it started).
     chunk: int = field(init=False)
     count: int = field(init=False)
     #: Chunk indices already in the partial file (and counted on the progress bar).
     logged: set[int] = field(init=False, default_factory=set)
+    #: The chunk asked for first, alone (-1 once none is left to ask for).
+    first: int = field(init=False, default=-1)
     lock: threading.Lock = field(init=False, default_factory=threading.Lock)
+    #: The digest so far, of bytes ``0:hashed`` of the part, in order.
+    hasher: blake3 = field(init=False, default_factory=Hasher)
+    hashed: int = field(init=False, default=0)
+    #: Spans ``start: (end, whether they are in `into` already)`` of the partial file that are
+    #: not hashed yet, each written once.
+    waiting: dict[int, tuple[int, bool]] = field(init=False, default_factory=dict)
+    #: Whether a thread is hashing (one at a time: the digest is of the bytes in order).
+    hashing: bool = field(init=False, default=False)
 
     def __post_init__(self) -> None:
         self.log = self.partial + ".done"
@@ -101,26 +121,55 @@ class _Download:
         with open(self.partial, "ab") as f:
             f.truncate(self.item.part.size)
         self.logged = {i for i in done if i < self.count}
-        return [i for i in range(self.count) if i not in self.logged]
+        todo = [i for i in range(self.count) if i not in self.logged]
+        self.first = todo[0] if todo else -1
+        for i in self.logged:  # an earlier process's bytes: hashed from the file in their turn
+            start, end = self.span(i)
+            self.waiting[start] = (end, False)
+        return todo
 
     def fetch_chunk(self, index: int, bar: tqdm | None) -> None:
-        """Stream chunk ``index`` into the partial file (or the whole part, from a server that
-        ignores ``Range``) and log it; a wrong answer is refused, a failed transfer retried."""
+        """Stream chunk ``index`` into the partial file and log it. The part's first chunk is asked
+        for alone (:meth:`Cache._download`): if the server ignores ``Range`` and sends the whole part,
+        that answer fills every chunk not logged yet. A wrong answer is refused; a failed transfer
+        is tried again from the first byte it still lacks, so no byte is written, or hashed, twice."""
         if len(self.logged) == self.count:
             return  # a server that ignores ranges already sent the whole part
         item, (start, end) = self.item, self.span(index)
+        alone = index == self.first
+        size = item.part.size
+        asked, wanted, whole = (start, end), end, False  # wanted: the end of what this call fills
+        written = start  # bytes start:written are in the file
+
+        def write(offset: int, piece: memoryview) -> None:
+            nonlocal wanted, whole, written
+            if alone and not whole and (offset < asked[0] or offset + len(piece) > asked[1]):
+                wanted, whole = size, True  # the server ignored Range: this is the part from its first byte
+            lo, hi = max(offset, written), min(offset + len(piece), wanted)
+            if lo >= hi:
+                return  # written by an earlier try, or another chunk's bytes
+            if not whole:
+                self._received(fd, lo, piece[lo - offset : hi - offset])
+            for i in range(lo // self.chunk, (hi - 1) // self.chunk + 1) if whole else ():
+                a, b = self.span(i)
+                a, b = max(a, lo), min(b, hi)
+                if i not in self.logged:  # an earlier process's chunks keep their bytes
+                    self._received(fd, a, piece[a - offset : b - offset])
+            written = hi
+
         fd = os.open(self.partial, os.O_WRONLY)
         try:
 
-            def write(offset: int, piece: bytes) -> None:
-                pwrite_all(fd, piece, offset)
+            def attempt() -> None:
+                nonlocal asked
+                asked = (written, wanted)
+                if written < wanted:
+                    stream_range(item.fs, item.src, item.url, written, wanted, size, write)
 
-            span = with_retries(
-                lambda: stream_range(item.fs, item.src, item.url, start, end, item.part.size, write), item.url
-            )
+            with_retries(attempt, item.url)
         finally:
             os.close(fd)
-        indices = range(self.count) if span != (start, end) else [index]
+        indices = range(self.count) if whole else [index]
         with self.lock:
             new = [i for i in indices if i not in self.logged]
             if not new:
@@ -131,10 +180,79 @@ class _Download:
         if bar is not None:
             bar.update(sum(self.span(i)[1] - self.span(i)[0] for i in new))
 
+    def _received(self, fd: int, offset: int, piece: memoryview) -> None:
+        """Write ``piece`` at ``offset`` (into ``into`` too, then from there) and hash it: now, while
+        it is still in the CPU's cache, if it is the digest's next byte and no other thread is
+        hashing; else in its turn, from ``into`` or the file."""
+        end = offset + len(piece)
+        if self.into is not None:
+            self.into[offset:end] = piece
+            piece = self.into[offset:end]  # what is hashed is what the caller gets
+        for at in range(0, len(piece), WRITE_SLICE):
+            pwrite_all(fd, piece[at : at + WRITE_SLICE], offset + at)
+        with self.lock:
+            if self.hashing or (offset != self.hashed and self.hashed not in self.waiting):
+                self.waiting[offset] = (end, self.into is not None)
+                return  # the thread hashing, or the one that brings the bytes before these, hashes them
+            self.hashing = True
+            inline = offset == self.hashed
+            if not inline:
+                self.waiting[offset] = (end, self.into is not None)
+        if inline:
+            try:
+                self.hasher.update(piece)
+            except BaseException:
+                with self.lock:
+                    self.hashing = False
+                raise
+            with self.lock:
+                self.hashed = end
+        self._catch_up()
+
+    def _catch_up(self) -> None:
+        """Hash the waiting spans that follow the digest's last byte, up to the first gap: from
+        ``into`` where they are there already, else read from the file (into ``into``, if given);
+        the caller has set ``hashing`` (this clears it)."""
+        fd, scratch = -1, memoryview(b"")
+        try:
+            while True:
+                with self.lock:
+                    at = self.hashed
+                    end, held = self.waiting.pop(at, (-1, False))
+                    if end < 0:
+                        self.hashing = False
+                        return
+                if held and self.into is not None:
+                    self.hasher.update(self.into[at:end])
+                    at = end
+                elif fd < 0:
+                    fd = os.open(self.partial, os.O_RDONLY)
+                    if self.into is None:
+                        scratch = memoryview(bytearray(min(PIECE_BYTES, self.item.part.size)))
+                while at < end:
+                    buffer = self.into[at:end] if self.into is not None else scratch[: min(len(scratch), end - at)]
+                    got = os.preadv(fd, [buffer], at)
+                    if got <= 0:
+                        raise IntegrityError(f"part {self.item.label}: {self.partial} ends at byte {at}, cut short")
+                    self.hasher.update(buffer[:got])
+                    at += got
+                with self.lock:
+                    self.hashed = end
+        except BaseException:
+            with self.lock:
+                self.hashing = False
+            raise
+        finally:
+            if fd >= 0:
+                os.close(fd)
+
     def finish(self) -> None:
-        """Verify the partial file and rename it into place, or delete it and refuse it."""
+        """Hash what is still waiting, check the digest, and rename the partial file into place,
+        or delete it and refuse it."""
         part, url = self.item.part, self.item.url
-        got = digest_file(self.partial)
+        self.hashing = True  # every chunk is in: no other thread is left to hash
+        self._catch_up()
+        got = digest_of(self.hasher) if self.hashed == part.size else f"incomplete, {self.hashed} bytes hashed"
         if got != part.digest:
             self.discard()
             raise IntegrityError(f"part {self.item.label} at {url}: digest is {got}, manifest says {part.digest}")
@@ -184,8 +302,17 @@ class Cache:
                 os.utime(self.path(blob))
             yield
 
-    def fetch(self, items: Sequence[Fetch], *, workers: int = DEFAULT_WORKERS, bar: tqdm | None = None) -> list[Fetch]:
-        """Bring every part of ``items`` into the cache; returns those this call fetched."""
+    def fetch(
+        self,
+        items: Sequence[Fetch],
+        *,
+        workers: int = DEFAULT_WORKERS,
+        bar: tqdm | None = None,
+        into: Mapping[str, memoryview] | None = None,
+    ) -> list[Fetch]:
+        """Bring every part of ``items`` into the cache; returns those this call fetched. A part
+        whose digest ``into`` maps to a buffer of its size is received into that buffer too, and
+        hashed from it: once it is among those returned, the buffer holds its verified bytes."""
         with backend_errors(self.root):
             os.makedirs(self.parts, exist_ok=True)
             os.makedirs(self.incoming, exist_ok=True)
@@ -197,11 +324,11 @@ class Cache:
             for item in todo:
                 got = locks.enter_context(file_lock(self._lock(item), blocking=False))
                 (mine if got else theirs).append(item)
-            fetched += self._download_verified([i for i in mine if not self.has(i.part)], workers, bar)
+            fetched += self._download_verified([i for i in mine if not self.has(i.part)], workers, bar, into)
         for item in theirs:  # another process is fetching these: wait for it, then take over if it died
             with file_lock(self._lock(item), blocking=True):
                 if not self.has(item.part):
-                    fetched += self._download_verified([item], workers, bar)
+                    fetched += self._download_verified([item], workers, bar, into)
         return fetched
 
     def _check_space(self, todo: Sequence[Fetch]) -> None:
@@ -222,14 +349,16 @@ class Cache:
                 f"{human_bytes(free)} is free there; free some space or pass another cache_dir"
             )
 
-    def _download_verified(self, items: list[Fetch], workers: int, bar: tqdm | None) -> list[Fetch]:
+    def _download_verified(
+        self, items: list[Fetch], workers: int, bar: tqdm | None, into: Mapping[str, memoryview] | None
+    ) -> list[Fetch]:
         """Download ``items``; a part whose bytes do not match is fetched once more from scratch
         (a flipped bit in transit), then refused with the :class:`IntegrityError`."""
-        failed = self._download(items, workers, bar)
+        failed = self._download(items, workers, bar, into)
         if failed:
             if bar is not None:
                 bar.total += sum(f.part.size for f, _ in failed)
-            again = self._download([f for f, _ in failed], workers, bar)
+            again = self._download([f for f, _ in failed], workers, bar, into)
             if again:
                 raise again[0][1]
         return items
@@ -241,9 +370,14 @@ class Cache:
     def _lock(self, item: Fetch) -> str:
         return self.lock_path(item.part.digest)
 
-    def _download(self, items: list[Fetch], workers: int, bar: tqdm | None) -> list[tuple[Fetch, IntegrityError]]:
+    def _download(
+        self, items: list[Fetch], workers: int, bar: tqdm | None, into: Mapping[str, memoryview] | None
+    ) -> list[tuple[Fetch, IntegrityError]]:
         """Fetch ``items`` in parallel ranged reads; those whose bytes did not verify (and were discarded)."""
-        downloads = [_Download(i, self.path(i.part), self._incoming(i, ".partial")) for i in items]
+        into = into or {}
+        downloads = [
+            _Download(i, self.path(i.part), self._incoming(i, ".partial"), into.get(i.part.digest)) for i in items
+        ]
         failed: list[tuple[Fetch, IntegrityError]] = []
 
         def finish(n: int) -> None:

@@ -95,8 +95,13 @@ def iter_parts(
     device: str | torch.device = "cpu",
     cache_dir: str | os.PathLike[str] | None = None,
     mmap: bool = False,
+    keep: bool = False,
 ) -> Iterator[tuple[str, Tensors]]:
-    """Yield ``(label, tensors)`` part by part, each verified before it is yielded."""
+    """Yield ``(label, tensors)`` part by part, each verified before it is yielded. ``keep`` says
+    the caller keeps every part in CPU memory (as :func:`load` does): the parts to fetch are then
+    received straight into the memory their tensors use, not read back from the cache. Otherwise
+    (one part at a time, or onto another device) they are read back one by one, so that the CPU
+    holds about one part at a time."""
     import torch
 
     try:
@@ -111,7 +116,8 @@ def iter_parts(
         )
     _, chosen = select_parts(resolved.manifest, spec)
     reader = PartReader(resolved, cache_dir=cache_dir)
-    reader.prefetch(chosen, desc=f"fetch {resolved.manifest.name}")
+    in_memory = keep and not mmap and target.type == "cpu"
+    reader.prefetch(chosen, desc=f"fetch {resolved.manifest.name}", in_memory=in_memory)
     for label, part in chosen:
         yield label, reader.read(label, part, verify=verify, mmap=mmap, device=target)
 
@@ -140,7 +146,8 @@ def load(
     resolved = open_ref("load", ref, options, FETCH_OPTIONS)
     parsed, _ = select_parts(resolved.manifest, spec)
     result = PartStateDict(main_range=parsed.main_range)
-    chosen = iter_parts(resolved, parsed, verify=verify, device=device, cache_dir=options.get("cache_dir"), mmap=mmap)
+    cache_dir = options.get("cache_dir")
+    chosen = iter_parts(resolved, parsed, verify=verify, device=device, cache_dir=cache_dir, mmap=mmap, keep=True)
     for label, tensors in chosen:
         if label == "begin":
             result.begin = tensors

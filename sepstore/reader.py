@@ -4,6 +4,12 @@ A local part file is read once, in pieces, into memory of its own, and each piec
 soon as it is there: the digest is of exactly the bytes the tensors are built from, and nothing
 done to the file afterwards (a write, a truncation) reaches them. ``mmap=True`` keeps the file's
 pages instead (zero copies, under the condition :func:`_mapped` states and checks).
+
+A part that this reader has just fetched was hashed on its way into the cache, as its bytes
+arrived (see :mod:`sepstore.cache`), so the read that follows in the same call does not hash it
+again; a later call re-hashes the cached file as above. :func:`sepstore.load` has the parts it
+fetches received straight into the memory its tensors use (and hashed there), so it does not read
+the cached file back at all.
 """
 
 from __future__ import annotations
@@ -84,7 +90,11 @@ class PartReader:
         self.fs, self.base = open_url(resolved.parts_url, resolved.storage_options)
         self.cache = None if isinstance(self.fs, LocalFileSystem) else Cache(cache_dir)
         self.workers = workers
-        self._fresh: set[str] = set()  # digests this reader fetched, and so verified, itself
+        #: Digests this reader fetched, and so verified, itself: within the one call that reads
+        #: them, they are not hashed a second time (a later call re-hashes the cached file).
+        self._fresh: set[str] = set()
+        #: Parts fetched straight into memory (:meth:`prefetch` with ``in_memory``), by digest, until read.
+        self._received: dict[str, torch.Tensor] = {}
         #: Bytes this reader's fetches read over the network, and copied from cached parts instead.
         self.transfer = Transfer()
 
@@ -106,10 +116,15 @@ class PartReader:
         }
         return list(fetches.values())
 
-    def prefetch(self, chosen: Iterable[tuple[str, Blob]], *, desc: str = "fetch", quiet: bool = False) -> list[Fetch]:
+    def prefetch(
+        self, chosen: Iterable[tuple[str, Blob]], *, desc: str = "fetch", quiet: bool = False, in_memory: bool = False
+    ) -> list[Fetch]:
         """Fetch the chosen parts (or assets) the cache lacks, in parallel; returns what was fetched.
         A part with tensors already cached (in parts of any model) is assembled from them and
-        ranged reads of the rest (:mod:`sepstore.delta`); the others are fetched whole."""
+        ranged reads of the rest (:mod:`sepstore.delta`); the others are fetched whole. With
+        ``in_memory``, each part fetched whole is also received into memory of its own, hashed
+        there, and the next :meth:`read` of it takes its tensors from that memory instead of
+        reading the file back."""
         chosen = list(chosen)
         todo = self.missing(chosen)
         if self.cache is None:
@@ -121,9 +136,18 @@ class PartReader:
         with progress(sum(f.part.size for f in todo), desc, quiet=quiet) as bar:
             assembled = assemble(self.cache, todo, workers=self.workers, bar=bar, transfer=self.transfer)
             done = {f.part.digest for f in assembled}
-            fetched = self.cache.fetch([f for f in todo if f.part.digest not in done], workers=self.workers, bar=bar)
+            whole = [f for f in todo if f.part.digest not in done]
+            into: dict[str, torch.Tensor] = {}
+            if in_memory:
+                import torch
+
+                into = {f.part.digest: torch.empty(f.part.size, dtype=torch.uint8) for f in whole}
+            fetched = self.cache.fetch(
+                whole, workers=self.workers, bar=bar, into={d: memoryview(t.numpy()) for d, t in into.items()}
+            )
         self.transfer.add(transferred=sum(f.part.size for f in fetched))
         index.remember(f.part for f in fetched)
+        self._received.update((f.part.digest, into[f.part.digest]) for f in fetched if f.part.digest in into)
         fetched += assembled
         self._fresh.update(f.part.digest for f in fetched)
         return fetched
@@ -287,10 +311,16 @@ class PartReader:
     ) -> dict[str, torch.Tensor]:
         from .tensors import DTYPES
 
-        with self._held(label, part) as (path, where):
-            data = _mapped(path, part, where) if mmap else _copied(path, part, where, verify=verify)
-            if mmap and verify:
-                _compare(digest_buffer(memoryview(data.numpy())), part.digest, where, "digest")
+        received = None if mmap else self._received.pop(part.digest, None)  # once: a second read gets its own copy
+        if received is not None:  # its verified bytes are in memory already
+            data, where = received, f"part {label} ({self.path(part)})"
+        else:
+            with self._held(label, part) as (path, where):
+                # a part this reader fetched was hashed as it arrived, on its way into the cache: not again
+                verify = verify and part.digest not in self._fresh
+                data = _mapped(path, part, where) if mmap else _copied(path, part, where, verify=verify)
+                if mmap and verify:
+                    _compare(digest_buffer(memoryview(data.numpy())), part.digest, where, "digest")
         header = parse_header(memoryview(data.numpy()), part.size, where=where)
         check_header(header, part, where)
         if device is not None and device.type != "cpu":

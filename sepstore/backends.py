@@ -330,11 +330,15 @@ def stream_range(
     end: int,
     size: int,
     write: Callable[[int, memoryview], None],
+    *,
+    into: memoryview | None = None,
 ) -> tuple[int, int]:
     """Read bytes ``start:end`` of the ``size``-byte object at ``path`` and hand them to
     ``write(offset, piece)`` in pieces of at most :data:`PIECE_BYTES`, each read into one reused
     buffer (so ``piece`` is valid only during the call: copy it to keep it); returns the span written:
     ``(start, end)``, or ``(0, size)`` when the server ignored ``Range`` and sent the whole object.
+    With ``into`` (a writable buffer of ``size`` bytes), a ranged answer is read straight into
+    ``into[start:end]`` instead, and each ``piece`` is the view of it that it filled.
 
     An answer of another size, or for another range, or longer than it says, is an
     :class:`IntegrityError` naming ``url``, found before more than the expected bytes are read;
@@ -353,12 +357,14 @@ def stream_range(
                 f"{url}: the server answered bytes {start}-{end - 1} with {body.length} bytes, expected {expected}"
             )
         done = 0
-        buffer = memoryview(bytearray(min(PIECE_BYTES, expected)))  # each piece lands in this one buffer
+        # each piece lands in one buffer of its own, or (ranged, with `into`) where it belongs
+        buffer = memoryview(bytearray(min(PIECE_BYTES, expected))) if into is None or not body.ranged else None
         while done < expected:
-            want = min(len(buffer), expected - done)
-            got = body.readinto(buffer[:want])
+            want = min(PIECE_BYTES, expected - done)
+            space = buffer[:want] if buffer is not None else into[first + done : first + done + want]  # type: ignore[index]
+            got = body.readinto(space)
             if got:
-                write(first + done, buffer[:got])
+                write(first + done, space[:got])
                 done += got
             if got < want:
                 raise ShortReadError(f"got {done} bytes of {expected} (bytes {first}-{last - 1})")

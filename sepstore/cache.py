@@ -23,6 +23,7 @@ once, so the digest is of exactly the file's bytes, with no second pass over the
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import os
 import shutil
@@ -157,6 +158,8 @@ class _Download:
                     self._received(fd, a, piece[a - offset : b - offset])
             written = hi
 
+        if self.into is not None:
+            _touch(self.into[start:end])
         fd = os.open(self.partial, os.O_WRONLY)
         try:
 
@@ -164,7 +167,7 @@ class _Download:
                 nonlocal asked
                 asked = (written, wanted)
                 if written < wanted:
-                    stream_range(item.fs, item.src, item.url, written, wanted, size, write)
+                    stream_range(item.fs, item.src, item.url, written, wanted, size, write, into=self.into)
 
             with_retries(attempt, item.url)
         finally:
@@ -185,7 +188,7 @@ class _Download:
         it is still in the CPU's cache, if it is the digest's next byte and no other thread is
         hashing; else in its turn, from ``into`` or the file."""
         end = offset + len(piece)
-        if self.into is not None:
+        if self.into is not None and piece.obj is not self.into.obj:  # else read into its place already
             self.into[offset:end] = piece
             piece = self.into[offset:end]  # what is hashed is what the caller gets
         for at in range(0, len(piece), WRITE_SLICE):
@@ -264,6 +267,14 @@ class _Download:
         for path in (self.partial, self.log):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
+
+
+def _touch(memory: memoryview) -> None:
+    """Write every page of ``memory`` (zeros), without holding the GIL: the kernel maps fresh
+    memory a page at a time as it is first written, slowly in a VM, and this way that happens in
+    the fetching thread rather than in the event loop's, which all transfers share."""
+    if len(memory):
+        ctypes.memset(ctypes.addressof(ctypes.c_char.from_buffer(memory)), 0, len(memory))
 
 
 class Cache:

@@ -138,10 +138,13 @@ class PartReader:
             done = {f.part.digest for f in assembled}
             whole = [f for f in todo if f.part.digest not in done]
             into: dict[str, torch.Tensor] = {}
-            if in_memory:
+            for item in whole if in_memory else []:
                 import torch
 
-                into = {f.part.digest: torch.empty(f.part.size, dtype=torch.uint8) for f in whole}
+                try:
+                    into[item.part.digest] = torch.empty(item.part.size, dtype=torch.uint8)
+                except RuntimeError:  # not that much memory: fetched into the cache only, and refused there or on read
+                    break
             fetched = self.cache.fetch(
                 whole, workers=self.workers, bar=bar, into={d: memoryview(t.numpy()) for d, t in into.items()}
             )

@@ -36,9 +36,10 @@ from typing import Any
 from fsspec.asyn import sync
 
 from .backends import read_head
-from .errors import SepstoreError
+from .delta import header_bound, predicted_head
+from .errors import IntegrityError, SepstoreError
 from .manifest import Blob, Manifest, Part, decode_manifest
-from .safetensors_io import HeaderEntry, RawTensor, header_end, layout, parse_header, pread_exact
+from .safetensors_io import HeaderEntry, header_end, parse_header, pread_exact
 from .store import Store
 
 __all__ = ["MIN_PART", "Composed", "Composer", "Run", "plan_runs"]
@@ -49,7 +50,8 @@ log = logging.getLogger("sepstore")
 MIN_PART = 5 * 1024 * 1024
 #: S3's largest ``UploadPartCopy`` range.
 MAX_COPY = 5 * 1024**3
-#: Uploaded runs are sent in parts of at most this many bytes (each held in memory while it is sent).
+#: Uploaded runs are sent in parts of at most this many bytes (each held in memory while it is sent,
+#: ``workers`` of them at most in one push).
 MAX_UPLOAD = 16 * 1024 * 1024
 #: S3's most parts in one multipart upload.
 MAX_PARTS = 10_000
@@ -150,6 +152,9 @@ class Composer:
         self._tensors: dict[str, list[_Source]] | None = None
         self._headers: dict[str, bytes] = {}  # the header bytes of each source object
         self._disabled = False
+        # Pieces of local bytes in memory at once, across all the parts being composed (each part
+        # sends ``workers`` runs at once, and ``workers`` parts are pushed at once).
+        self._buffers = asyncio.Semaphore(workers)
 
     @classmethod
     def for_store(cls, store: Store, manifest: Manifest, *, workers: int) -> Composer | None:
@@ -186,7 +191,7 @@ class Composer:
             path = self.store.blob_path(part)
             try:
                 return (part, path, *_remote_header(self.store, path, part))
-            except (SepstoreError, OSError):  # gone, or not readable: not a source
+            except (SepstoreError, OSError):  # gone, not readable, or not a header this sepstore reads: not a source
                 return None
 
         with ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="sepstore-compose") as pool:
@@ -202,12 +207,15 @@ class Composer:
     def put(self, path: str, part: Blob) -> Composed:
         """Write the local, verified part file ``path`` to the destination composed from server-side
         copies, if it can (else the part is to be uploaded whole: too little to copy, or a failure)."""
-        if self._disabled or not isinstance(part, Part) or part.size <= MIN_PART:
-            return Composed(False)
+        if self._disabled or not isinstance(part, Part) or part.size <= MIN_PART or header_bound(part) is None:
+            return Composed(False)  # (a dtype this sepstore does not know: the part is uploaded as it is)
         known = self._index()
-        with open(path, "rb", buffering=0) as file:
-            head = bytes(pread_exact(file.fileno(), header_end(pread_exact(file.fileno(), 8, 0), part.size), 0))
-        header = parse_header(head, part.size, where=path)
+        try:
+            with open(path, "rb", buffering=0) as file:
+                head = bytes(pread_exact(file.fileno(), header_end(pread_exact(file.fileno(), 8, 0), part.size), 0))
+            header = parse_header(head, part.size, where=path)
+        except (SepstoreError, OSError):  # the whole upload reads the file again, and says what is wrong
+            return Composed(False)
         # Each tensor is copied from the object that holds most of this part (then from the next
         # one...): runs copied from one object stay long, and adjacent where they were adjacent.
         found = {
@@ -256,13 +264,15 @@ class Composer:
             async with gate:
                 common = {"Bucket": bucket, "Key": key, "UploadId": upload_id, "PartNumber": number}
                 if run.source is None:
-                    data = await asyncio.to_thread(_read, path, run)
-                    expected = hashlib.md5(data, usedforsecurity=False).hexdigest()
-                    outcome.sent += len(data)  # counted when it is sent, whether or not it is used
-                    answer = await fs._call_s3("upload_part", Body=data, **common)
+                    async with self._buffers:
+                        data = await asyncio.to_thread(_read, path, run)
+                        expected = hashlib.md5(data, usedforsecurity=False).hexdigest()
+                        outcome.sent += len(data)  # counted when it is sent, whether or not it is used
+                        answer = await fs._call_s3("upload_part", Body=data, **common)
                     etag = answer["ETag"]
                 else:
-                    expected = await asyncio.to_thread(_md5, path, run)
+                    async with self._buffers:
+                        expected = await asyncio.to_thread(_md5, path, run)
                     src_bucket, src_key, _ = fs.split_path(run.source)
                     answer = await fs._call_s3(
                         "upload_part_copy",
@@ -272,7 +282,8 @@ class Composer:
                     )
                     etag = answer["CopyPartResult"]["ETag"]
                 if etag.strip('"') != expected:
-                    self._disabled = run.source is None  # this bucket's ETags are not MD5s: stop composing
+                    if run.source is None:  # this bucket's ETags are not MD5s: stop composing
+                        self._disabled = True
                     raise SepstoreError(
                         f"part {number} of {key}: ETag {etag}, the MD5 of the local bytes is {expected}"
                     )
@@ -280,7 +291,13 @@ class Composer:
 
         tasks = [asyncio.ensure_future(send(n, run)) for n, run in enumerate(parts, 1)]
         try:
-            done = await asyncio.gather(*tasks)
+            # every answer is awaited: an upload's ETag mismatch is seen (and stops composing) even
+            # when a copy failed first
+            answers = await asyncio.gather(*tasks, return_exceptions=True)
+            failed = [a for a in answers if isinstance(a, BaseException)]
+            if failed:
+                raise failed[0]
+            done = [a for a in answers if not isinstance(a, BaseException)]
             await fs._call_s3(
                 "complete_multipart_upload",
                 Bucket=bucket,
@@ -301,11 +318,16 @@ class Composer:
 
 def _remote_header(store: Store, path: str, part: Part) -> tuple[dict[str, HeaderEntry], bytes]:
     """A destination part object's parsed header and its bytes (length prefix included), read
-    with one ranged read sized by the header sepstore would write (two when it is longer)."""
+    with one ranged read sized by the header sepstore would write (two when it is longer, up to
+    :func:`~sepstore.delta.header_bound`: a longer one is not read)."""
     url = store.url_of(path)
-    guess = len(layout({n: RawTensor(t.dtype, tuple(t.shape)) for n, t in part.tensors.items()})[1])
-    head = read_head(store.fs, path, url, min(guess, part.size))
+    bound = header_bound(part)
+    if bound is None:
+        raise IntegrityError(f"{url}: a dtype this sepstore does not know")
+    head = read_head(store.fs, path, url, min(predicted_head(part), part.size))
     need = header_end(head, part.size)
+    if need > bound:
+        raise IntegrityError(f"{url}: a header of {need} bytes, more than the {bound} its tensors need")
     if need > len(head):
         head = read_head(store.fs, path, url, need)
     return parse_header(head, part.size, where=url), bytes(head[:need])

@@ -21,12 +21,13 @@ header read with the whole part, which is then verified as a whole fetch would b
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import json
 import os
 import re
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
@@ -40,6 +41,7 @@ from .hashing import digest_file, digest_hex
 from .manifest import Blob, Part
 from .retry import with_retries
 from .safetensors_io import (
+    ITEMSIZE,
     HeaderEntry,
     RawTensor,
     copy_range,
@@ -51,7 +53,17 @@ from .safetensors_io import (
 )
 from .store import create_temp, file_lock, replace_durably
 
-__all__ = ["INDEX_DIR", "TensorIndex", "Transfer", "assemble"]
+__all__ = [
+    "HEADER_SLACK",
+    "INDEX_DIR",
+    "TensorIndex",
+    "Transfer",
+    "assemble",
+    "header_bound",
+    "plan_ranges",
+    "predicted_head",
+    "transfer_bytes",
+]
 
 #: Where a cache keeps its index files (relative to its root).
 INDEX_DIR = "tensors/blake3"
@@ -64,6 +76,10 @@ ASSEMBLING = ".assembling"
 #: Ranges to fetch that are at most this far apart are fetched as one read (the bytes between
 #: are fetched too): fewer requests for small tensors (norms, biases) between changed ones.
 GAP_BYTES = 64 * 1024
+#: Bytes a part's header may have beyond the header sepstore would write for its tensors (room for
+#: ``__metadata__``, another writer's spacing): a longer one is not read, and the part is fetched
+#: whole, since a header is parsed before any of the part's bytes can be verified.
+HEADER_SLACK = 64 * 1024
 
 
 @dataclass
@@ -212,9 +228,24 @@ class _Plan:
         self.transfer.add(reused=count)
 
 
-def _predicted_head(part: Part) -> int:
+def _predicted(part: Part) -> tuple[list[tuple[str, int]], bytes]:
+    """The tensors' offsets and the header (length prefix included) sepstore would write for the
+    part's tensors (a ``KeyError`` for a dtype this sepstore does not know)."""
+    return layout({n: RawTensor(t.dtype, tuple(t.shape)) for n, t in part.tensors.items()})
+
+
+def predicted_head(part: Part) -> int:
     """The length of the header sepstore would write for the part's tensors (what to ask for first)."""
-    return len(layout({n: RawTensor(t.dtype, tuple(t.shape)) for n, t in part.tensors.items()})[1])
+    return len(_predicted(part)[1])
+
+
+def header_bound(part: Part) -> int | None:
+    """The most bytes (length prefix included) of the part's header that are read from a server
+    before its bytes are verified: sepstore's own header for its tensors plus :data:`HEADER_SLACK`;
+    ``None`` for a part with a dtype this sepstore does not know (it is not read in pieces)."""
+    if any(t.dtype not in ITEMSIZE for t in part.tensors.values()):
+        return None
+    return predicted_head(part) + HEADER_SLACK
 
 
 def _matches(header: dict[str, HeaderEntry], part: Part) -> bool:
@@ -223,29 +254,76 @@ def _matches(header: dict[str, HeaderEntry], part: Part) -> bool:
     )
 
 
-def _coalesce(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    """``spans`` sorted, joined across gaps of at most :data:`GAP_BYTES`, and cut into chunks of
-    at most :data:`~sepstore.cache.CHUNK_BYTES` (fetched in parallel)."""
+def _join(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """``spans`` sorted and joined across gaps of at most :data:`GAP_BYTES`."""
     joined: list[tuple[int, int]] = []
     for start, end in sorted(spans):
         if joined and start - joined[-1][1] <= GAP_BYTES:
             joined[-1] = (joined[-1][0], max(end, joined[-1][1]))
         else:
             joined.append((start, end))
-    return [(at, min(at + CHUNK_BYTES, end)) for start, end in joined for at in range(start, end, CHUNK_BYTES)]
+    return joined
 
 
-def _plan(plan: _Plan, known: dict[str, Source]) -> None:
+def plan_ranges(
+    part: Part, spans: Iterable[tuple[str, int, int]], fetched: int, lengths: Mapping[str, int]
+) -> tuple[list[tuple[str, int, int]], list[tuple[int, int]]]:
+    """What assembling ``part`` copies and what it fetches, once its first ``fetched`` bytes (the
+    header) are in: ``spans`` are its tensors' names and byte ranges in the file, ``lengths`` the
+    byte length of each tensor digest the cache holds. A tensor is copied (the bytes ``start:end``
+    of the new file, past the header) when the cache holds its digest with its length, unless it lies
+    inside a range fetched anyway; the other tensors are fetched, in ranges joined across small gaps.
+    The one rule for what a pull transfers, also what :func:`sepstore.diff` counts."""
+    copies: list[tuple[str, int, int]] = []
+    wanted: list[tuple[int, int]] = []
+    for name, start, end in spans:
+        if end <= fetched or end == start:  # in the header's bytes, or no bytes at all
+            continue
+        if lengths.get(part.tensors[name].digest) == end - start:
+            copies.append((name, max(start, fetched), end))
+        else:
+            wanted.append((max(start, fetched), end))
+    ranges = _join(wanted)
+    starts = [start for start, _ in ranges]
+
+    def fetched_anyway(start: int, end: int) -> bool:
+        at = bisect.bisect_right(starts, start) - 1
+        return at >= 0 and end <= ranges[at][1]
+
+    return [c for c in copies if not fetched_anyway(c[1], c[2])], ranges
+
+
+def transfer_bytes(part: Part, lengths: Mapping[str, int]) -> int:
+    """Bytes a pull transfers to bring ``part`` into a cache holding the tensor digests (and their
+    byte lengths) ``lengths``, when the part's header is the one sepstore writes: the header and
+    the ranges :func:`plan_ranges` fetches, or the whole part when it is not assembled (less than
+    :data:`MIN_REUSE` bytes to reuse, or a dtype this sepstore does not know)."""
+    if header_bound(part) is None or _reusable(part, lengths) < MIN_REUSE:
+        return part.size
+    placed, head = _predicted(part)
+    fetched = min(len(head), part.size)
+    sizes = {n: RawTensor(t.dtype, tuple(t.shape)).nbytes for n, t in part.tensors.items()}
+    _, ranges = plan_ranges(part, [(n, at, at + sizes[n]) for n, at in placed], fetched, lengths)
+    return fetched + sum(end - start for start, end in ranges)
+
+
+def _plan(plan: _Plan, known: dict[str, Source], lengths: Mapping[str, int]) -> None:
     """Fetch the part's header and decide, tensor by tensor, what is copied and what is fetched;
-    nothing more to do when a server that ignores ``Range`` sent the whole part instead."""
+    nothing more to do when a server that ignores ``Range`` sent the whole part instead. A header
+    longer than :func:`header_bound` is refused unread (the part is fetched whole)."""
     part = plan.item.part
     assert isinstance(part, Part)
+    bound = header_bound(part)
+    if bound is None:
+        raise IntegrityError(f"{plan.item.url}: a dtype this sepstore does not know")
     os.ftruncate(plan.fd, part.size)
-    asked = min(_predicted_head(part), part.size)
+    asked = min(predicted_head(part), part.size)
     if plan.fetch(0, asked) == (0, part.size):
         return
     head = pread_exact(plan.fd, asked, 0)
     need = header_end(head, part.size)
+    if need > bound:
+        raise IntegrityError(f"{plan.item.url}: a header of {need} bytes, more than the {bound} its tensors need")
     if need > asked:
         plan.fetch(asked, need)
         head += pread_exact(plan.fd, need - asked, asked)
@@ -253,15 +331,13 @@ def _plan(plan: _Plan, known: dict[str, Source]) -> None:
     if not _matches(header, part):
         raise IntegrityError(f"{plan.item.url}: the header does not list the manifest's tensors")
     fetched = max(asked, need)
-    wanted: list[tuple[int, int]] = []
-    for name, entry in header.items():
-        source = known.get(part.tensors[name].digest)
-        if source is not None and source.end - source.start == entry.end - entry.start:
-            plan.copies.append((source, entry.start))
-        elif entry.end > fetched:
-            wanted.append((max(entry.start, fetched), entry.end))
-    plan.ranges = _coalesce(wanted)
-    plan.planned = fetched + sum(end - start for start, end in plan.ranges)
+    spans = [(name, entry.start, entry.end) for name, entry in header.items()]
+    copies, ranges = plan_ranges(part, spans, fetched, lengths)
+    for name, start, _ in copies:
+        source, entry = known[part.tensors[name].digest], header[name]
+        plan.copies.append((Source(source.part, source.path, source.start + start - entry.start, source.end), start))
+    plan.ranges = [(at, min(at + CHUNK_BYTES, end)) for start, end in ranges for at in range(start, end, CHUNK_BYTES)]
+    plan.planned = fetched + sum(end - start for start, end in ranges)
     if plan.bar is not None:  # the bar counts bytes transferred: the copied ones never are
         plan.bar.total -= part.size - plan.planned
 
@@ -276,10 +352,12 @@ def _succeeds(call: Callable[[], object]) -> bool:
     return True
 
 
-def _attempt(plans: Sequence[_Plan], known: dict[str, Source], pool: ThreadPoolExecutor) -> list[_Plan]:
+def _attempt(
+    plans: Sequence[_Plan], known: dict[str, Source], lengths: Mapping[str, int], pool: ThreadPoolExecutor
+) -> list[_Plan]:
     """Plan, copy and fetch every part of ``plans``; those that got through it (the others are
     fetched whole)."""
-    ready = pool.map(lambda p: _succeeds(partial(_plan, p, known)), plans)
+    ready = pool.map(lambda p: _succeeds(partial(_plan, p, known, lengths)), plans)
     planned = [p for p, ok in zip(plans, ready, strict=True) if ok]
     work = [(p, pool.submit(_succeeds, partial(p.copy, s, at))) for p in planned for s, at in p.copies]
     work += [(p, pool.submit(_succeeds, partial(p.fetch, a, b))) for p in planned for a, b in p.ranges]
@@ -302,13 +380,22 @@ def assemble(
     known = index.load()
     if not known:
         return []
+    try:  # where parts are locked and assembled; it may have been deleted (it holds nothing else)
+        os.makedirs(cache.incoming, exist_ok=True)
+    except OSError:
+        return []  # the whole fetch says what is wrong with the cache
     _sweep(cache)
-    chosen = [i for i in parts if _reusable(i.part, known) >= MIN_REUSE]
+    lengths = {digest: source.end - source.start for digest, source in known.items()}
+    chosen = [i for i in parts if _reusable(i.part, lengths) >= MIN_REUSE]
     done: list[Fetch] = []
     with contextlib.ExitStack() as held:
         plans: list[_Plan] = []
         for item in chosen:
-            if not held.enter_context(file_lock(cache.lock_path(item.part.digest), blocking=False)):
+            try:
+                free = held.enter_context(file_lock(cache.lock_path(item.part.digest), blocking=False))
+            except OSError:
+                continue  # the whole fetch says what is wrong with the cache
+            if not free:
                 continue  # another process is fetching it: the whole fetch waits for that
             if cache.has(item.part):
                 continue
@@ -320,7 +407,7 @@ def assemble(
             held.callback(os.close, fd)
             plans.append(_Plan(item, tmp, fd, bar, transfer, planned=item.part.size))
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="sepstore-delta") as pool:
-            assembled = _attempt(plans, known, pool)
+            assembled = _attempt(plans, known, lengths, pool)
         for plan in plans:
             part = plan.item.part
             verified = plan in assembled and _succeeds(partial(_commit, plan, cache))
@@ -360,7 +447,7 @@ def _sweep(cache: Cache) -> None:
                         os.unlink(os.path.join(cache.incoming, name))
 
 
-def _reusable(part: Blob, known: dict[str, Source]) -> int:
-    """Bytes of ``part`` found in the index."""
+def _reusable(part: Blob, lengths: Mapping[str, int]) -> int:
+    """Bytes of ``part``'s tensors whose digests the cache holds (``lengths``: their byte lengths)."""
     assert isinstance(part, Part)
-    return sum(known[t.digest].end - known[t.digest].start for t in part.tensors.values() if t.digest in known)
+    return sum(lengths[t.digest] for t in part.tensors.values() if t.digest in lengths)

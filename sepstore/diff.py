@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
+from .delta import transfer_bytes
 from .manifest import Manifest, Part
 from .refs import RefLike, RefOptions, manifest_of
 from .safetensors_io import ITEMSIZE, RawTensor
@@ -30,9 +31,13 @@ class TensorChanges:
 @dataclass(frozen=True)
 class PartDiff:
     """One part's change. ``bytes`` is what a node holding ``a`` must fetch for it (0 if it has
-    it) when parts are fetched whole; ``tensor_bytes`` what it fetches when parts are assembled
-    from the tensors it holds (:mod:`sepstore.delta`): the part's header and the tensors whose
-    digests no part of ``a`` has."""
+    it) when parts are fetched whole; ``tensor_bytes`` what ``pull`` transfers for it into a cache
+    holding ``a`` (and nothing else), where parts are assembled from the tensors it holds
+    (:mod:`sepstore.delta`, whose planning rule this is): the part's header and the tensors whose
+    digests no part of ``a`` has, with the bytes between them when they are close
+    (:data:`~sepstore.delta.GAP_BYTES`), or the whole part when less than
+    :data:`~sepstore.delta.MIN_REUSE` of it is held. It assumes the header sepstore writes; a part
+    written by another tool may have a longer one."""
 
     part: str
     status: Status
@@ -75,7 +80,8 @@ class ManifestDiff:
 
     @property
     def tensor_bytes_to_fetch(self) -> int:
-        """Bytes that node downloads when parts are assembled from the tensors it holds."""
+        """Bytes that node downloads when parts are assembled from the tensors it holds (what
+        ``pull`` reports as ``transferred_bytes``; see :class:`PartDiff`)."""
         return sum(p.tensor_bytes for p in self.parts) + sum(a.bytes for a in self.assets)
 
     @property
@@ -121,7 +127,14 @@ def diff(a: RefLike | Manifest, b: RefLike | Manifest, **options: Unpack[RefOpti
     old, new = manifest_of("diff", a, options), manifest_of("diff", b, options)
     old_parts, new_parts = dict(old.labelled_parts()), dict(new.labelled_parts())
     have = {p.digest for p in old_parts.values()}
-    held = {t.digest for p in old_parts.values() for t in p.tensors.values()}
+    # what a cache holding ``a`` has indexed: its tensor digests with their byte lengths (a part
+    # with a dtype this sepstore does not know cannot be indexed)
+    held = {
+        t.digest: RawTensor(t.dtype, tuple(t.shape)).nbytes
+        for p in old_parts.values()
+        if all(t.dtype in ITEMSIZE for t in p.tensors.values())
+        for t in p.tensors.values()
+    }
     labels = [label for label, _ in old.labelled_parts()]
     labels += [label for label in new_parts if label not in old_parts]
     labels.sort(key=lambda s: (s == "end", s != "begin", int(s.split(".")[1]) if s.startswith("mid.") else 0))
@@ -133,9 +146,8 @@ def diff(a: RefLike | Manifest, b: RefLike | Manifest, **options: Unpack[RefOpti
                 out.append(PartDiff(label, "removed", TensorChanges(removed=sorted(before.tensors)), 0))
             continue
         cost = 0 if after.digest in have else after.size
-        tensor_cost = 0 if after.digest in have else _tensor_cost(after, held)
+        tensor_cost = 0 if after.digest in have else transfer_bytes(after, held)
         have.add(after.digest)
-        held.update(t.digest for t in after.tensors.values())
         if before is None:
             out.append(PartDiff(label, "added", TensorChanges(added=sorted(after.tensors)), cost, tensor_cost))
         elif before.digest == after.digest:
@@ -143,17 +155,6 @@ def diff(a: RefLike | Manifest, b: RefLike | Manifest, **options: Unpack[RefOpti
         else:
             out.append(PartDiff(label, "changed", _compare(before, after), cost, tensor_cost))
     return ManifestDiff(out, _assets(old, new, have))
-
-
-def _tensor_cost(part: Part, held: set[str]) -> int:
-    """Bytes of ``part`` that a node holding the tensors ``held`` fetches to assemble it: its
-    header (whatever its tensors do not fill) and the tensors it lacks, each digest once. A part
-    with a dtype this sepstore does not know is fetched whole."""
-    if any(t.dtype not in ITEMSIZE for t in part.tensors.values()):
-        return part.size
-    sizes = [(t.digest, RawTensor(t.dtype, tuple(t.shape)).nbytes) for t in part.tensors.values()]
-    lacking = dict((digest, size) for digest, size in sizes if digest not in held)
-    return part.size - sum(size for _, size in sizes) + sum(lacking.values())
 
 
 def _assets(old: Manifest, new: Manifest, have: set[str]) -> list[AssetDiff]:

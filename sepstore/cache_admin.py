@@ -41,14 +41,17 @@ __all__ = [
     "cache_verify",
 ]
 
-_PARTIAL = re.compile(r"^([0-9a-f]{64})\.partial$")
+#: A stopped (or running) download of a part, or an assembly of one (:mod:`sepstore.delta`).
+_PARTIAL = re.compile(r"^([0-9a-f]{64})\.(?:partial|assembling)$")
 
 
 @dataclass(frozen=True)
 class CachedFile:
-    """A part in the cache, or a partial download of one (``partial``): its digest, path, bytes
-    on disk, and time of last use (UTC). ``active`` is set on a partial download another process
-    is fetching now (else it is a stopped one, which the next pull of the part resumes)."""
+    """A part in the cache, or a partial download of one (``partial``: ``incoming/<hex>.partial``,
+    or ``.assembling`` for a part assembled from cached tensors): its digest, path, bytes on disk,
+    and time of last use (UTC). ``active`` is set on a partial download another process is
+    fetching now (else it is a stopped one: the next pull of the part resumes a ``.partial`` and
+    deletes an ``.assembling``)."""
 
     digest: str
     path: str

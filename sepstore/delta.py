@@ -27,6 +27,7 @@ import json
 import os
 import re
 import threading
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -76,6 +77,8 @@ ASSEMBLING = ".assembling"
 #: Ranges to fetch that are at most this far apart are fetched as one read (the bytes between
 #: are fetched too): fewer requests for small tensors (norms, biases) between changed ones.
 GAP_BYTES = 64 * 1024
+#: An index file's temporary file (``.tmp-*.json``) this old was left by a killed process.
+STALE_TEMP_SECONDS = 600
 #: Bytes a part's header may have beyond the header sepstore would write for its tensors (room for
 #: ``__metadata__``, another writer's spacing): a longer one is not read, and the part is fetched
 #: whole, since a header is parsed before any of the part's bytes can be verified.
@@ -155,13 +158,17 @@ class TensorIndex:
 
     def load(self) -> dict[str, Source]:
         """Every indexed tensor digest and where a cached part holds it; index files of parts no
-        longer cached (pruned, or of another size now) are removed."""
+        longer cached (pruned, or of another size now), and those a killed process left half
+        written, are removed."""
         found: dict[str, Source] = {}
         try:
             names = sorted(os.listdir(self.root))
         except OSError:  # none yet, or a cache that cannot be used (the whole fetch says why)
             return found
         for name in names:
+            if name.startswith(".tmp-"):
+                _sweep_temp(os.path.join(self.root, name))
+                continue
             hex_, dot, ext = name.partition(".")
             if ext != "json" or not dot or not _HEX.fullmatch(hex_):
                 continue
@@ -445,6 +452,14 @@ def _sweep(cache: Cache) -> None:
                 if free:
                     with contextlib.suppress(FileNotFoundError):
                         os.unlink(os.path.join(cache.incoming, name))
+
+
+def _sweep_temp(path: str) -> None:
+    """Delete an index file a killed process left half written (one older than
+    :data:`STALE_TEMP_SECONDS`: a younger one may be another process's, being written)."""
+    with contextlib.suppress(OSError):
+        if time.time() - os.stat(path).st_mtime > STALE_TEMP_SECONDS:
+            os.unlink(path)
 
 
 def _reusable(part: Blob, lengths: Mapping[str, int]) -> int:

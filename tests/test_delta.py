@@ -5,7 +5,11 @@ damaged cached source, a server without ``Range``) falls back to fetching whole 
 
 from __future__ import annotations
 
+import asyncio
 import os
+import re
+import shutil
+import struct
 import subprocess
 import sys
 import uuid
@@ -17,27 +21,31 @@ import fsspec
 import msgspec
 import pytest
 import torch
+from aiohttp import web
 from safetensors.torch import save as save_safetensors
-from servers import CountingMotoServer, Request, StaticServer
+from servers import CountingMotoServer, FaultProxy, Request, StaticServer
 
 import sepstore
-from sepstore.compose import MIN_PART, Run, plan_runs
-from sepstore.delta import INDEX_DIR
+from sepstore.compose import MIN_PART, Composer, Run, plan_runs
+from sepstore.delta import INDEX_DIR, predicted_head
 from sepstore.demo import llama_decider, tiny_llama_state_dict
 from sepstore.hashing import digest_buffer, digest_file, digest_hex
-from sepstore.manifest import Manifest, Part, encode_manifest
+from sepstore.manifest import Manifest, Part, Tensor, encode_manifest
+from sepstore.store import Store
 
 LAYERS = 3
 CHANGED = ("self_attn.q_proj.weight", "self_attn.v_proj.weight")
+#: Changed tensors with an unchanged one (o_proj, 64 KiB) between them in the file.
+APART = ("self_attn.k_proj.weight", "self_attn.q_proj.weight")
 
 
 def v1() -> dict[str, torch.Tensor]:
     return tiny_llama_state_dict(layers=LAYERS, hidden=128, intermediate=512, vocab=256, seed=3)
 
 
-def lora_merged(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """v1 with q_proj and v_proj changed in every layer (as a merged LoRA does)."""
-    return {k: v + 1 if k.endswith(CHANGED) else v for k, v in sd.items()}
+def lora_merged(sd: dict[str, torch.Tensor], changed: tuple[str, ...] = CHANGED) -> dict[str, torch.Tensor]:
+    """v1 with q_proj and v_proj (or ``changed``) changed in every layer (as a merged LoRA does)."""
+    return {k: v + 1 if k.endswith(changed) else v for k, v in sd.items()}
 
 
 def moved(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -67,13 +75,15 @@ def rewritten(store: Path, tag: str, layer: int) -> None:
 @pytest.fixture(scope="session")
 def local_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """``m:v1``; ``m:v2`` (q_proj, v_proj changed); ``m:v3`` (v2 with mid.1 written by safetensors
-    itself); ``other:moved`` (v1's MLPs swapped between layers 0 and 1, another model)."""
+    itself); ``m:apart`` (k_proj, q_proj changed); ``other:moved`` (v1's MLPs swapped between layers
+    0 and 1, another model)."""
     store = tmp_path_factory.mktemp("delta") / "store"
     sd = v1()
     sepstore.dump(llama_decider, sd, store, name="m", tag="v1", quiet=True)
     sepstore.dump(llama_decider, lora_merged(sd), store, name="m", tag="v2", quiet=True)
     sepstore.dump(llama_decider, lora_merged(sd), store, name="m", tag="v3", quiet=True)
     rewritten(store, "v3", 1)
+    sepstore.dump(llama_decider, lora_merged(sd, APART), store, name="m", tag="apart", quiet=True)
     sepstore.dump(llama_decider, moved(sd), store, name="other", tag="moved", quiet=True)
     return store
 
@@ -334,3 +344,148 @@ def test_an_assembly_a_killed_process_left_is_removed_and_stray_index_files_are_
     report = sepstore.pull(remote.url("m", "v2"), cache_dir=cache, quiet=True)
     assert report.reused_bytes > 0 and not left.exists()
     assert not (cache / INDEX_DIR / f"{'cd' * 32}.json").exists()
+
+
+def test_a_part_header_longer_than_its_tensors_need_is_not_read_and_the_part_is_fetched_whole(
+    local_store: Path, tmp_path: Path
+) -> None:
+    www = tmp_path / "www"
+    shutil.copytree(local_store, www / "store")
+    part = manifest(local_store, "m", "v2").mid[0]
+    assert part is not None
+    # a hostile server's part: a header as long as the file, parsed (~20x its size in memory) if read
+    body = b"[" + b"{}," * ((part.size - 8 - 2) // 3 - 1) + b"{}]"
+    hostile = struct.pack("<Q", part.size - 8) + body + b" " * (part.size - 8 - len(body))
+    (www / "store" / "parts" / "blake3" / part.file_name).write_bytes(hostile)
+    server = StaticServer(www).start()
+    try:
+        remote = Remote("http", f"{server.url}/store", server.requests)
+        sepstore.pull(remote.url("m", "v1"), cache_dir=tmp_path / "cache", quiet=True)
+        with pytest.raises(sepstore.IntegrityError, match=part.digest):
+            sepstore.pull(remote.url("m", "v2"), cache_dir=tmp_path / "cache", quiet=True)
+    finally:
+        server.stop()
+    gets = {r.range for r in remote.part_gets() if part.file_name in r.path}
+    assert gets == {f"bytes=0-{predicted_head(part) - 1}", f"bytes=0-{part.size - 1}"}
+
+
+def test_a_pull_after_incoming_was_deleted_still_assembles_parts(http_remote: Remote, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    sepstore.pull(http_remote.url("m", "v1"), cache_dir=cache, quiet=True)
+    shutil.rmtree(cache / "incoming")
+    report = sepstore.pull(http_remote.url("m", "v2"), cache_dir=cache, quiet=True)
+    assert report.reused_bytes > 0
+
+
+def test_a_tensor_inside_a_fetched_range_counts_once_and_diff_says_what_pull_transfers(
+    remote: Remote, tmp_path: Path
+) -> None:
+    expected = sepstore.diff(remote.url("m", "v1"), remote.url("m", "apart")).tensor_bytes_to_fetch
+    report = upgraded(remote, tmp_path / "cache", "m", "apart")
+    assert report.transferred_bytes + report.reused_bytes == report.fetched_bytes
+    assert report.transferred_bytes == remote.part_bytes() == expected
+
+
+def test_leftovers_of_killed_assemblies_are_listed_and_pruned_and_stale_index_temp_files_swept(
+    http_remote: Remote, tmp_path: Path
+) -> None:
+    cache = tmp_path / "cache"
+    sepstore.pull(http_remote.url("m", "v1"), cache_dir=cache, quiet=True)
+    left = cache / "incoming" / f"{'ab' * 32}.assembling"
+    left.write_bytes(b"x" * 4096)
+    listing = sepstore.cache_ls(cache)
+    assert [f.path for f in listing.partial] == [str(left)]
+    assert listing.total_bytes == sum(f.size for f in listing.parts) + listing.partial[0].size
+    os.utime(left, (1, 1))  # the least recently used
+    pruned = sepstore.cache_prune(listing.total_bytes - 1, cache_dir=cache)
+    assert [f.path for f in pruned.removed] == [str(left)] and not left.exists()
+    temp = cache / INDEX_DIR / ".tmp-0123456789abcdef.json"
+    temp.write_text('{"size"')
+    os.utime(temp, (1, 1))
+    sepstore.pull(http_remote.url("m", "v2"), cache_dir=cache, quiet=True)
+    assert not temp.exists()
+
+
+def with_unknown_dtype(big_store: Path, folder: Path) -> Path:
+    """A store in ``folder`` with ``big:packed``: v1 with mid.0 replaced by a part holding a 6 MiB
+    tensor of dtype F4 (a newer writer's, unknown here) and v1's q_proj."""
+    old = manifest(big_store, "big", "v1")
+    source = old.mid[0]
+    assert source is not None
+    packed = bytes(range(256)) * (6 * 4096)
+    q_proj = source.tensors["self_attn.q_proj.weight"]
+    q_bytes = sepstore.load(big_store / "manifests/big/v1.json", "0-1").mid[0]["self_attn.q_proj.weight"]
+    raw = q_bytes.contiguous().view(torch.uint8).numpy().tobytes()
+    header = {
+        "packed": {"dtype": "F4", "shape": [2 * len(packed)], "data_offsets": [0, len(packed)]},
+        "self_attn.q_proj.weight": {
+            "dtype": q_proj.dtype,
+            "shape": list(q_proj.shape),
+            "data_offsets": [len(packed), len(packed) + len(raw)],
+        },
+    }
+    text = msgspec.json.encode(header)
+    text += b" " * (-len(text) % 8)
+    data = struct.pack("<Q", len(text)) + text + packed + raw
+    tensors = {"packed": Tensor("F4", (2 * len(packed),), digest_buffer(packed)), "self_attn.q_proj.weight": q_proj}
+    part = Part(digest_buffer(data), len(data), tensors)
+    (folder / "parts" / "blake3").mkdir(parents=True)
+    (folder / "manifests" / "big").mkdir(parents=True)
+    for kept in (old.begin, old.end):
+        assert kept is not None
+        shutil.copy(big_store / "parts" / "blake3" / kept.file_name, folder / "parts" / "blake3")
+    (folder / "parts" / "blake3" / part.file_name).write_bytes(data)
+    path = folder / "manifests" / "big" / "packed.json"
+    path.write_bytes(encode_manifest(msgspec.structs.replace(old, mid=[part])))
+    return path
+
+
+def test_push_to_s3_of_a_part_with_an_unknown_dtype_or_beside_one_uploads_whole(
+    big_store: Path, moto_server: CountingMotoServer, tmp_path: Path
+) -> None:
+    packed = with_unknown_dtype(big_store, tmp_path / "store")
+    dest, fs = s3_with_v1(big_store, moto_server)
+    # the destination's manifests name such a part (not uploaded yet): it is no source to copy from
+    fs.pipe_file(f"{dest.removeprefix('s3://')}/manifests/big/packed.json", packed.read_bytes())
+    assert sepstore.push(big_store / "manifests/big/v2.json", dest, quiet=True).copied_bytes > 0
+    report = sepstore.push(packed, dest, quiet=True, force=True)
+    part = sepstore.read_manifest(packed).mid[0]
+    assert part is not None and report.uploaded == ["mid.0"] and report.copied_bytes == 0
+    assert digest_buffer(fs.cat_file(f"{dest.removeprefix('s3://')}/parts/blake3/{part.file_name}")) == part.digest
+
+
+class NotMd5Proxy(FaultProxy):
+    """S3 through a proxy that answers every multipart part with an ETag that is not its MD5 (as a
+    bucket with KMS keys does), the uploaded ones later than the copied ones."""
+
+    methods = FaultProxy.methods
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        answer = await super()._handle(request)
+        if request.method != "PUT" or "partNumber" not in request.query:
+            return answer
+        assert isinstance(answer, web.Response) and isinstance(answer.body, bytes)
+        headers = {k: v for k, v in answer.headers.items() if k.lower() != "content-length"}
+        if "x-amz-copy-source" in request.headers:
+            body = re.sub(rb"<ETag>.*?</ETag>", b"<ETag>&quot;" + b"1" * 32 + b"&quot;</ETag>", answer.body)
+            return web.Response(body=body, status=answer.status, headers=headers)
+        await asyncio.sleep(0.3)  # the copy's mismatch is seen first
+        return web.Response(body=answer.body, status=answer.status, headers={**headers, "ETag": '"' + "0" * 32 + '"'})
+
+
+def test_composing_stops_after_an_uploaded_part_etag_mismatch_even_when_a_copy_failed_first(
+    big_store: Path, moto_server: CountingMotoServer
+) -> None:
+    dest, _ = s3_with_v1(big_store, moto_server)
+    proxy = NotMd5Proxy(moto_server.endpoint).start()
+    try:
+        store = Store(dest, {"endpoint_url": proxy.url, "skip_instance_cache": True})
+        new = manifest(big_store, "big", "v2")
+        part = new.mid[0]
+        assert part is not None
+        composer = Composer(store, new, workers=2)
+        path = str(big_store / "parts" / "blake3" / part.file_name)
+        assert composer.put(path, part).tried  # composed, and refused
+        assert not composer.put(path, part).tried  # not tried again in this push
+    finally:
+        proxy.stop()

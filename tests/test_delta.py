@@ -332,13 +332,19 @@ def test_s3_parts_are_at_least_5_mib_but_the_last() -> None:
     ]
 
 
+def killed_assembly(remote: Remote, cache: Path) -> Path:
+    """``cache`` holding v1, and the file of an assembly a killed process left (returned)."""
+    sepstore.pull(remote.url("m", "v1"), cache_dir=cache, quiet=True)
+    left = cache / "incoming" / f"{'ab' * 32}.assembling"
+    left.write_bytes(b"x" * 4096)
+    return left
+
+
 def test_an_assembly_a_killed_process_left_is_removed_and_stray_index_files_are_ignored(
     remote: Remote, tmp_path: Path
 ) -> None:
     cache = tmp_path / "cache"
-    sepstore.pull(remote.url("m", "v1"), cache_dir=cache, quiet=True)
-    left = cache / "incoming" / f"{'ab' * 32}.assembling"
-    left.write_bytes(b"half a part")
+    left = killed_assembly(remote, cache)
     (cache / INDEX_DIR / "not-an-index.json").write_text("{")
     (cache / INDEX_DIR / f"{'cd' * 32}.json").write_text('{"size": 1, "tensors": {}}')  # its part is not cached
     report = sepstore.pull(remote.url("m", "v2"), cache_dir=cache, quiet=True)
@@ -390,9 +396,7 @@ def test_leftovers_of_killed_assemblies_are_listed_and_pruned_and_stale_index_te
     http_remote: Remote, tmp_path: Path
 ) -> None:
     cache = tmp_path / "cache"
-    sepstore.pull(http_remote.url("m", "v1"), cache_dir=cache, quiet=True)
-    left = cache / "incoming" / f"{'ab' * 32}.assembling"
-    left.write_bytes(b"x" * 4096)
+    left = killed_assembly(http_remote, cache)
     listing = sepstore.cache_ls(cache)
     assert [f.path for f in listing.partial] == [str(left)]
     assert listing.total_bytes == sum(f.size for f in listing.parts) + listing.partial[0].size
@@ -489,3 +493,18 @@ def test_composing_stops_after_an_uploaded_part_etag_mismatch_even_when_a_copy_f
         assert not composer.put(path, part).tried  # not tried again in this push
     finally:
         proxy.stop()
+
+
+def test_a_destination_object_with_a_header_longer_than_its_tensors_need_is_no_source(
+    big_store: Path, moto_server: CountingMotoServer
+) -> None:
+    dest, fs = s3_with_v1(big_store, moto_server)
+    old = manifest(big_store, "big", "v1").mid[0]
+    assert old is not None
+    key = f"{dest.removeprefix('s3://')}/parts/blake3/{old.file_name}"
+    fs.pipe_file(key, struct.pack("<Q", old.size - 8) + b" " * (old.size - 8))
+    moto_server.requests.clear()
+    report = sepstore.push(big_store / "manifests/big/v2.json", dest, quiet=True)
+    assert report.copied_bytes == 0
+    reads = [r.range for r in moto_server.requests if r.method == "GET" and old.file_name in r.path]
+    assert reads == [f"bytes=0-{predicted_head(old) - 1}"]

@@ -268,6 +268,16 @@ def s3_with_v1(big_store: Path, moto_server: CountingMotoServer) -> tuple[str, f
     return f"s3://{bucket}/store", fs
 
 
+def s3_with_v1_object(
+    big_store: Path, moto_server: CountingMotoServer
+) -> tuple[str, fsspec.AbstractFileSystem, Part, str]:
+    """A destination holding ``big:v1``, and v1's mid.0 with the key of its object there."""
+    dest, fs = s3_with_v1(big_store, moto_server)
+    old = manifest(big_store, "big", "v1").mid[0]
+    assert old is not None
+    return dest, fs, old, f"{dest.removeprefix('s3://')}/parts/blake3/{old.file_name}"
+
+
 def sent(moto_server: CountingMotoServer) -> tuple[int, int]:
     """Bytes of part objects the client sent to moto, and how many server-side copies it asked for."""
     parts = [r for r in moto_server.requests if r.method == "PUT" and "/parts/blake3/" in r.path]
@@ -291,10 +301,7 @@ def test_push_to_s3_sends_the_changed_tensors_and_copies_the_rest_server_side(
 def test_a_source_object_with_other_bytes_is_caught_by_its_etag_and_the_part_is_uploaded_whole(
     big_store: Path, moto_server: CountingMotoServer
 ) -> None:
-    dest, fs = s3_with_v1(big_store, moto_server)
-    old = manifest(big_store, "big", "v1").mid[0]
-    assert old is not None
-    key = f"{dest.removeprefix('s3://')}/parts/blake3/{old.file_name}"
+    dest, fs, _, key = s3_with_v1_object(big_store, moto_server)
     data = bytearray(fs.cat_file(key))
     data[len(data) // 3] ^= 0x01  # a reused tensor's byte, in the object the copy reads
     fs.pipe_file(key, bytes(data))
@@ -498,10 +505,7 @@ def test_composing_stops_after_an_uploaded_part_etag_mismatch_even_when_a_copy_f
 def test_a_destination_object_with_a_header_longer_than_its_tensors_need_is_no_source(
     big_store: Path, moto_server: CountingMotoServer
 ) -> None:
-    dest, fs = s3_with_v1(big_store, moto_server)
-    old = manifest(big_store, "big", "v1").mid[0]
-    assert old is not None
-    key = f"{dest.removeprefix('s3://')}/parts/blake3/{old.file_name}"
+    dest, fs, old, key = s3_with_v1_object(big_store, moto_server)
     fs.pipe_file(key, struct.pack("<Q", old.size - 8) + b" " * (old.size - 8))
     moto_server.requests.clear()
     report = sepstore.push(big_store / "manifests/big/v2.json", dest, quiet=True)

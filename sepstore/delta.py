@@ -12,10 +12,12 @@ writes them again). It holds nothing a cache could not rebuild, so deleting it i
 
 **Assembling a part.** Its header is fetched alone (one ranged read, sized by the header the
 manifest's tensors give in sepstore's own layout, and read further when the file's header is
-longer): the file's own header, so a part written in another tensor order, or with
-``__metadata__``, is assembled as it is. Tensors found in the index are copied from the cached
-part in the kernel (``copy_file_range``); the others are fetched as ranged reads, coalesced
-across small gaps and cut into chunks, in parallel. A server that ignores ``Range`` answers the
+longer, by at most :data:`HEADER_SLACK`, else the part is fetched whole): the file's own header,
+so a part written in another tensor order, or with ``__metadata__``, is assembled as it is.
+Tensors found in the index are copied from the cached part in the kernel (``copy_file_range``);
+the others are fetched as ranged reads, coalesced across small gaps (a cached tensor in such a
+gap is fetched, not copied) and cut into chunks, in parallel. :func:`plan_ranges` is that rule,
+which :func:`sepstore.diff` counts with too. A server that ignores ``Range`` answers the
 header read with the whole part, which is then verified as a whole fetch would be.
 """
 

@@ -207,8 +207,9 @@ class Composer:
     def put(self, path: str, part: Blob) -> Composed:
         """Write the local, verified part file ``path`` to the destination composed from server-side
         copies, if it can (else the part is to be uploaded whole: too little to copy, or a failure)."""
+        # a part with a dtype this sepstore does not know (header_bound None) is uploaded as it is
         if self._disabled or not isinstance(part, Part) or part.size <= MIN_PART or header_bound(part) is None:
-            return Composed(False)  # (a dtype this sepstore does not know: the part is uploaded as it is)
+            return Composed(False)
         known = self._index()
         try:
             with open(path, "rb", buffering=0) as file:

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from .deciders import Family, get
-from .errors import DeciderError, ModuleMismatchError, SpecError, UnsupportedModelError
+from .errors import DeciderError, ManifestError, ModuleMismatchError, SpecError, UnsupportedModelError
 from .load import iter_parts
 from .manifest import Manifest
 from .refs import FETCH_OPTIONS, RefLike, RefOptions, open_ref
@@ -248,6 +248,9 @@ def load_model(
 
     Raises:
         UnsupportedModelError: transformers is missing, or the family cannot run as slices.
+        ManifestError: the manifest's config is not one transformers builds, or its layer count is
+            not the manifest's.
+        TensorError: ``device`` is not one this torch can load onto.
         ModuleMismatchError: a part lacks a weight its modules need, or holds one they lack.
     """
     transformers = _transformers()
@@ -256,19 +259,54 @@ def load_model(
     family, config = _family_of(manifest)
     parsed, _ = select_parts(manifest, spec)
     dtype = dtype or _stored_dtype(manifest)
-    hf_config = transformers.AutoConfig.for_model(**config)
-    with torch.device("meta"):
-        model = transformers.AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
-    model.eval()
-    target = torch.device(device)
+    model = _meta_model(transformers, manifest, config, dtype)
     owners = _owners(model, family)
-    chosen = iter_parts(resolved, parsed, verify=verify, device=target, cache_dir=options.get("cache_dir"))
+    chosen = iter_parts(resolved, parsed, verify=verify, device=device, cache_dir=options.get("cache_dir"))
     with quiet_loading(transformers):
-        for label, tensors in chosen:
+        for label, tensors in chosen:  # iter_parts refuses an unknown device (TensorError) first
             _load_part(model, family, label, tensors, dtype)
+    target = torch.device(device)
     _stand_in(model, family, parsed, owners)
     _finish(model, target)
     return NodeModel(model, family, parsed)
+
+
+#: Config fields (under transformers' own names) that must be positive integers where given.
+_COUNTS = ("num_hidden_layers", "num_attention_heads", "num_key_value_heads", "hidden_size", "intermediate_size")
+
+
+def _meta_model(transformers: Any, manifest: Manifest, config: dict[str, Any], dtype: torch.dtype) -> PreTrainedModel:
+    """The model ``config`` describes, built on the meta device once its sizes are integers and its
+    layer count is the manifest's: a larger count would run the missing layers as pass-throughs
+    (and build each of them first), a smaller one would refuse the parts."""
+    model_type = str(config["model_type"])
+    aliases = getattr(transformers.CONFIG_MAPPING[model_type], "attribute_map", {})
+    for name in _COUNTS:
+        key = aliases.get(name, name)
+        value = config.get(key)
+        if value is not None and (type(value) is not int or value <= 0):
+            raise ManifestError(f"model {manifest.name!r}: its config's {key} is {value!r}, not a positive integer")
+    try:
+        hf_config = transformers.AutoConfig.for_model(**config)
+    except Exception as exc:  # transformers' validation: any field, any exception type
+        raise ManifestError(
+            f"model {manifest.name!r}: its config is not a valid {model_type!r} config ({type(exc).__name__}: {exc})"
+        ) from exc
+    layers = getattr(hf_config, "num_hidden_layers", None)
+    if type(layers) is not int or layers != len(manifest.mid):
+        raise ManifestError(
+            f"model {manifest.name!r}: its config's {aliases.get('num_hidden_layers', 'num_hidden_layers')} is "
+            f"{layers!r} but the manifest has {len(manifest.mid)} layers; its config does not describe its parts"
+        )
+    try:
+        with torch.device("meta"):
+            model = transformers.AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
+    except Exception as exc:
+        raise ManifestError(
+            f"model {manifest.name!r}: transformers cannot build a {model_type!r} model from its config "
+            f"({type(exc).__name__}: {exc})"
+        ) from exc
+    return model.eval()
 
 
 def _stored_dtype(manifest: Manifest) -> torch.dtype:

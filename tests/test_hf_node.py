@@ -100,6 +100,45 @@ def test_a_model_without_a_config_is_a_clear_error(tmp_path: Path) -> None:
         load_model(tmp_path / "store", "b")
 
 
+TINY_LLAMA = {
+    "model_type": "llama",
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "vocab_size": 64,
+}
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"num_hidden_layers": 4}, "num_hidden_layers is 4 but the manifest has 2 layers"),  # 2-3 would pass through
+        ({"num_hidden_layers": 1}, "num_hidden_layers is 1 but the manifest has 2 layers"),
+        ({"num_hidden_layers": 20_000}, "num_hidden_layers is 20000 but"),  # refused before building any layer
+        ({"hidden_size": "abc"}, "hidden_size is 'abc', not a positive integer"),
+        ({"num_attention_heads": 0}, "num_attention_heads is 0, not a positive integer"),
+        ({"rope_parameters": "abc"}, r"not a valid 'llama' config"),
+    ],
+)
+def test_a_config_that_does_not_describe_the_parts_is_refused_naming_its_field(
+    tmp_path: Path, change: dict[str, object], message: str
+) -> None:
+    from sepstore.demo import tiny_llama_state_dict
+
+    tensors = tiny_llama_state_dict(layers=2, hidden=32, intermediate=64, vocab=64)
+    sepstore.dump("llama", tensors, tmp_path / "store", config=TINY_LLAMA | change, quiet=True)
+    with pytest.raises(sepstore.ManifestError, match=message):
+        load_model(tmp_path / "store", "f")
+
+
+def test_an_unknown_device_is_a_tensor_error_as_in_load(hf_root: Path) -> None:
+    model = built("llama", hf_root)
+    for run in (sepstore.load, load_model):
+        with pytest.raises(sepstore.TensorError, match="cannot load onto device 'gpu'"):
+            run(model.manifest, "b", device="gpu")
+
+
 def test_without_transformers_loading_a_model_says_what_to_install(
     hf_root: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -406,3 +406,99 @@ def test_gguf_store_exports_to_a_folder_transformers_loads_as_it_loads_the_gguf(
     exported_tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "out")
     gguf_tokenizer = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     assert exported_tokenizer(TEXT)["input_ids"] == gguf_tokenizer(TEXT)["input_ids"]
+
+
+def two_heads_one_kv(writer: gguf.GGUFWriter) -> None:
+    writer.add_head_count(2)
+    writer.add_head_count_kv(1)
+
+
+def small_gguf(
+    path: Path,
+    blocks: list[str],
+    *,
+    block_count: int | None = None,
+    heads: Callable[[gguf.GGUFWriter], None] = two_heads_one_kv,
+    metadata: Callable[[gguf.GGUFWriter], None] | None = None,
+    extra: dict[str, np.ndarray] | None = None,
+) -> Path:
+    """A llama GGUF of 16-wide ``blocks`` (``blk.N`` prefixes; ``block_count`` their number unless
+    given), its head counts written by ``heads``; ``metadata`` adds keys, ``extra`` tensors."""
+    hidden, inter, vocab = 16, 32, 8
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_embedding_length(hidden)
+    writer.add_block_count(len(blocks) if block_count is None else block_count)
+    writer.add_feed_forward_length(inter)
+    writer.add_uint32("llama.vocab_size", vocab)
+    heads(writer)
+    if metadata is not None:
+        metadata(writer)
+    ones = {"token_embd.weight": (vocab, hidden), "output_norm.weight": (hidden,), "output.weight": (vocab, hidden)}
+    for block in blocks:
+        ones |= {f"{block}.{name}.weight": (hidden,) for name in ("attn_norm", "ffn_norm")}
+        ones |= {f"{block}.{name}.weight": (hidden, hidden) for name in ("attn_q", "attn_output")}
+        ones |= {f"{block}.{name}.weight": (hidden // 2, hidden) for name in ("attn_k", "attn_v")}
+        ones |= {f"{block}.ffn_gate.weight": (inter, hidden), f"{block}.ffn_up.weight": (inter, hidden)}
+        ones[f"{block}.ffn_down.weight"] = (hidden, inter)
+    for name, shape in ones.items():
+        writer.add_tensor(name, np.ones(shape, dtype=np.float32))
+    for name, array in (extra or {}).items():
+        writer.add_tensor(name, array)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+@pytest.mark.parametrize(
+    ("blocks", "block_count", "error", "message"),
+    [
+        (["blk.0"], 2, sepstore.TensorError, r"block_count is 2 but its tensors hold blocks \[0\]"),
+        (["blk.0", "blk.1"], 1, sepstore.TensorError, r"block_count is 1 but its tensors hold blocks \[0, 1\]"),
+        (["blk.2"], 3, sepstore.TensorError, r"block_count is 3 but its tensors hold blocks \[2\]; .* 0 to 2"),
+        (["blk.0", "blk.00"], None, sepstore.DeciderError, r"'blk\.00\.attn_norm\.weight' has no Hugging Face name"),
+        (["blk.0", "blk.\u0661"], None, sepstore.DeciderError, "'blk.\u0661.attn_norm.weight' has no Hugging Face"),
+    ],
+)
+def test_gguf_blocks_must_be_0_to_block_count_each_spelled_once(
+    tmp_path: Path, blocks: list[str], block_count: int | None, error: type[Exception], message: str
+) -> None:
+    path = small_gguf(tmp_path / "m.gguf", blocks, block_count=block_count)
+    with pytest.raises(error, match=message):
+        sepstore.convert(path, tmp_path / "store", assets=False, quiet=True)
+
+
+@pytest.mark.parametrize(
+    ("heads", "message"),
+    [
+        (lambda w: w.add_float32("llama.attention.head_count", 2.0), r"head_count is 2\.0, not a positive integer"),
+        (lambda w: w.add_array("llama.attention.head_count_kv", [1]), r"head_count_kv is an array \(per-layer"),
+        (lambda w: w.add_head_count(0), r"head_count is 0, not a positive integer"),
+    ],
+)
+def test_gguf_head_counts_that_are_not_one_positive_integer_are_refused(
+    tmp_path: Path, heads: Callable[[gguf.GGUFWriter], None], message: str
+) -> None:
+    path = small_gguf(tmp_path / "m.gguf", ["blk.0"], heads=heads)
+    with pytest.raises(sepstore.TensorError, match=message):
+        sepstore.convert(path, tmp_path / "store", assets=False, quiet=True)
+
+
+def test_gguf_query_tensor_without_rows_is_refused(tmp_path: Path) -> None:
+    extra = {"blk.0.attn_q.bias": np.array(1.0, dtype=np.float32)}
+    path = small_gguf(tmp_path / "m.gguf", ["blk.0"], extra=extra)
+    with pytest.raises(sepstore.TensorError, match=r"'blk\.0\.attn_q\.bias': shape \(\) does not split into 2 heads"):
+        sepstore.convert(path, tmp_path / "store", assets=False, quiet=True)
+
+
+def test_tokenizer_metadata_transformers_fails_on_is_the_error_naming_no_assets(tmp_path: Path) -> None:
+    def tokenizer(writer: gguf.GGUFWriter) -> None:
+        writer.add_tokenizer_model("gpt2")
+        writer.add_token_list(["a", "b"])
+        writer.add_token_merges(["a b"])
+        writer.add_bos_token_id(10**6)  # transformers indexes the token list with it (IndexError)
+
+    path = small_gguf(alone(tmp_path), ["blk.0"], metadata=tokenizer)
+    with pytest.raises(sepstore.StoreError, match=r"cannot rebuild the tokenizer.*IndexError.*--no-assets"):
+        sepstore.convert(path, tmp_path / "store", quiet=True)

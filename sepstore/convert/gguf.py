@@ -93,6 +93,10 @@ class GGUFFile:
                 "try a newer gguf"
             ) from None
 
+    def has(self, key: str) -> bool:
+        """Whether the metadata holds ``key`` (of any type)."""
+        return key in self._reader.fields
+
     def value(self, key: str) -> Any:
         """A scalar metadata value (a float as the float32 written, without float64 noise), or None
         where the key is absent or holds an array."""

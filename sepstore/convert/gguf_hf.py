@@ -15,7 +15,9 @@ Where this differs from transformers, on purpose: a tensor with no Hugging Face 
 (transformers skips it); the one exception is llama 3's ``rope_freqs.weight``, which transformers
 drops too (its rope scaling is not rebuilt, by either). A file without
 ``attention.head_count_kv`` has as many KV heads as query heads (llama.cpp's default; transformers
-then leaves Q/K permuted). Floats are the float32 the file holds written shortest (``1e-05``, not
+then leaves Q/K permuted); a count that is not one positive integer (a float, a per-layer array) is
+refused, as are ``blk.N`` tensors that are not blocks 0 to ``block_count - 1``, each spelled once
+(``blk.0``, never ``blk.00``). Floats are the float32 the file holds written shortest (``1e-05``, not
 ``9.999999747378752e-06``): the same float32 in the model.
 """
 
@@ -68,7 +70,15 @@ _LAYER_PARTS: Final = {
 }
 #: Tensors transformers leaves out of the model (it computes them from the config).
 _DROPPED: Final = frozenset({"rope_freqs.weight"})
-_NAME = re.compile(r"^(?:blk\.(\d+)\.)?(\w+)\.(weight|bias)$")
+#: One spelling per layer (``blk.0``, never ``blk.00``), ASCII digits only: two GGUF names never
+#: share a Hugging Face name.
+_NAME = re.compile(r"(?:blk\.(0|[1-9][0-9]*)\.)?(\w+)\.(weight|bias)", re.ASCII)
+#: Config values that count something: a positive integer (a float, an array of per-layer values
+#: or zero is refused, not left to a default).
+_COUNTS: Final = frozenset(
+    {"hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads"}
+    | {"max_position_embeddings", "vocab_size", "head_dim"}
+)
 #: What a config cannot do without: LlamaConfig's defaults are one checkpoint's, never this file's.
 _REQUIRED: Final = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
 #: Token ids transformers copies from the tokenizer metadata into the config.
@@ -86,7 +96,7 @@ def hf_name(key: str) -> str | None:
     is a :class:`DeciderError` naming it."""
     if key in _DROPPED:
         return None
-    match = _NAME.match(key)
+    match = _NAME.fullmatch(key)
     if match:
         layer, base, kind = match.groups()
         if layer is None and base in _TOP:
@@ -110,6 +120,7 @@ class TransformersView:
         self._source = {hf: key for key, hf in names.items() if hf is not None}
         self.index: dict[str, TensorInfo] = {hf: file.index[key] for hf, key in self._source.items()}
         self.config = self._config()
+        self._check_layers()
         heads, kv_heads = self.config["num_attention_heads"], self.config["num_key_value_heads"]
         self._heads = {".attn_q.": heads, ".attn_k.": kv_heads} if self.arch.permuted else {}
 
@@ -141,9 +152,8 @@ class TransformersView:
             wanted["head_dim"] = "rope.dimension_count"
         config: dict[str, Any] = {"architectures": [self.arch.architecture], "model_type": self.arch.model_type}
         for name, key in wanted.items():
-            got = file.value(prefix + key)
-            if isinstance(got, int | float) and not isinstance(got, bool):
-                config[name] = got
+            if file.has(prefix + key):
+                config[name] = self._number(prefix + key, count=name in _COUNTS)
         for name, key in _TOKEN_IDS.items():
             token = file.value(f"tokenizer.ggml.{key}")
             if isinstance(token, int) and not isinstance(token, bool):
@@ -151,7 +161,7 @@ class TransformersView:
         missing = [prefix + wanted[name] for name in _REQUIRED if name not in config]
         if missing:
             raise TensorError(
-                f"{self.url}: its metadata lacks {', '.join(missing)} (or holds per-layer arrays), which a Hugging "
+                f"{self.url}: its metadata lacks {', '.join(missing)}, which a Hugging "
                 "Face config needs; convert with --gguf-names (gguf_names=True) to keep llama.cpp's names"
             )
         config.setdefault("num_key_value_heads", config["num_attention_heads"])
@@ -169,16 +179,41 @@ class TransformersView:
             config["torch_dtype"] = _TORCH_DTYPES[embed.dtype]
         return dict(sorted(config.items()))
 
+    def _number(self, key: str, count: bool) -> int | float:
+        """The metadata number ``key``, a positive integer where it is a ``count``."""
+        got = self.file.value(key)
+        number = isinstance(got, int | float) and not isinstance(got, bool)
+        if number and not count:
+            return got  # type: ignore[return-value]
+        if number and isinstance(got, int) and got > 0:
+            return got
+        shown = "an array (per-layer values) or unreadable" if got is None else repr(got)
+        raise TensorError(
+            f"{self.url}: its metadata's {key} is {shown}, not a {'positive integer' if count else 'number'}, "
+            "which a Hugging Face config needs; convert with --gguf-names (gguf_names=True) to keep llama.cpp's names"
+        )
+
+    def _check_layers(self) -> None:
+        """The ``blk.N`` tensors are blocks 0 to ``block_count - 1``, every one: a layer the file lacks
+        would be a gap in the store, a count above the blocks a model that skips some."""
+        count = self.config["num_hidden_layers"]
+        found = sorted({int(key.split(".")[2]) for key in self.index if key.startswith("model.layers.")})
+        if found != list(range(count)):
+            shown = ", ".join(map(str, found[:10])) + (", ..." if len(found) > 10 else "")
+            raise TensorError(
+                f"{self.url}: its metadata's {self.file.architecture}.block_count is {count} but its tensors "
+                f"hold blocks [{shown}]; a GGUF's blk.N tensors must be blocks 0 to {count - 1}"
+            )
+
 
 def _reverse_permute(tensor: RawTensor, n_head: int, where: str) -> RawTensor:
     """transformers' ``LlamaTensorProcessor._reverse_permute_weights``, on whole rows of bytes:
     rows ``(head, pair, half)`` back to ``(head, half, pair)``."""
-    rows = tensor.shape[0] if tensor.shape else 0
-    if not tensor.nbytes:
+    if tensor.shape and not tensor.nbytes:
         return tensor
-    if n_head <= 0 or rows % (2 * n_head):
-        raise TensorError(f"{where}: {rows} rows do not split into {n_head} heads of two halves")
-    data = np.frombuffer(tensor.read(), dtype=np.uint8).reshape(n_head, rows // n_head // 2, 2, -1)
+    if not tensor.shape or tensor.shape[0] % (2 * n_head):
+        raise TensorError(f"{where}: shape {tensor.shape} does not split into {n_head} heads of two halves of rows")
+    data = np.frombuffer(tensor.read(), dtype=np.uint8).reshape(n_head, tensor.shape[0] // n_head // 2, 2, -1)
     return BufferTensor(tensor.dtype, tensor.shape, np.ascontiguousarray(data.swapaxes(2, 1)).reshape(-1))
 
 
@@ -206,7 +241,7 @@ def tokenizer_files(file: GGUFFile) -> dict[str, bytes]:
             generation = GenerationConfig.from_model_config(config)
             if generation.bos_token_id is not None or generation.eos_token_id is not None:
                 generation.save_pretrained(saved)
-        except (ValueError, KeyError, TypeError, OSError) as exc:
+        except Exception as exc:  # whatever transformers' tokenizer code raises on metadata it does not expect
             raise StoreError(
                 f"{file.url}: transformers cannot rebuild the tokenizer this GGUF embeds ({type(exc).__name__}: "
                 f"{exc}); convert without assets (--no-assets, assets=False)"

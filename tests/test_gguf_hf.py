@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -502,3 +503,30 @@ def test_tokenizer_metadata_transformers_fails_on_is_the_error_naming_no_assets(
     path = small_gguf(alone(tmp_path), ["blk.0"], metadata=tokenizer)
     with pytest.raises(sepstore.StoreError, match=r"cannot rebuild the tokenizer.*IndexError.*--no-assets"):
         sepstore.convert(path, tmp_path / "store", quiet=True)
+
+
+def gguf_metadata_only(path: Path, arrays: dict[str, int], cut: int = 0) -> Path:
+    """A GGUF 3 header and key/value table, no tensors: each key a uint8 array of the given length;
+    ``cut`` bytes short at the end."""
+    out = struct.pack("<4sIQQ", b"GGUF", 3, 0, len(arrays))
+    for key, count in arrays.items():
+        name = key.encode()
+        out += struct.pack("<Q", len(name)) + name + struct.pack("<IIQ", 9, 0, count) + bytes(count)
+    path.write_bytes(out[: len(out) - cut])
+    return path
+
+
+@pytest.mark.parametrize(
+    ("arrays", "cut", "message"),
+    [
+        ({"junk": 2**19 + 1}, 0, "metadata array 'junk' holds 524289 values, more than 524288"),
+        ({f"junk{i}": 2**19 for i in range(4)}, 0, "metadata key 'junk3' takes the metadata past 2097152 values"),
+        ({"junk": 10}, 1, "metadata key 'junk' runs past its end"),
+    ],
+)
+def test_gguf_metadata_the_gguf_package_would_blow_up_is_refused_before_it_reads_it(
+    tmp_path: Path, arrays: dict[str, int], cut: int, message: str
+) -> None:
+    path = gguf_metadata_only(tmp_path / "m.gguf", arrays, cut)
+    with pytest.raises(sepstore.StoreError, match=message):
+        sepstore.convert(path, tmp_path / "store", assets=False, quiet=True)

@@ -15,11 +15,16 @@ they are reversed here). Quantized tensors (Q8_0, Q4_0, Q4_K, ...) are dequantiz
 with no ``dtype`` they stay float32.
 
 GGUF files must be on local disk: a GGUF on another fsspec filesystem is a :class:`StoreError`
-(download it first). Nothing is ever unpickled.
+(download it first). Nothing is ever unpickled. The key/value table is walked (bounded) before
+the gguf package parses it, which it does into a numpy view per value: a table far above what the
+largest tokenizers hold is refused first.
 """
 
 from __future__ import annotations
 
+import mmap
+import os
+import struct
 from typing import Any
 
 import fsspec
@@ -35,6 +40,111 @@ __all__ = ["GGUFFile"]
 
 #: GGUF types stored as plain arrays (their names are safetensors' too; BF16 is handled apart).
 _PLAIN = frozenset({"F32", "F16", "F64", "I8", "I16", "I32", "I64"})
+
+
+#: Caps on the metadata gguf.GGUFReader parses before anything can be checked: it keeps a numpy view
+#: of every value (0.7 KiB; two per string), so 8 MiB of empty strings took 1.5 GiB. No array may
+#: hold more than twice the largest vocabulary (262,144 tokens; Llama 3 has 280,147 merges), ...
+_MAX_ARRAY = 1 << 19
+#: ... and the views in all (two per string, one per number, six per tensor) are at most about what
+#: the largest tokenizers take (~1.5M views, ~1 GiB), as are the bytes of the key/value table.
+_MAX_VIEWS = 1 << 21
+_MAX_METADATA = 128 << 20
+#: GGUF's value types (gguf.GGUFValueType) by their size; 8 is a string, 9 an array.
+_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+_STRING, _ARRAY = 8, 9
+
+
+class _MetadataScan:
+    """A bounded walk over a GGUF's header and key/value table, skipping every value, that refuses
+    a table GGUFReader would blow up in memory (:data:`_MAX_ARRAY`, :data:`_MAX_VIEWS`,
+    :data:`_MAX_METADATA`); a file that is not GGUF 2 or 3 is left for GGUFReader to refuse."""
+
+    def __init__(self, buf: mmap.mmap, url: str) -> None:
+        self.buf, self.url, self.pos, self.views = buf, url, 0, 0
+        self.order = "<"
+
+    def run(self) -> None:
+        if self.buf[:4] != b"GGUF":
+            return
+        if self._take("I", 4) & 0xFFFF == 0:  # written big-endian (GGUFReader's test too)
+            self.order = ">"
+        if self._take("I", 4) not in (2, 3):
+            return
+        tensors, count = self._take("Q", 8), self._take("Q", 16)
+        self.pos, self.views = 24, 6 * tensors
+        self._check("its tensor table")
+        for _ in range(count):
+            length = self._take("Q")
+            key = bytes(self.buf[self.pos : self.pos + min(length, 200)]).decode("utf-8", "replace")
+            self.pos += length
+            self._value(self._take("I"), key, depth=0)
+
+    def _take(self, fmt: str, at: int | None = None) -> int:
+        """The integer at ``at`` (default: at the position, which then moves past it)."""
+        try:
+            got: int = struct.unpack_from(self.order + fmt, self.buf, self.pos if at is None else at)[0]
+        except struct.error:
+            raise StoreError(f"{self.url}: not a GGUF file sepstore can read (its metadata ends early)") from None
+        if at is None:
+            self.pos += struct.calcsize(fmt)
+        return got
+
+    def _skip_string(self) -> None:
+        length = self._take("Q")  # before reading self.pos, which taking moves
+        self.pos += length
+
+    def _value(self, kind: int, key: str, depth: int) -> None:
+        if kind == _STRING:
+            self._skip_string()
+            self.views += 2
+        elif kind in _SIZES:
+            self.pos += _SIZES[kind]
+            self.views += 1
+        elif kind == _ARRAY:
+            if depth == 4:
+                raise StoreError(f"{self.url}: its metadata key {key!r} nests arrays more than 4 deep")
+            item, count = self._take("I"), self._take("Q")
+            self.views += 2
+            if count > _MAX_ARRAY:
+                raise StoreError(
+                    f"{self.url}: its metadata array {key!r} holds {count} values, more than {_MAX_ARRAY} (twice the "
+                    "largest vocabulary); refused before the gguf package reads it into memory"
+                )
+            if item in _SIZES:
+                self.pos += count * _SIZES[item]
+                self.views += count
+            elif item == _STRING:
+                for _ in range(count):
+                    self._skip_string()
+                self.views += 2 * count
+            else:
+                for _ in range(count):
+                    self._value(item, key, depth + 1)
+        else:
+            raise StoreError(f"{self.url}: its metadata key {key!r} has a value of unknown type {kind}")
+        self._check(f"its metadata key {key!r}")
+
+    def _check(self, where: str) -> None:
+        if self.pos > len(self.buf):
+            raise StoreError(f"{self.url}: not a GGUF file sepstore can read ({where} runs past its end)")
+        if self.views > _MAX_VIEWS or self.pos > _MAX_METADATA:
+            raise StoreError(
+                f"{self.url}: {where} takes the metadata past {_MAX_VIEWS} values or {_MAX_METADATA >> 20} MiB, "
+                "more than the largest models' tokenizers; refused before the gguf package reads it into memory"
+            )
+
+
+def _check_metadata(path: str, url: str) -> None:
+    """Refuse a GGUF whose metadata the gguf package would blow up in memory (:class:`_MetadataScan`)."""
+    try:
+        with open(path, "rb") as f:
+            if os.fstat(f.fileno()).st_size < 24:
+                return  # no header: GGUFReader says so
+            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+                _MetadataScan(buf, url).run()
+    except OSError as exc:
+        raise StoreError(f"{url}: cannot read it ({type(exc).__name__}: {exc})") from exc
 
 
 def _gguf() -> Any:
@@ -55,6 +165,7 @@ class GGUFFile:
         if not isinstance(fs, LocalFileSystem):
             raise StoreError(f"{url}: GGUF files are read from local disk only; download it first")
         gguf = _gguf()
+        _check_metadata(path, url)
         try:
             reader = gguf.GGUFReader(path)
         except (ValueError, KeyError, IndexError, OSError) as exc:

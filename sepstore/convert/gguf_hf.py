@@ -182,10 +182,8 @@ class TransformersView:
     def _number(self, key: str, count: bool) -> int | float:
         """The metadata number ``key``, a positive integer where it is a ``count``."""
         got = self.file.value(key)
-        number = isinstance(got, int | float) and not isinstance(got, bool)
-        if number and not count:
-            return got  # type: ignore[return-value]
-        if number and isinstance(got, int) and got > 0:
+        integer = isinstance(got, int) and not isinstance(got, bool)
+        if (integer and got > 0) or (not count and (integer or isinstance(got, float))):
             return got
         shown = "an array (per-layer values) or unreadable" if got is None else repr(got)
         raise TensorError(

@@ -28,7 +28,7 @@ from fsspec.core import split_protocol
 from .errors import IntegrityError, StoreError
 from .retry import ShortReadError, StalledError
 
-__all__ = ["PIECE_BYTES", "min_speed", "open_url", "read_head", "stream_range", "timeout", "with_defaults"]
+__all__ = ["PIECE_BYTES", "can_list", "min_speed", "open_url", "read_head", "stream_range", "timeout", "with_defaults"]
 
 T = TypeVar("T")
 
@@ -300,6 +300,14 @@ class _S3Body(_AsyncBody):
 
     async def _close(self) -> None:
         await self._body.aclose()
+
+
+def can_list(fs: fsspec.AbstractFileSystem) -> bool:
+    """Whether folders on ``fs`` may be listed: not over HTTP, whose "listings" are HTML pages that
+    fsspec reads whole, with no size bound and no minimum-progress rule (a hostile server answered
+    with 1 GiB, or a byte every half second), and which most servers refuse anyway."""
+    protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
+    return not {"http", "https"}.intersection(protocols)
 
 
 def _is(fs: fsspec.AbstractFileSystem, module: str, name: str) -> bool:

@@ -28,7 +28,7 @@ from typing import Any, TypeVar
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from .backends import open_url, read_head, stream_range
+from .backends import can_list, open_url, read_head, stream_range
 from .errors import NotFoundError, SepstoreError, StoreError
 from .hashing import Hasher, digest_file, digest_hex, digest_of
 from .manifest import MAX_MANIFEST_BYTES, NAME_PATTERN, TAG_PATTERN, Blob
@@ -292,11 +292,8 @@ class Store:
 
     @property
     def can_list(self) -> bool:
-        """Whether folders can be listed: not over HTTP, whose "listings" are HTML pages that fsspec
-        reads whole, with no size bound and no minimum-progress rule (a hostile server answered
-        with 1 GiB, or a byte every half second)."""
-        protocols = self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,)
-        return not {"http", "https"}.intersection(protocols)
+        """Whether folders can be listed (not over HTTP: see :func:`~sepstore.backends.can_list`)."""
+        return can_list(self.fs)
 
     def __repr__(self) -> str:
         return f"Store({self.url!r})"

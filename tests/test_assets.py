@@ -15,6 +15,7 @@ from pathlib import Path, PureWindowsPath
 import fsspec
 import msgspec
 import pytest
+import safetensors.torch
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
@@ -24,6 +25,7 @@ from test_remote import Backend, http_root, make_backend  # noqa: F401 - http_ro
 import sepstore
 import sepstore.manifest
 from sepstore.cli import main
+from sepstore.convert.assets import WELL_KNOWN
 from sepstore.demo import llama_decider, tiny_llama_state_dict
 from sepstore.errors import IntegrityError, ManifestError, StoreError
 from sepstore.hashing import digest_buffer
@@ -437,6 +439,24 @@ def test_convert_takes_assets_from_a_hf_folder_on_s3(moto_server: object, tmp_pa
     manifest = sepstore.convert(f"s3://{bucket}/model", tmp_path / "s", name="tiny", quiet=True)
     assert manifest.asset_files["tokenizer.model"].digest == digest_buffer(b"\x00sp")
     assert "onnx/config.json" not in manifest.asset_files and ".gitattributes" not in manifest.asset_files
+
+
+def test_convert_over_plain_http_asks_for_the_well_known_files_by_name_without_listing(tmp_path: Path) -> None:
+    write_hf_folder(tmp_path / "www" / "hf")
+    folder = tmp_path / "www" / "hf"
+    torch_model = {"model.embed_tokens.weight": torch.zeros(4, 2)}
+    safetensors.torch.save_file(torch_model, folder / "model.safetensors")
+    index = {"metadata": {}, "weight_map": {"model.embed_tokens.weight": "model.safetensors"}}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    (folder / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    server = StaticServer(tmp_path / "www").start()
+    try:
+        url = f"{server.url}/hf/model.safetensors.index.json"
+        manifest = sepstore.convert(url, tmp_path / "s", name="tiny", quiet=True)
+    finally:
+        server.stop()
+    assert sorted(manifest.asset_files) == sorted(set(WELL_KNOWN) & set(json.loads((folder / "kept.json").read_text())))
+    assert not [r for r in server.requests if r.path.rstrip("/").endswith("/hf")]  # the folder is never listed
 
 
 def test_an_allow_listed_file_over_the_size_limit_stops_convert_with_the_way_out(

@@ -106,6 +106,7 @@ def test_dtype_casts_floating_tensors_only(tmp_path: Path) -> None:
     src = hf_folder(tmp_path / "fp32", sd)
     manifest = sepstore.convert(src, tmp_path / "store", dtype="bf16")
     assert manifest.metadata["dtype"] == "bfloat16"
+    assert manifest.config == {**CONFIG, "torch_dtype": "bfloat16"}  # a model built from it (or exported) is bf16
     got = flat(tmp_path / "store")
     for key, value in sd.items():
         label, name = sepstore_name(key)

@@ -389,8 +389,10 @@ def test_push_pull_load_info_and_tags_take_oci_references(oci: RegistryProxy, tm
     store = parts.parent.parent
     report = sepstore.push(store, f"oci://{oci.host}/api/tiny", name="tiny", tag="v1", quiet=True)
     assert report.manifest_url == f"oci://{oci.host}/api/tiny:v1" and len(report.uploaded) == 6
+    assert report.transferred_bytes == report.uploaded_bytes > 0
     again = sepstore.push(store, f"oci://{oci.host}/api/tiny", name="tiny", tag="v1", quiet=True)
     assert not again.manifest_written and again.uploaded == [] and len(again.skipped) == 6
+    assert again.transferred_bytes == 0
     ref = f"oci://{oci.host}/api/tiny:v1"
     assert sepstore.resolve(ref).digest == sepstore.resolve(store, name="tiny", tag="v1").digest
     pulled = sepstore.pull(ref, "b 0-2", cache_dir=tmp_path / "cache", quiet=True)

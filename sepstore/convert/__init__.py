@@ -132,7 +132,7 @@ def convert(
             out_path,
             name=name or checkpoint.default_name,
             tag=tag,
-            config=checkpoint.config,
+            config=_cast_config(checkpoint.config, dtype_name),
             metadata=metadata,
             assets=checkpoint.assets() if assets else None,
             renames=renames,
@@ -140,3 +140,13 @@ def convert(
             force=force,
             quiet=quiet,
         )
+
+
+def _cast_config(config: dict[str, Any] | None, dtype_name: str | None) -> dict[str, Any] | None:
+    """The config with the dtype ``convert`` cast the weights to, where it names one (``dtype``,
+    transformers 5's name, or ``torch_dtype``; ``torch_dtype`` if neither), so that a model built
+    from it, or an exported folder, loads in the stored dtype."""
+    if config is None or dtype_name is None:
+        return config
+    keys = [key for key in ("dtype", "torch_dtype") if key in config] or ["torch_dtype"]
+    return {**config, **dict.fromkeys(keys, _LONG[dtype_name])}

@@ -10,7 +10,8 @@ holds it) and weight indexes (``*.index.json``, which name the source's shard fi
 and folders (``.git``, ``.gitattributes``, ``.cache``), and the folders of other runtimes'
 exports or of the original checkpoint (:data:`SKIPPED_FOLDERS`). An allow-list, not a deny-list,
 so a store never silently grows by an export it was not asked to hold; each kept file is at most
-:data:`MAX_CONVERT_ASSET_BYTES`.
+:data:`MAX_CONVERT_ASSET_BYTES`. A folder that cannot be listed (plain HTTP) is asked for the files
+of :data:`WELL_KNOWN` by name instead.
 """
 
 from __future__ import annotations
@@ -20,11 +21,19 @@ from typing import Final
 import fsspec
 
 from ..assets import AssetFile
+from ..backends import can_list
 from ..errors import StoreError
 from ..manifest import MAX_ASSETS, is_asset_path
 from ..store import backend_errors
 
-__all__ = ["KEPT_NAMES", "KEPT_SUFFIXES", "MAX_CONVERT_ASSET_BYTES", "SKIPPED_FOLDERS", "find_assets"]
+__all__ = [
+    "KEPT_NAMES",
+    "KEPT_SUFFIXES",
+    "MAX_CONVERT_ASSET_BYTES",
+    "SKIPPED_FOLDERS",
+    "WELL_KNOWN",
+    "find_assets",
+]
 
 KEPT_SUFFIXES: Final = (".json", ".jinja", ".txt", ".model", ".tiktoken", ".md", ".py", ".yaml", ".yml")
 KEPT_NAMES: Final = ("LICENSE", "LICENCE", "NOTICE", "COPYING", "USE_POLICY")
@@ -33,6 +42,26 @@ SKIPPED_FOLDERS: Final = frozenset({"onnx", "openvino", "coreml", "tflite", "ori
 MAX_CONVERT_ASSET_BYTES: Final = 256 * 1024 * 1024
 #: How deep below the model folder files are looked for.
 _MAX_DEPTH = 4
+#: The files asked for by name where a folder cannot be listed (a model folder on plain HTTP).
+WELL_KNOWN: Final = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "generation_config.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "tokenizer.model",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "preprocessor_config.json",
+    "modules.json",
+    "sentence_bert_config.json",
+    "config_sentence_transformers.json",
+    "README.md",
+    "LICENSE",
+)
 
 
 def _kept(relative: str) -> bool:
@@ -48,9 +77,9 @@ def _kept(relative: str) -> bool:
 def find_assets(fs: fsspec.AbstractFileSystem, folder: str) -> dict[str, AssetFile]:
     """The files of the model folder ``folder`` that the allow-list keeps, by relative path."""
     url = fs.unstrip_protocol(folder)
-    with backend_errors(url):
-        found = fs.find(folder, maxdepth=_MAX_DEPTH, detail=True)
     root = folder.rstrip("/") + "/"
+    with backend_errors(url):
+        found = fs.find(folder, maxdepth=_MAX_DEPTH, detail=True) if can_list(fs) else _named(fs, root)
     out: dict[str, AssetFile] = {}
     for path, info in sorted(found.items()):
         if info.get("type") == "directory" or not path.startswith(root):
@@ -76,3 +105,15 @@ def find_assets(fs: fsspec.AbstractFileSystem, folder: str) -> dict[str, AssetFi
             f"{url}: {len(out)} asset files, over the {MAX_ASSETS} a manifest holds; convert with --no-assets"
         )
     return out
+
+
+def _named(fs: fsspec.AbstractFileSystem, root: str) -> dict[str, dict[str, object]]:
+    """The files of :data:`WELL_KNOWN` that ``root`` holds, as :meth:`fsspec.AbstractFileSystem.find`
+    describes them (a missing one is skipped)."""
+    found: dict[str, dict[str, object]] = {}
+    for name in WELL_KNOWN:
+        try:
+            found[root + name] = fs.info(root + name)
+        except FileNotFoundError:
+            continue
+    return found

@@ -81,6 +81,7 @@ def push_to_registry(
         manifest_digest=digest,
         uploaded=report.uploaded,
         uploaded_bytes=report.uploaded_bytes,
+        transferred_bytes=report.uploaded_bytes,  # a registry takes whole blobs: what is uploaded is sent
         skipped=report.present + report.mounted,
         skipped_bytes=report.present_bytes + report.mounted_bytes,
         manifest_written=report.manifest_written,

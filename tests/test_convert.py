@@ -242,6 +242,19 @@ def test_an_http_checkpoint_is_read_by_concurrent_ranged_reads(tmp_path: Path, m
     assert_same_model(tmp_path / "store", sd)
 
 
+def test_a_folder_over_plain_http_or_a_registry_reference_is_refused_saying_what_to_give(tmp_path: Path) -> None:
+    hf_folder(tmp_path / "www" / "m", small_llama())
+    server = StaticServer(tmp_path / "www").start()
+    try:
+        with pytest.raises(sepstore.StoreError, match=r"cannot be listed; give the URL of its model.safetensors"):
+            sepstore.convert(f"{server.url}/m", tmp_path / "store", name="m")
+    finally:
+        server.stop()
+    assert not [r for r in server.requests if r.path.rstrip("/") == "/m"]  # never read as a listing
+    with pytest.raises(sepstore.StoreError, match="holds sepstore models, not checkpoints"):
+        sepstore.convert("oci://127.0.0.1:5000/acme/model:v1", tmp_path / "store")
+
+
 def test_an_http_server_that_ignores_ranges_is_a_clear_error(tmp_path: Path) -> None:
     hf_folder(tmp_path / "www" / "m", small_llama(), shards=2)
     server = StaticServer(tmp_path / "www", ranges=False).start()

@@ -17,7 +17,7 @@ from typing import Any
 import fsspec
 
 from ..assets import AssetInput
-from ..backends import open_url
+from ..backends import can_list, open_url
 from ..dump import Decider
 from ..errors import NotFoundError, StoreError
 from ..store import backend_errors, read_limited
@@ -143,11 +143,21 @@ def open_checkpoint(
     """Open the checkpoint at ``source`` (a path or any fsspec URL) without reading its tensors;
     ``gguf_names`` keeps a GGUF's own names and layout."""
     url = os.fspath(source)
+    if url.startswith("oci://"):
+        raise StoreError(
+            f"{url}: an OCI registry holds sepstore models, not checkpoints to convert; load, pull or export it "
+            "(sepstore export REF OUT_DIR gives a Hugging Face folder)"
+        )
     fs, path = open_url(url, storage_options)
     path = path.rstrip("/") or path
     with backend_errors(url):
         # a file named as one is asked about first: over HTTP, isdir reads the whole answer looking for links
         is_file = path.endswith(_FILES) and fs.isfile(path)
+        if not is_file and not can_list(fs):
+            raise StoreError(
+                f"{url}: a folder over plain HTTP cannot be listed; give the URL of its "
+                "model.safetensors.index.json (or of one weights file)"
+            )
         is_dir = not is_file and fs.isdir(path)
         if not is_dir and not is_file and not fs.exists(path):
             raise NotFoundError(f"{url}: no such checkpoint file or folder")

@@ -295,11 +295,11 @@ def dump(
         version: str | None = None
         if not force and store.has_manifest(name, tag):
             data, version = store.read_manifest_version(name, tag)
-            existing = Resolved(data, store.url_of(store.manifest_path(name, tag)), store.parts_url, storage_options)
+            existing = Resolved(data, store.manifest_url(name, tag), store.parts_url, storage_options)
             held = (*existing.manifest.labelled_parts(), *existing.manifest.labelled_assets())
             lease.protect(blob.digest for _, blob in held)
         previous = existing.manifest if existing is not None else None
-        record = _combined_renames(previous, renames, store.url_of(store.manifest_path(name, tag)))
+        record = _combined_renames(previous, renames, store.manifest_url(name, tag))
         parts: dict[Slot, Part | None] = {"begin": previous.begin, "end": previous.end} if previous else {}
         parts.update(enumerate(previous.mid) if previous else ())
         writer = _Writer(store, existing, lease, committer)
@@ -317,7 +317,7 @@ def dump(
                 bar.update(sizes[slot])
         writer.flush()
         new_assets = write_assets(store, given_assets, lambda digest: lease.protect([digest]))
-        where = store.url_of(store.manifest_path(name, tag))
+        where = store.manifest_url(name, tag)
         all_assets = merge_assets(previous.asset_files if previous else {}, new_assets, where=where)
         # Belt and braces (a gc of an older sepstore ignores leases): every part, right before the
         # manifest; those this call has the tensors of are written again.
@@ -355,7 +355,7 @@ def dump(
         data = encode_manifest(manifest)
         if not store.write_manifest_bytes(name, tag, data, create=not force and previous is None, if_version=version):
             raise StoreError(
-                f"{store.url_of(store.manifest_path(name, tag))} was written by another publisher during this dump; "
+                f"{store.manifest_url(name, tag)} was written by another publisher during this dump; "
                 "run the dump again to combine with it"
             )
         return manifest

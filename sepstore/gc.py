@@ -16,9 +16,9 @@ from typing import Any
 
 from .errors import NotFoundError, SepstoreError, StoreError
 from .leases import holding, live_leases
-from .manifest import decode_manifest, manifest_digest
+from .manifest import MAX_MANIFEST_BYTES, decode_manifest, manifest_digest
 from .signing import SignedBundle
-from .store import BLOB_FILE, TEMP_PATTERN, Store, backend_errors, check_name, check_tag, modified_time, read_limited
+from .store import BLOB_FILE, TEMP_PATTERN, Store, check_name, check_tag, modified_time
 
 __all__ = ["DEFAULT_GRACE", "GcReport", "gc"]
 
@@ -60,7 +60,7 @@ def _referenced(store: Store) -> set[str]:
     """The hex digests of every part and asset every manifest in ``store`` names (all must decode)."""
     referenced: set[str] = set()
     for name, tag in store.list_manifests():
-        url = store.url_of(store.manifest_path(name, tag))
+        url = store.manifest_url(name, tag)
         try:
             data = store.read_manifest_bytes(name, tag)
         except NotFoundError:
@@ -69,25 +69,6 @@ def _referenced(store: Store) -> set[str]:
         referenced.update(part.digest.removeprefix("blake3:") for _, part in manifest.labelled_parts())
         referenced.update(asset.digest.removeprefix("blake3:") for asset in manifest.asset_files.values())
     return referenced
-
-
-def _listing(store: Store) -> list[dict[str, Any]]:
-    """Every entry of the parts folder, and the temporary files a killed publisher left among the
-    manifests (``manifests/<name>/.tmp-*.json``; a ``.lock`` file exists only while a process holds it, so it stays)
-    and the leases."""
-    entries: list[dict[str, Any]] = []
-    for folder in (store.parts_dir, store.manifests_dir, store.leases_dir):
-        with backend_errors(store.url_of(folder)):
-            if not store.is_local:
-                store.fs.invalidate_cache(folder)
-            if not store.fs.exists(folder):
-                continue
-            if folder == store.parts_dir:
-                entries += store.fs.ls(folder, detail=True)
-            else:
-                found = store.fs.find(folder, detail=True).values()
-                entries += [info for info in found if TEMP_PATTERN.match(info["name"].rsplit("/", 1)[-1])]
-    return entries
 
 
 def gc(
@@ -116,7 +97,7 @@ def gc(
             "(a store root, not a cache folder), or pass allow_empty=True (--allow-empty) if every model was removed"
         )
     referenced = _referenced(target)
-    listing = _listing(target)
+    listing = target.list_blobs()
     referenced |= _referenced(target)  # and what was published while the parts were listed
     now = time.time()
     victims: list[dict[str, Any]] = []
@@ -152,7 +133,7 @@ def gc(
                 continue
             if lease is not None:
                 lease.check()
-                current = _current(target, info["name"])
+                current = target.entry(info["name"])
                 if current is None:
                     continue  # another gc was quicker
                 if not _old(current, grace, time.time()):  # written again since the listing (an older publisher)
@@ -163,7 +144,7 @@ def gc(
             removed_bytes += int(info.get("size") or 0)
     stale, signed = _signatures(target, grace, time.time())
     for path in stale if not dry_run else []:
-        current = _current(target, path)
+        current = target.entry(path)
         # rewritten since the listing (a `sign` or `push` moving the tag): judged again next time
         judge = _old if TEMP_PATTERN.match(path.rsplit("/", 1)[-1]) else _older  # as _signatures did
         if current is not None and judge(current, grace, time.time()):
@@ -180,14 +161,10 @@ def _signatures(store: Store, grace: float, now: float) -> tuple[list[str], int]
     ``sign`` and ``push`` do) is then never judged against the manifest it replaced. Files that are
     not ``<name>/<tag>/<key id>.json`` are left alone, and so is one of a kept tag that does not
     decode as a bundle, as gc leaves every file it does not know."""
-    root = store.signatures_root
-    found = store.list_files(root, recursive=True)
     held: dict[tuple[str, str], str | None] = {}
     stale: list[str] = []
     kept = 0
-    for path, info in sorted(found.items()):
-        folder, _, base = path[len(root) :].strip("/").rpartition("/")
-        name, _, tag = folder.rpartition("/")
+    for path, (name, tag, base, info) in sorted(store.signature_files().items()):
         if TEMP_PATTERN.match(base):
             if _old(info, grace, now):
                 stale.append(path)
@@ -226,9 +203,8 @@ def _manifest_digest(store: Store, name: str, tag: str) -> str | None:
 
 def _claimed(store: Store, path: str) -> str | None:
     """The manifest digest a signature file claims, or ``None`` if it cannot be read as one."""
-    url = store.url_of(path)
     try:
-        return SignedBundle.decode(read_limited(store.fs, path, url), url).claim().digest
+        return SignedBundle.decode(store.read_file_bytes(path, MAX_MANIFEST_BYTES), store.url_of(path)).claim().digest
     except SepstoreError:
         return None
 
@@ -242,17 +218,6 @@ def _old(info: dict[str, Any], grace: float, now: float) -> bool:
 def _older(info: dict[str, Any], seconds: float, now: float) -> bool:
     modified = modified_time(info)
     return modified is not None and now - modified >= seconds
-
-
-def _current(store: Store, path: str) -> dict[str, Any] | None:
-    """The file's listing entry as it is now (``None`` if it is gone), asked right before deleting it."""
-    with backend_errors(store.url_of(path)):
-        if not store.is_local:
-            store.fs.invalidate_cache(path)
-        try:
-            return {**store.fs.info(path), "name": path}
-        except FileNotFoundError:
-            return None
 
 
 def _base(info: dict[str, Any]) -> str:

@@ -128,7 +128,7 @@ def push(
     out_tag = check_tag(dest_tag or src.tag)
     data = _publishable(src)
     digest = manifest_digest(data)
-    url = store.url_of(store.manifest_path(manifest.name, out_tag))
+    url = store.manifest_url(manifest.name, out_tag)
     held = None
     if store.has_manifest(manifest.name, out_tag):
         held = manifest_digest(store.read_manifest_bytes(manifest.name, out_tag))
@@ -146,7 +146,7 @@ def push(
     reader = PartReader(src, cache_dir=options.get("cache_dir"), workers=workers)
 
     damaged: set[str] = set()  # files the destination holds with other bytes
-    composer = Composer.for_store(store, manifest, workers=workers)
+    composer = Composer.for_store(store, manifest, workers=workers) if store.server_side_copy else None
     moved = {"sent": 0, "copied": 0}  # bytes uploaded, and copied server-side instead
 
     def upload(item: tuple[str, Blob]) -> Composed:

@@ -17,6 +17,7 @@ from .errors import NotFoundError, RefError, SepstoreError, StoreError
 from .manifest import decode_manifest, manifest_digest
 from .refs import OCI_SCHEME, is_manifest_url
 from .store import MANIFESTS_DIR, Store, check_name, modified_time
+from .stores.local import LocalStore
 
 __all__ = ["TagInfo", "tags"]
 
@@ -90,14 +91,14 @@ def tags(
     if not entries:
         opened.require()
     chosen = sorted(key for key in entries if name in (None, key[0]))
-    with ThreadPoolExecutor(_READERS if not opened.is_local else 1, "sepstore-tags") as pool:
+    with ThreadPoolExecutor(1 if isinstance(opened, LocalStore) else _READERS, "sepstore-tags") as pool:
         rows = list(pool.map(lambda key: _row(opened, *key, entries[key]), chosen))
     return [row for row in rows if row is not None]
 
 
 def _row(store: Store, name: str, tag: str, entry: dict[str, Any]) -> TagInfo | None:
     """The tag's row; ``None`` if its manifest was deleted since the listing."""
-    url = store.url_of(store.manifest_path(name, tag))
+    url = store.manifest_url(name, tag)
     seconds = modified_time(entry)
     modified = dt.datetime.fromtimestamp(seconds, dt.timezone.utc) if seconds is not None else None
     try:

@@ -37,6 +37,11 @@ class Dest:
     root: str
     grace: float
 
+    @property
+    def cls(self) -> type[Store]:
+        """The store implementation the destination opens as (where a test pauses its calls)."""
+        return type(Store(self.root))
+
     def age_orphans(self) -> None:
         """Make every part two hours old where the backend allows it (local disk); S3 cannot
         backdate an object, so its tests run gc with a grace of 0 instead."""
@@ -173,7 +178,7 @@ def test_a_push_relying_on_old_orphans_survives_a_gc_meanwhile(
     """Race (a): push finds the parts already there (old orphans) and skips them; a gc runs before
     the push writes its manifest; the manifest must still find every part."""
     orphan_parts(source, dest)
-    pause = Pause(monkeypatch, Store, "write_manifest_bytes")
+    pause = Pause(monkeypatch, dest.cls, "write_manifest_bytes")
     push = Background(lambda: sepstore.push(source, dest.root, quiet=True))
     pause.wait()
     report = sepstore.gc(dest.root, grace=dest.grace)
@@ -189,9 +194,9 @@ def test_a_dump_survives_a_gc_running_meanwhile(dest: Dest, monkeypatch: pytest.
     parts of a dump in progress; with a lease they stay, whatever the grace."""
     sd = tiny_llama_state_dict(layers=3, hidden=16, intermediate=16, vocab=32, seed=3)
     if where == "between parts":
-        pause = Pause(monkeypatch, Store, "_commit", nth=3)  # begin and mid.0 are in, mid.1 is written
+        pause = Pause(monkeypatch, dest.cls, "_commit", nth=3)  # begin and mid.0 are in, mid.1 is written
     else:
-        pause = Pause(monkeypatch, Store, "write_manifest_bytes")
+        pause = Pause(monkeypatch, dest.cls, "write_manifest_bytes")
     dump = Background(lambda: sepstore.dump(llama_decider, sd, dest.root, quiet=True))
     pause.wait()
     report = sepstore.gc(dest.root, grace=0)
@@ -208,15 +213,15 @@ def test_a_gc_whose_manifest_scan_is_slow_keeps_parts_published_during_it(
     relying on those parts wrote its manifest; it must not act on what it saw before."""
     orphan_parts(source, dest)
     listed = threading.Event()
-    original = gc_module._listing
+    original = dest.cls.list_blobs
 
     def listing(store: Store) -> list[dict[str, Any]]:
         found = original(store)
         listed.set()
         return found
 
-    monkeypatch.setattr(gc_module, "_listing", listing)
-    pause = Pause(monkeypatch, Store, "list_manifests", after=True, when=listed.is_set)
+    monkeypatch.setattr(dest.cls, "list_blobs", listing)
+    pause = Pause(monkeypatch, dest.cls, "list_manifests", after=True, when=listed.is_set)
     gc = Background(lambda: sepstore.gc(dest.root, grace=dest.grace))
     pause.wait()
     sepstore.push(source, dest.root, quiet=True)

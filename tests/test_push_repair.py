@@ -14,7 +14,7 @@ import sepstore
 from sepstore.cli import main
 from sepstore.demo import llama_decider, tiny_llama_state_dict
 from sepstore.manifest import Blob, Part
-from sepstore.store import Store
+from sepstore.stores.fsspec import FsspecStore
 
 
 @pytest.fixture
@@ -86,16 +86,16 @@ def test_a_part_deleted_behind_the_lease_is_written_again_before_the_manifest(
     manifest = sepstore.read_manifest(source)
     victim = manifest.mid[0]
     assert victim is not None
-    original = Store.has_blob
+    original = FsspecStore.has_blob
     removed: list[str] = []
 
-    def has_blob(store: Store, blob: Blob) -> bool:
+    def has_blob(store: FsspecStore, blob: Blob) -> bool:
         if not removed:  # the publisher's first has_blob is its last check: a gc acts just before
             store.fs.rm_file(store.part_path(victim.digest))
             removed.append(blob.digest)
         return original(store, blob)
 
-    monkeypatch.setattr(Store, "has_blob", has_blob)
+    monkeypatch.setattr(FsspecStore, "has_blob", has_blob)
     if publisher == "push":
         sepstore.push(source, dest, quiet=True)
     else:

@@ -1,0 +1,240 @@
+"""The store interface: what ``dump``, ``push``, ``pull`` and ``gc`` may ask of a store, and which of
+it each home can do (capability flags), so callers never branch on a backend's type.
+
+An operation a store lacks raises :class:`~sepstore.errors.StoreError` naming the store and the
+capability (see :meth:`Store.lacks`), never a backend's own exception.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
+from typing import Any, ClassVar, TypeVar
+
+from ..errors import StoreError
+from ..manifest import Blob
+
+__all__ = ["CAPABILITIES", "Store"]
+
+T = TypeVar("T")
+
+#: The capability flags every store sets (class attributes; a store may refine them per instance).
+CAPABILITIES = ("can_list", "conditional_writes", "ranged_reads", "server_side_copy", "can_delete", "read_only")
+
+
+class Store(ABC):
+    """A sepstore: parts and assets by BLAKE3 digest, manifests by model name and tag, signatures,
+    and the leases that keep ``gc`` from a publish in flight.
+
+    ``Store(url, storage_options)`` opens the implementation for ``url``: an ``oci://HOST/REPOSITORY``
+    registry repository, an ``http(s)://`` server (read-only), a local path or ``file://``, or any
+    other fsspec URL (``s3://``, ``memory://``)."""
+
+    #: Folders can be listed (manifests, blobs, signatures): not over HTTP.
+    can_list: ClassVar[bool] = True
+    #: A manifest is created only if absent, or replaced only if unchanged, atomically.
+    conditional_writes: ClassVar[bool] = False
+    #: A byte range of a blob can be read without the rest.
+    ranged_reads: ClassVar[bool] = True
+    #: Blobs can be assembled from ranges of other blobs inside the store (S3's UploadPartCopy).
+    server_side_copy: ClassVar[bool] = False
+    #: Blobs and other files can be deleted (``gc``).
+    can_delete: ClassVar[bool] = True
+    #: Nothing can be written.
+    read_only: ClassVar[bool] = False
+
+    url: str
+
+    def __new__(cls, url: str | os.PathLike[str] | None = None, *args: Any, **kwargs: Any) -> Store:
+        if cls is Store:
+            cls = _implementation(url, args[0] if args else kwargs.get("storage_options"))
+        return super().__new__(cls)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.url!r})"
+
+    def capabilities(self) -> dict[str, bool]:
+        """Every capability flag and its value for this store."""
+        return {flag: bool(getattr(self, flag)) for flag in CAPABILITIES}
+
+    def lacks(self, capability: str, doing: str) -> StoreError:
+        """The error for an operation this store cannot do: it names the store, what was asked and why."""
+        return StoreError(f"{self.url}: {type(self).__name__} cannot {doing} (it lacks {capability})")
+
+    # -- locations, as URLs for messages and references --------------------------------------------
+
+    @abstractmethod
+    def url_of(self, path: str) -> str:
+        """The URL of a path this store listed (:meth:`list_blobs`, :meth:`signature_files`)."""
+
+    @abstractmethod
+    def manifest_url(self, name: str, tag: str) -> str:
+        """The URL of a tag's manifest (what ``load`` takes)."""
+
+    @property
+    @abstractmethod
+    def parts_url(self) -> str:
+        """Where a manifest read from this store finds its parts (its ``parts_url``)."""
+
+    @abstractmethod
+    def blob_url(self, blob: Blob) -> str:
+        """The URL of a part's or an asset's file."""
+
+    @abstractmethod
+    def require(self) -> None:
+        """A :class:`~sepstore.errors.NotFoundError` when nothing at all is at the store's location."""
+
+    # -- parts and assets ------------------------------------------------------------------------
+
+    @abstractmethod
+    def has_blob(self, blob: Blob) -> bool:
+        """Whether a file is filed under the blob's digest now."""
+
+    @abstractmethod
+    def blob_size(self, blob: Blob) -> int | None:
+        """The size of the file filed under the blob's digest, or ``None`` when there is none."""
+
+    @abstractmethod
+    def read_blob_range(self, blob: Blob, start: int, end: int) -> bytes:
+        """Bytes ``[start, end)`` of a blob's file (bounded, retried where the backend is remote)."""
+
+    @abstractmethod
+    def digest_blob(self, blob: Blob) -> str:
+        """The BLAKE3 of the bytes filed under the blob's digest, read whole in bounded pieces."""
+
+    @abstractmethod
+    def put_blob_file(self, path: str, blob: Blob, *, replace: bool = False) -> bool:
+        """File a local, already verified part or asset file as ``blob``; whether it was written here.
+        With ``replace``, a file already filed under its digest (found damaged) is replaced."""
+
+    def stage_blob(self, write: Callable[[int], T]) -> tuple[T, str]:
+        """Write a part or an asset with ``write(fd)`` into a new temporary local file; the result and
+        the file's path, for :meth:`commit_blob`."""
+        raise self.lacks("staged writes", "stage a part")
+
+    def commit_blob(self, tmp: str, blob: Blob, *, protect: Callable[[str], None] | None = None) -> bool:
+        """File what :meth:`stage_blob` wrote as ``blob`` (unless the store has it) and delete the
+        temporary file; whether it was new. ``protect(digest)`` runs before the store is asked."""
+        raise self.lacks("staged writes", "commit a part")
+
+    @abstractmethod
+    def list_blobs(self) -> list[dict[str, Any]]:
+        """Every file of the parts folder (and the temporary files interrupted writers left), each as
+        a listing entry with ``name`` (its path in the store), ``size`` and a modification time."""
+
+    @abstractmethod
+    def entry(self, path: str) -> dict[str, Any] | None:
+        """A listed file's entry as it is now (``None`` if it is gone), asked right before deleting it."""
+
+    @abstractmethod
+    def remove(self, path: str) -> None:
+        """Delete a listed file of this store; one already gone is fine."""
+
+    # -- manifests -------------------------------------------------------------------------------
+
+    @abstractmethod
+    def read_manifest_bytes(self, name: str, tag: str) -> bytes:
+        """A tag's manifest, byte for byte; :class:`~sepstore.errors.NotFoundError` when there is none."""
+
+    def read_manifest_version(self, name: str, tag: str) -> tuple[bytes, str | None]:
+        """The tag's manifest and a token for this version of it, for ``write_manifest_bytes(if_version=)``;
+        ``None`` where the store cannot replace conditionally."""
+        return self.read_manifest_bytes(name, tag), None
+
+    @abstractmethod
+    def write_manifest_bytes(
+        self, name: str, tag: str, data: bytes, *, create: bool = False, if_version: str | None = None
+    ) -> bool:
+        """Write a manifest atomically, replacing the tag's previous one; whether it was written. With
+        ``create``, only if the tag holds none; with ``if_version``, only if it is still that version
+        (atomic where :attr:`conditional_writes`, else checked, then written)."""
+
+    @abstractmethod
+    def has_manifest(self, name: str, tag: str) -> bool:
+        """Whether the tag holds a manifest now."""
+
+    def list_manifests(self) -> list[tuple[str, str]]:
+        """Every ``(name, tag)`` in the store, sorted; a :class:`StoreError` where it cannot list."""
+        return sorted(self.manifest_entries())
+
+    @abstractmethod
+    def manifest_entries(self) -> dict[tuple[str, str], dict[str, Any]]:
+        """Every ``(name, tag)`` with its manifest's listing entry (size, modification time, when known)."""
+
+    @contextlib.contextmanager
+    def tag_lock(self, name: str, tag: str) -> Iterator[None]:
+        """Serialise read-modify-writes of one tag between processes, where the store needs it."""
+        yield
+
+    # -- leases (see sepstore.leases) --------------------------------------------------------------
+
+    @abstractmethod
+    def lease_url(self, lease_id: str) -> str:
+        """The URL of a lease object."""
+
+    @abstractmethod
+    def put_lease(self, lease_id: str, data: bytes) -> None:
+        """Write (or replace) a lease object atomically."""
+
+    @abstractmethod
+    def read_lease(self, lease_id: str) -> bytes | None:
+        """A lease object's bytes, or ``None`` when it is gone."""
+
+    @abstractmethod
+    def list_leases(self) -> list[str]:
+        """The ids of every lease object, as the store lists them now."""
+
+    @abstractmethod
+    def delete_lease(self, lease_id: str) -> None:
+        """Delete a lease object; one already gone is fine."""
+
+    # -- signatures ------------------------------------------------------------------------------
+
+    @abstractmethod
+    def signature_url(self, name: str, tag: str, key_id: str) -> str:
+        """The URL of one key's signature of a tag."""
+
+    @abstractmethod
+    def read_signature_bytes(self, name: str, tag: str, key_id: str) -> bytes:
+        """A signature (a bundle's JSON); :class:`~sepstore.errors.NotFoundError` if that key has not signed."""
+
+    @abstractmethod
+    def write_signature_bytes(self, name: str, tag: str, key_id: str, data: bytes) -> None:
+        """Write a signature, replacing that key's previous one for the tag."""
+
+    @abstractmethod
+    def list_signatures(self, name: str, tag: str) -> list[str]:
+        """The ids of the keys that signed a tag, sorted."""
+
+    @abstractmethod
+    def signature_files(self) -> dict[str, tuple[str, str, str, dict[str, Any]]]:
+        """Every file below the signatures folder, by path: ``(name, tag, file name, listing entry)``
+        (for ``gc``, which removes those of deleted or replaced manifests)."""
+
+    @abstractmethod
+    def read_file_bytes(self, path: str, limit: int) -> bytes:
+        """A small listed file whole (a signature ``gc`` judges); a :class:`StoreError` if over ``limit``."""
+
+
+def _implementation(url: object, storage_options: dict[str, Any] | None) -> type[Store]:
+    """The store class for ``url`` (imported only when asked, so a registry's client loads only for one)."""
+    location = os.fspath(url) if isinstance(url, str | os.PathLike) else ""
+    if location.startswith("oci://"):
+        from .registry import RegistryStore
+
+        return RegistryStore
+    from fsspec.implementations.local import LocalFileSystem
+
+    from ..backends import open_url
+    from .fsspec import FsspecStore, HttpStore
+    from .local import LocalStore
+
+    if not location:
+        return FsspecStore  # which refuses it, naming what was given
+    fs = open_url(location, storage_options)[0]
+    if isinstance(fs, LocalFileSystem):
+        return LocalStore
+    protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
+    return HttpStore if {"http", "https"}.intersection(protocols) else FsspecStore

@@ -90,6 +90,10 @@ def gc(
     if grace < 0:
         raise StoreError(f"grace must be a number of seconds >= 0, got {grace}")
     target = store if isinstance(store, Store) else Store(store, storage_options)
+    if not target.can_list_blobs:  # a registry's blobs, an HTTP server's files: unreferenced ones cannot be found
+        target.list_blobs()  # its StoreError says what the store lacks and what to do instead
+    if not target.can_delete:
+        raise target.lacks("deletion", "delete unreferenced parts (gc)")
     target.require()
     if not allow_empty and not target.list_manifests():
         raise StoreError(

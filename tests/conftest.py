@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from registry import DistributionRegistry
 from servers import CountingMotoServer
 
 import sepstore
@@ -56,3 +57,11 @@ def moto_server() -> Iterator[CountingMotoServer]:
     os.environ.clear()
     os.environ.update(saved)
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def plain_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DistributionRegistry]:
+    """A distribution registry without auth on 127.0.0.1 (deletion enabled)."""
+    registry = DistributionRegistry(tmp_path_factory.mktemp("registry")).start()
+    yield registry
+    registry.stop()

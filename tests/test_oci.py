@@ -39,13 +39,6 @@ USER, PASSWORD = "sepstore", "s3cret-pass"
 
 
 @pytest.fixture(scope="session")
-def plain_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DistributionRegistry]:
-    registry = DistributionRegistry(tmp_path_factory.mktemp("registry")).start()
-    yield registry
-    registry.stop()
-
-
-@pytest.fixture(scope="session")
 def oci(plain_registry: DistributionRegistry) -> Iterator[RegistryProxy]:
     """The registry without auth, behind a proxy that records every request it gets."""
     proxy = RegistryProxy(f"http://{plain_registry.host}").start()

@@ -314,19 +314,15 @@ def push_oci(
 
     with ThreadPoolExecutor(max(1, workers), "sepstore-oci-push") as pool:
         list(pool.map(hashed, layers))  # every file checked, and the image known, before anything is sent
-        config = _model_config(manifest, layers)
-        config_digest = sha256_of(config)
-        image = _image_manifest(config, config_digest, layers, manifest.name)
+        config, image = _image(manifest, layers)
         image_digest = sha256_of(image)
-        refuse_another(_held_digest(client, oci))
+        refuse_another(held_digest(client, oci))
         how = list(pool.map(put, layers))
-    if client.blob_size(repo, config_digest) != len(config):
-        client.upload_blob(repo, config, config_digest, len(config))
-    held = _held_digest(client, oci)
+    held = held_digest(client, oci)
     refuse_another(held)  # again: another publisher may have taken the tag meanwhile (narrows, cannot close, the race)
     written = held != image_digest
     if written:
-        client.put_manifest(repo, out_tag, image, OCI_MANIFEST)
+        put_image(client, oci, config, image)
     files = list(zip(layers[:-1], how[:-1], strict=True))  # the manifest's own layer is not a file of the model
     return OciPushReport(
         url=oci.url,
@@ -354,7 +350,43 @@ def sha256_of(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
-def _held_digest(client: Registry, oci: OciRef) -> str | None:
+def _image(manifest: Manifest, layers: list[_Layer]) -> tuple[bytes, bytes]:
+    """The model config and the image manifest of ``layers`` (each with its SHA-256 set)."""
+    config = _model_config(manifest, layers)
+    return config, _image_manifest(config, sha256_of(config), layers, manifest.name)
+
+
+def put_image(client: Registry, oci: OciRef, config: bytes, image: bytes) -> None:
+    """Put the config blob (unless the repository has it), then the image under the reference's tag."""
+    config_digest = sha256_of(config)
+    if client.blob_size(oci.repository, config_digest) != len(config):
+        client.upload_blob(oci.repository, config, config_digest, len(config))
+    assert oci.tag is not None
+    client.put_manifest(oci.repository, oci.tag, image, OCI_MANIFEST)
+
+
+def image_of(manifest_bytes: bytes, oci: OciRef, blobs: Mapping[str, tuple[str, int]]) -> tuple[bytes, bytes]:
+    """The config and image that publish ``manifest_bytes`` under ``oci``'s tag when the repository
+    already holds every part and asset (``blobs``: file name -> ``(sha256 digest, size)``), with the
+    manifest's own layer (the caller uploads it: its bytes are ``manifest_bytes``)."""
+    assert oci.tag is not None
+    manifest = decode_manifest(manifest_bytes, source=oci.url)
+    layers = _layers(manifest, manifest_bytes, oci.tag, lambda blob: blob.file_name)
+    for layer in layers:
+        if isinstance(layer.source, bytes):
+            layer.sha256 = sha256_of(layer.source)
+            continue
+        found = blobs.get(layer.source)
+        if found is None or found[1] != layer.size:
+            raise StoreError(
+                f"{oci.url}: {', '.join(_labels(layer))} is not in the repository; upload its blob first "
+                "(or publish the model with push)"
+            )
+        layer.sha256 = found[0]
+    return _image(manifest, layers)
+
+
+def held_digest(client: Registry, oci: OciRef) -> str | None:
     try:
         return client.get_manifest(oci.repository, oci.reference)[2]
     except NotFoundError:

@@ -21,7 +21,15 @@ __all__ = ["CAPABILITIES", "Store"]
 T = TypeVar("T")
 
 #: The capability flags every store sets (class attributes; a store may refine them per instance).
-CAPABILITIES = ("can_list", "conditional_writes", "ranged_reads", "server_side_copy", "can_delete", "read_only")
+CAPABILITIES = (
+    "can_list",
+    "can_list_blobs",
+    "conditional_writes",
+    "ranged_reads",
+    "server_side_copy",
+    "can_delete",
+    "read_only",
+)
 
 
 class Store(ABC):
@@ -32,8 +40,10 @@ class Store(ABC):
     registry repository, an ``http(s)://`` server (read-only), a local path or ``file://``, or any
     other fsspec URL (``s3://``, ``memory://``)."""
 
-    #: Folders can be listed (manifests, blobs, signatures): not over HTTP.
+    #: Its models and tags can be listed: not over HTTP.
     can_list: ClassVar[bool] = True
+    #: Its blobs (and leases, signature files) can be listed, which ``gc`` needs: not over HTTP nor in a registry.
+    can_list_blobs: ClassVar[bool] = True
     #: A manifest is created only if absent, or replaced only if unchanged, atomically.
     conditional_writes: ClassVar[bool] = False
     #: A byte range of a blob can be read without the rest.
@@ -123,6 +133,10 @@ class Store(ABC):
     def list_blobs(self) -> list[dict[str, Any]]:
         """Every file of the parts folder (and the temporary files interrupted writers left), each as
         a listing entry with ``name`` (its path in the store), ``size`` and a modification time."""
+
+    @abstractmethod
+    def remove_blob(self, blob: Blob) -> None:
+        """Delete the file filed under the blob's digest; one already gone is fine."""
 
     @abstractmethod
     def entry(self, path: str) -> dict[str, Any] | None:

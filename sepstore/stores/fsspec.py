@@ -223,6 +223,9 @@ class FsspecStore(Store):
         with backend_errors(self.url_of(path)), contextlib.suppress(FileNotFoundError):
             self.fs.rm_file(path)
 
+    def remove_blob(self, blob: Blob) -> None:
+        self.remove(self.blob_path(blob))
+
     def list_blobs(self) -> list[dict[str, Any]]:
         """Every entry of the parts folder, and the temporary files a killed publisher left among the
         manifests (``manifests/<name>/.tmp-*.json``; a ``.lock`` file exists only while a process holds
@@ -414,6 +417,7 @@ class HttpStore(FsspecStore):
     its manifest's URL, or by name and tag."""
 
     can_list = False
+    can_list_blobs = False
     can_delete = False
     read_only = True
 

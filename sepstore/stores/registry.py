@@ -1,0 +1,271 @@
+"""An OCI registry repository as a store (``oci://HOST[:PORT]/REPOSITORY``), over :mod:`sepstore.oci`.
+
+A repository holds one model: its tags are the model's tags, each an image manifest whose layers are
+the parts and assets (annotated with their BLAKE3 digests) and the sepstore manifest. Blobs are found
+by BLAKE3 through those annotations (and the uploads of this store object), and read by SHA-256 with
+ranged GETs. What a registry cannot do is a capability it lacks:
+
+- no conditional writes: a tag is checked, then written (two publishers racing both succeed, the last wins);
+- no listing of blobs (the distribution API has none), so sepstore's ``gc`` cannot find unreferenced
+  blobs: delete a tag's image, then run the registry's own garbage collection
+  (``registry garbage-collect``, or the hosted registry's retention policy);
+- no server-side copy (blobs from another repository are *mounted* by ``push`` instead);
+- no lease objects: none are needed, as sepstore's ``gc`` deletes nothing here, and a registry
+  refuses an image whose blobs are missing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from ..errors import NotFoundError, RegistryError, SepstoreError, StoreError
+from ..hashing import Hasher, digest_of
+from ..manifest import Blob, decode_manifest
+from ..oci.client import sha256_file
+from ..oci.layout import (
+    OciModel,
+    OciRef,
+    held_digest,
+    image_of,
+    put_image,
+    registry_for,
+    resolve_oci,
+    sha256_of,
+    tags_oci,
+)
+from ..oci.signatures import RegistrySignatures
+from ..store import check_name, check_tag
+from .base import Store
+
+__all__ = ["RegistryStore"]
+
+
+class RegistryStore(Store):
+    """The model in one registry repository (``oci://HOST[:PORT]/REPOSITORY``; ``storage_options``
+    as for an ``oci://`` reference: ``insecure``, ``username``, ``password``)."""
+
+    conditional_writes = False
+    ranged_reads = True
+    server_side_copy = False
+    can_list = True  # its tags
+    can_list_blobs = False  # the distribution API has no such call
+    can_delete = True  # blobs, where the registry allows deletion (else a StoreError naming it)
+    read_only = False
+
+    def __init__(self, url: str | os.PathLike[str], storage_options: dict[str, Any] | None = None) -> None:
+        ref = OciRef.parse(os.fspath(url))
+        if ref.tag is not None or ref.digest is not None:
+            raise StoreError(f"{ref.url}: a registry store is a repository (oci://HOST/REPOSITORY), without a tag")
+        self.ref = ref
+        self.url = ref.url
+        self.registry = registry_for(ref.host, storage_options)
+        self._lock = threading.Lock()
+        #: Where the repository holds each file: file name -> (sha256 digest, size), from its images and uploads.
+        self._blobs: dict[str, tuple[str, int]] = {}
+        self._indexed = False
+
+    # -- locations -------------------------------------------------------------------------------
+
+    def url_of(self, path: str) -> str:
+        return f"{self.registry.base}/v2/{self.ref.repository}/blobs/{path}"
+
+    @property
+    def parts_url(self) -> str:
+        return f"sepstore-oci://{self.ref.host}/{self.ref.repository}"
+
+    def manifest_url(self, name: str, tag: str) -> str:
+        check_name(name)
+        return self.ref.with_tag(check_tag(tag)).url
+
+    def blob_url(self, blob: Blob) -> str:
+        found = self._find(blob)
+        return self.url_of(found[0]) if found is not None else f"{self.url} ({blob.digest})"
+
+    def require(self) -> None:
+        try:
+            self.registry.tags(self.ref.repository)
+        except NotFoundError:
+            raise NotFoundError(f"{self.url}: no such repository in the registry") from None
+
+    # -- blobs -----------------------------------------------------------------------------------
+
+    def _model(self, tag: str) -> OciModel:
+        model = resolve_oci(self.ref.with_tag(check_tag(tag)), registry=self.registry)
+        with self._lock:
+            self._blobs.update(model.blobs)
+        return model
+
+    def _index(self) -> dict[str, tuple[str, int]]:
+        """Where the repository holds each file: every tag's image is read once, when first needed."""
+        with self._lock:
+            indexed = self._indexed
+        if not indexed:
+            with contextlib.suppress(NotFoundError):  # no repository yet: no blobs
+                for tag in self._tags():
+                    with contextlib.suppress(SepstoreError):  # an image that is not a sepstore model holds none
+                        self._model(tag)
+        with self._lock:
+            self._indexed = True
+            return dict(self._blobs)
+
+    def _find(self, blob: Blob) -> tuple[str, int] | None:
+        with self._lock:
+            found = self._blobs.get(blob.file_name)
+        return found if found is not None else self._index().get(blob.file_name)
+
+    def _tags(self) -> list[str]:
+        return sorted(t for t in self.registry.tags(self.ref.repository) if not t.startswith("sha256-"))
+
+    def blob_size(self, blob: Blob) -> int | None:
+        found = self._find(blob)
+        return None if found is None else self.registry.blob_size(self.ref.repository, found[0])
+
+    def has_blob(self, blob: Blob) -> bool:
+        return self.blob_size(blob) is not None
+
+    def _located(self, blob: Blob) -> str:
+        found = self._find(blob)
+        if found is None:
+            raise NotFoundError(f"{self.url}: no blob of {blob.digest} in the repository")
+        return found[0]
+
+    def read_blob_range(self, blob: Blob, start: int, end: int) -> bytes:
+        return self.registry.read_blob(self.ref.repository, self._located(blob), start, end, blob.size)
+
+    def digest_blob(self, blob: Blob) -> str:
+        hasher = Hasher()
+        self.registry.download_blob(self.ref.repository, self._located(blob), blob.size, hasher.update)
+        return digest_of(hasher)
+
+    def put_blob_file(self, path: str, blob: Blob, *, replace: bool = False) -> bool:
+        """Upload the file as a blob (its SHA-256 computed here, its BLAKE3 and size checked against
+        ``blob``'s); skipped when the repository holds it, unless ``replace``."""
+        blake3 = Hasher()
+        sha256, size = sha256_file(path, also=blake3.update)
+        if size != blob.size or digest_of(blake3) != blob.digest:
+            raise StoreError(f"{path}: {size} bytes of digest {digest_of(blake3)}, not {blob.digest}; not uploaded")
+        with self._lock:
+            self._blobs[blob.file_name] = (sha256, size)
+        if not replace and self.registry.blob_size(self.ref.repository, sha256) == size:
+            return False
+        self.registry.upload_blob(self.ref.repository, path, sha256, size)
+        return True
+
+    def stage_blob(self, write: Callable[[int], Any]) -> tuple[Any, str]:
+        raise self.lacks("staged writes", "stage a part (dump into a local store, then push it here)")
+
+    def list_blobs(self) -> list[dict[str, Any]]:
+        raise self.lacks(
+            "blob listing",
+            "list its blobs (the distribution API has no such call), so gc cannot find unreferenced ones: "
+            "delete the tags you no longer want and run the registry's own garbage collection "
+            "(`registry garbage-collect`, or the hosted registry's retention policy)",
+        )
+
+    def entry(self, path: str) -> dict[str, Any] | None:
+        size = self.registry.blob_size(self.ref.repository, path)
+        return None if size is None else {"name": path, "size": size}
+
+    def remove(self, path: str) -> None:
+        """Delete the blob of SHA-256 ``path``; a :class:`StoreError` where the registry does not allow deletion."""
+        try:
+            self.registry.delete_blob(self.ref.repository, path)
+        except NotFoundError:
+            return
+        except RegistryError as exc:
+            raise StoreError(
+                f"{self.url_of(path)}: the registry refused to delete it (deletion disabled?): {exc}"
+            ) from exc
+
+    def remove_blob(self, blob: Blob) -> None:
+        found = self._find(blob)
+        if found is not None:
+            self.remove(found[0])
+            with self._lock:
+                self._blobs.pop(blob.file_name, None)
+
+    def read_file_bytes(self, path: str, limit: int) -> bytes:
+        raise self.lacks("file listing", "read a listed file")
+
+    # -- manifests -------------------------------------------------------------------------------
+
+    def read_manifest_bytes(self, name: str, tag: str) -> bytes:
+        """The manifest the tag's image carries; :class:`NotFoundError` if it holds another model."""
+        model = self._model(tag)
+        held = decode_manifest(model.data, source=model.url).name
+        if held != check_name(name):
+            raise NotFoundError(f"{model.url} holds model {held!r}, not {name!r} (a repository holds one model)")
+        return model.data
+
+    def write_manifest_bytes(
+        self, name: str, tag: str, data: bytes, *, create: bool = False, if_version: str | None = None
+    ) -> bool:
+        """Publish the manifest as the tag's image: every part and asset must be in the repository
+        already (:meth:`put_blob_file`). With ``create``, only if the tag holds no image (checked,
+        then written: a registry has no conditional write)."""
+        oci = self.ref.with_tag(check_tag(tag))
+        if decode_manifest(data, source=oci.url).name != check_name(name):
+            raise StoreError(f"{oci.url}: the manifest is not of model {name!r}")
+        config, image = image_of(data, oci, self._index())
+        held = held_digest(self.registry, oci)
+        if held == sha256_of(image) or (create and held is not None):
+            return False
+        digest = sha256_of(data)
+        if self.registry.blob_size(oci.repository, digest) != len(data):
+            self.registry.upload_blob(oci.repository, data, digest, len(data))
+        put_image(self.registry, oci, config, image)
+        return True
+
+    def has_manifest(self, name: str, tag: str) -> bool:
+        try:
+            self.read_manifest_bytes(name, tag)
+        except NotFoundError:
+            return False
+        return True
+
+    def manifest_entries(self) -> dict[tuple[str, str], dict[str, Any]]:
+        """Every tag holding a sepstore model (an image of another kind is left out)."""
+        rows = tags_oci(self.ref, registry=self.registry)
+        return {(row.name, row.tag): {"name": row.url} for row in rows if row.error is None}
+
+    # -- leases: none needed (see the module's docstring) ------------------------------------------
+
+    def lease_url(self, lease_id: str) -> str:
+        return f"{self.url} (no lease objects: sepstore's gc deletes nothing in a registry)"
+
+    def put_lease(self, lease_id: str, data: bytes) -> None:
+        pass
+
+    def read_lease(self, lease_id: str) -> bytes | None:
+        return None
+
+    def list_leases(self) -> list[str]:
+        return []
+
+    def delete_lease(self, lease_id: str) -> None:
+        pass
+
+    # -- signatures: OCI referrers of the tag's image ----------------------------------------------
+
+    def _signatures(self, name: str, tag: str) -> RegistrySignatures:
+        self.read_manifest_bytes(name, tag)  # the tag holds that model
+        return RegistrySignatures.of_model(self._model(tag))
+
+    def signature_url(self, name: str, tag: str, key_id: str) -> str:
+        return f"{self.manifest_url(name, tag)} (referrers, key {key_id})"
+
+    def read_signature_bytes(self, name: str, tag: str, key_id: str) -> bytes:
+        return self._signatures(name, tag).read_signature_bytes(name, tag, key_id)
+
+    def write_signature_bytes(self, name: str, tag: str, key_id: str, data: bytes) -> None:
+        self._signatures(name, tag).write_signature_bytes(name, tag, key_id, data)
+
+    def list_signatures(self, name: str, tag: str) -> list[str]:
+        return self._signatures(name, tag).list_signatures(name, tag)
+
+    def signature_files(self) -> dict[str, tuple[str, str, str, dict[str, Any]]]:
+        raise self.lacks("file listing", "list signature files (they are referrers of each image)")

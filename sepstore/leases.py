@@ -79,7 +79,7 @@ def live_leases(store: Store, kind: Kind, *, sweep: bool = False) -> dict[str, L
         try:
             lease = msgspec.json.decode(data, type=Lease)
         except msgspec.DecodeError as exc:
-            url = store.url_of(store.lease_path(lease_id))
+            url = store.lease_url(lease_id)
             raise StoreError(
                 f"{url}: not a sepstore lease ({exc}); delete it if no push, dump or gc is running on this store"
             ) from None
@@ -99,7 +99,7 @@ class Held:
         self.kind: Kind = kind
         self.ttl = ttl
         self.id = f"{kind}-{secrets.token_hex(8)}"
-        self.url = store.url_of(store.lease_path(self.id))
+        self.url = store.lease_url(self.id)
         self._digests: set[str] = set(digests)
         self._expires = 0.0
         self._lock = threading.Lock()
@@ -163,7 +163,7 @@ class Held:
                     "%s: waiting for a gc that may delete parts this publish needs (%s); at most %g s "
                     "if that gc was killed",
                     self.store.url,
-                    self.store.url_of(self.store.lease_path(blocking[0])),
+                    self.store.lease_url(blocking[0]),
                     GC_LEASE_SECONDS,
                 )
                 warned = True

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 from ..errors import RefError
 from ..manifest import Blob, manifest_digest
@@ -16,7 +16,6 @@ from ..sign import sign as sign_manifest
 from ..store import Store, check_tag
 from ..trust import TrustReport
 from .layout import OciRef, push_oci, registry_for, resolve_url
-from .signatures import RegistrySignatures
 
 if TYPE_CHECKING:
     from ..signing import PrivateKey
@@ -73,7 +72,8 @@ def push_to_registry(
         )
     published = resolve_url(report.url, storage_options=dest_storage_options)
     digest = manifest_digest(data)
-    signed = copy_signatures(src, trusted, cast(Store, RegistrySignatures.of(published)), tag, digest)
+    repository = Store(f"oci://{oci.host}/{oci.repository}", dest_storage_options)  # a RegistryStore
+    signed = copy_signatures(src, trusted, repository, tag, digest)
     if signer is not None:
         signed.append(sign_manifest(published, key=signer).key_id)
     return PushReport(

@@ -13,6 +13,7 @@ from pathlib import Path
 import fsspec
 import msgspec
 import pytest
+import torch
 from registry import DistributionRegistry
 from servers import StaticServer
 
@@ -25,6 +26,7 @@ from sepstore.stores.base import CAPABILITIES
 from sepstore.stores.fsspec import FsspecStore, HttpStore
 from sepstore.stores.local import LocalStore
 from sepstore.stores.registry import RegistryStore
+from sepstore.tensors import raw_bytes
 
 HOMES = ["local", "memory", "s3", "http", "oci"]
 #: What each home claims: its class, then can_list, can_list_blobs, conditional_writes,
@@ -237,3 +239,44 @@ def test_a_store_published_through_the_interface_loads_as_dumped(home: Home, mod
     resolved = sepstore.resolve(home.store.manifest_url("conf/model", "v1"))
     assert resolved.data == model.data
     assert sepstore.verify(resolved, quiet=True).ok
+
+
+def test_dump_writes_into_every_writable_home_through_the_interface(home: Home) -> None:
+    sd = tiny_llama_state_dict(layers=2, hidden=16, intermediate=16, vocab=32, seed=11)
+    if home.store.read_only:
+        with pytest.raises(StoreError, match="lacks writes"):
+            sepstore.dump(llama_decider, sd, home.store.url, name="conf/dumped", tag="v1", quiet=True)
+        return
+    sepstore.dump(llama_decider, sd, home.store.url, name="conf/dumped", tag="v1", quiet=True)
+    url = home.store.manifest_url("conf/dumped", "v1")
+    loaded = sepstore.load(url).to_dict()
+    assert len(loaded) == len(sd) and sepstore.verify(url, quiet=True).ok
+    assert sorted(map(_fingerprint, loaded.values())) == sorted(map(_fingerprint, sd.values()))
+
+
+def _fingerprint(tensor: torch.Tensor) -> bytes:
+    return bytes(raw_bytes(tensor))
+
+
+def test_a_registry_store_is_a_repository_and_refuses_a_manifest_whose_blobs_are_missing(
+    plain_registry: DistributionRegistry, model: Model
+) -> None:
+    with pytest.raises(StoreError, match="without a tag"):
+        Store(f"oci://{plain_registry.host}/conformance/tagged:v1")
+    store = Store(f"oci://{plain_registry.host}/conformance/r{uuid.uuid4().hex[:12]}")
+    with pytest.raises(NotFoundError, match="no such repository"):
+        store.require()
+    with pytest.raises(StoreError, match="upload its blob first"):
+        store.write_manifest_bytes("conf/model", "v1", model.data)
+    for blob in model.blobs:
+        store.put_blob_file(str(model.files[blob.file_name]), blob)
+    assert store.write_manifest_bytes("conf/model", "v1", model.data)
+    with pytest.raises(NotFoundError, match="holds model 'conf/model'"):
+        store.read_manifest_bytes("other/model", "v1")
+    fresh = Store(store.url)  # blobs found by BLAKE3 through the tag's image, not this session's uploads
+    assert all(fresh.has_blob(blob) for blob in model.blobs)
+
+
+def test_a_store_location_that_is_not_a_path_or_url_is_refused() -> None:
+    with pytest.raises(StoreError, match="a store location is a path or URL"):
+        Store(None)  # type: ignore[arg-type]

@@ -119,15 +119,42 @@ class Store(ABC):
         """File a local, already verified part or asset file as ``blob``; whether it was written here.
         With ``replace``, a file already filed under its digest (found damaged) is replaced."""
 
+    def _staging(self) -> str | None:
+        """Where staged files go (``None``: the system's temp folder)."""
+        return None
+
     def stage_blob(self, write: Callable[[int], T]) -> tuple[T, str]:
-        """Write a part or an asset with ``write(fd)`` into a new temporary local file; the result and
-        the file's path, for :meth:`commit_blob`."""
-        raise self.lacks("staged writes", "stage a part")
+        """Write a part or an asset with ``write(fd)`` into a new temporary local file (``fd`` is open
+        for reading and writing); the result and the file's path, for :meth:`commit_blob`."""
+        from ..store import create_temp  # that module imports this one
+
+        fd, tmp = create_temp(self._staging(), ".safetensors")
+        try:
+            try:
+                result = write(fd)
+            finally:
+                os.close(fd)
+        except OSError as exc:  # a full disk, a quota: the part being written here
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise StoreError(f"{self.parts_url}: cannot write a part or an asset ({exc})") from exc
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+        return result, tmp
 
     def commit_blob(self, tmp: str, blob: Blob, *, protect: Callable[[str], None] | None = None) -> bool:
-        """File what :meth:`stage_blob` wrote as ``blob`` (unless the store has it) and delete the
-        temporary file; whether it was new. ``protect(digest)`` runs before the store is asked."""
-        raise self.lacks("staged writes", "commit a part")
+        """File what :meth:`stage_blob` wrote as ``blob`` (unless the store has it; an existing file
+        is never rewritten), and delete the temporary file; whether it was new. ``protect(digest)``
+        runs before the store is asked whether it has the file (a publisher's lease names it)."""
+        try:
+            if protect is not None:
+                protect(blob.digest)
+            return self.put_blob_file(tmp, blob)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
 
     @abstractmethod
     def list_blobs(self) -> list[dict[str, Any]]:

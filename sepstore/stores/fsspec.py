@@ -7,7 +7,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any
 
 import fsspec
 
@@ -29,15 +29,12 @@ from ..store import (
     backend_errors,
     check_name,
     check_tag,
-    create_temp,
     read_limited,
     s3_code,
 )
 from .base import Store
 
 __all__ = ["FsspecStore", "HttpStore"]
-
-T = TypeVar("T")
 
 
 class FsspecStore(Store):
@@ -186,28 +183,8 @@ class FsspecStore(Store):
             self._place(tmp, final)
         return True
 
-    def _staging(self) -> str | None:
-        """Where temporary files go (``None``: the system's temp folder)."""
-        return None
-
-    def stage_blob(self, write: Callable[[int], T]) -> tuple[T, str]:
-        fd, tmp = create_temp(self._staging(), ".safetensors")
-        try:
-            try:
-                result = write(fd)
-            finally:
-                os.close(fd)
-        except OSError as exc:  # a full disk, a quota: the part being written here
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise StoreError(f"{self.parts_url}: cannot write a part or an asset ({exc})") from exc
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
-        return result, tmp
-
     def commit_blob(self, tmp: str, blob: Blob, *, protect: Callable[[str], None] | None = None) -> bool:
+        """As :meth:`Store.commit_blob`, but on local disk the staged file itself is renamed into place."""
         try:
             return self._commit(tmp, blob, protect=protect)
         finally:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
-from collections.abc import Callable
 from typing import Any
 
 from ..errors import NotFoundError, RegistryError, SepstoreError, StoreError
@@ -154,9 +153,6 @@ class RegistryStore(Store):
             return False
         self.registry.upload_blob(self.ref.repository, path, sha256, size)
         return True
-
-    def stage_blob(self, write: Callable[[int], Any]) -> tuple[Any, str]:
-        raise self.lacks("staged writes", "stage a part (dump into a local store, then push it here)")
 
     def list_blobs(self) -> list[dict[str, Any]]:
         raise self.lacks(

@@ -19,7 +19,7 @@ from servers import StaticServer
 
 import sepstore
 from sepstore.demo import llama_decider, tiny_llama_state_dict
-from sepstore.errors import NotFoundError, StoreError
+from sepstore.errors import IntegrityError, NotFoundError, StoreError
 from sepstore.manifest import Blob, Manifest, decode_manifest, encode_manifest
 from sepstore.store import Store
 from sepstore.stores.base import CAPABILITIES
@@ -258,8 +258,8 @@ def _fingerprint(tensor: torch.Tensor) -> bytes:
     return bytes(raw_bytes(tensor))
 
 
-def test_a_registry_store_is_a_repository_and_refuses_a_manifest_whose_blobs_are_missing(
-    plain_registry: DistributionRegistry, model: Model
+def test_a_registry_store_is_a_repository_and_refuses_missing_or_damaged_blobs(
+    plain_registry: DistributionRegistry, model: Model, tmp_path: Path
 ) -> None:
     with pytest.raises(StoreError, match="without a tag"):
         Store(f"oci://{plain_registry.host}/conformance/tagged:v1")
@@ -273,6 +273,11 @@ def test_a_registry_store_is_a_repository_and_refuses_a_manifest_whose_blobs_are
     assert store.write_manifest_bytes("conf/model", "v1", model.data)
     with pytest.raises(NotFoundError, match="holds model 'conf/model'"):
         store.read_manifest_bytes("other/model", "v1")
+    damaged = model.files[model.blobs[0].file_name].read_bytes()
+    spoilt = tmp_path / "spoilt"
+    spoilt.write_bytes(damaged[:-1] + bytes([damaged[-1] ^ 1]))
+    with pytest.raises(IntegrityError, match="not uploaded"):
+        store.put_blob_file(str(spoilt), model.blobs[0], replace=True)
     fresh = Store(store.url)  # blobs found by BLAKE3 through the tag's image, not this session's uploads
     assert all(fresh.has_blob(blob) for blob in model.blobs)
 

@@ -21,7 +21,7 @@ import os
 import threading
 from typing import Any
 
-from ..errors import NotFoundError, RegistryError, SepstoreError, StoreError
+from ..errors import IntegrityError, NotFoundError, RegistryError, SepstoreError, StoreError
 from ..hashing import Hasher, digest_of
 from ..manifest import Blob, decode_manifest
 from ..oci.client import sha256_file
@@ -146,7 +146,10 @@ class RegistryStore(Store):
         blake3 = Hasher()
         sha256, size = sha256_file(path, also=blake3.update)
         if size != blob.size or digest_of(blake3) != blob.digest:
-            raise StoreError(f"{path}: {size} bytes of digest {digest_of(blake3)}, not {blob.digest}; not uploaded")
+            raise IntegrityError(
+                f"{path}: {size} bytes of digest {digest_of(blake3)}, the blob is {blob.size} bytes of {blob.digest}; "
+                "not uploaded"
+            )
         with self._lock:
             self._blobs[blob.file_name] = (sha256, size)
         if not replace and self.registry.blob_size(self.ref.repository, sha256) == size:

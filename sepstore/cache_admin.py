@@ -26,6 +26,7 @@ from typing import Any
 
 from ._text import parse_size
 from .cache import Cache, read_only
+from .delta import TensorIndex
 from .errors import SpecError, StoreError
 from .hashing import digest_file
 from .store import BLOB_FILE, backend_errors, file_lock
@@ -298,14 +299,17 @@ def cache_prune(
                     in_use.append(item)
                     continue
                 if not dry_run:
-                    _delete(item)
+                    _delete(cache, item)
         removed.append(item)
         total -= item.size
     return PruneReport(cache.root, limit, removed, in_use, before, total, dry_run)
 
 
-def _delete(item: CachedFile) -> None:
-    """Delete a part, or a partial download with its log of finished ranges."""
+def _delete(cache: Cache, item: CachedFile) -> None:
+    """Delete a part with its tensor index file (:mod:`sepstore.delta`), or a partial download
+    with its log of finished ranges."""
     for path in [item.path, item.path + ".done"] if item.partial else [item.path]:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
+    if not item.partial:
+        TensorIndex(cache).forget([item.digest])

@@ -22,8 +22,9 @@ from servers import CountingMotoServer, StaticServer
 import sepstore
 import sepstore.reader
 from sepstore.cache import Cache
+from sepstore.delta import INDEX_DIR
 from sepstore.demo import llama_decider, tiny_llama_state_dict
-from sepstore.hashing import digest_file
+from sepstore.hashing import digest_file, digest_hex
 from sepstore.manifest import Part
 from sepstore.store import file_lock
 
@@ -396,3 +397,16 @@ def test_cache_commands_count_cached_assets_too(tmp_path: Path) -> None:
     report = sepstore.cache_verify(cache, repair=True)
     assert [v.digest for v in report.parts if v.error] == [asset.digest]
     assert not (cache / "parts/blake3" / asset.file_name).exists()
+
+
+def test_cache_prune_removes_a_pruned_parts_tensor_index_file_with_it(cached: Cached) -> None:
+    age(cached, ["mid.4"])
+    index = cached.root / INDEX_DIR / f"{digest_hex(cached.digest('mid.4'))}.json"
+    kept = cached.root / INDEX_DIR / f"{digest_hex(cached.digest('mid.0'))}.json"
+    index.parent.mkdir(parents=True, exist_ok=True)
+    for path in (index, kept):  # written as a pull of a later version would
+        path.write_text('{"size": 1, "tensors": {}}')
+    total = sum(part.size for _, part in cached.manifest.labelled_parts())
+    report = sepstore.cache_prune(total - 1, cache_dir=cached.root)
+    assert [f.digest for f in report.removed] == [cached.digest("mid.4")]
+    assert not index.exists() and kept.exists()

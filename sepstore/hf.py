@@ -77,6 +77,12 @@ def _transformers() -> Any:
 
 def _family_of(manifest: Manifest) -> tuple[Family, dict[str, Any]]:
     """The manifest's family and config, refusing what cannot run."""
+    if manifest.metadata.get("tensor_names") == "gguf" or manifest.metadata.get("decider") == "gguf":
+        raise UnsupportedModelError(
+            f"model {manifest.name!r} keeps llama.cpp's tensor names (converted with --gguf-names), which "
+            "sepstore.hf cannot run; convert the GGUF again without --gguf-names (gguf_names=False) for a "
+            "store with Hugging Face names that it runs"
+        )
     config = manifest.config
     if not config or "model_type" not in config:
         raise UnsupportedModelError(

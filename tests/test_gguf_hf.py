@@ -28,7 +28,9 @@ from conftest import same_bytes
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 import sepstore
+import sepstore.hf
 from sepstore.cli import main as cli
+from sepstore.errors import UnsupportedModelError
 
 TEXT = "hello world, the quick brown fox jumps over the lazy dog"
 CHAT_TEMPLATE = "{% for m in messages %}<s>{{ m['content'] }}</s>{% endfor %}"
@@ -333,6 +335,9 @@ def test_gguf_names_keep_llama_cpp_names_and_layout(tmp_path: Path, llama: Tiny,
         raw["blk.1.attn_q.weight"], llama.model.state_dict()["model.layers.1.self_attn.q_proj.weight"]
     )
     assert sorted(manifest.asset_files) == sorted(sepstore.read_manifest(tmp_path / "store", name="tiny").asset_files)
+    with pytest.raises(UnsupportedModelError, match=r"keeps llama\.cpp's tensor names") as refused:
+        sepstore.hf.load_model(tmp_path / "store/manifests/tiny/latest.json")
+    assert "without --gguf-names" in str(refused.value) and "a 'llama' model" not in str(refused.value)
 
 
 def test_embedded_tokenizer_is_stored_as_transformers_writes_it(

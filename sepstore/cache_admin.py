@@ -61,6 +61,12 @@ class CachedFile:
     partial: bool = False
     active: bool = False
 
+    @property
+    def asset(self) -> bool:
+        """Whether this is an asset (a bare ``<hex>`` file; a part's file ends in ``.safetensors``).
+        A partial download's name does not say which it is: ``False``."""
+        return not self.partial and not self.path.endswith(".safetensors")
+
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
             "digest": self.digest,
@@ -70,6 +76,8 @@ class CachedFile:
         }
         if self.partial:
             out["active"] = self.active
+        else:
+            out["asset"] = self.asset
         return out
 
 
@@ -97,17 +105,18 @@ class CacheListing:
 
 @dataclass(frozen=True)
 class PartVerdict:
-    """One cached part re-hashed: ``error`` says how its bytes differ from its name (``None``:
-    intact); ``removed``, that the damaged file was deleted (``repair``)."""
+    """One cached part (or asset: ``asset``) re-hashed: ``error`` says how its bytes differ from
+    its name (``None``: intact); ``removed``, that the damaged file was deleted (``repair``)."""
 
     digest: str
     size: int
     error: str | None
     removed: bool = False
+    asset: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return {"digest": self.digest, "size": self.size, "ok": self.error is None, "error": self.error,
-                "removed": self.removed}  # fmt: skip
+                "removed": self.removed, "asset": self.asset}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -250,7 +259,7 @@ def cache_verify(cache_dir: str | os.PathLike[str] | None = None, *, repair: boo
             removed = error is not None and repair
             if removed:
                 _remove_if_same(cache, item, before)
-        verdicts.append(PartVerdict(item.digest, item.size, error, removed))
+        verdicts.append(PartVerdict(item.digest, item.size, error, removed, item.asset))
     return CacheVerifyReport(cache.root, verdicts)
 
 

@@ -17,7 +17,7 @@ from typing import Any
 
 from . import __version__
 from ._text import counted, human_bytes
-from .cache_admin import CachedFile, cache_ls, cache_prune, cache_verify
+from .cache_admin import CachedFile, PartVerdict, cache_ls, cache_prune, cache_verify
 from .convert import convert
 from .diff import diff
 from .errors import IntegrityError, RefError, SepstoreError, TrustError
@@ -144,7 +144,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
         for check in report.checks:
             status = "ok" if check.ok else f"FAILED: {check.error}"
             print(f"{check.part:<10} {human_bytes(check.size):>11}  {status}")
-        verdict = "verified" if report.ok else f"{len(report.failures)} of {counted(len(report.checks), 'part')} failed"
+        checked = _labelled([c.part for c in report.checks])
+        verdict = "verified" if report.ok else f"{len(report.failures)} of {checked} failed"
         if report.signatures is not None:
             print("\n".join(_signature_lines(report.signatures)))
         print(f"{report.manifest_url} ({report.manifest_digest}): {verdict}")
@@ -211,6 +212,37 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]], right: frozense
         print("  ".join(cells).rstrip())
 
 
+def _tally(*counts: tuple[int, str]) -> str:
+    """``4 parts and 6 assets``: each count that is not 0 with its noun (``0 <first noun>s`` if all are)."""
+    named = [counted(n, noun) for n, noun in counts if n] or [counted(0, counts[0][1])]
+    return named[0] if len(named) == 1 else f"{', '.join(named[:-1])} and {named[-1]}"
+
+
+def _blobs(total: int, assets: int, kind: str = "") -> str:
+    """``4 parts and 6 assets`` for ``total`` blobs of which ``assets`` are assets; ``kind`` (such as
+    ``damaged``) goes before each noun."""
+    adjective = f"{kind} " if kind else ""
+    return _tally((total - assets, f"{adjective}part"), (assets, f"{adjective}asset"))
+
+
+def _labelled(labels: Sequence[str]) -> str:
+    """How many parts and assets (labelled ``asset:<path>``) ``labels`` name: ``4 parts and 6 assets``."""
+    return _blobs(len(labels), sum(label.startswith(ASSET_LABEL) for label in labels))
+
+
+def _verdicts(verdicts: Sequence[PartVerdict], kind: str) -> str:
+    """``4 damaged parts and 1 damaged asset``: cached blobs re-hashed."""
+    return _blobs(len(verdicts), sum(v.asset for v in verdicts), kind)
+
+
+def _cached_files(found: Sequence[CachedFile]) -> str:
+    """``7 files (4 parts, 2 assets and 1 partial download)``: what prune removed or left."""
+    partial = sum(f.partial for f in found)
+    assets = sum(f.asset for f in found)
+    kinds = _tally((len(found) - partial - assets, "part"), (assets, "asset"), (partial, "partial download"))
+    return f"{counted(len(found), 'file')} ({kinds})" if found else counted(0, "file")
+
+
 def cmd_tags(args: argparse.Namespace) -> int:
     rows = tags(args.store, name=args.name)
     if args.json:
@@ -249,7 +281,8 @@ def cmd_cache_ls(args: argparse.Namespace) -> int:
             row.append("fetching now" if f.active else "stopped")
         _table(["DIGEST", "HELD", "LAST WRITTEN (UTC)", "STATE"], rows, frozenset({1}))
     held = sum(f.size for f in listing.parts)
-    summary = f"cache {listing.root}: {counted(len(listing.parts), 'part')}, {human_bytes(held)}"
+    blobs = _blobs(len(listing.parts), sum(f.asset for f in listing.parts))
+    summary = f"cache {listing.root}: {blobs}, {human_bytes(held)}"
     if listing.partial:
         partial = counted(len(listing.partial), "partial download")
         summary += f", and {partial}; {human_bytes(listing.total_bytes)} in all"
@@ -265,19 +298,19 @@ def cmd_cache_verify(args: argparse.Namespace) -> int:
     for p in report.bad:
         state = "removed" if p.removed else "kept"
         print(f"{_short(p.digest)}  {human_bytes(p.size):>11}  DAMAGED: {p.error}; {state}")
-    checked = f"checked {counted(len(report.parts), 'cached part')} in {report.root}"
+    checked = f"checked {_verdicts(report.parts, 'cached')} in {report.root}"
     if not report.bad:
         print(f"{checked}: all intact")
     elif report.ok:
         print(
-            f"{checked}: removed {counted(len(report.bad), 'damaged part')}; the cache cannot fetch them again by "
+            f"{checked}: removed {_verdicts(report.bad, 'damaged')}; the cache cannot fetch them again by "
             "itself (it does not know which manifests list them): the next load or pull of a model that needs "
             "one fetches it"
         )
     else:
         left = [p for p in report.bad if not p.removed]
         hint = "" if args.repair else "; `sepstore cache verify --repair` removes them"
-        print(f"{checked}: {counted(len(left), 'damaged part')} remain{'s' if len(left) == 1 else ''}{hint}")
+        print(f"{checked}: {_verdicts(left, 'damaged')} remain{'s' if len(left) == 1 else ''}{hint}")
     return EXIT_OK if report.ok else EXIT_VERIFY
 
 
@@ -292,10 +325,10 @@ def cmd_cache_prune(args: argparse.Namespace) -> int:
         print(f"{verb}  {_short(f.digest)}  {human_bytes(f.size):>11}  last used {_when(f.last_used)}{kind}")
     in_use = ""
     if report.in_use:
-        in_use = f"; kept {counted(len(report.in_use), 'part')} other processes are reading or fetching"
+        in_use = f"; kept {_cached_files(report.in_use)} other processes are reading or fetching"
     after = "would hold" if report.dry_run else "holds"
     print(
-        f"{verb} {counted(len(report.removed), 'file')} ({human_bytes(report.removed_bytes)}), least recently used "
+        f"{verb} {_cached_files(report.removed)} ({human_bytes(report.removed_bytes)}), least recently used "
         f"first{in_use}; the cache {after} {human_bytes(report.bytes_after)} (max {human_bytes(report.max_size)})"
     )
     return EXIT_OK
@@ -381,7 +414,7 @@ def cmd_push(args: argparse.Namespace) -> int:
     repaired = f", replacing {len(report.repaired)} damaged there" if report.repaired else ""
     copied = f", {human_bytes(report.copied_bytes)} of it copied server-side" if report.copied_bytes else ""
     print(
-        f"uploaded {counted(len(report.uploaded), 'part')} ({human_bytes(report.uploaded_bytes)}{copied}){repaired}; "
+        f"uploaded {_labelled(report.uploaded)} ({human_bytes(report.uploaded_bytes)}{copied}){repaired}; "
         f"skipped {len(report.skipped)} already there ({human_bytes(report.skipped_bytes)}, {checked})"
     )
     state = "published" if report.manifest_written else "already published"
@@ -397,8 +430,7 @@ def cmd_pull(args: argparse.Namespace) -> int:
         _print_json(report.to_dict())
         return EXIT_OK
     checked = "re-hashed" if report.checked == "digest" else "size checked (--verify re-hashes them)"
-    assets = sum(label.startswith(ASSET_LABEL) for label in report.fetched)
-    fetched = counted(len(report.fetched) - assets, "part") + (f" and {counted(assets, 'asset')}" if assets else "")
+    fetched = _labelled(report.fetched)
     reused = f", {human_bytes(report.reused_bytes)} of it copied from cached tensors" if report.reused_bytes else ""
     print(
         f"fetched and verified {fetched} ({human_bytes(report.fetched_bytes)}{reused}); "
@@ -440,7 +472,7 @@ def cmd_gc(args: argparse.Namespace) -> int:
     verb = "would remove" if report.dry_run else "removed"
     print(
         f"{verb} {counted(len(report.removed), 'unreferenced file')} ({human_bytes(report.removed_bytes)}); "
-        f"kept {counted(report.kept, 'referenced part')}, {len(report.young)} unreferenced younger than "
+        f"kept {counted(report.kept, 'referenced file')}, {len(report.young)} unreferenced younger than "
         f"{args.grace:g} s and {len(report.leased)} a publish in progress relies on"
     )
     if report.signatures_removed or report.signatures_kept:

@@ -22,6 +22,7 @@ from servers import CountingMotoServer, StaticServer
 import sepstore
 import sepstore.reader
 from sepstore.cache import Cache
+from sepstore.cli import main as cli
 from sepstore.delta import INDEX_DIR
 from sepstore.demo import llama_decider, tiny_llama_state_dict
 from sepstore.hashing import digest_file, digest_hex
@@ -410,3 +411,37 @@ def test_cache_prune_removes_a_pruned_parts_tensor_index_file_with_it(cached: Ca
     report = sepstore.cache_prune(total - 1, cache_dir=cached.root)
     assert [f.digest for f in report.removed] == [cached.digest("mid.4")]
     assert not index.exists() and kept.exists()
+
+
+def test_summaries_count_parts_and_assets_apart(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """push, pull, verify and the cache commands say "3 parts and 2 assets", not "5 parts"."""
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("SEPSTORE_CACHE", str(cache))
+    store = tmp_path / "store"
+    state = tiny_llama_state_dict(layers=1, hidden=8, intermediate=8, vocab=16)
+    sepstore.dump(llama_decider, state, store, assets={"README.md": b"# tiny\n", "LICENSE": b"MIT\n"}, quiet=True)
+    manifest = sepstore.read_manifest(store)
+    n = len({part.digest for _, part in manifest.labelled_parts()})
+    blobs = f"{n} parts and 2 assets"
+
+    def said(*args: str | Path, code: int = 0) -> str:
+        capsys.readouterr()
+        assert cli(list(map(str, args))) == code
+        return capsys.readouterr().out
+
+    assert f"uploaded {blobs} (" in said("push", store, tmp_path / "copy", "--quiet")
+    server = StaticServer(tmp_path).start()
+    try:
+        url = f"{server.url}/copy/manifests/model/latest.json"
+        assert f"fetched and verified {blobs} (" in said("pull", url, "--cache-dir", cache, "--quiet")
+        [asset] = (tmp_path / "copy").rglob(manifest.assets["LICENSE"].file_name)
+        asset.write_bytes(b"GPL\n")
+        assert f"1 of {blobs} failed" in said("verify", url, "--quiet", code=1)
+    finally:
+        server.stop()
+    assert f"cache {cache}: {blobs}, " in said("cache", "ls", "--cache-dir", cache)
+    assert f"checked {n} cached parts and 2 cached assets in" in said("cache", "verify", "--cache-dir", cache)
+    pruned = said("cache", "prune", "--max-size", "0", "--dry-run", "--cache-dir", cache)
+    assert f"would remove {n + 2} files ({blobs}) (" in pruned

@@ -547,3 +547,29 @@ def test_a_redirect_to_blob_storage_does_not_carry_the_registry_credentials() ->
     finally:
         registry.stop()
         storage.stop()
+
+
+def test_a_push_into_a_repository_holding_another_model_is_refused_before_any_upload_unless_forced(
+    oci: RegistryProxy, tmp_path: Path
+) -> None:
+    repo = f"oci://{oci.host}/acme/llama-mini"
+    other = tmp_path / "other"
+    state = tiny_llama_state_dict(layers=1, hidden=8, intermediate=8, vocab=16)
+    sepstore.dump(llama_decider, state, other, name="llama-mini", quiet=True)
+    sepstore.push(other, repo, name="llama-mini", quiet=True)
+    assert sepstore.push(other, repo, name="llama-mini", dest_tag="v2", quiet=True).manifest_written  # same model
+    data, parts = _model(tmp_path / "tiny")
+    store = parts.parent.parent
+    since = len(oci.calls)
+    refused = r"holds model 'llama-mini' \(tag 'latest'\), not 'tiny'.*one model.*--force"
+    with pytest.raises(StoreError, match=refused):
+        sepstore.push(store, repo, name="tiny", tag="v1", quiet=True)
+    with pytest.raises(StoreError, match=refused):
+        push_oci(data, _source(parts), f"{repo}:v1")
+    assert oci.uploads(since) == []
+    assert sepstore.push(store, repo, name="tiny", tag="v1", force=True, quiet=True).manifest_written
+    assert [(t.name, t.tag) for t in sepstore.tags(repo)] == [
+        ("llama-mini", "latest"),
+        ("tiny", "v1"),
+        ("llama-mini", "v2"),
+    ]

@@ -274,12 +274,14 @@ def push_oci(
     registry, BLAKE3 checked against the manifest), then skipped if the repository has it, mounted
     from repository ``mount_from`` of the same registry where that works, else uploaded; the
     config, the manifest's own layer and the image manifest go last. A tag that holds another
-    image is refused unless ``force`` (registries offer no conditional write: two publishers racing
-    for one tag both succeed, the last wins).
+    image, or a repository whose tags hold another model, is refused before anything is uploaded,
+    unless ``force`` (registries offer no conditional write: two publishers racing for one tag both
+    succeed, the last wins).
 
     Raises:
-        RefError: no tag. StoreError: the tag holds another image. IntegrityError: a local file
-            is not what the manifest says. RegistryAuthError, RegistryError: the registry refused.
+        RefError: no tag. StoreError: the tag holds another image, or the repository another
+            model. IntegrityError: a local file is not what the manifest says.
+            RegistryAuthError, RegistryError: the registry refused.
     """
     oci = ref if isinstance(ref, OciRef) else OciRef.parse(ref)
     out_tag = tag or oci.tag
@@ -290,6 +292,7 @@ def push_oci(
     manifest = decode_manifest(manifest_bytes, source=oci.url)
     if any(part is None for part in manifest.mid):
         raise ManifestError(f"{oci.url}: the manifest has layers not dumped yet (a dump in progress); not pushed")
+    refuse_another_model(client, oci, manifest.name, force=force)
     blobs = {b.file_name: b for _, b in [*manifest.labelled_parts(), *manifest.labelled_assets()]}
     layers = _layers(manifest, manifest_bytes, out_tag, blob_source)
     repo = oci.repository
@@ -384,6 +387,42 @@ def image_of(manifest_bytes: bytes, oci: OciRef, blobs: Mapping[str, tuple[str, 
             )
         layer.sha256 = found[0]
     return _image(manifest, layers)
+
+
+def refuse_another_model(client: Registry, oci: OciRef, name: str, *, force: bool) -> None:
+    """Refuse to publish model ``name`` into a repository whose tags hold another model, unless
+    ``force``: as with ``docker push``, a repository holds one model. A tag's model is the title
+    of its image (a sepstore push sets it to the model's name); other images are not counted.
+
+    Raises:
+        StoreError: a tag holds another model. RegistryAuthError, RegistryError: the registry refused.
+    """
+    if force:
+        return
+    try:
+        tags = [t for t in client.tags(oci.repository) if not re.fullmatch(r"sha256-[0-9a-f]{64}", t)]
+    except NotFoundError:
+        return  # no repository yet
+
+    def model_of(tag: str) -> str | None:
+        try:
+            body = json_object(client.get_manifest(oci.repository, tag)[0], oci.with_tag(tag).url)
+        except (NotFoundError, ManifestError):  # deleted since the listing, or not an image sepstore reads
+            return None
+        annotations = body.get("annotations")
+        title = annotations.get(TITLE) if isinstance(annotations, dict) else None
+        return title if body.get("artifactType") == MODEL_ARTIFACT and isinstance(title, str) else None
+
+    with ThreadPoolExecutor(_WORKERS, "sepstore-oci-models") as pool:
+        models = dict(zip(tags, pool.map(model_of, tags), strict=True))
+    others = sorted((model, tag) for tag, model in models.items() if model is not None and model != name)
+    if others:
+        held, tag = others[0]
+        raise StoreError(
+            f"oci://{oci.host}/{oci.repository} holds model {held!r} (tag {tag!r}), not {name!r}: as with docker "
+            "push, a repository holds one model; push it to a repository of its own, or pass force=True (--force) "
+            "to add it to this one anyway"
+        )
 
 
 def held_digest(client: Registry, oci: OciRef) -> str | None:

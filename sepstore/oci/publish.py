@@ -15,7 +15,7 @@ from ..sign import copy_signatures
 from ..sign import sign as sign_manifest
 from ..store import Store, check_tag
 from ..trust import TrustReport
-from .layout import OciRef, push_oci, registry_for, resolve_url
+from .layout import OciRef, push_oci, refuse_another_model, registry_for, resolve_url
 
 if TYPE_CHECKING:
     from ..signing import PrivateKey
@@ -55,11 +55,12 @@ def push_to_registry(
     tag = check_tag(dest_tag or oci.tag or src.tag)
     data = _publishable(src)
     manifest = src.manifest
+    registry = registry_for(oci.host, dest_storage_options)
+    refuse_another_model(registry, oci, manifest.name, force=force)  # before fetching what it would push
     chosen: list[tuple[str, Blob]] = [*manifest.labelled_parts(), *manifest.labelled_assets()]
     reader = PartReader(src, cache_dir=cache_dir, workers=workers)
     reader.recheck(chosen, rehash=True)  # a damaged cached copy is fetched again, a local one refused
     reader.prefetch(chosen, desc=f"fetch {manifest.name}", quiet=quiet)
-    registry = registry_for(oci.host, dest_storage_options)
     # a source in another repository of the same registry: its blobs are mounted, not uploaded again
     source = src.storage_options.get("registry")
     mount_from = src.storage_options.get("repository") if getattr(source, "host", None) == oci.host else None

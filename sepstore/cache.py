@@ -45,7 +45,7 @@ from .retry import with_retries
 from .safetensors_io import pwrite_all
 from .store import PARTS_DIR, backend_errors, file_lock, replace_durably
 
-__all__ = ["CHUNK_BYTES", "Cache", "Fetch", "default_cache_dir", "read_only"]
+__all__ = ["CHUNK_BYTES", "Cache", "Fetch", "InOrderDigest", "default_cache_dir", "read_only"]
 
 #: Parts larger than this are fetched as concurrent ranged reads of this size.
 CHUNK_BYTES = 32 * 1024 * 1024
@@ -92,19 +92,14 @@ class _Download:
     #: The chunk asked for first, alone (-1 once none is left to ask for).
     first: int = field(init=False, default=-1)
     lock: threading.Lock = field(init=False, default_factory=threading.Lock)
-    #: The digest so far, of bytes ``0:hashed`` of the part, in order.
-    hasher: blake3 = field(init=False, default_factory=Hasher)
-    hashed: int = field(init=False, default=0)
-    #: Spans ``start: (end, whether they are in `into` already)`` of the partial file that are
-    #: not hashed yet, each written once.
-    waiting: dict[int, tuple[int, bool]] = field(init=False, default_factory=dict)
-    #: Whether a thread is hashing (one at a time: the digest is of the bytes in order).
-    hashing: bool = field(init=False, default=False)
+    #: The part's digest, of its bytes in order as they are written.
+    digest: InOrderDigest = field(init=False)
 
     def __post_init__(self) -> None:
         self.log = self.partial + ".done"
         self.chunk = CHUNK_BYTES
         self.count = -(-self.item.part.size // self.chunk)
+        self.digest = InOrderDigest(self.partial, self.item.part.size, self.item.label, self.into)
 
     def span(self, index: int) -> tuple[int, int]:
         """The bytes ``start:end`` of chunk ``index``."""
@@ -125,8 +120,7 @@ class _Download:
         todo = [i for i in range(self.count) if i not in self.logged]
         self.first = todo[0] if todo else -1
         for i in self.logged:  # an earlier process's bytes: hashed from the file in their turn
-            start, end = self.span(i)
-            self.waiting[start] = (end, False)
+            self.digest.waiting[self.span(i)[0]] = (self.span(i)[1], False)
         return todo
 
     def fetch_chunk(self, index: int, bar: tqdm | None) -> None:
@@ -184,23 +178,66 @@ class _Download:
             bar.update(sum(self.span(i)[1] - self.span(i)[0] for i in new))
 
     def _received(self, fd: int, offset: int, piece: memoryview) -> None:
-        """Write ``piece`` at ``offset`` (into ``into`` too, then from there) and hash it: now, while
-        it is still in the CPU's cache, if it is the digest's next byte and no other thread is
-        hashing; else in its turn, from ``into`` or the file."""
+        """Write ``piece`` at ``offset`` (into ``into`` too, then from there) and hash it in its turn."""
         end = offset + len(piece)
         if self.into is not None and piece.obj is not self.into.obj:  # else read into its place already
             self.into[offset:end] = piece
             piece = self.into[offset:end]  # what is hashed is what the caller gets
+        self.digest.write(fd, offset, piece, held=self.into is not None)
+
+    def finish(self) -> None:
+        """Hash what is still waiting, check the digest, and rename the partial file into place,
+        or delete it and refuse it."""
+        part, url = self.item.part, self.item.url
+        got = self.digest.result()
+        if got != part.digest:
+            self.discard()
+            raise IntegrityError(f"part {self.item.label} at {url}: digest is {got}, manifest says {part.digest}")
+        replace_durably(self.partial, self.final)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.log)
+
+    def discard(self) -> None:
+        for path in (self.partial, self.log):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+
+
+class InOrderDigest:
+    """The BLAKE3 digest of a ``size``-byte file's bytes in order, while they are written there in
+    pieces in any order, by several threads: a piece that is the digest's next byte is hashed as
+    soon as it is written (still in the CPU's cache), by the thread that wrote it; a piece ahead of
+    the bytes before it waits, and is hashed from the file (or from ``into``, which holds the
+    file's bytes too) by the thread that fills the gap before it. Each byte written once is hashed
+    once, so the digest is of exactly the file's bytes, with no second pass over the file."""
+
+    def __init__(self, path: str, size: int, label: str, into: memoryview | None = None) -> None:
+        self.path, self.size, self.label, self.into = path, size, label, into
+        self.lock = threading.Lock()
+        #: The digest so far, of bytes ``0:hashed`` of the file, in order.
+        self.hasher: blake3 = Hasher()
+        self.hashed = 0
+        #: Spans ``start: (end, whether they are in `into` already)`` of the file that are written
+        #: (each once) but not hashed yet.
+        self.waiting: dict[int, tuple[int, bool]] = {}
+        #: Whether a thread is hashing (one at a time: the digest is of the bytes in order).
+        self.hashing = False
+
+    def write(self, fd: int, offset: int, piece: memoryview, *, held: bool = False) -> None:
+        """Write ``piece`` at ``offset`` of the file (open as ``fd``), each byte once, and hash it:
+        now if it is the digest's next byte and no other thread is hashing, else in its turn.
+        ``held``: the piece is ``into``'s bytes there."""
+        end = offset + len(piece)
         for at in range(0, len(piece), WRITE_SLICE):
             pwrite_all(fd, piece[at : at + WRITE_SLICE], offset + at)
         with self.lock:
             if self.hashing or (offset != self.hashed and self.hashed not in self.waiting):
-                self.waiting[offset] = (end, self.into is not None)
+                self.waiting[offset] = (end, held)
                 return  # the thread hashing, or the one that brings the bytes before these, hashes them
             self.hashing = True
             inline = offset == self.hashed
             if not inline:
-                self.waiting[offset] = (end, self.into is not None)
+                self.waiting[offset] = (end, held)
         if inline:
             try:
                 self.hasher.update(piece)
@@ -229,14 +266,14 @@ class _Download:
                     self.hasher.update(self.into[at:end])
                     at = end
                 elif fd < 0:
-                    fd = os.open(self.partial, os.O_RDONLY)
+                    fd = os.open(self.path, os.O_RDONLY)
                     if self.into is None:
-                        scratch = memoryview(bytearray(min(PIECE_BYTES, self.item.part.size)))
+                        scratch = memoryview(bytearray(min(PIECE_BYTES, self.size)))
                 while at < end:
                     buffer = self.into[at:end] if self.into is not None else scratch[: min(len(scratch), end - at)]
                     got = os.preadv(fd, [buffer], at)
                     if got <= 0:
-                        raise IntegrityError(f"part {self.item.label}: {self.partial} ends at byte {at}, cut short")
+                        raise IntegrityError(f"part {self.label}: {self.path} ends at byte {at}, cut short")
                     self.hasher.update(buffer[:got])
                     at += got
                 with self.lock:
@@ -249,24 +286,12 @@ class _Download:
             if fd >= 0:
                 os.close(fd)
 
-    def finish(self) -> None:
-        """Hash what is still waiting, check the digest, and rename the partial file into place,
-        or delete it and refuse it."""
-        part, url = self.item.part, self.item.url
-        self.hashing = True  # every chunk is in: no other thread is left to hash
+    def result(self) -> str:
+        """Hash what is still waiting (every write is done: no other thread is left to hash); the
+        digest, or why there is none (a byte never written)."""
+        self.hashing = True
         self._catch_up()
-        got = digest_of(self.hasher) if self.hashed == part.size else f"incomplete, {self.hashed} bytes hashed"
-        if got != part.digest:
-            self.discard()
-            raise IntegrityError(f"part {self.item.label} at {url}: digest is {got}, manifest says {part.digest}")
-        replace_durably(self.partial, self.final)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.log)
-
-    def discard(self) -> None:
-        for path in (self.partial, self.log):
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
+        return digest_of(self.hasher) if self.hashed == self.size else f"incomplete, {self.hashed} bytes hashed"
 
 
 def _touch(memory: memoryview) -> None:

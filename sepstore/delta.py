@@ -14,11 +14,21 @@ writes them again). It holds nothing a cache could not rebuild, so deleting it i
 manifest's tensors give in sepstore's own layout, and read further when the file's header is
 longer, by at most :data:`HEADER_SLACK`, else the part is fetched whole): the file's own header,
 so a part written in another tensor order, or with ``__metadata__``, is assembled as it is.
-Tensors found in the index are copied from the cached part in the kernel (``copy_file_range``);
-the others are fetched as ranged reads, coalesced across small gaps (a cached tensor in such a
-gap is fetched, not copied) and cut into chunks, in parallel. :func:`plan_ranges` is that rule,
-which :func:`sepstore.diff` counts with too. A server that ignores ``Range`` answers the
-header read with the whole part, which is then verified as a whole fetch would be.
+Tensors found in the index are copied from the cached part, in offset order, in pieces of
+:data:`COPY_BYTES` read into one reused buffer; the others are fetched as ranged reads, coalesced
+across small gaps (a cached tensor in such a gap is fetched, not copied) and cut into chunks, in
+parallel. :func:`plan_ranges` is that rule, which :func:`sepstore.diff` counts with too. A server
+that ignores ``Range`` answers the header read with the whole part, which is then verified as a
+whole fetch would be.
+
+**Verifying it.** The part's digest is computed while it is written, as a whole fetch computes
+it (:class:`~sepstore.cache.InOrderDigest`): a copied piece, or a fetched one, that is the
+digest's next byte is hashed from the buffer it was written from; one that lands ahead waits and
+is hashed from the file in its turn. Each byte is written once (a retried read asks only for what
+it still lacks) and hashed once, and the part gets its name only if the digest of all its bytes is
+the manifest's. Here this is faster than copying in the kernel (``copy_file_range``) and hashing
+the whole file after: on a filesystem without reflinks the copy moves the bytes anyway, and the
+second pass reads them all again (bench_delta.py).
 """
 
 from __future__ import annotations
@@ -38,21 +48,19 @@ from functools import partial
 from tqdm.auto import tqdm
 
 from .backends import stream_range
-from .cache import CHUNK_BYTES, Cache, Fetch
+from .cache import CHUNK_BYTES, Cache, Fetch, InOrderDigest
 from .errors import IntegrityError
-from .hashing import digest_file, digest_hex
+from .hashing import digest_hex
 from .manifest import Blob, Part
 from .retry import with_retries
 from .safetensors_io import (
     ITEMSIZE,
     HeaderEntry,
     RawTensor,
-    copy_range,
     header_end,
     layout,
     parse_header,
     pread_exact,
-    pwrite_all,
 )
 from .store import create_temp, file_lock, replace_durably
 
@@ -85,6 +93,8 @@ STALE_TEMP_SECONDS = 600
 #: ``__metadata__``, another writer's spacing): a longer one is not read, and the part is fetched
 #: whole, since a header is parsed before any of the part's bytes can be verified.
 HEADER_SLACK = 64 * 1024
+#: Cached tensors are copied this many bytes a read (one buffer of this size per part being copied).
+COPY_BYTES = 8 * 1024 * 1024
 
 
 @dataclass
@@ -208,6 +218,7 @@ class _Plan:
     fd: int
     bar: tqdm | None
     transfer: Transfer
+    digest: InOrderDigest
     copies: list[tuple[Source, int]] = field(default_factory=list)
     ranges: list[tuple[int, int]] = field(default_factory=list)
     #: Bytes this part adds to the bar's total, and bytes it has sent there.
@@ -215,26 +226,49 @@ class _Plan:
     sent: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def write(self, offset: int, piece: bytes) -> None:
-        pwrite_all(self.fd, piece, offset)
-        self.transfer.add(transferred=len(piece))
-        with self._lock:
-            self.sent += len(piece)
-        if self.bar is not None:
-            self.bar.update(len(piece))
+    def fetch(self, start: int, end: int) -> bool:
+        """Fetch bytes ``start:end`` into the file, each byte written once (a retry asks only for
+        what is still missing); whether the server ignored ``Range`` and the whole part came
+        instead (taken only for the part's first bytes: other bytes outside ``start:end`` are
+        dropped)."""
+        item, size = self.item, self.item.part.size
+        wanted, whole, written = end, False, start  # bytes start:written are in the file
 
-    def fetch(self, start: int, end: int) -> tuple[int, int]:
-        item = self.item
-        return with_retries(
-            lambda: stream_range(item.fs, item.src, item.url, start, end, item.part.size, self.write), item.url
-        )
+        def write(offset: int, piece: memoryview) -> None:
+            nonlocal wanted, whole, written
+            if start == 0 and not whole and offset + len(piece) > wanted:
+                wanted, whole = size, True  # the server ignored Range: this is the part from its first byte
+            lo, hi = max(offset, written), min(offset + len(piece), wanted)
+            if lo >= hi:
+                return  # written by an earlier try, or bytes not asked for
+            self.digest.write(self.fd, lo, piece[lo - offset : hi - offset])
+            written = hi
+            self.transfer.add(transferred=hi - lo)
+            with self._lock:
+                self.sent += hi - lo
+            if self.bar is not None:
+                self.bar.update(hi - lo)
 
-    def copy(self, source: Source, at: int) -> None:
-        count = source.end - source.start
-        with open(source.path, "rb", buffering=0) as src:
-            if copy_range(src.fileno(), source.start, self.fd, at, count) != count:
-                raise IntegrityError(f"{source.path} is shorter than its index says")
-        self.transfer.add(reused=count)
+        def attempt() -> None:
+            if written < wanted:
+                stream_range(item.fs, item.src, item.url, written, wanted, size, write)
+
+        with_retries(attempt, item.url)
+        return whole
+
+    def copy(self) -> None:
+        """Copy the cached tensors into the file, in offset order, in pieces of :data:`COPY_BYTES`."""
+        buffer = memoryview(bytearray(min(COPY_BYTES, max((s.end - s.start for s, _ in self.copies), default=0))))
+        for source, at in self.copies:
+            with open(source.path, "rb", buffering=0) as src:
+                done, count = 0, source.end - source.start
+                while done < count:
+                    got = os.preadv(src.fileno(), [buffer[: min(len(buffer), count - done)]], source.start + done)
+                    if got <= 0:
+                        raise IntegrityError(f"{source.path} is shorter than its index says")
+                    self.digest.write(self.fd, at + done, buffer[:got])
+                    done += got
+            self.transfer.add(reused=count)
 
 
 def _predicted(part: Part) -> tuple[list[tuple[str, int]], bytes]:
@@ -327,7 +361,7 @@ def _plan(plan: _Plan, known: dict[str, Source], lengths: Mapping[str, int]) -> 
         raise IntegrityError(f"{plan.item.url}: a dtype this sepstore does not know")
     os.ftruncate(plan.fd, part.size)
     asked = min(predicted_head(part), part.size)
-    if plan.fetch(0, asked) == (0, part.size):
+    if plan.fetch(0, asked):
         return
     head = pread_exact(plan.fd, asked, 0)
     need = header_end(head, part.size)
@@ -342,7 +376,7 @@ def _plan(plan: _Plan, known: dict[str, Source], lengths: Mapping[str, int]) -> 
     fetched = max(asked, need)
     spans = [(name, entry.start, entry.end) for name, entry in header.items()]
     copies, ranges = plan_ranges(part, spans, fetched, lengths)
-    for name, start, _ in copies:
+    for name, start, _ in sorted(copies, key=lambda copy: copy[1]):
         source, entry = known[part.tensors[name].digest], header[name]
         plan.copies.append((Source(source.part, source.path, source.start + start - entry.start, source.end), start))
     plan.ranges = [(at, min(at + CHUNK_BYTES, end)) for start, end in ranges for at in range(start, end, CHUNK_BYTES)]
@@ -368,8 +402,10 @@ def _attempt(
     fetched whole)."""
     ready = pool.map(lambda p: _succeeds(partial(_plan, p, known, lengths)), plans)
     planned = [p for p, ok in zip(plans, ready, strict=True) if ok]
-    work = [(p, pool.submit(_succeeds, partial(p.copy, s, at))) for p in planned for s, at in p.copies]
-    work += [(p, pool.submit(_succeeds, partial(p.fetch, a, b))) for p in planned for a, b in p.ranges]
+    work = []
+    for p in planned:  # each part's copies in order by one thread, its fetches beside it
+        work += [(p, pool.submit(_succeeds, p.copy))]
+        work += [(p, pool.submit(_succeeds, partial(p.fetch, a, b))) for a, b in p.ranges]
     failed = {id(p) for p, future in work if not future.result()}
     return [p for p in planned if id(p) not in failed]
 
@@ -414,7 +450,8 @@ def assemble(
             except OSError:
                 continue  # the whole fetch says what is wrong with the cache
             held.callback(os.close, fd)
-            plans.append(_Plan(item, tmp, fd, bar, transfer, planned=item.part.size))
+            digest = InOrderDigest(tmp, item.part.size, item.label)
+            plans.append(_Plan(item, tmp, fd, bar, transfer, digest, planned=item.part.size))
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="sepstore-delta") as pool:
             assembled = _attempt(plans, known, lengths, pool)
         for plan in plans:
@@ -436,7 +473,7 @@ def assemble(
 def _commit(plan: _Plan, cache: Cache) -> None:
     """Rename the assembled part into the cache if its digest is the manifest's (what a whole
     fetch checks), else an :class:`IntegrityError`."""
-    got, part = digest_file(plan.tmp), plan.item.part
+    got, part = plan.digest.result(), plan.item.part
     if got != part.digest:
         raise IntegrityError(f"part {plan.item.label} assembled: digest is {got}, manifest says {part.digest}")
     replace_durably(plan.tmp, cache.path(part))

@@ -6,6 +6,7 @@ damaged cached source, a server without ``Range``) falls back to fetching whole 
 from __future__ import annotations
 
 import asyncio
+import collections
 import os
 import re
 import shutil
@@ -24,8 +25,11 @@ import torch
 from aiohttp import web
 from safetensors.torch import save as save_safetensors
 from servers import CountingMotoServer, FaultProxy, Request, StaticServer
+from test_hash_once import CountingBlake3
 
 import sepstore
+import sepstore.delta
+import sepstore.hashing
 from sepstore.compose import MIN_PART, Composer, Run, plan_runs
 from sepstore.delta import INDEX_DIR, predicted_head
 from sepstore.demo import llama_decider, tiny_llama_state_dict
@@ -512,3 +516,30 @@ def test_a_destination_object_with_a_header_longer_than_its_tensors_need_is_no_s
     assert report.copied_bytes == 0
     reads = [r.range for r in moto_server.requests if r.method == "GET" and old.file_name in r.path]
     assert reads == [f"bytes=0-{predicted_head(old) - 1}"]
+
+
+def test_each_byte_of_an_assembled_part_is_hashed_once_as_it_is_written(
+    http_remote: Remote, local_store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Copied in small pieces and fetched in small chunks that land in any order, every byte of
+    each assembled part is hashed once, as it is written (no second pass over the file), and the
+    parts verify."""
+
+    class OnePass(CountingBlake3):
+        def update_mmap(self, path: str | os.PathLike[str]) -> OnePass:
+            raise AssertionError(f"{path} hashed again after it was written")
+
+    counted = collections.Counter[str]()
+    CountingBlake3.hashed = counted
+    monkeypatch.setattr(sepstore.hashing, "blake3", OnePass)
+    monkeypatch.setattr(sepstore.delta, "COPY_BYTES", 4096)
+    monkeypatch.setattr(sepstore.delta, "CHUNK_BYTES", 4096)
+    cache = tmp_path / "cache"
+    sepstore.pull(http_remote.url("m", "v1"), cache_dir=cache, quiet=True)
+    counted.clear()
+    report = sepstore.pull(http_remote.url("m", "v2"), cache_dir=cache, quiet=True)
+    mids = [p for p in manifest(local_store, "m", "v2").mid if p is not None]
+    assert sorted(report.fetched) == [f"mid.{i}" for i in range(LAYERS)] and report.reused_bytes > 0
+    assert {p.digest: counted[p.digest] for p in mids} == {p.digest: p.size for p in mids}
+    monkeypatch.undo()
+    assert sepstore.verify(http_remote.url("m", "v2"), cache_dir=cache).ok

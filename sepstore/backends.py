@@ -28,7 +28,19 @@ from fsspec.core import split_protocol
 from .errors import IntegrityError, StoreError
 from .retry import ShortReadError, StalledError
 
-__all__ = ["PIECE_BYTES", "can_list", "min_speed", "open_url", "read_head", "stream_range", "timeout", "with_defaults"]
+__all__ = [
+    "PIECE_BYTES",
+    "RangeBody",
+    "can_list",
+    "min_speed",
+    "open_range",
+    "open_url",
+    "read_head",
+    "stream_body",
+    "stream_range",
+    "timeout",
+    "with_defaults",
+]
 
 T = TypeVar("T")
 
@@ -145,6 +157,10 @@ class _Body:
 
     def close(self) -> None:
         raise NotImplementedError
+
+
+#: The type of an answer to a ranged read, as stores' ``open_blob_range`` return it.
+RangeBody = _Body
 
 
 class _FileBody(_Body):
@@ -318,11 +334,8 @@ def _is(fs: fsspec.AbstractFileSystem, module: str, name: str) -> bool:
     return isinstance(cls, type) and isinstance(fs, cls)
 
 
-def _open(fs: fsspec.AbstractFileSystem, path: str, start: int, end: int) -> _Body:
-    opener = getattr(fs, "open_range", None)  # a filesystem that streams ranges itself (sepstore.oci.blobs)
-    if callable(opener):
-        body: _Body = opener(path, start, end)
-        return body
+def open_range(fs: fsspec.AbstractFileSystem, path: str, start: int, end: int) -> _Body:
+    """One read of bytes ``start:end`` of the object at ``path``, its body unread (for :func:`stream_body`)."""
     if _is(fs, "fsspec.implementations.http", "HTTPFileSystem"):
         return _HTTPBody(fs, path, start, end)
     if _is(fs, "s3fs.core", "S3FileSystem"):
@@ -341,10 +354,25 @@ def stream_range(
     *,
     into: memoryview | None = None,
 ) -> tuple[int, int]:
-    """Read bytes ``start:end`` of the ``size``-byte object at ``path`` and hand them to
-    ``write(offset, piece)`` in pieces of at most :data:`PIECE_BYTES`, each read into one reused
-    buffer (so ``piece`` is valid only during the call: copy it to keep it); returns the span written:
-    ``(start, end)``, or ``(0, size)`` when the server ignored ``Range`` and sent the whole object.
+    """:func:`stream_body` of the object at ``path`` on ``fs``."""
+    return stream_body(open_range(fs, path, start, end), url, start, end, size, write, into=into)
+
+
+def stream_body(
+    body: _Body,
+    url: str,
+    start: int,
+    end: int,
+    size: int,
+    write: Callable[[int, memoryview], None],
+    *,
+    into: memoryview | None = None,
+) -> tuple[int, int]:
+    """Read bytes ``start:end`` of a ``size``-byte object from ``body`` (an answer to a ranged read
+    of them, closed here) and hand them to ``write(offset, piece)`` in pieces of at most
+    :data:`PIECE_BYTES`, each read into one reused buffer (so ``piece`` is valid only during the
+    call: copy it to keep it); returns the span written: ``(start, end)``, or ``(0, size)`` when
+    the server ignored ``Range`` and sent the whole object.
     With ``into`` (a writable buffer of ``size`` bytes), a ranged answer is read straight into
     ``into[start:end]`` instead, and each ``piece`` is the view of it that it filled.
 
@@ -352,7 +380,6 @@ def stream_range(
     :class:`IntegrityError` naming ``url``, found before more than the expected bytes are read;
     a short answer is a :class:`ShortReadError` and a stalled one a :class:`StalledError` (both
     worth another try, see :func:`~sepstore.retry.with_retries`)."""
-    body = _open(fs, path, start, end)
     try:
         if body.total is not None and body.total != size:
             raise IntegrityError(f"{url}: the server's object is {body.total} bytes, not the {size} expected")
@@ -386,7 +413,7 @@ def stream_range(
 def read_head(fs: fsspec.AbstractFileSystem, path: str, url: str, limit: int) -> bytes:
     """The first ``limit`` bytes of the object at ``path`` (all of it, if shorter), read in pieces
     under the minimum-progress rule: a longer answer is cut at ``limit``, never held whole."""
-    body = _open(fs, path, 0, limit)
+    body = open_range(fs, path, 0, limit)
     try:
         if body.ranged and body.offset != 0:
             raise IntegrityError(f"{url}: asked for bytes 0-{limit - 1}, the server sent bytes from {body.offset}")

@@ -11,7 +11,8 @@ A part's first chunk is asked for alone: a server that ignores ``Range`` (``pyth
 http.server``) answers it with the whole part, which is streamed in whole, and the part's other
 chunks are skipped.
 
-The digest is computed while the bytes arrive, in their order in the part: a piece that is the
+The digest is computed while the bytes arrive, in their order in the part (with the SHA-256 a
+registry names the blob by, checked too, see :meth:`~sepstore.stores.base.Blobs.extra_digests`): a piece that is the
 digest's next byte is hashed as soon as it is written (still in the CPU's cache), by the thread
 that received it; a piece that arrives ahead of the bytes before it (ranged chunks come in out of
 order) is written and waits, and is hashed from the file as soon as the gap before it is filled.
@@ -25,25 +26,27 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import hashlib
 import os
 import shutil
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
+from typing import Any
 
-import fsspec
 from blake3 import blake3
 from tqdm.auto import tqdm
 
 from ._text import counted, human_bytes
-from .backends import PIECE_BYTES, stream_range
+from .backends import PIECE_BYTES
 from .errors import IntegrityError, StoreError
 from .hashing import Hasher, digest_hex, digest_of
 from .manifest import Blob
 from .retry import with_retries
 from .safetensors_io import pwrite_all
 from .store import PARTS_DIR, backend_errors, file_lock, replace_durably
+from .stores.base import Blobs, algorithm_name
 
 __all__ = ["CHUNK_BYTES", "Cache", "Fetch", "InOrderDigest", "default_cache_dir", "read_only"]
 
@@ -67,13 +70,16 @@ def default_cache_dir() -> str:
 
 @dataclass(frozen=True)
 class Fetch:
-    """One part (or asset) to bring into the cache: where it is, and what the manifest says it is."""
+    """One part (or asset) to bring into the cache: where it is read, and what the manifest says it is."""
 
-    fs: fsspec.AbstractFileSystem
-    src: str
-    url: str
+    source: Blobs
     part: Blob
     label: str
+
+    @property
+    def url(self) -> str:
+        """The part's URL where it is read, for messages."""
+        return self.source.blob_url(self.part)
 
 
 @dataclass
@@ -99,7 +105,11 @@ class _Download:
         self.log = self.partial + ".done"
         self.chunk = CHUNK_BYTES
         self.count = -(-self.item.part.size // self.chunk)
-        self.digest = InOrderDigest(self.partial, self.item.part.size, self.item.label, self.into)
+        #: Digests besides BLAKE3 the part must have (a registry's SHA-256), computed alongside it.
+        self.extra = self.item.source.extra_digests(self.item.part)
+        self.digest = InOrderDigest(
+            self.partial, self.item.part.size, self.item.label, self.into, extra={n: hashlib.new(n) for n in self.extra}
+        )
 
     def span(self, index: int) -> tuple[int, int]:
         """The bytes ``start:end`` of chunk ``index``."""
@@ -161,7 +171,7 @@ class _Download:
                 nonlocal asked
                 asked = (written, wanted)
                 if written < wanted:
-                    stream_range(item.fs, item.src, item.url, written, wanted, size, write, into=self.into)
+                    item.source.stream_blob_range(item.part, written, wanted, write, into=self.into)
 
             with_retries(attempt, item.url)
         finally:
@@ -190,6 +200,15 @@ class _Download:
         or delete it and refuse it."""
         part, url = self.item.part, self.item.url
         got = self.digest.result()
+        complete = self.digest.hashed == part.size
+        for name, expected in self.extra.items():  # first: it names the blob as the source does
+            other = self.digest.extra_result(name)
+            if complete and other != expected:
+                self.discard()
+                what = algorithm_name(name)
+                raise IntegrityError(
+                    f"part {self.item.label} at {url}: its {what} is {other}, the blob is named {expected}"
+                )
         if got != part.digest:
             self.discard()
             raise IntegrityError(f"part {self.item.label} at {url}: digest is {got}, manifest says {part.digest}")
@@ -209,13 +228,24 @@ class InOrderDigest:
     soon as it is written (still in the CPU's cache), by the thread that wrote it; a piece ahead of
     the bytes before it waits, and is hashed from the file (or from ``into``, which holds the
     file's bytes too) by the thread that fills the gap before it. Each byte written once is hashed
-    once, so the digest is of exactly the file's bytes, with no second pass over the file."""
+    once, so the digest is of exactly the file's bytes, with no second pass over the file.
+    ``extra`` hashers (:mod:`hashlib` objects by name, such as a registry's SHA-256) are fed the same
+    bytes in the same order (:meth:`extra_result`)."""
 
-    def __init__(self, path: str, size: int, label: str, into: memoryview | None = None) -> None:
+    def __init__(
+        self,
+        path: str,
+        size: int,
+        label: str,
+        into: memoryview | None = None,
+        *,
+        extra: Mapping[str, Any] | None = None,
+    ) -> None:
         self.path, self.size, self.label, self.into = path, size, label, into
         self.lock = threading.Lock()
         #: The digest so far, of bytes ``0:hashed`` of the file, in order.
         self.hasher: blake3 = Hasher()
+        self.extra = dict(extra or {})
         self.hashed = 0
         #: Spans ``start: (end, whether they are in `into` already)`` of the file that are written
         #: (each once) but not hashed yet.
@@ -240,7 +270,7 @@ class InOrderDigest:
                 self.waiting[offset] = (end, held)
         if inline:
             try:
-                self.hasher.update(piece)
+                self._update(piece)
             except BaseException:
                 with self.lock:
                     self.hashing = False
@@ -263,7 +293,7 @@ class InOrderDigest:
                         self.hashing = False
                         return
                 if held and self.into is not None:
-                    self.hasher.update(self.into[at:end])
+                    self._update(self.into[at:end])
                     at = end
                 elif fd < 0:
                     fd = os.open(self.path, os.O_RDONLY)
@@ -274,7 +304,7 @@ class InOrderDigest:
                     got = os.preadv(fd, [buffer], at)
                     if got <= 0:
                         raise IntegrityError(f"part {self.label}: {self.path} ends at byte {at}, cut short")
-                    self.hasher.update(buffer[:got])
+                    self._update(buffer[:got])
                     at += got
                 with self.lock:
                     self.hashed = end
@@ -285,6 +315,15 @@ class InOrderDigest:
         finally:
             if fd >= 0:
                 os.close(fd)
+
+    def _update(self, data: memoryview) -> None:
+        self.hasher.update(data)
+        for other in self.extra.values():
+            other.update(data)
+
+    def extra_result(self, name: str) -> str:
+        """The ``extra`` digest ``name`` of the bytes hashed (``<name>:<hex>``), once :meth:`result` is known."""
+        return f"{name}:{self.extra[name].hexdigest()}"
 
     def result(self) -> str:
         """Hash what is still waiting (every write is done: no other thread is left to hash); the

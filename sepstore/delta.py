@@ -47,7 +47,6 @@ from functools import partial
 
 from tqdm.auto import tqdm
 
-from .backends import stream_range
 from .cache import CHUNK_BYTES, Cache, Fetch, InOrderDigest
 from .errors import IntegrityError
 from .hashing import digest_hex
@@ -251,7 +250,7 @@ class _Plan:
 
         def attempt() -> None:
             if written < wanted:
-                stream_range(item.fs, item.src, item.url, written, wanted, size, write)
+                item.source.stream_blob_range(item.part, written, wanted, write)
 
         with_retries(attempt, item.url)
         return whole

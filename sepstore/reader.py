@@ -22,9 +22,6 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from io import FileIO
 from typing import TYPE_CHECKING, TypeVar
 
-from fsspec.implementations.local import LocalFileSystem
-
-from .backends import open_url
 from .cache import DEFAULT_WORKERS, Cache, Fetch
 from .delta import TensorIndex, Transfer, assemble
 from .errors import IntegrityError, NotFoundError, StoreError
@@ -87,8 +84,9 @@ class PartReader:
         if type(workers) is not int or workers < 1:
             raise StoreError(f"workers= is a whole number of parallel transfers >= 1, got {workers!r}")
         self.resolved = resolved
-        self.fs, self.base = open_url(resolved.parts_url, resolved.storage_options)
-        self.cache = None if isinstance(self.fs, LocalFileSystem) else Cache(cache_dir)
+        #: Where the parts are read (a store, a mirror, a registry repository).
+        self.parts = resolved.parts
+        self.cache = None if self.parts.local else Cache(cache_dir)
         self.workers = workers
         #: Digests this reader fetched, and so verified, itself: within the one call that reads
         #: them, they are not hashed a second time (a later call re-hashes the cached file).
@@ -98,22 +96,15 @@ class PartReader:
         #: Bytes this reader's fetches read over the network, and copied from cached parts instead.
         self.transfer = Transfer()
 
-    def _source(self, part: Blob) -> str:
-        return f"{self.base}/{part.file_name}"
-
     def path(self, part: Blob) -> str:
         """Where the part's (or asset's) bytes are (or will be) on local disk."""
-        return self._source(part) if self.cache is None else self.cache.path(part)
+        return self.parts.local_path(part) if self.cache is None else self.cache.path(part)
 
     def missing(self, chosen: Iterable[tuple[str, Blob]]) -> list[Fetch]:
         """The chosen parts (or assets) that are neither local nor cached yet."""
         if self.cache is None:
             return []
-        fetches = {
-            part.file_name: Fetch(self.fs, self._source(part), self.resolved.part_url(part), part, label)
-            for label, part in chosen
-            if not self.cache.has(part)
-        }
+        fetches = {part.file_name: Fetch(self.parts, part, label) for label, part in chosen if not self.cache.has(part)}
         return list(fetches.values())
 
     def prefetch(

@@ -25,6 +25,7 @@ from .errors import IntegrityError, ManifestError, NotFoundError, RefError, Stor
 from .hashing import DIGEST_PATTERN
 from .manifest import Blob, Manifest, decode_manifest, manifest_digest
 from .store import MANIFESTS_DIR, Store, check_name, check_tag, read_limited
+from .stores.base import Blobs, open_parts
 from .trust import TrustLike, TrustReport, check, policy_from
 
 if TYPE_CHECKING:
@@ -52,7 +53,6 @@ Ref = str | os.PathLike[str]
 _LOCAL = {None, "file", "local"}
 #: References of this scheme name a model version in an OCI registry (:mod:`sepstore.oci`).
 OCI_SCHEME: Final = "oci://"
-_OCI_BLOBS: Final = "sepstore-oci://"  # where a resolved oci:// reference's parts are read (sepstore.oci.blobs)
 _PIN = re.compile(DIGEST_PATTERN)
 # Percent escapes a server may decode into a path separator or a dot segment ("%2e%2e" is ".."):
 # in `parts` they would climb out of the store after the location was checked.
@@ -170,7 +170,9 @@ class Resolved:
     the three cannot disagree), with the URL it was read from and where its parts live.
 
     ``Resolved(data, url)`` decodes ``data`` and finds the parts from the manifest's own
-    ``parts`` (checked to stay inside the store); ``parts_url`` names a mirror instead.
+    ``parts`` (checked to stay inside the store); ``parts_url`` names a mirror instead. Its parts
+    are read through :attr:`parts` (``parts=`` gives the store that is already open there, such as
+    the one the manifest was read from).
     """
 
     data: bytes = field(repr=False)
@@ -186,16 +188,32 @@ class Resolved:
         url: str,
         parts_url: str | os.PathLike[str] | None = None,
         storage_options: Mapping[str, Any] | None = None,
+        *,
+        parts: Blobs | None = None,
     ) -> None:
         data, url = bytes(data), _absolute(url)
         manifest = decode_manifest(data, source=url)
         location = _parts_url(parts_url)
+        if location is None:
+            location = _parts_location(url, manifest)
         object.__setattr__(self, "data", data)
         object.__setattr__(self, "url", url)
-        object.__setattr__(self, "parts_url", location if location is not None else _parts_location(url, manifest))
+        object.__setattr__(self, "parts_url", location)
         object.__setattr__(self, "storage_options", _storage_options(storage_options))
         object.__setattr__(self, "manifest", manifest)
         object.__setattr__(self, "digest", manifest_digest(data))
+        # not a field: a copy with another parts_url (dataclasses.replace) opens its own
+        object.__setattr__(self, "_parts", parts if parts is not None and parts.parts_url == location else None)
+
+    @property
+    def parts(self) -> Blobs:
+        """Where the parts and assets are read (:class:`~sepstore.stores.base.Blobs`): the store given,
+        else opened at ``parts_url`` when first asked for (a registry repository, or a folder of part files)."""
+        parts: Blobs | None = self.__dict__["_parts"]
+        if parts is None:
+            parts = open_parts(self.parts_url, self.storage_options)
+            object.__setattr__(self, "_parts", parts)
+        return parts
 
     @property
     def tag(self) -> str:
@@ -208,11 +226,7 @@ class Resolved:
 
     def part_url(self, part: Blob) -> str:
         """The URL of a part's (or an asset's) file (in an OCI registry: its blob's URL there)."""
-        if self.parts_url.startswith(_OCI_BLOBS):
-            from .oci.blobs import blob_url
-
-            return blob_url(self.storage_options, part.file_name) or f"{self.parts_url}/{part.file_name}"
-        return f"{self.parts_url}/{part.file_name}"
+        return self.parts.blob_url(part)
 
 
 #: What every function that reads a model takes as its reference.
@@ -336,6 +350,7 @@ def _read(ref: ModelRef) -> Resolved:
         resolved = _read_oci(ref)
         _check_pin(resolved.url, resolved.digest, ref.digest)
         return resolved
+    store: Store | None = None  # where the manifest is read, and so its parts (unless it names others)
     if is_manifest_url(ref.url):
         fs, path = open_url(ref.url, ref.storage_options)
         manifest_url = _absolute(ref.url)
@@ -346,7 +361,7 @@ def _read(ref: ModelRef) -> Resolved:
         manifest_url = store.url_of(store.manifest_path(name, tag))
         data = store.read_manifest_bytes(name, tag)
     _check_pin(manifest_url, manifest_digest(data), ref.digest)
-    return Resolved(data, manifest_url, ref.parts_url, ref.storage_options)
+    return Resolved(data, manifest_url, ref.parts_url, ref.storage_options, parts=store)
 
 
 def _read_oci(ref: ModelRef) -> Resolved:

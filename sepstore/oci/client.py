@@ -33,7 +33,7 @@ from typing import IO, Any, Final
 import urllib3
 
 from .._version import __version__
-from ..backends import PIECE_BYTES, _Progress, timeout
+from ..backends import PIECE_BYTES, RangeBody, _content_range, _Progress, timeout
 from ..errors import IntegrityError, NotFoundError, RegistryAuthError, RegistryError, SepstoreError
 from ..retry import TransientError, with_retries
 from .auth import Credentials, credentials_for, parse_challenge
@@ -180,6 +180,37 @@ class _Answer:
             errors = json.loads(body)["errors"]
             return "; ".join(f"{e.get('code', '')}: {e.get('message', '')}".strip(": ") for e in errors)[:500]
         return body[:200].decode("utf-8", "replace")
+
+
+class _BlobBody(RangeBody):
+    """A registry's answer to a ranged GET of a blob, read piece by piece as it arrives. An answer
+    that is the whole blob when a range was asked for (a registry that ignores ``Range``) is hashed
+    on the way and its last piece refused unless its SHA-256 is the blob's; a reader of a whole
+    blob checks its SHA-256 itself (:meth:`~sepstore.stores.base.Blobs.extra_digests`)."""
+
+    def __init__(self, answer: _Answer, start: int, digest: str, size: int) -> None:
+        self._answer = answer
+        first, self.total = _content_range(answer.header("Content-Range"))
+        self.ranged = answer.status == 206
+        self.offset = start if first is None else first
+        self.length = answer.length()
+        self._digest, self._size, self._done = digest, size, 0
+        self._hasher = None if self.ranged else hashlib.sha256()
+
+    def read(self, size: int) -> bytes:
+        piece = self._answer.piece(size)
+        if self._hasher is not None:
+            self._hasher.update(piece)
+            self._done += len(piece)
+            got = "sha256:" + self._hasher.hexdigest() if self._done == self._size else self._digest
+            if got != self._digest:
+                raise IntegrityError(
+                    f"{self._answer.url}: the blob's SHA-256 is {got}, the registry names it {self._digest}"
+                )
+        return piece
+
+    def close(self) -> None:
+        self._answer.close()
 
 
 @dataclass(frozen=True)
@@ -451,16 +482,17 @@ class Registry:
 
         return b"" if start == end else with_retries(get, self.base + path)
 
-    def open_blob(self, repository: str, digest: str, start: int, end: int) -> _Answer:
-        """A GET of bytes ``start:end`` of blob ``digest`` with its body unread (206, or 200 from a
-        registry that ignores ``Range``): for :func:`~sepstore.backends.stream_range`, which checks
-        the answer's span and length and reads it piece by piece. The caller closes it."""
+    def open_blob(self, repository: str, digest: str, start: int, end: int, size: int) -> RangeBody:
+        """A GET of bytes ``start:end`` of the ``size``-byte blob ``digest`` with its body unread (206,
+        or 200 from a registry that ignores ``Range``): for :func:`~sepstore.backends.stream_body`,
+        which checks the answer's span and length and reads it piece by piece. The caller closes it."""
         path = f"/v2/{repository}/blobs/{_checked_digest(digest)}"
         headers = {"Range": f"bytes={start}-{end - 1}", "Accept-Encoding": "identity"}
-        return with_retries(
+        answer = with_retries(
             lambda: self.request("GET", path, scope=self.scope(repository), headers=headers, ok=(200, 206)),
             self.base + path,
         )
+        return _BlobBody(answer, start, digest, size)
 
     def download_blob(
         self, repository: str, digest: str, size: int, write: Callable[[bytes], None], *, what: str = "blob"

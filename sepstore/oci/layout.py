@@ -37,7 +37,6 @@ from ..refs import Resolved
 from ..store import MANIFESTS_DIR, PARTS_DIR, check_tag
 from ..tags import TagInfo
 from .auth import Credentials
-from .blobs import PROTOCOL
 from .client import OCI_MANIFEST, UPLOAD_CHUNK, Registry, sha256_file
 
 __all__ = [
@@ -453,27 +452,16 @@ class OciModel:
         return self.ref.url
 
     @property
-    def parts_url(self) -> str:
-        """Where the blob filesystem (:mod:`sepstore.oci.blobs`) finds the parts."""
-        return f"{PROTOCOL}://{self.ref.host}/{self.ref.repository}"
-
-    def storage_options(self) -> dict[str, Any]:
-        """The blob filesystem's options; ``subject`` (the image) is where the signatures hang."""
-        return {
-            "registry": self.registry,
-            "repository": self.ref.repository,
-            "blobs": dict(self.blobs),
-            "subject": self.subject,
-        }
-
-    @property
     def subject(self) -> tuple[str, int]:
         """The image manifest's digest and size: what its referrers (signatures) name."""
         return self.image_digest, len(self.image)
 
     def resolved(self) -> Resolved:
-        """The manifest as every reading function takes it (``load``, ``pull``, ``verify``, ``push`` ...)."""
-        return Resolved(self.data, self.url, self.parts_url, self.storage_options())
+        """The manifest as every reading function takes it (``load``, ``pull``, ``verify``, ``push`` ...),
+        its parts read from the repository (:class:`~sepstore.stores.registry.RegistryStore`)."""
+        from ..stores.registry import RegistryStore  # which imports this module
+
+        return RegistryStore.holding(self).resolved(self)
 
     def fetch(self, blob: Blob, write: Callable[[bytes], None]) -> None:
         """Stream a part's or asset's whole blob into ``write``, checking its SHA-256 and its BLAKE3."""
@@ -528,11 +516,13 @@ def resolve_url(
         raise RefError(f"tag={tag!r} contradicts the reference's tag {oci.tag!r} ({url})")
     if tag is not None and oci.tag is None:
         oci = OciRef(oci.host, oci.repository, tag, oci.digest)
-    model = resolve_oci(oci, registry=registry_for(oci.host, storage_options))
-    resolved = model.resolved()
+    from ..stores.registry import RegistryStore  # which imports this module
+
+    store = RegistryStore(f"oci://{oci.host}/{oci.repository}", dict(storage_options or {}))
+    model = store.model(oci)
     if parts_url is None:
-        return resolved
-    return Resolved(resolved.data, resolved.url, parts_url)
+        return store.resolved(model, storage_options)
+    return Resolved(model.data, model.url, parts_url)
 
 
 def json_object(image: bytes, url: str) -> dict[str, Any]:

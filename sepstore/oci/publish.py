@@ -14,6 +14,7 @@ from ..refs import Resolved
 from ..sign import copy_signatures
 from ..sign import sign as sign_manifest
 from ..store import Store, check_tag
+from ..stores.registry import RegistryStore
 from ..trust import TrustReport
 from .layout import OciRef, push_oci, refuse_another_model, registry_for, resolve_url
 
@@ -62,8 +63,8 @@ def push_to_registry(
     reader.recheck(chosen, rehash=True)  # a damaged cached copy is fetched again, a local one refused
     reader.prefetch(chosen, desc=f"fetch {manifest.name}", quiet=quiet)
     # a source in another repository of the same registry: its blobs are mounted, not uploaded again
-    source = src.storage_options.get("registry")
-    mount_from = src.storage_options.get("repository") if getattr(source, "host", None) == oci.host else None
+    source = src.parts
+    mount_from = source.ref.repository if isinstance(source, RegistryStore) and source.ref.host == oci.host else None
     with contextlib.ExitStack() as held:
         if reader.cache is not None:  # cached copies are read under their locks, so `cache prune` leaves them
             for _, blob in chosen:

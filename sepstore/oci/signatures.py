@@ -16,7 +16,7 @@ from ..errors import ManifestError, NotFoundError
 from ..refs import Resolved
 from ..signing import BUNDLE_MEDIA_TYPE
 from .client import OCI_INDEX, OCI_MANIFEST, Registry
-from .layout import OciModel, json_object, layer_descriptors, resolve_oci, sha256_of
+from .layout import OciModel, OciRef, json_object, layer_descriptors, resolve_oci, sha256_of
 
 __all__ = ["KEY_ID", "RegistrySignatures", "attach_signature_oci", "signatures_oci"]
 
@@ -41,9 +41,11 @@ class RegistrySignatures:
     @classmethod
     def of(cls, resolved: Resolved) -> RegistrySignatures:
         """The signatures of the image a resolved ``oci://`` reference was read from."""
-        options = resolved.storage_options
-        if isinstance(options.get("registry"), Registry) and "subject" in options:
-            return cls(options["registry"], resolved.url, options["repository"], options["subject"])
+        from ..stores.registry import RegistryStore  # which imports this module
+
+        parts = resolved.parts
+        if isinstance(parts, RegistryStore):
+            return cls.of_model(parts.model(OciRef.parse(resolved.url)))  # the image it read
         return cls.of_model(resolve_oci(resolved.url))  # read from a mirror: the image is looked up again
 
     @classmethod

@@ -8,15 +8,19 @@ capability (see :meth:`Store.lacks`), never a backend's own exception.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, ClassVar, TypeVar
 
-from ..errors import StoreError
+from ..backends import RangeBody, stream_body
+from ..errors import IntegrityError, StoreError
+from ..hashing import Hasher, digest_of
 from ..manifest import Blob
+from ..retry import with_retries
 
-__all__ = ["CAPABILITIES", "Store"]
+__all__ = ["CAPABILITIES", "Blobs", "Store", "algorithm_name", "open_parts"]
 
 T = TypeVar("T")
 
@@ -32,7 +36,131 @@ CAPABILITIES = (
 )
 
 
-class Store(ABC):
+class Blobs(ABC):
+    """Where a manifest's parts and assets are read, by their digest: a store, a mirror's folder of
+    part files (``parts_url=``), or a registry repository. Every read of a part goes through
+    :meth:`open_blob_range` (one ranged read, its body streamed in bounded pieces); ``load``,
+    ``pull``, ``verify``, ``export`` and the cache read parts only through this interface."""
+
+    #: A byte range of a blob can be read without the rest.
+    ranged_reads: ClassVar[bool] = True
+
+    url: str
+
+    @property
+    @abstractmethod
+    def parts_url(self) -> str:
+        """The URL of this location of parts (a manifest's ``parts_url`` when its parts are read here)."""
+
+    @abstractmethod
+    def blob_url(self, blob: Blob) -> str:
+        """The URL of a part's or an asset's file (for messages, and for tools that download by URL)."""
+
+    @abstractmethod
+    def blob_size(self, blob: Blob) -> int | None:
+        """The size of the file filed under the blob's digest, or ``None`` when there is none."""
+
+    def has_blob(self, blob: Blob) -> bool:
+        """Whether a file is filed under the blob's digest now."""
+        return self.blob_size(blob) is not None
+
+    @property
+    def local(self) -> bool:
+        """Whether the blobs are files on this machine's disk, read in place (not through a cache)."""
+        return False
+
+    def local_path(self, blob: Blob) -> str:
+        """The blob's file on this machine's disk (where :attr:`local`)."""
+        raise StoreError(f"{self.blob_url(blob)} is not on this machine's disk")
+
+    @abstractmethod
+    def open_blob_range(self, blob: Blob, start: int, end: int) -> RangeBody:
+        """One read of bytes ``start:end`` of the blob's file, its body unread: a ranged answer, or
+        the whole file from a server that ignores ``Range``. Not retried, and a backend's failure is
+        raised as it is: :meth:`stream_blob_range`'s callers retry, and translate, with
+        :func:`~sepstore.retry.with_retries`."""
+
+    def extra_digests(self, blob: Blob) -> dict[str, str]:
+        """Digests besides BLAKE3 the blob's bytes must have here, by :mod:`hashlib` name
+        (``{"sha256": "sha256:<hex>"}`` in a registry, which names blobs by SHA-256); checked by
+        whoever reads the whole blob (the cache, :meth:`digest_blob`)."""
+        return {}
+
+    def stream_blob_range(
+        self,
+        blob: Blob,
+        start: int,
+        end: int,
+        write: Callable[[int, memoryview], None],
+        *,
+        into: memoryview | None = None,
+    ) -> tuple[int, int]:
+        """Stream bytes ``start:end`` of the blob into ``write(offset, piece)`` once (see
+        :func:`~sepstore.backends.stream_body`: bounded pieces, cut at the expected length, under the
+        minimum-progress rule); the span written, ``(0, size)`` when the server sent the whole blob."""
+        return stream_body(
+            self.open_blob_range(blob, start, end), self.blob_url(blob), start, end, blob.size, write, into=into
+        )
+
+    def read_blob_range(self, blob: Blob, start: int, end: int) -> bytes:
+        """Bytes ``[start, end)`` of a blob's file, retried from the start on a transient failure."""
+        url = self.blob_url(blob)
+        if not 0 <= start <= end <= blob.size:
+            raise StoreError(f"{url}: range [{start}, {end}) is outside the blob's {blob.size} bytes")
+        out = bytearray(end - start)
+
+        def write(offset: int, piece: memoryview) -> None:
+            lo, hi = max(offset, start), min(offset + len(piece), end)  # a whole answer holds more
+            if lo < hi:
+                out[lo - start : hi - start] = piece[lo - offset : hi - offset]
+
+        if end > start:
+            with_retries(lambda: self.stream_blob_range(blob, start, end, write), url)
+        return bytes(out)
+
+    def digest_blob(self, blob: Blob) -> str:
+        """The BLAKE3 of the bytes filed under the blob's digest, read whole in bounded pieces; an
+        :class:`~sepstore.errors.IntegrityError` if they lack one of its :meth:`extra_digests`."""
+        url = self.blob_url(blob)
+        extra = self.extra_digests(blob)
+        hasher, others = Hasher(), {name: hashlib.new(name) for name in extra}
+
+        def write(offset: int, piece: memoryview) -> None:
+            nonlocal others
+            if offset == 0:  # a retry streams again from the start
+                hasher.reset()
+                others = {name: hashlib.new(name) for name in extra}
+            hasher.update(piece)
+            for other in others.values():
+                other.update(piece)
+
+        if blob.size:
+            with_retries(lambda: self.stream_blob_range(blob, 0, blob.size, write), url)
+        for name, expected in extra.items():
+            got = f"{name}:{others[name].hexdigest()}"
+            if got != expected:
+                raise IntegrityError(f"{url}: the blob's {algorithm_name(name)} is {got}, not {expected}")
+        return digest_of(hasher)
+
+
+def algorithm_name(name: str) -> str:
+    """How messages name a :mod:`hashlib` algorithm (``sha256``: SHA-256)."""
+    return {"sha256": "SHA-256", "sha512": "SHA-512"}.get(name, name.upper())
+
+
+def open_parts(url: str, storage_options: Mapping[str, Any] | None = None) -> Blobs:
+    """The parts at ``url``: an ``oci://HOST/REPOSITORY`` registry repository, else a folder of
+    part files (``<file name>``, as in a store's ``parts/blake3/``) on any fsspec filesystem."""
+    if url.startswith("oci://"):
+        from .registry import RegistryStore
+
+        return RegistryStore(url, dict(storage_options or {}))
+    from .fsspec import PartsFolder
+
+    return PartsFolder(url, storage_options)
+
+
+class Store(Blobs):
     """A sepstore: parts and assets by BLAKE3 digest, manifests by model name and tag, signatures,
     and the leases that keep ``gc`` from a publish in flight.
 
@@ -46,8 +174,6 @@ class Store(ABC):
     can_list_blobs: ClassVar[bool] = True
     #: A manifest is created only if absent, or replaced only if unchanged, atomically.
     conditional_writes: ClassVar[bool] = False
-    #: A byte range of a blob can be read without the rest.
-    ranged_reads: ClassVar[bool] = True
     #: Blobs can be assembled from ranges of other blobs inside the store (S3's UploadPartCopy).
     server_side_copy: ClassVar[bool] = False
     #: Blobs and other files can be deleted (``gc``).
@@ -83,36 +209,11 @@ class Store(ABC):
     def manifest_url(self, name: str, tag: str) -> str:
         """The URL of a tag's manifest (what ``load`` takes)."""
 
-    @property
-    @abstractmethod
-    def parts_url(self) -> str:
-        """Where a manifest read from this store finds its parts (its ``parts_url``)."""
-
-    @abstractmethod
-    def blob_url(self, blob: Blob) -> str:
-        """The URL of a part's or an asset's file."""
-
     @abstractmethod
     def require(self) -> None:
         """A :class:`~sepstore.errors.NotFoundError` when nothing at all is at the store's location."""
 
     # -- parts and assets ------------------------------------------------------------------------
-
-    @abstractmethod
-    def has_blob(self, blob: Blob) -> bool:
-        """Whether a file is filed under the blob's digest now."""
-
-    @abstractmethod
-    def blob_size(self, blob: Blob) -> int | None:
-        """The size of the file filed under the blob's digest, or ``None`` when there is none."""
-
-    @abstractmethod
-    def read_blob_range(self, blob: Blob, start: int, end: int) -> bytes:
-        """Bytes ``[start, end)`` of a blob's file (bounded, retried where the backend is remote)."""
-
-    @abstractmethod
-    def digest_blob(self, blob: Blob) -> str:
-        """The BLAKE3 of the bytes filed under the blob's digest, read whole in bounded pieces."""
 
     @abstractmethod
     def put_blob_file(self, path: str, blob: Blob, *, replace: bool = False) -> bool:

@@ -6,16 +6,17 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Callable
+from abc import abstractmethod
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import fsspec
+from fsspec.implementations.local import LocalFileSystem
 
-from ..backends import open_url, stream_range
+from ..backends import RangeBody, open_range, open_url
 from ..errors import NotFoundError, StoreError
-from ..hashing import Hasher, digest_hex, digest_of
+from ..hashing import digest_file, digest_hex
 from ..manifest import Blob
-from ..retry import with_retries
 from ..store import (
     KEY_ID_RE,
     LEASE_ID_PATTERN,
@@ -32,12 +33,70 @@ from ..store import (
     read_limited,
     s3_code,
 )
-from .base import Store
+from .base import Blobs, Store
 
-__all__ = ["FsspecStore", "HttpStore"]
+__all__ = ["FsspecStore", "HttpStore", "PartsFolder"]
 
 
-class FsspecStore(Store):
+class _FileBlobs(Blobs):
+    """Blobs as files on an fsspec filesystem (``fs``), each at :meth:`blob_path`."""
+
+    fs: fsspec.AbstractFileSystem
+
+    @abstractmethod
+    def blob_path(self, blob: Blob) -> str:
+        """Where a part's or an asset's file is, as a path on ``fs``."""
+
+    @property
+    def local(self) -> bool:
+        return isinstance(self.fs, LocalFileSystem)
+
+    def local_path(self, blob: Blob) -> str:
+        return self.blob_path(blob) if self.local else super().local_path(blob)
+
+    def blob_size(self, blob: Blob) -> int | None:
+        path = self.blob_path(blob)
+        with backend_errors(self.blob_url(blob)):
+            self.fs.invalidate_cache(path)
+            try:
+                return int(self.fs.size(path))
+            except FileNotFoundError:
+                return None
+
+    def open_blob_range(self, blob: Blob, start: int, end: int) -> RangeBody:
+        return open_range(self.fs, self.blob_path(blob), start, end)
+
+    def read_blob_range(self, blob: Blob, start: int, end: int) -> bytes:
+        with backend_errors(self.blob_url(blob)):
+            return super().read_blob_range(blob, start, end)
+
+    def digest_blob(self, blob: Blob) -> str:
+        """Local files are hashed with BLAKE3's multithreaded mode, others streamed."""
+        with backend_errors(self.blob_url(blob)):
+            return digest_file(self.blob_path(blob)) if self.local else super().digest_blob(blob)
+
+
+class PartsFolder(_FileBlobs):
+    """A folder of part and asset files named as in a store's ``parts/blake3/`` (a mirror's,
+    ``parts_url=``, or the one a manifest's ``parts`` names), on any fsspec filesystem; read only."""
+
+    def __init__(self, url: str, storage_options: Mapping[str, Any] | None = None) -> None:
+        self.url = url.rstrip("/") or url
+        self.fs, root = open_url(self.url, storage_options)
+        self.root: str = root.rstrip("/") or root
+
+    @property
+    def parts_url(self) -> str:
+        return self.url
+
+    def blob_path(self, blob: Blob) -> str:
+        return f"{self.root}/{blob.file_name}"
+
+    def blob_url(self, blob: Blob) -> str:
+        return f"{self.url}/{blob.file_name}"
+
+
+class FsspecStore(_FileBlobs, Store):
     """A store rooted at ``url`` on an fsspec filesystem (``s3://``, ``memory://``, ...)."""
 
     def __init__(self, url: str | os.PathLike[str], storage_options: dict[str, Any] | None = None) -> None:
@@ -117,46 +176,6 @@ class FsspecStore(Store):
 
     def has_blob(self, blob: Blob) -> bool:
         return self._exists(self.blob_path(blob))
-
-    def blob_size(self, blob: Blob) -> int | None:
-        path = self.blob_path(blob)
-        with backend_errors(self.url_of(path)):
-            self.fs.invalidate_cache(path)
-            try:
-                return int(self.fs.size(path))
-            except FileNotFoundError:
-                return None
-
-    def _stream(self, blob: Blob, start: int, end: int, write: Callable[[int, bytes], None]) -> None:
-        """Stream bytes ``[start, end)`` of a blob into ``write(offset, piece)``: bounded pieces, cut at
-        the blob's size, under the minimum-progress rule; retried from the start on a transient failure."""
-        path = self.blob_path(blob)
-        url = self.url_of(path)
-        if not 0 <= start <= end <= blob.size:
-            raise StoreError(f"{url}: range [{start}, {end}) is outside the blob's {blob.size} bytes")
-        with backend_errors(url):
-            if end > start:
-                with_retries(lambda: stream_range(self.fs, path, url, start, end, blob.size, write), url)
-
-    def read_blob_range(self, blob: Blob, start: int, end: int) -> bytes:
-        out = bytearray(end - start if 0 <= start <= end else 0)
-
-        def write(offset: int, piece: bytes) -> None:
-            out[offset - start : offset - start + len(piece)] = piece
-
-        self._stream(blob, start, end, write)
-        return bytes(out)
-
-    def digest_blob(self, blob: Blob) -> str:
-        hasher = Hasher()
-
-        def write(offset: int, piece: bytes) -> None:
-            if offset == 0:
-                hasher.reset()  # a retry streams again from the start
-            hasher.update(piece)
-
-        self._stream(blob, 0, blob.size, write)
-        return digest_of(hasher)
 
     def _place(self, tmp: str, final: str) -> None:
         """Upload the local file ``tmp`` as ``final`` (atomic on object stores)."""

@@ -10,7 +10,6 @@ import os
 import shutil
 from collections.abc import Iterator
 
-from ..hashing import digest_file
 from ..manifest import Blob
 from ..safetensors_io import WRITE_PIECE
 from ..store import backend_errors, create_temp, file_lock, fsync_dir, make_dirs, replace_durably, staged
@@ -24,11 +23,6 @@ class LocalStore(FsspecStore):
 
     def url_of(self, path: str) -> str:
         return path
-
-    def digest_blob(self, blob: Blob) -> str:
-        path = self.blob_path(blob)
-        with backend_errors(path):
-            return digest_file(path)
 
     def _place(self, tmp: str, final: str) -> None:
         replace_durably(tmp, final)

@@ -3,7 +3,8 @@
 A repository holds one model: its tags are the model's tags, each an image manifest whose layers are
 the parts and assets (annotated with their BLAKE3 digests) and the sepstore manifest. Blobs are found
 by BLAKE3 through those annotations (and the uploads of this store object), and read by SHA-256 with
-ranged GETs. What a registry cannot do is a capability it lacks:
+ranged GETs (:meth:`RegistryStore.open_blob_range`), each checked against its SHA-256 where read
+whole. What a registry cannot do is a capability it lacks:
 
 - no conditional writes: a tag is checked, then written (two publishers racing both succeed, the last wins);
 - no listing of blobs (the distribution API has none), so sepstore's ``gc`` cannot find unreferenced
@@ -19,12 +20,14 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
+from collections.abc import Mapping
 from typing import Any
 
+from ..backends import RangeBody
 from ..errors import IntegrityError, NotFoundError, RegistryError, SepstoreError, StoreError
 from ..hashing import Hasher, digest_of
 from ..manifest import Blob, decode_manifest
-from ..oci.client import sha256_file
+from ..oci.client import Registry, sha256_file
 from ..oci.layout import (
     OciModel,
     OciRef,
@@ -37,6 +40,7 @@ from ..oci.layout import (
     tags_oci,
 )
 from ..oci.signatures import RegistrySignatures
+from ..refs import Resolved
 from ..store import check_name, check_tag
 from .base import Store
 
@@ -55,17 +59,48 @@ class RegistryStore(Store):
     can_delete = True  # blobs, where the registry allows deletion (else a StoreError naming it)
     read_only = False
 
-    def __init__(self, url: str | os.PathLike[str], storage_options: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        url: str | os.PathLike[str],
+        storage_options: dict[str, Any] | None = None,
+        *,
+        registry: Registry | None = None,
+    ) -> None:
         ref = OciRef.parse(os.fspath(url))
         if ref.tag is not None or ref.digest is not None:
             raise StoreError(f"{ref.url}: a registry store is a repository (oci://HOST/REPOSITORY), without a tag")
         self.ref = ref
         self.url = ref.url
-        self.registry = registry_for(ref.host, storage_options)
+        self.registry = registry if registry is not None else registry_for(ref.host, storage_options)
         self._lock = threading.Lock()
         #: Where the repository holds each file: file name -> (sha256 digest, size), from its images and uploads.
         self._blobs: dict[str, tuple[str, int]] = {}
         self._indexed = False
+        #: The images read, by reference URL (their signatures hang from them).
+        self._models: dict[str, OciModel] = {}
+
+    @classmethod
+    def holding(cls, model: OciModel) -> RegistryStore:
+        """The repository ``model`` was read from, through its client, knowing where its blobs are."""
+        store = cls(f"oci://{model.ref.host}/{model.ref.repository}", registry=model.registry)
+        store._remember(model)
+        return store
+
+    def _remember(self, model: OciModel) -> OciModel:
+        with self._lock:
+            self._blobs.update(model.blobs)
+            self._models[model.url] = model
+        return model
+
+    def model(self, ref: OciRef) -> OciModel:
+        """The model version ``ref`` (of this repository) names, read once by this store object."""
+        with self._lock:
+            found = self._models.get(ref.url)
+        return found if found is not None else self._remember(resolve_oci(ref, registry=self.registry))
+
+    def resolved(self, model: OciModel, storage_options: Mapping[str, Any] | None = None) -> Resolved:
+        """``model`` (read by this store) as every reading function takes it, its parts read from here."""
+        return Resolved(model.data, model.url, self.parts_url, storage_options, parts=self)
 
     # -- locations -------------------------------------------------------------------------------
 
@@ -74,7 +109,7 @@ class RegistryStore(Store):
 
     @property
     def parts_url(self) -> str:
-        return f"sepstore-oci://{self.ref.host}/{self.ref.repository}"
+        return self.url
 
     def manifest_url(self, name: str, tag: str) -> str:
         check_name(name)
@@ -93,10 +128,7 @@ class RegistryStore(Store):
     # -- blobs -----------------------------------------------------------------------------------
 
     def _model(self, tag: str) -> OciModel:
-        model = resolve_oci(self.ref.with_tag(check_tag(tag)), registry=self.registry)
-        with self._lock:
-            self._blobs.update(model.blobs)
-        return model
+        return self._remember(resolve_oci(self.ref.with_tag(check_tag(tag)), registry=self.registry))
 
     def _index(self) -> dict[str, tuple[str, int]]:
         """Where the repository holds each file: every tag's image is read once, when first needed."""
@@ -132,13 +164,13 @@ class RegistryStore(Store):
             raise NotFoundError(f"{self.url}: no blob of {blob.digest} in the repository")
         return found[0]
 
-    def read_blob_range(self, blob: Blob, start: int, end: int) -> bytes:
-        return self.registry.read_blob(self.ref.repository, self._located(blob), start, end, blob.size)
+    def open_blob_range(self, blob: Blob, start: int, end: int) -> RangeBody:
+        """A ranged GET of the blob by its SHA-256 (see :meth:`Registry.open_blob`)."""
+        return self.registry.open_blob(self.ref.repository, self._located(blob), start, end, blob.size)
 
-    def digest_blob(self, blob: Blob) -> str:
-        hasher = Hasher()
-        self.registry.download_blob(self.ref.repository, self._located(blob), blob.size, hasher.update)
-        return digest_of(hasher)
+    def extra_digests(self, blob: Blob) -> dict[str, str]:
+        """The SHA-256 the registry names the blob by."""
+        return {"sha256": self._located(blob)}
 
     def put_blob_file(self, path: str, blob: Blob, *, replace: bool = False) -> bool:
         """Upload the file as a blob (its SHA-256 computed here, its BLAKE3 and size checked against

@@ -207,6 +207,46 @@ def test_a_corrupted_blob_in_the_registry_is_refused(
         model.fetch(part, lambda piece: None)
 
 
+def test_a_part_fetched_in_several_chunks_is_checked_by_sha256_and_blake3(
+    oci: RegistryProxy, pushed: tuple[bytes, Path, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data, _, ref = pushed
+    monkeypatch.setattr(sepstore.cache, "CHUNK_BYTES", 1024)
+    manifest = decode_manifest(data, source="test")
+    assert all(part.size > 2 * 1024 for _, part in manifest.labelled_parts())
+    since = len(oci.requests)
+    report = sepstore.pull(ref, cache_dir=tmp_path / "cache", quiet=True)
+    assert sorted(report.fetched) == sorted(label for label, _ in manifest.labelled_parts())
+    blobs = {sha256 for sha256, _ in resolve_oci(ref).blobs.values()}
+    gets = [r for r in oci.requests[since:] if r.method == "GET" and r.path.rsplit("/", 1)[-1] in blobs]
+    assert len(gets) > 2 * len(report.fetched) and all(r.range is not None for r in gets)
+    for label, part in manifest.labelled_parts():
+        assert digest_file(report.paths[label]) == part.digest
+
+
+def test_a_corrupted_blob_fetched_in_several_chunks_is_refused_by_its_sha256(
+    oci: RegistryProxy, plain_registry: DistributionRegistry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data, parts = _model(tmp_path / "store", seed=11)  # blobs of its own: other tests are not touched
+    push_oci(data, _source(parts), f"oci://{oci.host}/models/corrupt-chunks:v1")
+    model = resolve_oci(f"oci://{oci.host}/models/corrupt-chunks:v1")
+    part = decode_manifest(data, source="test").mid[1]
+    assert part is not None and part.size > 2 * 1024
+    monkeypatch.setattr(sepstore.cache, "CHUNK_BYTES", 1024)  # ranged reads of 1 KiB: none is the whole blob
+    sha256 = model.blobs[part.file_name][0]
+    stored = plain_registry.blob_file(sha256)
+    spoilt = bytearray(stored.read_bytes())
+    spoilt[len(spoilt) // 2] ^= 0x01
+    stored.write_bytes(bytes(spoilt))
+    since = len(oci.requests)
+    with pytest.raises(
+        IntegrityError, match=rf"mid\.1 at .*: its SHA-256 is sha256:[0-9a-f]{{64}}, the blob is named {sha256}"
+    ):
+        sepstore.pull(model.resolved(), "1-2", cache_dir=tmp_path / "cache", quiet=True)
+    assert len([r for r in oci.requests[since:] if r.method == "GET" and sha256 in r.path]) > 2
+    assert not list((tmp_path / "cache" / "parts" / "blake3").glob("*"))
+
+
 def test_a_pushed_tag_holding_another_image_is_refused_unless_forced(
     oci: RegistryProxy, pushed: tuple[bytes, Path, str], tmp_path: Path
 ) -> None:

@@ -18,12 +18,13 @@ from registry import DistributionRegistry
 from servers import StaticServer
 
 import sepstore
+from sepstore.backends import RangeBody
 from sepstore.demo import llama_decider, tiny_llama_state_dict
 from sepstore.errors import IntegrityError, NotFoundError, StoreError
 from sepstore.manifest import Blob, Manifest, decode_manifest, encode_manifest
 from sepstore.store import Store
-from sepstore.stores.base import CAPABILITIES
-from sepstore.stores.fsspec import FsspecStore, HttpStore
+from sepstore.stores.base import CAPABILITIES, Blobs
+from sepstore.stores.fsspec import FsspecStore, HttpStore, PartsFolder
 from sepstore.stores.local import LocalStore
 from sepstore.stores.registry import RegistryStore
 from sepstore.tensors import raw_bytes
@@ -239,6 +240,41 @@ def test_a_store_published_through_the_interface_loads_as_dumped(home: Home, mod
     resolved = sepstore.resolve(home.store.manifest_url("conf/model", "v1"))
     assert resolved.data == model.data
     assert sepstore.verify(resolved, quiet=True).ok
+
+
+@pytest.mark.parametrize("via", ["store", "mirror"])
+def test_a_pull_reads_every_part_through_the_ranged_read_of_its_parts_location(
+    home: Home, model: Model, via: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Parts are read where the manifest came from (the store itself), or from a mirror (``parts_url``:
+    a folder of part files, or a registry repository), only through ``Blobs.open_blob_range``."""
+    _publish(home, model)
+    if via == "store":
+        name = None if home.kind == "oci" else "conf/model"  # a repository holds one model
+        resolved = sepstore.resolve(home.store.url, name=name, tag="v1")
+        expected: type[Blobs] = type(home.store)
+    else:
+        resolved = sepstore.resolve(home.store.manifest_url("conf/model", "v1"), parts_url=home.store.parts_url)
+        expected = RegistryStore if home.kind == "oci" else PartsFolder
+    parts = resolved.parts
+    assert type(parts) is expected and parts.parts_url == resolved.parts_url
+    opened: list[str] = []
+    read = type(parts).open_blob_range
+
+    def counted(self: Blobs, blob: Blob, start: int, end: int) -> RangeBody:
+        opened.append(blob.file_name)
+        return read(self, blob, start, end)
+
+    monkeypatch.setattr(type(parts), "open_blob_range", counted)
+    report = sepstore.pull(resolved, cache_dir=tmp_path / "cache", quiet=True)
+    if parts.local:  # read in place
+        assert opened == [] and report.fetched == []
+    else:
+        assert set(opened) == {b.file_name for b in model.blobs}
+        assert sorted(report.fetched) == sorted(label for label, _ in model.manifest.labelled_parts())
+    for label, part in model.manifest.labelled_parts():
+        assert Path(report.paths[label]).read_bytes() == model.files[part.file_name].read_bytes()
+        assert resolved.part_url(part) == parts.blob_url(part)
 
 
 def test_dump_writes_into_every_writable_home_through_the_interface(home: Home) -> None:

@@ -1,5 +1,7 @@
 """The store interface: what ``dump``, ``push``, ``pull`` and ``gc`` may ask of a store, and which of
-it each home can do (capability flags), so callers never branch on a backend's type.
+it each home can do (capability flags), so callers never branch on a backend's type. Its reading
+side, :class:`Blobs`, is also what a mirror of parts (``parts_url=``) implements: every read of a
+part, by ``load``, ``pull``, ``verify``, ``export`` and the cache, goes through it.
 
 An operation a store lacks raises :class:`~sepstore.errors.StoreError` naming the store and the
 capability (see :meth:`Store.lacks`), never a backend's own exception.
@@ -46,6 +48,9 @@ class Blobs(ABC):
     ranged_reads: ClassVar[bool] = True
 
     url: str
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.url!r})"
 
     @property
     @abstractmethod
@@ -181,15 +186,10 @@ class Store(Blobs):
     #: Nothing can be written.
     read_only: ClassVar[bool] = False
 
-    url: str
-
     def __new__(cls, url: str | os.PathLike[str] | None = None, *args: Any, **kwargs: Any) -> Store:
         if cls is Store:
             cls = _implementation(url, args[0] if args else kwargs.get("storage_options"))
         return super().__new__(cls)
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.url!r})"
 
     def capabilities(self) -> dict[str, bool]:
         """Every capability flag and its value for this store."""

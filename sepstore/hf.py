@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-import re
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -379,18 +378,13 @@ def _load_part(
         raise ModuleMismatchError(f"part {label} does not fit the model's shapes: {shown[:10]}")
 
 
-#: Buffers older checkpoints carry and models rebuild (rotary frequencies, position and token-type
-#: ids, GPT-2's and GPT-NeoX's ``masked_bias``), by the last part of their name.
-_BUFFER_NAMES = re.compile(r"(?:^|\.)(?:(?:original_)?inv_freq|position_ids|token_type_ids|masked_bias)$")
-
-
 def _is_buffer(family: Family, key: str, tensor: torch.Tensor | None) -> bool:
     """Whether a tensor a part holds and the model lacks is a buffer the model rebuilds itself,
-    not a weight: the family's decider drops it, its name is one of those buffers', or it is not
-    floating point (causal masks such as GPT-2's ``attn.bias``)."""
+    not a weight: the family names it so (:attr:`Family.buffers`), its decider drops it, or it is
+    not floating point (a causal mask stored under a plain ``bias``)."""
     if tensor is not None and not (tensor.is_floating_point() or tensor.is_complex()):
         return True
-    return _BUFFER_NAMES.search(key) is not None or family.decider(key) is None
+    return family.is_buffer(key) or family.decider(key) is None
 
 
 def _finish(model: PreTrainedModel, device: torch.device) -> None:

@@ -443,3 +443,21 @@ def test_unknown_decider_name_lists_the_known_ones() -> None:
         get("nope")
     for known in ("bert", "bloom", "falcon", "gguf", "gpt2", "gpt_neox", "llama", "opt", "roberta"):
         assert known in str(info.value)
+
+
+@pytest.mark.parametrize("name", sorted(families()))
+def test_every_family_names_the_buffers_sepstore_hf_ignores_in_a_part(name: str) -> None:
+    """One rule for rebuilt buffers: a ``masked_bias`` in a llama layer is one too (sepstore.hf
+    ignores it through ``is_buffer``); a name with a newline after it is not."""
+    family = get(name)
+    for key in (
+        "model.layers.0.self_attn.rotary_emb.inv_freq",
+        "rotary_emb.original_inv_freq",
+        "layers.0.self_attn.masked_bias",
+        "embeddings.position_ids",
+        "roberta.embeddings.token_type_ids",
+    ):
+        assert family.is_buffer(key), key
+    assert not family.is_buffer("layers.0.self_attn.masked_bias\n")
+    assert not family.is_buffer("layers.0.mlp.up_proj.weight")
+    assert not family.is_buffer("embeddings.position_ids_scale")

@@ -26,6 +26,6 @@ of the usual layout.
 
 from __future__ import annotations
 
-from ._family import Family, Runtime, detect, families, get, prefix_decider, register
+from ._family import Family, Runtime, buffer_pattern, detect, families, get, prefix_decider, register
 
-__all__ = ["Family", "Runtime", "detect", "families", "get", "prefix_decider", "register"]
+__all__ = ["Family", "Runtime", "buffer_pattern", "detect", "families", "get", "prefix_decider", "register"]

@@ -11,9 +11,34 @@ from ..dump import Decider, Placement, place
 from ..errors import DeciderError
 from ..manifest import LayerRename, Rename, Renames
 
-__all__ = ["Family", "PrefixDecider", "Runtime", "detect", "families", "get", "prefix_decider", "register"]
+__all__ = [
+    "REBUILT_BUFFERS",
+    "Family",
+    "PrefixDecider",
+    "Runtime",
+    "buffer_pattern",
+    "detect",
+    "families",
+    "get",
+    "prefix_decider",
+    "register",
+]
 
 T = TypeVar("T")
+
+
+#: Buffers any family's older checkpoints may hold and its model rebuilds, by the last part of their
+#: name: rotary frequencies, position and token-type ids, the causal-mask ``masked_bias``.
+REBUILT_BUFFERS = r"(?:original_)?inv_freq|position_ids|token_type_ids|masked_bias"
+
+
+def buffer_pattern(*own: str) -> re.Pattern[str]:
+    """The names of a family's rebuilt buffers: :data:`REBUILT_BUFFERS`, plus its ``own`` (patterns
+    of a name's last dotted parts, e.g. ``attn\\.bias``)."""
+    return re.compile(rf"(?:^|\.)(?:{'|'.join((REBUILT_BUFFERS, *own))})\Z")
+
+
+_REBUILT = buffer_pattern()
 
 
 @dataclass(frozen=True)
@@ -46,7 +71,9 @@ class Family:
 
     ``buffers`` matches the names (as the checkpoint or a part spells them) of buffers that older
     checkpoints hold and the model rebuilds itself: rotary ``inv_freq``, causal-mask ``bias`` /
-    ``masked_bias``, ``position_ids``. ``convert`` keeps them in the part they belong to, so that
+    ``masked_bias``, ``position_ids`` (:func:`buffer_pattern`; :data:`REBUILT_BUFFERS` by default).
+    It is the one rule for them: :mod:`sepstore.hf` ignores them too. ``convert`` keeps them in the
+    part they belong to, so that
     ``export`` gives back the checkpoint exactly; a loader may skip those its module lacks
     (:func:`sepstore.lazy_load` does, even with ``strict=True``, for a store ``convert`` made with
     this family; for ``module.load_state_dict`` leave them out with :meth:`skip_buffers`).
@@ -67,7 +94,7 @@ class Family:
     aliases: tuple[tuple[str, str], ...] = ()
     #: How sepstore.hf runs a slice of this family's model; None where it cannot.
     runtime: Runtime | None = None
-    buffers: re.Pattern[str] | None = None
+    buffers: re.Pattern[str] | None = _REBUILT
 
     def is_buffer(self, name: str) -> bool:
         """Whether ``name`` (a checkpoint key, or a name in a part) is a buffer the model rebuilds."""

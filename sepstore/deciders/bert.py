@@ -20,8 +20,6 @@ from ._family import Family, prefix_decider, register
 
 __all__ = ["bert_decider", "bert_family", "family", "roberta_decider", "roberta_family"]
 
-_BUFFERS = re.compile(r"(?:^|\.)embeddings\.(?:position_ids|token_type_ids)$")
-
 bert_decider = prefix_decider(
     begin=("bert.embeddings.",),
     layers="bert.encoder.layer",
@@ -50,7 +48,6 @@ bert_family = register(
         aliases=(("cls.predictions.decoder.bias", "cls.predictions.bias"),),
         ties_by_default=True,
         signature=re.compile(r"^(?:bert\.)?encoder\.layer\.\d+\.attention\.self\."),
-        buffers=_BUFFERS,
     )
 )
 
@@ -68,7 +65,6 @@ roberta_family = register(
         aliases=(("lm_head.decoder.bias", "lm_head.bias"),),
         ties_by_default=True,
         signature=re.compile(r"^roberta\.encoder\.layer\.\d+\.attention\.self\."),
-        buffers=_BUFFERS,
     )
 )
 

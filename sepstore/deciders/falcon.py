@@ -37,6 +37,5 @@ family = register(
         ties_by_default=True,
         signature=re.compile(r"^(?:transformer\.)?h\.\d+\.self_attention\.query_key_value\."),
         runtime=Runtime(("falcon",), layer_returns_tuple=True),
-        buffers=re.compile(r"(?:^|\.)(?:original_)?inv_freq$"),
     )
 )

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import re
 
-from ._family import Family, Runtime, prefix_decider, register
+from ._family import Family, Runtime, buffer_pattern, prefix_decider, register
 
 __all__ = ["decider", "family"]
 
@@ -39,6 +39,6 @@ family = register(
         ties_by_default=True,
         signature=re.compile(r"^(?:transformer\.)?h\.\d+\.attn\.c_attn\."),
         runtime=Runtime(("gpt2",)),
-        buffers=re.compile(r"(?:^|\.)(?:attn|crossattention)\.(?:masked_)?bias$"),
+        buffers=buffer_pattern(r"(?:attn|crossattention)\.bias"),
     )
 )

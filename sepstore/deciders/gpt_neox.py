@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import re
 
-from ._family import Family, Runtime, prefix_decider, register
+from ._family import Family, Runtime, buffer_pattern, prefix_decider, register
 
 __all__ = ["decider", "family"]
 
@@ -36,6 +36,6 @@ family = register(
         head_key="embed_out.weight",
         signature=re.compile(r"^(?:gpt_neox\.)?layers\.\d+\.attention\.query_key_value\."),
         runtime=Runtime(("gpt_neox",)),
-        buffers=re.compile(r"(?:^|\.)(?:attention\.(?:masked_)?bias|(?:original_)?inv_freq)$"),
+        buffers=buffer_pattern(r"attention\.bias"),
     )
 )

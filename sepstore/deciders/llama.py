@@ -71,6 +71,5 @@ family = register(
         head_key="lm_head.weight",
         signature=re.compile(r"^(?:model\.)?layers\.\d+\.self_attn\."),
         runtime=Runtime(("llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "phi3")),
-        buffers=re.compile(r"(?:^|\.)(?:original_)?inv_freq$"),
     )
 )

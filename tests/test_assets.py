@@ -25,7 +25,7 @@ from test_remote import Backend, http_root, make_backend  # noqa: F401 - http_ro
 import sepstore
 import sepstore.manifest
 from sepstore.cli import main
-from sepstore.convert.assets import WELL_KNOWN
+from sepstore.convert.assets import KEPT_NAMES, KEPT_SUFFIXES, WELL_KNOWN, find_assets
 from sepstore.demo import llama_decider, tiny_llama_state_dict
 from sepstore.errors import IntegrityError, ManifestError, StoreError
 from sepstore.hashing import digest_buffer
@@ -457,6 +457,27 @@ def test_convert_over_plain_http_asks_for_the_well_known_files_by_name_without_l
         server.stop()
     assert sorted(manifest.asset_files) == sorted(set(WELL_KNOWN) & set(json.loads((folder / "kept.json").read_text())))
     assert not [r for r in server.requests if r.path.rstrip("/").endswith("/hf")]  # the folder is never listed
+
+
+#: Kinds of file the allow-list keeps whose names vary from model to model (custom code, tiktoken
+#: and YAML files, notices), so that none can be asked for by name over plain HTTP.
+NO_FIXED_NAME = {".py", ".tiktoken", ".yaml", ".yml", "LICENCE", "NOTICE", "COPYING", "USE_POLICY"}
+
+
+def test_the_names_asked_for_over_http_and_the_allow_list_are_kept_in_step(tmp_path: Path) -> None:
+    """Every name of WELL_KNOWN is one the allow-list keeps where the folder is listed, and every kind
+    of file the allow-list keeps is asked for by some name, or has no fixed name (NO_FIXED_NAME)."""
+    fs = fsspec.filesystem("memory")
+    root = f"/{tmp_path.name}-well-known"
+    for name in WELL_KNOWN:
+        fs.pipe(f"{root}/{name}", b"x")
+    try:
+        assert sorted(find_assets(fs, root)) == sorted(WELL_KNOWN)
+    finally:
+        fs.rm(root, recursive=True)
+    for kind in (*KEPT_SUFFIXES, *KEPT_NAMES):
+        named = any(n.endswith(kind) if kind.startswith(".") else n.upper().startswith(kind) for n in WELL_KNOWN)
+        assert named != (kind in NO_FIXED_NAME), f"{kind!r}: add a file of that kind to WELL_KNOWN, or to NO_FIXED_NAME"
 
 
 def test_an_allow_listed_file_over_the_size_limit_stops_convert_with_the_way_out(

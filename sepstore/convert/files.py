@@ -38,8 +38,9 @@ if TYPE_CHECKING:
 
 __all__ = ["FileRange", "PickleFile", "SafetensorsFile"]
 
-#: A remote tensor is read in ranges of this size, several at once.
-READ_PIECE = 16 * 1024 * 1024
+#: A remote tensor is read in ranges of this size, several at once (larger than
+#: :data:`sepstore.reader.READ_PIECE`, the piece a part is hashed in: a range pays a round trip).
+_RANGE_BYTES = 16 * 1024 * 1024
 
 #: Errors of the file written to, not of the checkpoint read from.
 _DESTINATION_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
@@ -110,9 +111,9 @@ class SafetensorsFile:
             return {key: FileRange(self._entries[key], self._fd, f"{self.url}: tensor {key!r}") for key in keys}
         buffers = {key: bytearray(self._entries[key].end - self._entries[key].start) for key in keys}
         pieces = [
-            (key, lo, min(lo + READ_PIECE, len(buffers[key])))
+            (key, lo, min(lo + _RANGE_BYTES, len(buffers[key])))
             for key in keys
-            for lo in range(0, len(buffers[key]), READ_PIECE)
+            for lo in range(0, len(buffers[key]), _RANGE_BYTES)
         ]
 
         def fetch(key: str, lo: int, hi: int) -> None:

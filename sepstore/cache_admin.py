@@ -43,7 +43,7 @@ __all__ = [
 ]
 
 #: A stopped (or running) download of a part, or an assembly of one (:mod:`sepstore.delta`).
-_PARTIAL = re.compile(r"^([0-9a-f]{64})\.(?:partial|assembling)$")
+_PARTIAL = re.compile(r"^([0-9a-f]{64})\.(?:partial|assembling)\Z")
 
 
 @dataclass(frozen=True)

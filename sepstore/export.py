@@ -49,7 +49,7 @@ CONFIG: Final = "config.json"
 SINGLE: Final = "model.safetensors"
 INDEX: Final = "model.safetensors.index.json"
 #: The weight files an earlier export (or ``save_pretrained``) left, removed by ``force``.
-_WEIGHT_FILE = re.compile(r"^model(?:-\d{5}-of-\d{5})?\.safetensors(?:\.index\.json)?$")
+_WEIGHT_FILE = re.compile(r"^model(?:-\d{5}-of-\d{5})?\.safetensors(?:\.index\.json)?\Z")
 #: What ``save_pretrained`` writes in every safetensors header; transformers checks it.
 _METADATA: Final = {"format": "pt"}
 

@@ -10,7 +10,7 @@ from .manifest import Manifest, Part
 
 __all__ = ["PartSpec", "select_parts"]
 
-_RANGE = re.compile(r"^(\d+)-(\d+)$")
+_RANGE = re.compile(r"^(\d+)-(\d+)\Z")
 
 
 @dataclass(frozen=True, slots=True)

@@ -66,7 +66,7 @@ PARTS_DIR = "parts/blake3"
 MANIFESTS_DIR = "manifests"
 LEASES_DIR = "leases"
 #: The names of lease objects, ``leases/<id>.json``: who holds it, then a random part.
-LEASE_ID_PATTERN = re.compile(r"^(?:publish|gc)-[0-9a-f]{16}$")
+LEASE_ID_PATTERN = re.compile(r"^(?:publish|gc)-[0-9a-f]{16}\Z")
 SIGNATURES_DIR = "signatures"
 NAME_RE = re.compile(NAME_PATTERN)
 TAG_RE = re.compile(TAG_PATTERN)
@@ -76,7 +76,7 @@ KEY_ID_RE = re.compile(r"^[0-9a-f]{64}\Z")
 BLOB_FILE = re.compile(r"^([0-9a-f]{64})(?:\.safetensors)?\Z")
 
 #: What :func:`create_temp` names files (``gc`` removes stale ones by this pattern, nothing else).
-TEMP_PATTERN = re.compile(r"^\.tmp-[0-9a-f]{16}\.(?:safetensors|json)$")
+TEMP_PATTERN = re.compile(r"^\.tmp-[0-9a-f]{16}\.(?:safetensors|json)\Z")
 
 
 def create_temp(folder: str | None, suffix: str) -> tuple[int, str]:

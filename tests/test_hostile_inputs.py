@@ -4,6 +4,8 @@ on the command line (a clean message and exit code, never a traceback)."""
 from __future__ import annotations
 
 import json
+import os
+import time
 from pathlib import Path
 
 import pytest
@@ -12,9 +14,11 @@ from test_cli import run
 from test_integrity import forged_store, safetensors_bytes, table
 
 import sepstore
+from sepstore.convert.sepweight_v0 import decider as sepweight_v0_decider
+from sepstore.deciders import get
 from sepstore.demo import llama_decider, tiny_llama_state_dict
 from sepstore.manifest import decode_manifest
-from sepstore.store import check_name, check_tag
+from sepstore.store import Store, check_name, check_tag
 
 DIGEST = "blake3:" + "0" * 64
 ONE_TENSOR = {"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}
@@ -140,6 +144,45 @@ def test_dump_refuses_tensor_names_a_manifest_cannot_hold(tmp_path: Path, key: s
     with pytest.raises(sepstore.DeciderError, match="one line"):
         sepstore.dump(lambda k: ("mid", 0, k), {key: torch.ones(2)}, tmp_path / "store", quiet=True)
     assert not (tmp_path / "store" / "manifests").exists()
+
+
+def test_a_layer_key_ending_in_a_newline_keeps_it_and_is_refused_not_renamed(tmp_path: Path) -> None:
+    """``model.layers.0.w\\n`` once became ``w`` in layer 0 (beside, or over, the real ``w``)."""
+    assert get("llama").decider("model.layers.0.w\n") == ("mid", 0, "w\n")
+    assert sepweight_v0_decider("mid.0.w\n") == ("mid", 0, "w\n")
+    with pytest.raises(sepstore.DeciderError, match="one line"):
+        sepstore.dump(get("llama").decider, {"model.layers.0.w\n": torch.ones(2)}, tmp_path / "store", quiet=True)
+
+
+def test_a_lease_id_ending_in_a_newline_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(sepstore.StoreError, match="invalid lease id"):
+        Store(tmp_path / "store").lease_path("publish-0123456789abcdef\n")
+
+
+def test_gc_leaves_a_file_named_like_its_temporaries_but_for_a_final_newline(store: Path) -> None:
+    stray = store / "parts" / "blake3" / ".tmp-0123456789abcdef.safetensors\n"
+    stray.write_bytes(b"not sepstore's")
+    os.utime(stray, (time.time() - 7200, time.time() - 7200))
+    sepstore.gc(store, grace=0)
+    assert stray.exists()
+
+
+def test_the_cache_does_not_take_a_name_with_a_final_newline_for_a_partial_download(tmp_path: Path) -> None:
+    incoming = tmp_path / "cache" / "incoming"
+    incoming.mkdir(parents=True)
+    (incoming / f"{'0' * 64}.partial\n").write_bytes(b"not sepstore's")
+    assert sepstore.cache_ls(tmp_path / "cache").partial == []
+
+
+def test_export_with_force_leaves_a_file_named_like_a_shard_but_for_a_final_newline(
+    manifest_path: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    stray = out / "model.safetensors\n"
+    stray.write_bytes(b"not sepstore's")
+    sepstore.export(manifest_path, out, force=True, quiet=True)
+    assert stray.exists() and (out / "model.safetensors").exists()
 
 
 def test_push_of_a_manifest_named_with_a_final_newline_is_refused(tmp_path: Path, store: Path) -> None:

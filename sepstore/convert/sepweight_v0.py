@@ -16,8 +16,8 @@ from .source import TensorInfo
 
 __all__ = ["SepweightV0Part", "decider", "is_sepweight_v0", "sources"]
 
-_MID = re.compile(r"^mid\.(\d+)\.pth$")
-_KEY = re.compile(r"^mid\.(\d+)\.(.+)$")
+_MID = re.compile(r"^mid\.(\d+)\.pth\Z")
+_KEY = re.compile(r"^mid\.(\d+)\.(.+)\Z", re.DOTALL)
 
 
 class SepweightV0Part:

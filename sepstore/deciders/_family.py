@@ -279,7 +279,7 @@ class PrefixDecider:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "strip", self.strip or self.base)
-        object.__setattr__(self, "_layer_re", re.compile(rf"^{re.escape(self.layers)}\.(\d+)\.(.+)$"))
+        object.__setattr__(self, "_layer_re", re.compile(rf"^{re.escape(self.layers)}\.(\d+)\.(.+)\Z", re.DOTALL))
 
     def _place(self, key: str) -> Placement:
         match = self._layer_re.match(key)

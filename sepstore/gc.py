@@ -16,8 +16,8 @@ from typing import Any
 
 from .errors import NotFoundError, SepstoreError, StoreError
 from .leases import holding, live_leases
-from .manifest import MAX_MANIFEST_BYTES, decode_manifest, manifest_digest
-from .signing import SignedBundle
+from .manifest import decode_manifest, manifest_digest
+from .signing import read_claim
 from .store import BLOB_FILE, TEMP_PATTERN, Store, check_name, check_tag, modified_time
 
 __all__ = ["DEFAULT_GRACE", "GcReport", "gc"]
@@ -178,7 +178,7 @@ def _signatures(store: Store, grace: float, now: float) -> tuple[list[str], int]
         if (name, tag) not in held:
             held[(name, tag)] = _manifest_digest(store, name, tag)
         digest = held[(name, tag)]
-        if digest is not None and _claimed(store, path) in (digest, None):
+        if digest is not None and _claimed(store, name, tag, base.removesuffix(".json")) in (digest, None):
             kept += 1
         elif _older(info, grace, now):
             stale.append(path)
@@ -205,10 +205,10 @@ def _manifest_digest(store: Store, name: str, tag: str) -> str | None:
         return None
 
 
-def _claimed(store: Store, path: str) -> str | None:
+def _claimed(store: Store, name: str, tag: str, key_id: str) -> str | None:
     """The manifest digest a signature file claims, or ``None`` if it cannot be read as one."""
     try:
-        return SignedBundle.decode(store.read_file_bytes(path, MAX_MANIFEST_BYTES), store.url_of(path)).claim().digest
+        return read_claim(store, name, tag, key_id)[1].digest
     except SepstoreError:
         return None
 

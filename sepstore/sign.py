@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from .errors import NotFoundError, RefError, StoreError, TrustError
 from .refs import MANIFEST_OPTIONS, Option, RefLike, RefOptions, Resolved, open_checked, open_ref
-from .signing import Claim, PrivateKey, SignedBundle, key_id, load_private_key, sign_claim
+from .signing import Claim, PrivateKey, key_id, load_private_key, read_claim, sign_claim
 from .store import MANIFESTS_DIR, Store
 from .trust import TrustReport, inspect, published_as, store_of
 
@@ -97,8 +97,7 @@ def signatures(ref: RefLike, **options: Unpack[RefOptions]) -> TrustReport:
 def _claim(store: Store, name: str, tag: str, kid: str) -> tuple[bytes, Claim] | None:
     """A signature's bytes and its (unverified) claim, or ``None`` when there is none or it is unreadable."""
     with contextlib.suppress(NotFoundError, TrustError):
-        data = store.read_signature_bytes(name, tag, kid)
-        return data, SignedBundle.decode(data, store.url_of(store.signature_path(name, tag, kid))).claim()
+        return read_claim(store, name, tag, kid)
     return None
 
 

@@ -25,7 +25,7 @@ import hashlib
 import os
 import re
 from dataclasses import dataclass
-from typing import Annotated, Final
+from typing import TYPE_CHECKING, Annotated, Final
 
 import msgspec
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
@@ -36,6 +36,9 @@ from msgspec import Meta, Struct
 from .errors import KeyFileError, TrustError
 from .hashing import DIGEST_PATTERN, END, digest_hex
 from .manifest import NAME_PATTERN, TAG_PATTERN, Manifest
+
+if TYPE_CHECKING:
+    from .store import Store
 
 __all__ = [
     "BUNDLE_MEDIA_TYPE",
@@ -48,6 +51,7 @@ __all__ = [
     "load_private_key",
     "load_public_key",
     "parse_issued",
+    "read_claim",
     "sign_claim",
 ]
 
@@ -393,3 +397,11 @@ class SignedBundle:
         except InvalidSignature:
             raise TrustError(f"{self.source}: the signature does not verify with key {key_id(key)}") from None
         return self.claim()
+
+
+def read_claim(store: Store, name: str, tag: str, key_id: str) -> tuple[bytes, Claim]:
+    """One key's signature of a tag in ``store``: its bytes and its claim, read without verifying it
+    (to show, compare or copy it). A :class:`~sepstore.errors.NotFoundError` where that key has not
+    signed the tag, a :class:`TrustError` where the file is not a bundle sepstore can read."""
+    data = store.read_signature_bytes(name, tag, key_id)
+    return data, SignedBundle.decode(data, store.url_of(store.signature_path(name, tag, key_id))).claim()

@@ -26,7 +26,7 @@ from msgspec import Struct
 
 from .cache import default_cache_dir
 from .errors import KeyFileError, NotFoundError, RefError, StoreError, TrustError
-from .signing import PublicKey, SignedBundle, key_id, load_public_key, parse_issued
+from .signing import PublicKey, SignedBundle, key_id, load_public_key, parse_issued, read_claim
 from .store import MANIFESTS_DIR, Store, backend_errors, file_lock, fsync_dir, make_dirs, staged
 
 if TYPE_CHECKING:
@@ -316,9 +316,7 @@ def inspect(resolved: Resolved) -> TrustReport:
     checks = []
     for found in _others(store, where, set()):
         try:
-            claim = SignedBundle.decode(
-                store.read_signature_bytes(where.name, where.tag, found.key_id), found.url
-            ).claim()
+            claim = read_claim(store, where.name, where.tag, found.key_id)[1]
         except (TrustError, NotFoundError) as exc:
             checks.append(SignatureCheck(found.key_id, found.url, None, None, str(exc).removeprefix(f"{found.url}: ")))
             continue

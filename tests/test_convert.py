@@ -225,7 +225,7 @@ def test_memory_url_converts_as_local_disk(tmp_path: Path) -> None:
 
 
 def test_an_http_checkpoint_is_read_by_concurrent_ranged_reads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(convert_files, "READ_PIECE", 256)  # several reads per tensor
+    monkeypatch.setattr(convert_files, "_RANGE_BYTES", 256)  # several reads per tensor
     sd = small_llama()
     local = hf_folder(tmp_path / "www" / "m", sd, shards=2)
     want = sepstore.convert(local, tmp_path / "local-store", name="m")
@@ -238,7 +238,7 @@ def test_an_http_checkpoint_is_read_by_concurrent_ranged_reads(tmp_path: Path, m
     assert got.config == CONFIG
     ranged = [r for r in server.requests if r.method == "GET" and r.path.endswith(".safetensors") and r.range]
     lengths = [int(b) - int(a) + 1 for a, b in (r.range.removeprefix("bytes=").split("-") for r in ranged if r.range)]
-    assert lengths.count(256) > len(sd), "tensors larger than READ_PIECE are read in several ranges"
+    assert lengths.count(256) > len(sd), "tensors larger than _RANGE_BYTES are read in several ranges"
     assert_same_model(tmp_path / "store", sd)
 
 

@@ -18,6 +18,10 @@ that takes bytes from the start of the copy run after it.
 which were verified against the part's digest before the push, else the upload is aborted and the
 part is uploaded whole (and composing stops for the rest of the push: such a bucket's ETags are
 not MD5s). The object's size is checked once the upload is complete.
+
+This module plans and checks through the store interface only (headers by
+:meth:`~sepstore.stores.base.Store.read_blob_range`); the multipart upload is the store's
+(:meth:`~sepstore.stores.base.Store.put_blob_composed`, S3's in :mod:`sepstore.stores.s3`).
 """
 
 from __future__ import annotations
@@ -31,16 +35,13 @@ from collections import Counter
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
 
-from fsspec.asyn import sync
-
-from .backends import read_head
 from .delta import header_bound, predicted_head
 from .errors import IntegrityError, SepstoreError
 from .manifest import Blob, Manifest, Part, decode_manifest
 from .safetensors_io import HeaderEntry, header_end, parse_header, pread_exact
 from .store import Store
+from .stores.s3 import Run
 
 __all__ = ["MIN_PART", "Composed", "Composer", "Run", "plan_runs"]
 
@@ -55,28 +56,6 @@ MAX_COPY = 5 * 1024**3
 MAX_UPLOAD = 16 * 1024 * 1024
 #: S3's most parts in one multipart upload.
 MAX_PARTS = 10_000
-
-
-@dataclass(frozen=True)
-class Run:
-    """Bytes ``start:end`` of the new part: copied from ``source`` (a destination object's path)
-    at ``source_start``, or uploaded from the local file when ``source`` is ``None``."""
-
-    start: int
-    end: int
-    source: str | None = None
-    source_start: int = 0
-
-    @property
-    def length(self) -> int:
-        return self.end - self.start
-
-    def cut(self, at: int) -> tuple[Run, Run]:
-        """This run split ``at`` bytes from its start."""
-        shift = self.source_start + at if self.source is not None else 0
-        return Run(self.start, self.start + at, self.source, self.source_start), Run(
-            self.start + at, self.end, self.source, shift
-        )
 
 
 def _joined(runs: Iterable[Run]) -> list[Run]:
@@ -135,7 +114,9 @@ class Composed:
 
 @dataclass
 class _Source:
-    path: str
+    """Bytes ``start:end`` of the destination's part of digest ``digest``."""
+
+    digest: str
     start: int
     end: int
 
@@ -150,7 +131,7 @@ class Composer:
         self.workers = workers
         self._lock = threading.Lock()
         self._tensors: dict[str, list[_Source]] | None = None
-        self._headers: dict[str, bytes] = {}  # the header bytes of each source object
+        self._headers: dict[str, bytes] = {}  # the header bytes of each source part, by its digest
         self._disabled = False
         # Pieces of local bytes in memory at once, across all the parts being composed (each part
         # sends ``workers`` runs at once, and ``workers`` parts are pushed at once).
@@ -158,11 +139,9 @@ class Composer:
 
     @classmethod
     def for_store(cls, store: Store, manifest: Manifest, *, workers: int) -> Composer | None:
-        """A composer for pushing ``manifest`` to ``store`` when it is on S3 (other backends upload
-        whole parts)."""
-        protocol = store.fs.protocol
-        protocols = (protocol,) if isinstance(protocol, str) else tuple(protocol)
-        return cls(store, manifest, workers=workers) if "s3" in protocols else None
+        """A composer for pushing ``manifest`` to ``store`` when it copies server-side (S3; other
+        backends upload whole parts)."""
+        return cls(store, manifest, workers=workers) if store.server_side_copy else None
 
     def _index(self) -> dict[str, list[_Source]]:
         """Where the destination's part objects (of this model's manifests) hold the pushed tensors;
@@ -181,16 +160,15 @@ class Composer:
             if name != self.name:
                 continue
             with contextlib.suppress(SepstoreError):
-                url = self.store.url_of(self.store.manifest_path(name, tag))
+                url = self.store.manifest_url(name, tag)
                 manifest = decode_manifest(self.store.read_manifest_bytes(name, tag), source=url)
                 for _, part in manifest.labelled_parts():
                     if any(t.digest in wanted for t in part.tensors.values()):
                         candidates.setdefault(part.digest, part)
 
-        def read(part: Part) -> tuple[Part, str, dict[str, HeaderEntry], bytes] | None:
-            path = self.store.blob_path(part)
+        def read(part: Part) -> tuple[Part, dict[str, HeaderEntry], bytes] | None:
             try:
-                return (part, path, *_remote_header(self.store, path, part))
+                return (part, *_remote_header(self.store, part))
             except (SepstoreError, OSError):  # gone, not readable, or not a header this sepstore reads: not a source
                 return None
 
@@ -198,10 +176,10 @@ class Composer:
             for found in pool.map(read, candidates.values()):
                 if found is None:
                     continue
-                part, path, header, self._headers[path] = found
+                part, header, self._headers[part.digest] = found
                 for tensor, entry in header.items():
                     if tensor in part.tensors and entry.end > entry.start:
-                        source = _Source(path, entry.start, entry.end)
+                        source = _Source(part.digest, entry.start, entry.end)
                         self._tensors.setdefault(part.tensors[tensor].digest, []).append(source)
 
     def put(self, path: str, part: Blob) -> Composed:
@@ -224,9 +202,9 @@ class Composer:
             for name, e in header.items()
             if name in part.tensors
         }
-        held = Counter(s.path for sources in found.values() for s in sources)
-        rank = {path: i for i, (path, _) in enumerate(held.most_common())}
-        same_head = [path for path, bytes_ in self._headers.items() if bytes_ == head and path in rank]
+        held = Counter(s.digest for sources in found.values() for s in sources)
+        rank = {digest: i for i, (digest, _) in enumerate(held.most_common())}
+        same_head = [digest for digest, bytes_ in self._headers.items() if bytes_ == head and digest in rank]
         runs = [Run(0, len(head), min(same_head, key=rank.__getitem__) if same_head else None)]
         for name, entry in sorted(header.items(), key=lambda item: item[1].start):
             sources = found.get(name)
@@ -235,10 +213,10 @@ class Composer:
                 after = last.source_start + last.length  # the same tensor may be in several places there
 
                 def preference(s: _Source, last: Run = last, after: int = after) -> tuple[int, bool]:
-                    return rank[s.path], not (s.path == last.source and s.start == after)
+                    return rank[s.digest], not (s.digest == last.source and s.start == after)
 
                 source = min(sources, key=preference)
-                runs.append(Run(entry.start, entry.end, source.path, source.start))
+                runs.append(Run(entry.start, entry.end, source.digest, source.start))
             else:
                 runs.append(Run(entry.start, entry.end))
         runs = [r for r in runs if r.length]
@@ -247,100 +225,45 @@ class Composer:
         if copied < MIN_PART or len(parts) > MAX_PARTS:
             return Composed(False)
         outcome = Composed(False, tried=True)
+
+        def check(number: int, run: Run, data: bytes | None, etag: str) -> None:
+            """S3 answers a part with the MD5 of its bytes: those of the local file's same bytes."""
+            expected = hashlib.md5(data, usedforsecurity=False).hexdigest() if data is not None else _md5(path, run)
+            if etag.strip('"') != expected:
+                if run.source is None:  # this bucket's ETags are not MD5s: stop composing
+                    self._disabled = True
+                raise SepstoreError(
+                    f"part {number} of {part.digest}: ETag {etag}, the MD5 of the local bytes is {expected}"
+                )
+
+        def sent(count: int) -> None:
+            outcome.sent += count
+
         try:
-            sync(self.store.fs.loop, self._compose, path, part, parts, outcome)
+            self.store.put_blob_composed(
+                path, part, parts, workers=self.workers, buffers=self._buffers, check=check, sent=sent
+            )
         except Exception as exc:  # any failure: the part is uploaded whole, as without composing
             log.info("composing %s from server-side copies failed (%s); uploading it whole", part.digest, exc)
             return outcome
         return Composed(True, outcome.sent, copied)
 
-    async def _compose(self, path: str, part: Part, parts: list[Run], outcome: Composed) -> None:
-        fs: Any = self.store.fs
-        bucket, key, _ = fs.split_path(self.store.blob_path(part))
-        upload = await fs._call_s3("create_multipart_upload", Bucket=bucket, Key=key)
-        upload_id = upload["UploadId"]
-        gate = asyncio.Semaphore(self.workers)
 
-        async def send(number: int, run: Run) -> dict[str, Any]:
-            async with gate:
-                common = {"Bucket": bucket, "Key": key, "UploadId": upload_id, "PartNumber": number}
-                if run.source is None:
-                    async with self._buffers:
-                        data = await asyncio.to_thread(_read, path, run)
-                        expected = hashlib.md5(data, usedforsecurity=False).hexdigest()
-                        outcome.sent += len(data)  # counted when it is sent, whether or not it is used
-                        answer = await fs._call_s3("upload_part", Body=data, **common)
-                    etag = answer["ETag"]
-                else:
-                    async with self._buffers:
-                        expected = await asyncio.to_thread(_md5, path, run)
-                    src_bucket, src_key, _ = fs.split_path(run.source)
-                    answer = await fs._call_s3(
-                        "upload_part_copy",
-                        CopySource={"Bucket": src_bucket, "Key": src_key},
-                        CopySourceRange=f"bytes={run.source_start}-{run.source_start + run.length - 1}",
-                        **common,
-                    )
-                    etag = answer["CopyPartResult"]["ETag"]
-                if etag.strip('"') != expected:
-                    if run.source is None:  # this bucket's ETags are not MD5s: stop composing
-                        self._disabled = True
-                    raise SepstoreError(
-                        f"part {number} of {key}: ETag {etag}, the MD5 of the local bytes is {expected}"
-                    )
-                return {"PartNumber": number, "ETag": etag}
-
-        tasks = [asyncio.ensure_future(send(n, run)) for n, run in enumerate(parts, 1)]
-        try:
-            # every answer is awaited: an upload's ETag mismatch is seen (and stops composing) even
-            # when a copy failed first
-            answers = await asyncio.gather(*tasks, return_exceptions=True)
-            failed = [a for a in answers if isinstance(a, BaseException)]
-            if failed:
-                raise failed[0]
-            done = [a for a in answers if not isinstance(a, BaseException)]
-            await fs._call_s3(
-                "complete_multipart_upload",
-                Bucket=bucket,
-                Key=key,
-                UploadId=upload_id,
-                MultipartUpload={"Parts": list(done)},
-            )
-        except BaseException:
-            for task in tasks:
-                task.cancel()
-            with contextlib.suppress(Exception):
-                await fs._call_s3("abort_multipart_upload", Bucket=bucket, Key=key, UploadId=upload_id)
-            raise
-        info = await fs._call_s3("head_object", Bucket=bucket, Key=key)
-        if info.get("ContentLength") != part.size:
-            raise SepstoreError(f"{key}: {info.get('ContentLength')} bytes after composing, expected {part.size}")
-
-
-def _remote_header(store: Store, path: str, part: Part) -> tuple[dict[str, HeaderEntry], bytes]:
-    """A destination part object's parsed header and its bytes (length prefix included), read
-    with one ranged read sized by the header sepstore would write (two when it is longer, up to
+def _remote_header(store: Store, part: Part) -> tuple[dict[str, HeaderEntry], bytes]:
+    """A destination part's parsed header and its bytes (length prefix included), read with one
+    ranged read sized by the header sepstore would write (two when it is longer, up to
     :func:`~sepstore.delta.header_bound`: a longer one is not read)."""
-    url = store.url_of(path)
+    url = store.blob_url(part)
     bound = header_bound(part)
     if bound is None:
         raise IntegrityError(f"{url}: a dtype this sepstore does not know")
-    head = read_head(store.fs, path, url, min(predicted_head(part), part.size))
+    head = store.read_blob_range(part, 0, min(predicted_head(part), part.size))
     need = header_end(head, part.size)
     if need > bound:
         raise IntegrityError(f"{url}: a header of {need} bytes, more than the {bound} its tensors need")
     if need > len(head):
-        head = read_head(store.fs, path, url, need)
+        head = store.read_blob_range(part, 0, need)
     return parse_header(head, part.size, where=url), bytes(head[:need])
-
-
-def _read(path: str, run: Run) -> bytes:
-    """The local file's bytes of ``run`` (a part to upload)."""
-    with open(path, "rb", buffering=0) as file:
-        data = pread_exact(file.fileno(), run.length, run.start)
-    if len(data) != run.length:
-        raise OSError(f"{path} ended before byte {run.end}")
-    return bytes(data)
 
 
 def _md5(path: str, run: Run) -> str:

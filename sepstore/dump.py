@@ -279,6 +279,7 @@ def dump(
     store = Store(out_path, storage_options)
     check_name(name)
     check_tag(tag)
+    store.check_publishable(name, force=force)  # a registry repository holding another model: before any upload
     config = _as_json(config)
     _check_extras(name, config, metadata)
     given_assets = check_asset_paths(assets)

@@ -5,22 +5,22 @@ from __future__ import annotations
 import contextlib
 import os
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 import msgspec
 
 from .cache import DEFAULT_WORKERS
 from .compose import Composed, Composer
-from .errors import StoreError
+from .errors import RefError, StoreError
 from .leases import holding
-from .manifest import Blob, encode_manifest, manifest_digest
+from .manifest import Blob, decode_manifest, encode_manifest, manifest_digest
 from .progress import progress
 from .reader import PartReader
-from .refs import FETCH_OPTIONS, OCI_SCHEME, RefLike, RefOptions, Resolved, open_checked
-from .sign import copy_signatures, private_key
-from .sign import sign as sign_manifest
+from .refs import FETCH_OPTIONS, RefLike, RefOptions, Resolved, open_checked
+from .sign import copy_signatures, private_key, sign_into
 from .store import Store, check_tag, standard_parts_location
+from .trust import published_as, store_of
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -35,8 +35,10 @@ class PushReport:
     """What a push did: parts (and assets, labelled ``asset:<path>``) uploaded, those the
     destination already had (checked by size, or re-hashed when ``verified``), those of them found
     damaged and uploaded again (``repaired``, also in ``uploaded``), and the manifest. Of the
-    ``uploaded_bytes``, ``transferred_bytes`` were sent and ``copied_bytes`` copied server-side
-    from part objects the destination held (S3, see :mod:`sepstore.compose`)."""
+    ``uploaded_bytes``, ``transferred_bytes`` were sent and ``copied_bytes`` copied inside the
+    storage: ranges of part objects the destination held (S3, see :mod:`sepstore.compose`), and the
+    files in ``copied``, filed whole from the source's copy (a registry's cross-repository mount,
+    see :meth:`~sepstore.stores.base.Store.copy_blob_from`)."""
 
     manifest_url: str
     manifest_digest: str
@@ -51,6 +53,7 @@ class PushReport:
     signatures: list[str]
     transferred_bytes: int = 0
     copied_bytes: int = 0
+    copied: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -60,6 +63,7 @@ class PushReport:
             "uploaded_bytes": self.uploaded_bytes,
             "transferred_bytes": self.transferred_bytes,
             "copied_bytes": self.copied_bytes,
+            "copied": self.copied,
             "skipped": self.skipped,
             "skipped_bytes": self.skipped_bytes,
             "repaired": self.repaired,
@@ -93,42 +97,33 @@ def push(
     **options: Unpack[RefOptions],
 ) -> PushReport:
     """Publish the model at ``ref`` into the store ``dest`` (a path or any fsspec URL), or into an OCI
-    registry repository (``oci://HOST/REPOSITORY[:TAG]``, see :mod:`sepstore.oci`).
+    registry repository (``oci://HOST/REPOSITORY[:TAG]``, see :mod:`sepstore.stores.registry`).
 
     Parts the destination already has with the right size are skipped (dedup across versions
-    and models); with ``verify``, they are re-hashed too (fetched, from a remote store). Every
-    other part, and every one found damaged, is verified against the manifest before it is
-    uploaded, and the manifest is written last, after checking once more that every part is
-    there. A lease keeps ``gc`` from removing the parts this push relies on while it runs.
-    A tag that already holds a different manifest is refused unless ``force``.
+    and models); with ``verify``, they are re-hashed too (fetched, from a remote store). A part the
+    destination can file from the source's own copy inside the storage (a registry mounts a blob of
+    another of its repositories, S3 copies an object of the same endpoint) is copied so, unread
+    (re-hashed with ``verify``). Every other part, and every one found damaged, is verified against
+    the manifest before it is uploaded, and the manifest is written last, after checking once more
+    that every part is there. A lease keeps ``gc`` from removing the parts this push relies on while
+    it runs. A tag that already holds a different manifest, or a destination that may not hold this
+    model (a registry repository holding another one), is refused before anything is uploaded,
+    unless ``force``.
     ``dest_tag`` publishes under another tag (default: the source's). ``ref`` and the options are
     as for :func:`sepstore.load`: they pick, pin and read the source. The source's signatures of
     the manifest published are copied along; ``sign`` (a private key) signs it on the way.
     """
     src, trusted = open_checked("push", ref, options, FETCH_OPTIONS)
     signer = private_key(sign) if sign is not None else None  # an unusable key is refused before any upload
-    if os.fspath(dest).startswith(OCI_SCHEME):  # a registry repository: sepstore.oci publishes there
-        from .oci.publish import push_to_registry
-
-        return push_to_registry(
-            src,
-            trusted,
-            os.fspath(dest),
-            dest_tag=dest_tag,
-            force=force,
-            dest_storage_options=dest_storage_options,
-            workers=workers,
-            quiet=quiet,
-            verify=verify,
-            signer=signer,
-            cache_dir=options.get("cache_dir"),
-        )
-    store = Store(dest, dest_storage_options)
+    store, named_tag = Store.destination(dest, dest_storage_options)
+    if dest_tag is not None and named_tag is not None and dest_tag != named_tag:
+        raise RefError(f"{dest}: --as-tag {dest_tag!r} contradicts the destination's tag {named_tag!r}")
     manifest = src.manifest
-    out_tag = check_tag(dest_tag or src.tag)
+    out_tag = check_tag(dest_tag or named_tag or src.tag)
+    url = store.manifest_url(manifest.name, out_tag)
+    store.check_publishable(manifest.name, force=force)  # before anything is fetched or uploaded
     data = _publishable(src)
     digest = manifest_digest(data)
-    url = store.manifest_url(manifest.name, out_tag)
     held = None
     if store.has_manifest(manifest.name, out_tag):
         held = manifest_digest(store.read_manifest_bytes(manifest.name, out_tag))
@@ -190,7 +185,18 @@ def push(
         state = dict(zip(parts, pool.map(held_as, parts), strict=True))
         damaged.update(d for d, there in state.items() if there == "damaged")
         todo = [parts[d] for d, there in state.items() if there != "whole"]
-        send(todo, f"push {manifest.name}:{out_tag}")
+        missing = [parts[d] for d, there in state.items() if there == "missing"]
+        # filed from the source's own copy inside the storage where the destination can (a registry's mount)
+        where = published_as(src) if missing else None
+        source = store_of(where, src) if where is not None else None
+        done = pool.map(lambda item: source is not None and store.copy_blob_from(source, item[1]), missing)
+        mounted = [item for item, copied in zip(missing, done, strict=True) if copied]
+        if verify:  # a copy is the source's, unread here: re-hashed like all the destination holds
+            whole = pool.map(lambda item: store.digest_blob(item[1]) == item[1].digest, mounted)
+            damaged.update(item[1].file_name for item, ok in zip(mounted, whole, strict=True) if not ok)
+            mounted = [item for item in mounted if item[1].file_name not in damaged]
+        filed = {blob.file_name for _, blob in mounted}
+        send([item for item in todo if item[1].file_name not in filed], f"push {manifest.name}:{out_tag}")
         # Belt and braces (a gc of an older sepstore ignores leases): every part, right before the manifest.
         vanished = [item for item in parts.values() if not store.has_blob(item[1])]
         if vanished:
@@ -209,7 +215,7 @@ def push(
     skipped = [parts[d] for d, there in state.items() if there == "whole"]
     signed = copy_signatures(src, trusted, store, out_tag, digest)
     if signer is not None:
-        signed.append(sign_manifest(Resolved(data, url, storage_options=dest_storage_options), key=signer).key_id)
+        signed.append(sign_into(store, out_tag, decode_manifest(data, source=url), digest, signer).key_id)
     return PushReport(
         manifest_url=url,
         manifest_digest=digest,
@@ -222,5 +228,6 @@ def push(
         verified=verify,
         signatures=sorted(set(signed)),
         transferred_bytes=moved["sent"],
-        copied_bytes=moved["copied"],
+        copied_bytes=moved["copied"] + sum(p.size for _, p in mounted),
+        copied=[label for label, _ in mounted],
     )

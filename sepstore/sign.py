@@ -4,12 +4,14 @@ carry signatures along when a model is pushed."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as dt
 import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
 from .errors import NotFoundError, RefError, StoreError, TrustError
+from .manifest import Manifest
 from .refs import MANIFEST_OPTIONS, Option, RefLike, RefOptions, Resolved, open_checked, open_ref
 from .signing import Claim, PrivateKey, key_id, load_private_key, read_claim, sign_claim
 from .store import MANIFESTS_DIR, Store
@@ -18,7 +20,7 @@ from .trust import TrustReport, inspect, published_as, store_of
 if TYPE_CHECKING:
     from typing_extensions import Unpack
 
-__all__ = ["SignReport", "copy_signatures", "private_key", "sign", "signatures"]
+__all__ = ["SignReport", "copy_signatures", "private_key", "sign", "sign_into", "signatures"]
 
 #: What ``sign`` reads its manifest with: no trust policy, since signing is what makes one trusted.
 _SIGN_OPTIONS: Final[frozenset[Option]] = MANIFEST_OPTIONS - {"trust", "allow_rollback"}
@@ -73,12 +75,18 @@ def sign(
             f"({MANIFESTS_DIR}/{resolved.manifest.name}/<tag>.json); push it into a store first"
         )
     private = private_key(key, password)
-    claim = Claim(where.name, where.tag, resolved.digest, dt.datetime.now(dt.timezone.utc))
-    store = store_of(where, resolved)
-    kid = key_id(private)
-    store.write_signature_bytes(where.name, where.tag, kid, sign_claim(private, resolved.manifest, claim))
-    url = store.url_of(store.signature_path(where.name, where.tag, kid))
-    return SignReport(resolved.url, resolved.digest, where.name, where.tag, kid, url, claim.issued)
+    report = sign_into(store_of(where, resolved), where.tag, resolved.manifest, resolved.digest, private)
+    return dataclasses.replace(report, manifest_url=resolved.url)
+
+
+def sign_into(store: Store, tag: str, manifest: Manifest, digest: str, key: PrivateKey) -> SignReport:
+    """Sign the manifest ``digest`` (``manifest``, published in ``store`` under ``tag``) with ``key``,
+    and store the signature there through the store's interface (a file, or a registry's referrer)."""
+    claim = Claim(manifest.name, tag, digest, dt.datetime.now(dt.timezone.utc))
+    kid = key_id(key)
+    store.write_signature_bytes(manifest.name, tag, kid, sign_claim(key, manifest, claim))
+    url = store.signature_url(manifest.name, tag, kid)
+    return SignReport(store.manifest_url(manifest.name, tag), digest, manifest.name, tag, kid, url, claim.issued)
 
 
 def private_key(key: str | os.PathLike[str] | PrivateKey, password: bytes | None = None) -> PrivateKey:

@@ -404,4 +404,4 @@ def read_claim(store: Store, name: str, tag: str, key_id: str) -> tuple[bytes, C
     (to show, compare or copy it). A :class:`~sepstore.errors.NotFoundError` where that key has not
     signed the tag, a :class:`TrustError` where the file is not a bundle sepstore can read."""
     data = store.read_signature_bytes(name, tag, key_id)
-    return data, SignedBundle.decode(data, store.url_of(store.signature_path(name, tag, key_id))).claim()
+    return data, SignedBundle.decode(data, store.signature_url(name, tag, key_id)).claim()

@@ -19,7 +19,7 @@ import json
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Final, cast
+from typing import TYPE_CHECKING, Any, Final
 
 import msgspec
 from msgspec import Struct
@@ -197,9 +197,9 @@ def store_of(where: Published, resolved: Resolved) -> Store:
     from .refs import OCI_SCHEME
 
     if where.root.startswith(OCI_SCHEME):
-        from .oci.signatures import RegistrySignatures
+        from .stores.registry import RegistryStore
 
-        return cast(Store, RegistrySignatures.of(resolved))  # the signature methods of a Store
+        return RegistryStore.of_resolved(resolved)
     return Store(where.root, dict(resolved.storage_options))
 
 
@@ -209,7 +209,7 @@ def _check_one(
     """Check one signature against a trusted key (listed in ``entries``, each with names it may
     sign) and the manifest; never raises for a bad one."""
     trusted = entries[0]
-    url = store.url_of(store.signature_path(where.name, where.tag, trusted.key_id))
+    url = store.signature_url(where.name, where.tag, trusted.key_id)
     issued = None
     try:
         signed = SignedBundle.decode(bundle, url)
@@ -237,9 +237,7 @@ def _others(store: Store, where: Published, known: set[str]) -> list[SignatureCh
     with contextlib.suppress(StoreError):
         found = store.list_signatures(where.name, where.tag)
         return [
-            SignatureCheck(
-                k, store.url_of(store.signature_path(where.name, where.tag, k)), None, False, "key not in the policy"
-            )
+            SignatureCheck(k, store.signature_url(where.name, where.tag, k), None, False, "key not in the policy")
             for k in found
             if k not in known
         ]
@@ -291,7 +289,7 @@ def check(
     valid = [c for c in checks if c.valid]
     if not valid:
         why = "; ".join(f"{c.url}: {c.error}" for c in checks if c.error != "key not in the policy")
-        folder = store.url_of(store.signatures_dir(where.name, where.tag))
+        folder = store.signatures_url(where.name, where.tag)
         raise TrustError(
             f"{url}: no valid signature by a key that {policy.source} trusts for {where.name!r}"
             + (f" ({why})" if why else f" in {folder}")

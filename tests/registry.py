@@ -107,6 +107,7 @@ class RegistryProxy(FaultProxy):
         self.issued: dict[str, set[str]] = {}  # token -> scopes it grants
         self.token_requests: list[str] = []
         self.calls: list[tuple[str, str]] = []  # (method, path with query), as the registry got them
+        self.lengths: list[int] = []  # the body's declared length of each of those calls
 
     @property
     def host(self) -> str:
@@ -115,6 +116,10 @@ class RegistryProxy(FaultProxy):
     def uploads(self, since: int = 0) -> list[str]:
         """The paths (with query) of the blob uploads started since call number ``since`` (a mount is one too)."""
         return [p for m, p in self.calls[since:] if m == "POST" and "/blobs/uploads/" in p]
+
+    def patched_bytes(self, since: int = 0) -> int:
+        """The blob bytes streamed in PATCH chunks since call number ``since`` (what a push sends of its parts)."""
+        return sum(n for (m, _), n in zip(self.calls[since:], self.lengths[since:], strict=True) if m == "PATCH")
 
     def _needed(self, request: web.Request) -> str | None:
         parts = request.path.split("/")
@@ -164,6 +169,7 @@ class RegistryProxy(FaultProxy):
                 headers={"WWW-Authenticate": challenge},
             )
         self.calls.append((request.method, request.path_qs))
+        self.lengths.append(request.content_length or 0)
         # distribution builds its upload locations from X-Forwarded-Host: they lead back through here
         headers = {k: v for k, v in request.headers.items() if k.lower() != "authorization"}
         return await super()._handle(request.clone(headers={**headers, "X-Forwarded-Host": self.host}))

@@ -29,7 +29,6 @@ from sepstore.oci import (
     OciRef,
     Registry,
     attach_signature_oci,
-    push_oci,
     resolve_oci,
     signatures_oci,
     tags_oci,
@@ -81,8 +80,12 @@ def _model(root: Path, *, seed: int = 0, tag: str = "v1", change_layer: int | No
     return (root / "manifests" / "tiny" / f"{tag}.json").read_bytes(), root / "parts" / "blake3"
 
 
-def _source(parts: Path):
-    return lambda blob: str(parts / blob.file_name)
+def _push(parts: Path, dest: str, **options: object) -> sepstore.PushReport:
+    """``sepstore.push`` of the model dumped next to ``parts`` (its store's ``tiny`` at the store's
+    only tag) to ``dest``: the one push every store gets, a registry included."""
+    store = parts.parent.parent
+    tag = next((store / "manifests" / "tiny").glob("*.json")).stem
+    return sepstore.push(store, dest, name="tiny", tag=tag, quiet=True, **options)  # type: ignore[arg-type]
 
 
 @pytest.fixture(scope="module")
@@ -90,8 +93,8 @@ def pushed(oci: RegistryProxy, tmp_path_factory: pytest.TempPathFactory) -> tupl
     """Model ``tiny`` pushed as ``models/tiny:v1``: its manifest bytes, parts folder and reference."""
     data, parts = _model(tmp_path_factory.mktemp("v1"))
     ref = f"oci://{oci.host}/models/tiny:v1"
-    report = push_oci(data, _source(parts), ref)
-    assert report.manifest_written and not report.present
+    report = _push(parts, ref)
+    assert report.manifest_written and not report.skipped
     return data, parts, ref
 
 
@@ -142,14 +145,17 @@ def test_pulled_parts_match_their_sha256_and_blake3_and_load_as_pushed(
 def test_push_of_v2_after_v1_uploads_only_the_changed_layer(
     oci: RegistryProxy, pushed: tuple[bytes, Path, str], tmp_path: Path
 ) -> None:
-    data, parts = _model(tmp_path / "v2", tag="v2", change_layer=2)
+    _, parts = _model(tmp_path / "v2", tag="v2", change_layer=2)
     since = len(oci.calls)
-    report = push_oci(data, _source(parts), f"oci://{oci.host}/models/tiny:v2")
-    assert report.uploaded == ["mid.2"]
-    assert sorted(report.present) == sorted(["begin", "mid.0", "mid.1", "mid.3", "end"])
+    report = _push(parts, f"oci://{oci.host}/models/tiny:v2")
+    assert report.uploaded == ["mid.2"] and report.transferred_bytes == report.uploaded_bytes
+    assert sorted(report.skipped) == sorted(["begin", "mid.0", "mid.1", "mid.3", "end"])
     # at the registry: the changed part, the new manifest's layer and the new model config, nothing else
     assert len(oci.uploads(since)) == 3
     assert len([p for m, p in oci.calls[since:] if m == "PUT" and "/blobs/uploads/" in p]) == 3
+    sent = [p for m, p in oci.calls[since:] if m in ("PATCH", "PUT") and "/blobs/uploads/" in p]
+    assert sum("digest=" not in p for p in sent) == 1  # the new part streamed once, hashed on the way
+    assert oci.patched_bytes(since) == report.transferred_bytes  # what the report says was sent, was
     assert sorted(t.tag for t in tags_oci(f"oci://{oci.host}/models/tiny")) == ["v1", "v2"]
     changed = sepstore.diff(f"oci://{oci.host}/models/tiny:v1", f"oci://{oci.host}/models/tiny:v2").changed
     assert [p.part for p in changed] == ["mid.2"]
@@ -157,13 +163,16 @@ def test_push_of_v2_after_v1_uploads_only_the_changed_layer(
 
 
 def test_push_into_another_repository_mounts_the_blobs_instead_of_uploading(
-    oci: RegistryProxy, pushed: tuple[bytes, Path, str]
+    oci: RegistryProxy, pushed: tuple[bytes, Path, str], tmp_path: Path
 ) -> None:
-    data, parts, _ = pushed
+    data, _, ref = pushed
     since = len(oci.calls)
-    report = push_oci(data, _source(parts), f"oci://{oci.host}/mirror/tiny:v1", mount_from="models/tiny")
-    assert report.uploaded == [] and len(report.mounted) == 6
+    report = sepstore.push(ref, f"oci://{oci.host}/mirror/tiny", quiet=True, cache_dir=tmp_path / "cache")
+    assert len(report.uploaded) == 6 and sorted(report.copied) == sorted(report.uploaded)
+    assert report.transferred_bytes == 0 and report.copied_bytes == report.uploaded_bytes
     assert all("mount=sha256" in path and "from=models%2Ftiny" in path for path in oci.uploads(since)[:6])
+    assert not [p for m, p in oci.calls[since:] if m == "PATCH"]  # no part's bytes were sent
+    assert not list((tmp_path / "cache").rglob("*.safetensors"))  # nor fetched
     assert resolve_oci(f"oci://{oci.host}/mirror/tiny:v1").data == data
 
 
@@ -196,7 +205,7 @@ def test_a_corrupted_blob_in_the_registry_is_refused(
     oci: RegistryProxy, plain_registry: DistributionRegistry, tmp_path: Path
 ) -> None:
     data, parts = _model(tmp_path / "store", seed=7)  # blobs of its own: other tests are not touched
-    push_oci(data, _source(parts), f"oci://{oci.host}/models/corrupt:v1")
+    _push(parts, f"oci://{oci.host}/models/corrupt:v1")
     model = resolve_oci(f"oci://{oci.host}/models/corrupt:v1")
     part = decode_manifest(data, source="test").mid[1]
     assert part is not None
@@ -232,7 +241,7 @@ def test_a_corrupted_blob_fetched_in_several_chunks_is_refused_by_its_sha256(
     oci: RegistryProxy, plain_registry: DistributionRegistry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     data, parts = _model(tmp_path / "store", seed=11)  # blobs of its own: other tests are not touched
-    push_oci(data, _source(parts), f"oci://{oci.host}/models/corrupt-chunks:v1")
+    _push(parts, f"oci://{oci.host}/models/corrupt-chunks:v1")
     model = resolve_oci(f"oci://{oci.host}/models/corrupt-chunks:v1")
     part = decode_manifest(data, source="test").mid[1]
     assert part is not None and part.size > 2 * 1024
@@ -254,23 +263,23 @@ def test_a_corrupted_blob_fetched_in_several_chunks_is_refused_by_its_sha256(
 def test_a_pushed_tag_holding_another_image_is_refused_unless_forced(
     oci: RegistryProxy, pushed: tuple[bytes, Path, str], tmp_path: Path
 ) -> None:
-    data, parts = _model(tmp_path / "other", seed=3)
+    _, parts = _model(tmp_path / "other", seed=3)
     since = len(oci.calls)
-    with pytest.raises(StoreError, match="already holds another image"):
-        push_oci(data, _source(parts), f"oci://{oci.host}/models/tiny:v1")
+    with pytest.raises(StoreError, match="already holds another manifest"):
+        _push(parts, f"oci://{oci.host}/models/tiny:v1")
     assert oci.uploads(since) == []  # refused before anything was sent
-    again = push_oci(pushed[0], _source(pushed[1]), f"oci://{oci.host}/models/tiny:v1")
+    again = _push(pushed[1], f"oci://{oci.host}/models/tiny:v1")
     assert not again.manifest_written and not again.uploaded
 
 
 def test_a_damaged_local_file_is_never_pushed(oci: RegistryProxy, tmp_path: Path) -> None:
-    data, parts = _model(tmp_path / "store", seed=11)
+    _, parts = _model(tmp_path / "store", seed=11)
     first = next(parts.glob("*.safetensors"))
     spoilt = bytearray(first.read_bytes())
     spoilt[-1] ^= 0x01
     first.write_bytes(bytes(spoilt))
-    with pytest.raises(IntegrityError, match="not pushed"):
-        push_oci(data, _source(parts), f"oci://{oci.host}/models/damaged:v1")
+    with pytest.raises(IntegrityError, match=first.name.split(".")[0]):
+        _push(parts, f"oci://{oci.host}/models/damaged:v1")
     with pytest.raises(NotFoundError):
         resolve_oci(f"oci://{oci.host}/models/damaged:v1")
 
@@ -283,7 +292,7 @@ def test_credentials_from_the_docker_config_open_the_auth_registry(
     (tmp_path / "docker-config" / "config.json").write_text(json.dumps({"auths": {auth_registry.host: {"auth": pair}}}))
     data, parts, _ = pushed
     ref = f"oci://{auth_registry.host}/private/tiny:v1"
-    push_oci(data, _source(parts), ref)
+    _push(parts, ref)
     assert resolve_oci(ref).data == data
 
 
@@ -302,10 +311,10 @@ def test_missing_or_wrong_credentials_are_a_clear_error(
 def test_the_token_flow_fetches_a_bearer_token_with_the_credentials(
     token_proxy: RegistryProxy, pushed: tuple[bytes, Path, str], tmp_path: Path
 ) -> None:
-    data, parts, _ = pushed
+    _, parts, _ = pushed
     ref = f"oci://{token_proxy.host}/tokened/tiny:v1"
     registry = Registry(token_proxy.host, credentials=Credentials(USER, PASSWORD))
-    push_oci(data, _source(parts), ref, registry=registry)
+    _push(parts, ref, dest_storage_options={"username": USER, "password": PASSWORD})
     model = resolve_oci(ref, registry=registry)
     report = sepstore.pull(model.resolved(), cache_dir=tmp_path / "cache", quiet=True)
     assert len(report.fetched) == 6
@@ -407,7 +416,7 @@ def test_a_large_blob_uploads_in_patch_chunks_hashed_on_the_way(oci: RegistryPro
     digest = "sha256:" + hashlib.sha256(blob.read_bytes()).hexdigest()
     since = len(oci.calls)
     registry = Registry(oci.host)
-    assert registry.upload_blob("chunks/test", str(blob), digest, 250_000, chunk=100_000).how == "uploaded"
+    assert registry.upload_blob("chunks/test", str(blob), digest, 250_000, chunk=100_000).digest == digest
     assert [m for m, p in oci.calls[since:] if "/blobs/uploads/" in p] == ["POST", "PATCH", "PATCH", "PATCH", "PUT"]
     got = bytearray()
     registry.download_blob("chunks/test", digest, 250_000, got.extend)
@@ -444,8 +453,10 @@ def test_push_pull_load_info_and_tags_take_oci_references(oci: RegistryProxy, tm
     with pytest.raises(RefError, match="holds one model"):
         sepstore.resolve(f"oci://{oci.host}/api/tiny", name="tiny", tag="v1")
     assert sepstore.resolve(f"oci://{oci.host}/api/tiny", tag="v1").digest == report.manifest_digest
-    with pytest.raises(RefError, match="verify"):
-        sepstore.push(store, f"oci://{oci.host}/api/tiny", name="tiny", tag="v1", verify=True, quiet=True)
+    checked = sepstore.push(store, f"oci://{oci.host}/api/tiny", name="tiny", tag="v1", verify=True, quiet=True)
+    assert checked.verified and len(checked.skipped) == 6 and not checked.repaired  # re-hashed at the registry
+    with pytest.raises(RefError, match="contradicts"):
+        sepstore.push(store, f"oci://{oci.host}/api/tiny:v1", dest_tag="v2", name="tiny", tag="v1", quiet=True)
 
 
 def test_a_signed_push_is_trusted_and_an_unsigned_tag_is_refused(oci: RegistryProxy, tmp_path: Path) -> None:
@@ -468,9 +479,11 @@ def test_a_signed_push_is_trusted_and_an_unsigned_tag_is_refused(oci: RegistryPr
     copied = sepstore.push(f"oci://{oci.host}/trusted/tiny:v1", f"oci://{oci.host}/copy/tiny", quiet=True,
                            cache_dir=tmp_path / "cache")  # fmt: skip
     assert copied.signatures == signed.signatures
-    assert copied.uploaded == [] and len(copied.skipped) == 6
+    assert len(copied.copied) == 6 and copied.transferred_bytes == 0
     mounts = [p for p in oci.uploads(since) if "from=trusted%2Ftiny" in p]  # mounted, not uploaded again
-    assert len(mounts) == 7  # the six parts and the manifest's layer
+    assert len(mounts) == 6
+    # the signature pushed along verifies at the destination, as `sepstore verify --key` checks it
+    assert sepstore.pull(f"oci://{oci.host}/copy/tiny:v1", cache_dir=tmp_path / "cache", trust=trust).fetched == []
 
 
 def test_the_command_line_pushes_to_and_lists_a_registry(oci: RegistryProxy, tmp_path: Path) -> None:
@@ -479,13 +492,23 @@ def test_the_command_line_pushes_to_and_lists_a_registry(oci: RegistryProxy, tmp
 
     _, parts = _model(tmp_path / "store", seed=8)
     store = parts.parent.parent
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(sepstore.__file__).parent.parent)])}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(Path(sepstore.__file__).parent.parent)]),
+        "SEPSTORE_CACHE": str(tmp_path / "cache"),
+    }
 
     def cli(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run([sys.executable, "-m", "sepstore", *args], capture_output=True, text=True, env=env)
 
-    pushed = cli("push", str(store), f"oci://{oci.host}/cli/tiny:v1", "--quiet")
+    sepstore.keygen(tmp_path / "key.pem")
+    pushed = cli("push", str(store), f"oci://{oci.host}/cli/tiny:v1", "--sign", str(tmp_path / "key.pem"), "--json")
     assert pushed.returncode == 0, pushed.stderr
+    report = json.loads(pushed.stdout)  # the keys every push reports, and what a mount copies
+    assert len(report["uploaded"]) == 6 and report["copied"] == [] and len(report["signatures"]) == 1
+    # the signature pushed along verifies, as any store's would
+    verified = cli("verify", f"oci://{oci.host}/cli/tiny:v1", "--trust-key", str(tmp_path / "key.pem.pub"), "--quiet")
+    assert verified.returncode == 0, verified.stderr
     listed = cli("tags", f"oci://{oci.host}/cli/tiny", "--json")
     assert [row["tag"] for row in json.loads(listed.stdout)] == ["v1"]
     pulled = cli("pull", f"oci://{oci.host}/cli/tiny:v1", "--cache-dir", str(tmp_path / "cache"), "--json")
@@ -603,14 +626,12 @@ def test_a_push_into_a_repository_holding_another_model_is_refused_before_any_up
     sepstore.dump(llama_decider, state, other, name="llama-mini", quiet=True)
     sepstore.push(other, repo, name="llama-mini", quiet=True)
     assert sepstore.push(other, repo, name="llama-mini", dest_tag="v2", quiet=True).manifest_written  # same model
-    data, parts = _model(tmp_path / "tiny")
+    _, parts = _model(tmp_path / "tiny")
     store = parts.parent.parent
     since = len(oci.calls)
     refused = r"holds model 'llama-mini' \(tag 'latest'\), not 'tiny'.*one model.*--force"
     with pytest.raises(StoreError, match=refused):
         sepstore.push(store, repo, name="tiny", tag="v1", quiet=True)
-    with pytest.raises(StoreError, match=refused):
-        push_oci(data, _source(parts), f"{repo}:v1")
     assert oci.uploads(since) == []
     assert sepstore.push(store, repo, name="tiny", tag="v1", force=True, quiet=True).manifest_written
     assert [(t.name, t.tag) for t in sepstore.tags(repo)] == [
@@ -618,3 +639,57 @@ def test_a_push_into_a_repository_holding_another_model_is_refused_before_any_up
         ("tiny", "v1"),
         ("llama-mini", "v2"),
     ]
+
+
+def test_a_dump_into_a_repository_holding_another_model_is_refused_before_any_upload(
+    oci: RegistryProxy, tmp_path: Path
+) -> None:
+    repo = f"oci://{oci.host}/acme/held"
+    state = tiny_llama_state_dict(layers=1, hidden=8, intermediate=8, vocab=16)
+    sepstore.dump(llama_decider, state, repo, name="held", quiet=True)
+    since = len(oci.calls)
+    refused = r"holds model 'held' \(tag 'latest'\), not 'tiny'.*one model"
+    with pytest.raises(StoreError, match=refused):
+        sepstore.dump(llama_decider, state, repo, name="tiny", tag="v1", quiet=True)
+    assert oci.uploads(since) == []
+    # the store's own manifest write refuses it too, whoever calls it
+    _, parts = _model(tmp_path / "tiny")
+    data = (parts.parent.parent / "manifests" / "tiny" / "v1.json").read_bytes()
+    with pytest.raises(StoreError, match=refused):
+        sepstore.Store(repo).write_manifest_bytes("tiny", "v1", data)
+    assert [(t.name, t.tag) for t in sepstore.tags(repo)] == [("held", "latest")]
+
+
+def test_a_file_that_is_not_its_blob_is_never_filed_in_a_registry(oci: RegistryProxy, tmp_path: Path) -> None:
+    _, parts = _model(tmp_path / "store", seed=12)
+    part = decode_manifest((parts.parent.parent / "manifests" / "tiny" / "v1.json").read_bytes(), source="t").mid[0]
+    assert part is not None
+    spoilt = bytearray((parts / part.file_name).read_bytes())
+    spoilt[-1] ^= 0x01
+    (tmp_path / "spoilt").write_bytes(bytes(spoilt))
+    store = sepstore.Store(f"oci://{oci.host}/models/spoilt")
+    with pytest.raises(IntegrityError, match="not uploaded"):
+        store.put_blob_file(str(tmp_path / "spoilt"), part)
+    # hashed while it was sent, and the upload cancelled before it was closed: the registry has no such blob
+    assert Registry(oci.host).blob_size("models/spoilt", "sha256:" + hashlib.sha256(spoilt).hexdigest()) is None
+    assert store.put_blob_file(str(parts / part.file_name), part) and store.has_blob(part)
+
+
+def test_a_push_with_verify_rehashes_what_it_mounted_and_never_publishes_a_lying_source_image(
+    oci: RegistryProxy, tmp_path: Path
+) -> None:
+    _, parts = _model(tmp_path / "store", seed=13)
+    ref = f"oci://{oci.host}/liar/tiny:v1"
+    _push(parts, ref)
+    image = json.loads(resolve_oci(ref).image)
+    layers = {x["annotations"].get("org.sepstore.part"): x for x in image["layers"]}
+    first, second = layers["mid.0"], layers["mid.1"]
+    assert first["size"] == second["size"]
+    first["digest"], second["digest"] = second["digest"], first["digest"]  # each part names the other's blob
+    Registry(oci.host).put_manifest(
+        "liar/tiny", "v1", json.dumps(image).encode(), "application/vnd.oci.image.manifest.v1+json"
+    )
+    with pytest.raises(IntegrityError):  # the mounted blobs re-hashed, found wrong, and the source cannot mend them
+        sepstore.push(ref, f"oci://{oci.host}/honest/tiny", verify=True, quiet=True, cache_dir=tmp_path / "cache")
+    with pytest.raises(NotFoundError):
+        resolve_oci(f"oci://{oci.host}/honest/tiny:v1")

@@ -142,3 +142,19 @@ def test_a_damaged_cached_copy_of_a_remote_source_is_fetched_again_not_uploaded(
     cached.write_bytes(bytes(data))
     sepstore.push(url, tmp_path / "dest", cache_dir=cache, quiet=True)
     assert sepstore.verify(tmp_path / "dest", quiet=True).ok, "the flipped byte reached the destination"
+
+
+def test_push_between_stores_of_one_s3_endpoint_copies_the_parts_server_side(
+    source: Path, moto_server: CountingMotoServer, tmp_path: Path
+) -> None:
+    bucket = f"push-{uuid.uuid4().hex[:12]}"
+    fsspec.filesystem("s3").mkdir(bucket)
+    first = sepstore.push(source, f"s3://{bucket}/a", quiet=True)
+    moto_server.requests.clear()
+    report = sepstore.push(f"s3://{bucket}/a", f"s3://{bucket}/b", quiet=True, cache_dir=tmp_path / "cache")
+    assert sorted(report.copied) == sorted(report.uploaded) == sorted(first.uploaded)
+    assert report.transferred_bytes == 0 and report.copied_bytes == report.uploaded_bytes > 0
+    puts = [r for r in moto_server.requests if r.method == "PUT" and "/parts/blake3/" in r.path]
+    assert len(puts) == len(report.uploaded) and all(r.copy_source is not None for r in puts)
+    assert not [r for r in moto_server.requests if r.method == "GET" and "/parts/blake3/" in r.path]  # nor fetched
+    assert sepstore.verify(f"s3://{bucket}/b", quiet=True).ok

@@ -321,3 +321,40 @@ def test_a_registry_store_is_a_repository_and_refuses_missing_or_damaged_blobs(
 def test_a_store_location_that_is_not_a_path_or_url_is_refused() -> None:
     with pytest.raises(StoreError, match="a store location is a path or URL"):
         Store(None)  # type: ignore[arg-type]
+
+
+#: Which homes file a blob from another store of theirs inside the storage (S3's copy, a registry's mount).
+COPIES = {"local": False, "memory": False, "s3": True, "http": False, "oci": True}
+
+
+def _sibling(home: Home) -> Store:
+    """Another, empty store of the same home (the same S3 endpoint, the same registry)."""
+    if home.kind == "oci":
+        return Store(home.writer.url.rsplit("/", 1)[0] + f"/s{uuid.uuid4().hex[:12]}")
+    return Store(home.writer.url.rsplit("/", 1)[0] + f"/sibling-{uuid.uuid4().hex[:8]}")
+
+
+def test_a_blob_is_copied_from_another_store_only_where_the_storage_copies_inside(home: Home, model: Model) -> None:
+    blob = model.blobs[0]
+    sibling = _sibling(home)
+    assert home.writer.copy_blob_from(sibling, blob) is False  # the source lacks it: nothing to copy
+    sibling.put_blob_file(str(model.files[blob.file_name]), blob)
+    assert home.writer.copy_blob_from(sibling, blob) is COPIES[home.kind]
+    assert home.store.has_blob(blob) is COPIES[home.kind]
+    if COPIES[home.kind]:
+        assert home.store.digest_blob(blob) == blob.digest
+
+
+def test_only_a_registry_repository_refuses_a_second_model(home: Home, model: Model) -> None:
+    _publish(home, model)
+    home.writer.check_publishable("conf/model")
+    if home.kind != "oci":
+        home.writer.check_publishable("conf/another")
+        return
+    with pytest.raises(StoreError, match=r"holds model 'conf/model'.*one model"):
+        home.writer.check_publishable("conf/another")
+    another = encode_manifest(msgspec.structs.replace(model.manifest, name="conf/another"))
+    with pytest.raises(StoreError, match="one model"):  # the manifest write itself refuses it
+        home.writer.write_manifest_bytes("conf/another", "v2", another)
+    home.writer.check_publishable("conf/another", force=True)  # forced: this store object takes it
+    assert home.writer.write_manifest_bytes("conf/another", "v2", another)

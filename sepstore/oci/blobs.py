@@ -1,6 +1,6 @@
 """Blob calls of the OCI registry client (:mod:`sepstore.oci.client`): sizes, ranged and whole
-reads, uploads (streamed from the file, hashed with SHA-256 on the way, mounted where the registry
-allows) and deletion."""
+reads, uploads (streamed from the file, hashed with SHA-256 on the way; in one pass where the
+digest is not known yet), cross-repository mounts and deletion."""
 
 from __future__ import annotations
 
@@ -18,24 +18,11 @@ from ..errors import IntegrityError, NotFoundError, RegistryError, SepstoreError
 from ..retry import with_retries
 from .transport import Answer, Transport
 
-__all__ = ["UPLOAD_CHUNK", "BlobCalls", "Upload", "checked_digest", "sha256_file"]
+__all__ = ["UPLOAD_CHUNK", "BlobCalls", "Upload", "checked_digest"]
 
 #: Blobs up to this size are uploaded in one PUT; larger ones in PATCH chunks of this size.
 UPLOAD_CHUNK: Final = 64 * 1024 * 1024
 _SHA256 = re.compile(r"^sha256:[0-9a-f]{64}\Z")
-
-
-def sha256_file(path: str, *, also: Callable[[bytes], None] | None = None) -> tuple[str, int]:
-    """The ``sha256:<hex>`` digest and size of a local file, read in bounded pieces (each handed to ``also`` too)."""
-    hasher = hashlib.sha256()
-    size = 0
-    with open(path, "rb", buffering=0) as file:
-        while piece := file.read(PIECE_BYTES):
-            hasher.update(piece)
-            if also is not None:
-                also(piece)
-            size += len(piece)
-    return "sha256:" + hasher.hexdigest(), size
 
 
 class _BlobBody(RangeBody):
@@ -71,12 +58,10 @@ class _BlobBody(RangeBody):
 
 @dataclass(frozen=True)
 class Upload:
-    """A blob put into a repository, and how: ``"uploaded"`` (its bytes sent), ``"mounted"`` (from
-    another repository of the registry) or ``"present"`` (the repository had it)."""
+    """A blob uploaded into a repository."""
 
     digest: str
     size: int
-    how: str  # "uploaded", "mounted" or "present"
 
 
 class _Region:
@@ -162,46 +147,113 @@ class BlobCalls(Transport):
         digest: str,
         size: int,
         *,
-        mount_from: str | None = None,
         chunk: int = UPLOAD_CHUNK,
     ) -> Upload:
-        """Put the local file ``path`` (or these bytes; of SHA-256 ``digest``, ``size`` bytes) into ``repository``:
-        mounted from ``mount_from`` (another repository of this registry) where it allows, else
-        streamed from the file, in one PUT or in PATCH chunks of ``chunk`` bytes, its SHA-256
-        computed on the way and checked against ``digest`` before the upload is closed."""
+        """Put the local file ``path`` (or these bytes; of SHA-256 ``digest``, ``size`` bytes) into
+        ``repository``: streamed from the file, in one PUT or in PATCH chunks of ``chunk`` bytes, its
+        SHA-256 computed on the way and checked against ``digest`` before the upload is closed."""
         digest = checked_digest(digest)
         scope = self.scope(repository, "pull", "push")
         start = f"/v2/{repository}/blobs/uploads/"
         url = self.base + start
 
         def attempt() -> Upload:
-            query = urllib.parse.urlencode({"mount": digest, "from": mount_from}) if mount_from else ""
-            answer = self.request("POST", start + (f"?{query}" if query else ""), scope=scope, body=b"", ok=(201, 202))
-            answer.close()
-            if answer.status == 201:
-                return Upload(digest, size, "mounted")
-            location = self._location(answer, url)
-            hasher = hashlib.sha256()
+            location = self._open_upload(start, scope, url)
+            hasher: Any = hashlib.sha256()
             with open(path, "rb") if isinstance(path, str) else io.BytesIO(path) as file:
                 if size <= chunk:
                     put = _with_query(location, {"digest": digest})
                     hasher = self._put_region(put, scope, file, 0, size, hasher, "PUT", (201,))[1]
                 else:
-                    for at in range(0, size, chunk):
-                        length = min(chunk, size - at)
-                        patched, hasher = self._put_region(location, scope, file, at, length, hasher, "PATCH", (202,))
-                        location = self._location(patched, location)
+                    location, hasher = self._patch_chunks(location, scope, file, size, chunk, hasher)
                     if "sha256:" + hasher.hexdigest() != digest:  # found before the upload is closed: cancel it
-                        with contextlib.suppress(SepstoreError):
-                            self.request("DELETE", location, scope=scope, ok=(204,)).close()
+                        self._cancel_upload(location, scope)
                     _same_bytes(path, "sha256:" + hasher.hexdigest(), digest)
                     self.request(
                         "PUT", _with_query(location, {"digest": digest}), scope=scope, body=b"", ok=(201,)
                     ).close()
             _same_bytes(path, "sha256:" + hasher.hexdigest(), digest)
-            return Upload(digest, size, "uploaded")
+            return Upload(digest, size)
 
         return with_retries(attempt, url)
+
+    def mount_blob(self, repository: str, digest: str, from_repository: str) -> bool:
+        """Mount blob ``digest`` of ``from_repository`` into ``repository`` (the same registry's copy,
+        no bytes sent); ``False`` where the registry does not (it may open an upload instead, which is cancelled)."""
+        digest = checked_digest(digest)
+        scope = self.scope(repository, "pull", "push")
+        query = urllib.parse.urlencode({"mount": digest, "from": from_repository})
+        start = f"/v2/{repository}/blobs/uploads/?{query}"
+
+        def attempt() -> bool:
+            answer = self.request("POST", start, scope=scope, body=b"", ok=(201, 202))
+            answer.close()
+            if answer.status == 201:
+                return True
+            self._cancel_upload(self._location(answer, self.base + start), scope)  # opened instead: not wanted
+            return False
+
+        return with_retries(attempt, self.base + start)
+
+    def upload_new_blob(
+        self,
+        repository: str,
+        path: str,
+        size: int,
+        *,
+        also: Callable[[], Any] | None = None,
+        check: Callable[[Any], None] | None = None,
+        chunk: int = UPLOAD_CHUNK,
+    ) -> str:
+        """Upload the local file ``path`` (``size`` bytes) whose SHA-256 is not known yet, in one
+        pass: sent in PATCH chunks of ``chunk`` bytes, hashed on the way, and closed under the digest
+        computed; its ``sha256:`` digest. ``also()`` makes a second hash (``update``, ``copy``) fed
+        the same bytes, handed to ``check`` before the upload is closed: an exception from it
+        cancels the upload."""
+        scope = self.scope(repository, "pull", "push")
+        start = f"/v2/{repository}/blobs/uploads/"
+        url = self.base + start
+
+        def attempt() -> str:
+            location = self._open_upload(start, scope, url)
+            hasher: Any = _Hashing(hashlib.sha256(), also() if also is not None else None)
+            with open(path, "rb") as file:
+                location, hasher = self._patch_chunks(location, scope, file, size, chunk, hasher)
+                if file.read(1):
+                    raise IntegrityError(f"{path}: longer than the {size} bytes to send (changed while uploaded?)")
+            digest = "sha256:" + hasher.hexdigest()
+            try:
+                if check is not None:
+                    check(hasher.second)
+            except BaseException:
+                self._cancel_upload(location, scope)
+                raise
+            self.request("PUT", _with_query(location, {"digest": digest}), scope=scope, body=b"", ok=(201,)).close()
+            return digest
+
+        return with_retries(attempt, url)
+
+    def _open_upload(self, start: str, scope: str, url: str) -> str:
+        """Start an upload (``POST`` to ``start``); where to send its bytes."""
+        answer = self.request("POST", start, scope=scope, body=b"", ok=(202,))
+        answer.close()
+        return self._location(answer, url)
+
+    def _patch_chunks(
+        self, location: str, scope: str, file: IO[bytes], size: int, chunk: int, hasher: Any
+    ) -> tuple[str, Any]:
+        """Send the ``size`` bytes of ``file`` to an open upload in PATCH requests of ``chunk`` bytes;
+        where the upload goes on, and ``hasher`` advanced over them."""
+        for at in range(0, size, chunk):
+            length = min(chunk, size - at)
+            patched, hasher = self._put_region(location, scope, file, at, length, hasher, "PATCH", (202,))
+            location = self._location(patched, location)
+        return location, hasher
+
+    def _cancel_upload(self, location: str, scope: str) -> None:
+        """Cancel an open upload, as far as the registry lets (a failure leaves it to expire)."""
+        with contextlib.suppress(SepstoreError):
+            self.request("DELETE", location, scope=scope, ok=(204,)).close()
 
     def _put_region(
         self,
@@ -240,6 +292,25 @@ class BlobCalls(Transport):
         path = f"/v2/{repository}/blobs/{checked_digest(digest)}"
         scope = self.scope(repository, "pull", "push", "delete")
         with_retries(lambda: self.request("DELETE", path, scope=scope, ok=(202,)).close(), self.base + path)
+
+
+class _Hashing:
+    """A SHA-256 and an optional second hash fed the same bytes, copied together (a retried request
+    body hashes afresh from a copy)."""
+
+    def __init__(self, sha256: Any, second: Any) -> None:
+        self.sha256, self.second = sha256, second
+
+    def update(self, data: bytes) -> None:
+        self.sha256.update(data)
+        if self.second is not None:
+            self.second.update(data)
+
+    def copy(self) -> _Hashing:
+        return _Hashing(self.sha256.copy(), self.second.copy() if self.second is not None else None)
+
+    def hexdigest(self) -> str:
+        return self.sha256.hexdigest()
 
 
 def _same_bytes(path: str | bytes, got: str, digest: str) -> None:

@@ -4,7 +4,7 @@ calls live by what they concern: the transport and authentication (:mod:`.transp
 
 from __future__ import annotations
 
-from .blobs import UPLOAD_CHUNK, BlobCalls, Upload, sha256_file
+from .blobs import UPLOAD_CHUNK, BlobCalls, Upload
 from .manifests import DOCKER_MANIFEST, MAX_MANIFEST_BYTES, OCI_INDEX, OCI_MANIFEST, ManifestCalls
 from .transport import RegistryTransientError, is_loopback
 
@@ -18,7 +18,6 @@ __all__ = [
     "RegistryTransientError",
     "Upload",
     "is_loopback",
-    "sha256_file",
 ]
 
 

@@ -37,14 +37,12 @@ from ..refs import Resolved
 from ..store import MANIFESTS_DIR, PARTS_DIR, check_tag
 from ..tags import TagInfo
 from .auth import Credentials
-from .client import OCI_MANIFEST, UPLOAD_CHUNK, Registry, sha256_file
+from .client import OCI_MANIFEST, Registry
 
 __all__ = [
     "MODEL_ARTIFACT",
     "OciModel",
-    "OciPushReport",
     "OciRef",
-    "push_oci",
     "registry_for",
     "resolve_oci",
     "resolve_url",
@@ -210,140 +208,6 @@ def _image_manifest(config: bytes, config_digest: str, layers: list[_Layer], nam
     return json.dumps(body, separators=(",", ":")).encode()
 
 
-@dataclass(frozen=True)
-class OciPushReport:
-    """What :func:`push_oci` did: the image it published, and which files it uploaded, mounted from
-    another repository, or found in the repository already (labels as ``push`` reports them)."""
-
-    url: str
-    image_digest: str
-    manifest_digest: str
-    uploaded: list[str]
-    uploaded_bytes: int
-    mounted: list[str]
-    mounted_bytes: int
-    present: list[str]
-    present_bytes: int
-    manifest_written: bool
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "manifest": self.url,
-            "image_digest": self.image_digest,
-            "digest": self.manifest_digest,
-            "uploaded": self.uploaded,
-            "uploaded_bytes": self.uploaded_bytes,
-            "mounted": self.mounted,
-            "mounted_bytes": self.mounted_bytes,
-            "present": self.present,
-            "present_bytes": self.present_bytes,
-            "manifest_written": self.manifest_written,
-        }
-
-
-def _hashed(layer: _Layer, blob: Blob) -> None:
-    """Set the layer's SHA-256 from its file, checking on the way that its bytes are the blob's
-    (size and BLAKE3): a damaged file is never published under the blob's name."""
-    assert isinstance(layer.source, str)
-    blake3 = Hasher()
-    layer.sha256, size = sha256_file(layer.source, also=blake3.update)
-    got = digest_of(blake3)
-    if size != blob.size or got != blob.digest:
-        raise IntegrityError(
-            f"{', '.join(layer.labels)} ({layer.source}): the file is {size} bytes with digest {got}, "
-            f"the manifest says {blob.size} bytes with {blob.digest}; not pushed"
-        )
-
-
-def push_oci(
-    manifest_bytes: bytes,
-    blob_source: Callable[[Blob], str],
-    ref: OciRef | str,
-    *,
-    tag: str | None = None,
-    registry: Registry | None = None,
-    mount_from: str | None = None,
-    force: bool = False,
-    workers: int = _WORKERS,
-    chunk: int = UPLOAD_CHUNK,
-) -> OciPushReport:
-    """Publish the sepstore manifest ``manifest_bytes`` into repository ``ref`` under ``tag``
-    (default: the reference's tag): ``blob_source(blob)`` is the path of a local, whole copy of
-    each part and asset (a store's file, or the cache's). Each file is hashed (SHA-256 for the
-    registry, BLAKE3 checked against the manifest), then skipped if the repository has it, mounted
-    from repository ``mount_from`` of the same registry where that works, else uploaded; the
-    config, the manifest's own layer and the image manifest go last. A tag that holds another
-    image, or a repository whose tags hold another model, is refused before anything is uploaded,
-    unless ``force`` (registries offer no conditional write: two publishers racing for one tag both
-    succeed, the last wins).
-
-    Raises:
-        RefError: no tag. StoreError: the tag holds another image, or the repository another
-            model. IntegrityError: a local file is not what the manifest says.
-            RegistryAuthError, RegistryError: the registry refused.
-    """
-    oci = ref if isinstance(ref, OciRef) else OciRef.parse(ref)
-    out_tag = tag or oci.tag
-    if out_tag is None:
-        raise RefError(f"{oci.url}: give the tag to publish under (oci://HOST/REPOSITORY:TAG, or tag=)")
-    oci = OciRef(oci.host, oci.repository, out_tag)  # checks the tag
-    client = registry or Registry(oci.host)
-    manifest = decode_manifest(manifest_bytes, source=oci.url)
-    if any(part is None for part in manifest.mid):
-        raise ManifestError(f"{oci.url}: the manifest has layers not dumped yet (a dump in progress); not pushed")
-    refuse_another_model(client, oci, manifest.name, force=force)
-    blobs = {b.file_name: b for _, b in [*manifest.labelled_parts(), *manifest.labelled_assets()]}
-    layers = _layers(manifest, manifest_bytes, out_tag, blob_source)
-    repo = oci.repository
-
-    def hashed(layer: _Layer) -> None:
-        if isinstance(layer.source, str):
-            _hashed(layer, blobs[_name_of(layer)])
-        else:
-            layer.sha256 = sha256_of(layer.source)
-
-    def put(layer: _Layer) -> str:
-        if client.blob_size(repo, layer.sha256) == layer.size:
-            return "present"
-        return client.upload_blob(repo, layer.source, layer.sha256, layer.size, mount_from=mount_from, chunk=chunk).how
-
-    def refuse_another(held: str | None) -> None:
-        if held is not None and held != image_digest and not force:
-            raise StoreError(
-                f"{oci.url} already holds another image ({held}, pushing {image_digest}); pass force=True "
-                "(--force) to replace it, or push under another tag"
-            )
-
-    with ThreadPoolExecutor(max(1, workers), "sepstore-oci-push") as pool:
-        list(pool.map(hashed, layers))  # every file checked, and the image known, before anything is sent
-        config, image = _image(manifest, layers)
-        image_digest = sha256_of(image)
-        refuse_another(held_digest(client, oci))
-        how = list(pool.map(put, layers))
-    held = held_digest(client, oci)
-    refuse_another(held)  # again: another publisher may have taken the tag meanwhile (narrows, cannot close, the race)
-    written = held != image_digest
-    if written:
-        put_image(client, oci, config, image)
-    files = list(zip(layers[:-1], how[:-1], strict=True))  # the manifest's own layer is not a file of the model
-    return OciPushReport(
-        url=oci.url,
-        image_digest=image_digest,
-        manifest_digest=digest_buffer(manifest_bytes),
-        uploaded=[label for layer, h in files if h == "uploaded" for label in _labels(layer)],
-        uploaded_bytes=sum(layer.size for layer, h in files if h == "uploaded"),
-        mounted=[label for layer, h in files if h == "mounted" for label in _labels(layer)],
-        mounted_bytes=sum(layer.size for layer, h in files if h == "mounted"),
-        present=[label for layer, h in files if h == "present" for label in _labels(layer)],
-        present_bytes=sum(layer.size for layer, h in files if h == "present"),
-        manifest_written=written,
-    )
-
-
-def _name_of(layer: _Layer) -> str:
-    return layer.annotations[TITLE].rsplit("/", 1)[-1]
-
-
 def _labels(layer: _Layer) -> list[str]:
     return [label if PART in layer.annotations else f"asset:{label}" for label in layer.labels]
 
@@ -482,17 +346,17 @@ class OciModel:
 
 
 #: What ``storage_options`` may hold with an ``oci://`` reference.
-_REGISTRY_OPTIONS: Final = frozenset({"insecure", "username", "password"})
+REGISTRY_OPTIONS: Final = frozenset({"insecure", "username", "password"})
 
 
 def registry_for(host: str, storage_options: Mapping[str, Any] | None) -> Registry:
     """A client of ``host`` configured by ``storage_options`` (``insecure``, and ``username`` with
     ``password`` instead of the environment's or the Docker config's credentials)."""
     options = dict(storage_options or {})
-    unknown = sorted(set(options) - _REGISTRY_OPTIONS)
+    unknown = sorted(set(options) - REGISTRY_OPTIONS)
     if unknown:
         raise RefError(
-            f"storage_options {unknown} do not apply to an OCI registry; it takes {sorted(_REGISTRY_OPTIONS)}"
+            f"storage_options {unknown} do not apply to an OCI registry; it takes {sorted(REGISTRY_OPTIONS)}"
         )
     username, password = options.get("username"), options.get("password")
     if (username is None) != (password is None) or not isinstance(username or "", str):

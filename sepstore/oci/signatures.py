@@ -13,10 +13,9 @@ import json
 from typing import Any, Final
 
 from ..errors import ManifestError, NotFoundError
-from ..refs import Resolved
 from ..signing import BUNDLE_MEDIA_TYPE
 from .client import OCI_INDEX, OCI_MANIFEST, Registry
-from .layout import OciModel, OciRef, json_object, layer_descriptors, resolve_oci, sha256_of
+from .layout import OciModel, json_object, layer_descriptors, sha256_of
 
 __all__ = ["KEY_ID", "RegistrySignatures", "attach_signature_oci", "signatures_oci"]
 
@@ -37,16 +36,6 @@ class RegistrySignatures:
 
     def __init__(self, registry: Registry, url: str, repository: str, subject: tuple[str, int]) -> None:
         self.registry, self.url, self.repository, self.subject = registry, url, repository, subject
-
-    @classmethod
-    def of(cls, resolved: Resolved) -> RegistrySignatures:
-        """The signatures of the image a resolved ``oci://`` reference was read from."""
-        from ..stores.registry import RegistryStore  # which imports this module
-
-        parts = resolved.parts
-        if isinstance(parts, RegistryStore):
-            return cls.of_model(parts.model(OciRef.parse(resolved.url)))  # the image it read
-        return cls.of_model(resolve_oci(resolved.url))  # read from a mirror: the image is looked up again
 
     @classmethod
     def of_model(cls, model: OciModel) -> RegistrySignatures:

@@ -9,18 +9,22 @@ capability (see :meth:`Store.lacks`), never a backend's own exception.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import os
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator, Mapping
-from typing import Any, ClassVar, TypeVar
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 from ..backends import RangeBody, stream_body
 from ..errors import IntegrityError, StoreError
 from ..hashing import Hasher, digest_of
 from ..manifest import Blob
 from ..retry import with_retries
+
+if TYPE_CHECKING:
+    from .s3 import Check, Run
 
 __all__ = ["CAPABILITIES", "Blobs", "Store", "algorithm_name", "open_parts"]
 
@@ -191,6 +195,21 @@ class Store(Blobs):
             cls = _implementation(url, args[0] if args else kwargs.get("storage_options"))
         return super().__new__(cls)
 
+    @classmethod
+    def destination(
+        cls, url: str | os.PathLike[str], storage_options: dict[str, Any] | None = None
+    ) -> tuple[Store, str | None]:
+        """The store ``url`` names as a place to publish into, and the tag it names too, if any
+        (``oci://HOST/REPOSITORY:TAG`` names one; a store's own URL none)."""
+        implementation = _implementation(url, storage_options) if cls is Store else cls
+        return implementation._publishing_into(url, storage_options)
+
+    @classmethod
+    def _publishing_into(
+        cls, url: str | os.PathLike[str], storage_options: dict[str, Any] | None
+    ) -> tuple[Store, str | None]:
+        return cls(url, storage_options), None
+
     def capabilities(self) -> dict[str, bool]:
         """Every capability flag and its value for this store."""
         return {flag: bool(getattr(self, flag)) for flag in CAPABILITIES}
@@ -256,6 +275,34 @@ class Store(Blobs):
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
+
+    def copy_blob_from(self, source: Store, blob: Blob) -> bool:
+        """File ``blob`` by copying it from ``source``'s copy inside the storage, no bytes sent
+        (a registry's cross-repository mount); whether it did. ``False`` (the default) where this
+        store cannot: the caller uploads it."""
+        return False
+
+    def put_blob_composed(
+        self,
+        path: str,
+        blob: Blob,
+        runs: Sequence[Run],
+        *,
+        workers: int,
+        buffers: asyncio.Semaphore,
+        check: Check,
+        sent: Callable[[int], None],
+    ) -> None:
+        """File the local, verified file ``path`` as ``blob``, composed inside the storage from ranges
+        of parts it holds (``runs``, planned by :mod:`sepstore.compose`) and the rest uploaded; only
+        where :attr:`server_side_copy` (S3's ``UploadPartCopy``, see :mod:`sepstore.stores.s3`)."""
+        raise self.lacks("server-side copy", "compose a part from ranges of others")
+
+    def check_publishable(self, name: str, *, force: bool = False) -> None:
+        """Refuse, before anything is uploaded, a model this store may not hold (a registry
+        repository holds one model): a :class:`StoreError` saying why. ``force`` lets this store
+        object take it anyway, in this call and in its later manifest writes."""
+        return None  # any store but a registry repository holds any number of models
 
     @abstractmethod
     def list_blobs(self) -> list[dict[str, Any]]:
@@ -339,6 +386,10 @@ class Store(Blobs):
         """The URL of one key's signature of a tag."""
 
     @abstractmethod
+    def signatures_url(self, name: str, tag: str) -> str:
+        """Where a tag's signatures are (for messages)."""
+
+    @abstractmethod
     def read_signature_bytes(self, name: str, tag: str, key_id: str) -> bytes:
         """A signature (a bundle's JSON); :class:`~sepstore.errors.NotFoundError` if that key has not signed."""
 
@@ -354,10 +405,6 @@ class Store(Blobs):
     def signature_files(self) -> dict[str, tuple[str, str, str, dict[str, Any]]]:
         """Every file below the signatures folder, by path: ``(name, tag, file name, listing entry)``
         (for ``gc``, which removes those of deleted or replaced manifests)."""
-
-    @abstractmethod
-    def read_file_bytes(self, path: str, limit: int) -> bytes:
-        """A small listed file whole (a signature ``gc`` judges); a :class:`StoreError` if over ``limit``."""
 
 
 def _implementation(url: object, storage_options: dict[str, Any] | None) -> type[Store]:

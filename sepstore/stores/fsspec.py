@@ -4,13 +4,15 @@ Each upload to an object store is atomic; S3 also writes manifests conditionally
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 from abc import abstractmethod
-from collections.abc import Callable, Mapping
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import fsspec
+from fsspec.asyn import sync
 from fsspec.implementations.local import LocalFileSystem
 
 from ..backends import RangeBody, open_range, open_url
@@ -34,6 +36,9 @@ from ..store import (
     s3_code,
 )
 from .base import Blobs, Store
+
+if TYPE_CHECKING:
+    from .s3 import Check, Run
 
 __all__ = ["FsspecStore", "HttpStore", "PartsFolder"]
 
@@ -213,6 +218,59 @@ class FsspecStore(_FileBlobs, Store):
     def put_blob_file(self, path: str, blob: Blob, *, replace: bool = False) -> bool:
         return self._commit(path, blob, replace=replace)
 
+    def copy_blob_from(self, source: Store, blob: Blob) -> bool:
+        """Copy the blob server-side (S3's ``CopyObject``) from ``source`` when it is another store on
+        the same object store (same filesystem type and options) that holds it with the blob's size."""
+        if (
+            not self.server_side_copy
+            or not isinstance(source, FsspecStore)
+            or type(source.fs) is not type(self.fs)
+            or source.fs.storage_options != self.fs.storage_options
+            or source.url == self.url
+            or source.blob_size(blob) != blob.size
+        ):
+            return False
+        final = self.blob_path(blob)
+        with backend_errors(self.url_of(final)):
+            self.fs.copy(source.blob_path(blob), final)
+        if self.blob_size(blob) == blob.size:
+            return True
+        self.remove_blob(blob)  # the source changed meanwhile: nothing is left under the blob's name
+        return False
+
+    def put_blob_composed(
+        self,
+        path: str,
+        blob: Blob,
+        runs: Sequence[Run],
+        *,
+        workers: int,
+        buffers: asyncio.Semaphore,
+        check: Check,
+        sent: Callable[[int], None],
+    ) -> None:
+        """File the local, verified file ``path`` as ``blob`` composed server-side: each of ``runs``
+        copied from the part (by digest) that this store holds, or uploaded from ``path``, as
+        :func:`~sepstore.stores.s3.compose_object` does (``check`` judges each part's ETag; a failure
+        leaves nothing filed). Where the store lacks :attr:`server_side_copy`, a :class:`StoreError`."""
+        if not self.server_side_copy:
+            raise self.lacks("server-side copy", "compose a part from ranges of others")
+        from .s3 import compose_object
+
+        sync(
+            self.fs.loop,
+            compose_object,
+            self.fs,
+            self.blob_path(blob),
+            runs,
+            source_path=self.part_path,
+            local=path,
+            workers=workers,
+            buffers=buffers,
+            check=check,
+            sent=sent,
+        )
+
     def remove(self, path: str) -> None:
         if not self.can_delete:
             raise self.lacks("deletion", "delete files")
@@ -239,9 +297,6 @@ class FsspecStore(_FileBlobs, Store):
                 return {**self.fs.info(path), "name": path}
             except FileNotFoundError:
                 return None
-
-    def read_file_bytes(self, path: str, limit: int) -> bytes:
-        return read_limited(self.fs, path, self.url_of(path), limit, what="a store file")
 
     # -- leases ----------------------------------------------------------------------------------
 
@@ -364,6 +419,9 @@ class FsspecStore(_FileBlobs, Store):
 
     def signature_url(self, name: str, tag: str, key_id: str) -> str:
         return self.url_of(self.signature_path(name, tag, key_id))
+
+    def signatures_url(self, name: str, tag: str) -> str:
+        return self.url_of(self.signatures_dir(name, tag))
 
     def read_signature_bytes(self, name: str, tag: str, key_id: str) -> bytes:
         path = self.signature_path(name, tag, key_id)

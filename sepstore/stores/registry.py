@@ -10,9 +10,12 @@ whole. What a registry cannot do is a capability it lacks:
 - no listing of blobs (the distribution API has none), so sepstore's ``gc`` cannot find unreferenced
   blobs: delete a tag's image, then run the registry's own garbage collection
   (``registry garbage-collect``, or the hosted registry's retention policy);
-- no server-side copy (blobs from another repository are *mounted* by ``push`` instead);
+- no server-side copy of ranges; whole blobs of another repository of the same registry are
+  *mounted* (:meth:`RegistryStore.copy_blob_from`), which ``push`` tries before uploading;
 - no lease objects: none are needed, as sepstore's ``gc`` deletes nothing here, and a registry
-  refuses an image whose blobs are missing.
+  refuses an image whose blobs are missing;
+- one model per repository, as with ``docker push``: a manifest of another model is refused
+  (:meth:`RegistryStore.check_publishable`), unless forced.
 """
 
 from __future__ import annotations
@@ -24,16 +27,18 @@ from collections.abc import Mapping
 from typing import Any
 
 from ..backends import RangeBody
-from ..errors import IntegrityError, NotFoundError, RegistryError, SepstoreError, StoreError
+from ..errors import IntegrityError, NotFoundError, RefError, RegistryError, SepstoreError, StoreError
 from ..hashing import Hasher, digest_of
 from ..manifest import Blob, decode_manifest
-from ..oci.client import Registry, sha256_file
+from ..oci.client import Registry
 from ..oci.layout import (
+    REGISTRY_OPTIONS,
     OciModel,
     OciRef,
     held_digest,
     image_of,
     put_image,
+    refuse_another_model,
     registry_for,
     resolve_oci,
     sha256_of,
@@ -78,6 +83,38 @@ class RegistryStore(Store):
         self._indexed = False
         #: The images read, by reference URL (their signatures hang from them).
         self._models: dict[str, OciModel] = {}
+        #: The image a resolved reference was read as, by its tag (see :meth:`of_resolved`).
+        self._images: dict[str, OciModel] = {}
+        #: Models this store object may write manifests of (checked, or forced: see check_publishable).
+        self._admitted: set[str] = set()
+
+    @classmethod
+    def _publishing_into(
+        cls, url: str | os.PathLike[str], storage_options: dict[str, Any] | None
+    ) -> tuple[Store, str | None]:
+        """``oci://HOST/REPOSITORY[:TAG]``: the repository, and the tag (a ``@sha256:`` pin is refused)."""
+        ref = OciRef.parse(os.fspath(url))
+        if ref.digest is not None:
+            raise RefError(f"{ref.url}: push publishes under a tag; leave out the @sha256: pin")
+        return cls(f"oci://{ref.host}/{ref.repository}", storage_options), ref.tag
+
+    @classmethod
+    def of_resolved(cls, resolved: Resolved) -> RegistryStore:
+        """The repository a resolved ``oci://`` reference was read from: the store its parts were
+        read through (a mirror's reference looks its image up again), bound to the image it was
+        read as, so that a pinned image's signatures are its own."""
+        ref = OciRef.parse(resolved.url)
+        parts = resolved.parts
+        if isinstance(parts, RegistryStore) and parts.ref == OciRef(ref.host, ref.repository):
+            store = parts
+        else:
+            options = {k: v for k, v in resolved.storage_options.items() if k in REGISTRY_OPTIONS}
+            store = cls(f"oci://{ref.host}/{ref.repository}", options)
+        model = store.model(ref)
+        if ref.tag is not None:
+            with store._lock:
+                store._images[ref.tag] = model
+        return store
 
     @classmethod
     def holding(cls, model: OciModel) -> RegistryStore:
@@ -173,20 +210,39 @@ class RegistryStore(Store):
         return {"sha256": self._located(blob)}
 
     def put_blob_file(self, path: str, blob: Blob, *, replace: bool = False) -> bool:
-        """Upload the file as a blob (its SHA-256 computed here, its BLAKE3 and size checked against
-        ``blob``'s); skipped when the repository holds it, unless ``replace``."""
-        blake3 = Hasher()
-        sha256, size = sha256_file(path, also=blake3.update)
-        if size != blob.size or digest_of(blake3) != blob.digest:
-            raise IntegrityError(
-                f"{path}: {size} bytes of digest {digest_of(blake3)}, the blob is {blob.size} bytes of {blob.digest}; "
-                "not uploaded"
-            )
+        """Upload the file as a blob, in one pass: its SHA-256 computed while it is sent, its BLAKE3
+        and size checked on the way (a file that is not ``blob``'s is never filed: the upload is
+        cancelled). Skipped when an image of the repository lists it, unless ``replace``; a blob the
+        repository holds unlisted (an interrupted push) is sent again, and the registry keeps one copy."""
+        if not replace and self.has_blob(blob):
+            return False
+
+        def check(blake3: Any) -> None:
+            if digest_of(blake3) != blob.digest:
+                raise IntegrityError(f"{path}: digest {digest_of(blake3)}, the blob is {blob.digest}; not uploaded")
+
+        try:
+            size = os.path.getsize(path)
+        except OSError as exc:
+            raise StoreError(f"{path}: cannot read the file to upload ({exc})") from exc
+        if size != blob.size:
+            raise IntegrityError(f"{path}: {size} bytes, the blob is {blob.size} bytes of {blob.digest}; not uploaded")
+        sha256 = self.registry.upload_new_blob(self.ref.repository, path, size, also=Hasher, check=check)
         with self._lock:
             self._blobs[blob.file_name] = (sha256, size)
-        if not replace and self.registry.blob_size(self.ref.repository, sha256) == size:
+        return True
+
+    def copy_blob_from(self, source: Store, blob: Blob) -> bool:
+        """Mount the blob from ``source`` when it is another repository of the same registry that holds it."""
+        if not isinstance(source, RegistryStore) or source.ref.host != self.ref.host or source.url == self.url:
             return False
-        self.registry.upload_blob(self.ref.repository, path, sha256, size)
+        found = source._find(blob)
+        if found is None or found[1] != blob.size:
+            return False
+        if not self.registry.mount_blob(self.ref.repository, found[0], source.ref.repository):
+            return False
+        with self._lock:
+            self._blobs[blob.file_name] = found
         return True
 
     def list_blobs(self) -> list[dict[str, Any]]:
@@ -219,9 +275,6 @@ class RegistryStore(Store):
             with self._lock:
                 self._blobs.pop(blob.file_name, None)
 
-    def read_file_bytes(self, path: str, limit: int) -> bytes:
-        raise self.lacks("file listing", "read a listed file")
-
     # -- manifests -------------------------------------------------------------------------------
 
     def read_manifest_bytes(self, name: str, tag: str) -> bytes:
@@ -232,15 +285,24 @@ class RegistryStore(Store):
             raise NotFoundError(f"{model.url} holds model {held!r}, not {name!r} (a repository holds one model)")
         return model.data
 
+    def check_publishable(self, name: str, *, force: bool = False) -> None:
+        """A :class:`StoreError` when the repository's tags hold another model, unless ``force``."""
+        if check_name(name) in self._admitted:
+            return
+        refuse_another_model(self.registry, self.ref, name, force=force)
+        self._admitted.add(name)
+
     def write_manifest_bytes(
         self, name: str, tag: str, data: bytes, *, create: bool = False, if_version: str | None = None
     ) -> bool:
-        """Publish the manifest as the tag's image: every part and asset must be in the repository
-        already (:meth:`put_blob_file`). With ``create``, only if the tag holds no image (checked,
-        then written: a registry has no conditional write)."""
+        """Publish the manifest as the tag's image (ModelPack's form, see :mod:`sepstore.oci.layout`):
+        every part and asset must be in the repository already (:meth:`put_blob_file`). A model other
+        than the one the repository holds is refused (:meth:`check_publishable`). With ``create``,
+        only if the tag holds no image (checked, then written: a registry has no conditional write)."""
         oci = self.ref.with_tag(check_tag(tag))
         if decode_manifest(data, source=oci.url).name != check_name(name):
             raise StoreError(f"{oci.url}: the manifest is not of model {name!r}")
+        self.check_publishable(name)
         config, image = image_of(data, oci, self._index())
         held = held_digest(self.registry, oci)
         if held == sha256_of(image) or (create and held is not None):
@@ -249,6 +311,8 @@ class RegistryStore(Store):
         if self.registry.blob_size(oci.repository, digest) != len(data):
             self.registry.upload_blob(oci.repository, data, digest, len(data))
         put_image(self.registry, oci, config, image)
+        with self._lock:
+            self._images.pop(tag, None)  # the tag names this image now
         return True
 
     def has_manifest(self, name: str, tag: str) -> bool:
@@ -283,11 +347,18 @@ class RegistryStore(Store):
     # -- signatures: OCI referrers of the tag's image ----------------------------------------------
 
     def _signatures(self, name: str, tag: str) -> RegistrySignatures:
-        self.read_manifest_bytes(name, tag)  # the tag holds that model
-        return RegistrySignatures.of_model(self._model(tag))
+        with self._lock:
+            model = self._images.get(tag)
+        if model is None:  # else the image a reference was resolved as (a pinned one, maybe no longer tagged)
+            self.read_manifest_bytes(name, tag)  # the tag holds that model
+            model = self._model(tag)
+        return RegistrySignatures.of_model(model)
 
     def signature_url(self, name: str, tag: str, key_id: str) -> str:
         return f"{self.manifest_url(name, tag)} (referrers, key {key_id})"
+
+    def signatures_url(self, name: str, tag: str) -> str:
+        return f"{self.manifest_url(name, tag)} (referrers)"
 
     def read_signature_bytes(self, name: str, tag: str, key_id: str) -> bytes:
         return self._signatures(name, tag).read_signature_bytes(name, tag, key_id)

@@ -1,0 +1,124 @@
+"""An S3 object composed from ranges of other objects of the bucket and bytes of a local file: a
+multipart upload whose parts are ``UploadPartCopy`` ranges or uploads. This is the execution behind
+:meth:`~sepstore.stores.fsspec.FsspecStore.put_blob_composed`; what to copy from where, and the
+checks of each part's ETag, are planned by :mod:`sepstore.compose`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import SepstoreError
+from ..safetensors_io import pread_exact
+
+__all__ = ["Run", "compose_object"]
+
+
+@dataclass(frozen=True)
+class Run:
+    """Bytes ``start:end`` of the new object: copied from ``source`` (the digest of a part the store
+    holds) at ``source_start``, or uploaded from the local file when ``source`` is ``None``."""
+
+    start: int
+    end: int
+    source: str | None = None
+    source_start: int = 0
+
+    @property
+    def length(self) -> int:
+        return self.end - self.start
+
+    def cut(self, at: int) -> tuple[Run, Run]:
+        """This run split ``at`` bytes from its start."""
+        shift = self.source_start + at if self.source is not None else 0
+        return Run(self.start, self.start + at, self.source, self.source_start), Run(
+            self.start + at, self.end, self.source, shift
+        )
+
+
+#: ``check(number, run, data, etag)``: raises when part ``number`` (``run``; ``data``, the bytes
+#: uploaded, or ``None`` for a copy) came back with an ETag that is not the expected one.
+Check = Callable[[int, Run, bytes | None, str], None]
+
+
+async def compose_object(
+    fs: Any,
+    path: str,
+    runs: Sequence[Run],
+    *,
+    source_path: Callable[[str], str],
+    local: str,
+    workers: int,
+    buffers: asyncio.Semaphore,
+    check: Check,
+    sent: Callable[[int], None],
+) -> None:
+    """Write the object ``path`` of the S3 filesystem ``fs`` as a multipart upload of ``runs`` (each
+    an S3 part: copied from the object ``source_path(run.source)``, or read from the file ``local``),
+    ``workers`` parts at once, local bytes held under ``buffers``. Every answer's ETag goes to
+    ``check``; any failure aborts the upload. ``sent(n)`` counts the bytes uploaded as they are sent."""
+    bucket, key, _ = fs.split_path(path)
+    upload = await fs._call_s3("create_multipart_upload", Bucket=bucket, Key=key)
+    upload_id = upload["UploadId"]
+    gate = asyncio.Semaphore(workers)
+
+    async def send(number: int, run: Run) -> dict[str, Any]:
+        async with gate:
+            common = {"Bucket": bucket, "Key": key, "UploadId": upload_id, "PartNumber": number}
+            if run.source is None:
+                async with buffers:
+                    data = await asyncio.to_thread(_read, local, run)
+                    sent(len(data))  # counted when it is sent, whether or not it is used
+                    answer = await fs._call_s3("upload_part", Body=data, **common)
+                    await asyncio.to_thread(check, number, run, data, answer["ETag"])
+                return {"PartNumber": number, "ETag": answer["ETag"]}
+            src_bucket, src_key, _ = fs.split_path(source_path(run.source))
+            answer = await fs._call_s3(
+                "upload_part_copy",
+                CopySource={"Bucket": src_bucket, "Key": src_key},
+                CopySourceRange=f"bytes={run.source_start}-{run.source_start + run.length - 1}",
+                **common,
+            )
+            etag = answer["CopyPartResult"]["ETag"]
+            async with buffers:
+                await asyncio.to_thread(check, number, run, None, etag)
+            return {"PartNumber": number, "ETag": etag}
+
+    tasks = [asyncio.ensure_future(send(n, run)) for n, run in enumerate(runs, 1)]
+    try:
+        # every answer is awaited: an upload's ETag mismatch is seen (and reported) even when a copy failed first
+        answers = await asyncio.gather(*tasks, return_exceptions=True)
+        failed = [a for a in answers if isinstance(a, BaseException)]
+        if failed:
+            raise failed[0]
+        done = [a for a in answers if not isinstance(a, BaseException)]
+        await fs._call_s3(
+            "complete_multipart_upload",
+            Bucket=bucket,
+            Key=key,
+            UploadId=upload_id,
+            MultipartUpload={"Parts": list(done)},
+        )
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        with contextlib.suppress(Exception):
+            await fs._call_s3("abort_multipart_upload", Bucket=bucket, Key=key, UploadId=upload_id)
+        raise
+    info = await fs._call_s3("head_object", Bucket=bucket, Key=key)
+    expected = runs[-1].end if runs else 0
+    if info.get("ContentLength") != expected:
+        raise SepstoreError(f"{key}: {info.get('ContentLength')} bytes after composing, expected {expected}")
+
+
+def _read(path: str, run: Run) -> bytes:
+    """The local file's bytes of ``run`` (a part to upload)."""
+    with open(path, "rb", buffering=0) as file:
+        data = pread_exact(file.fileno(), run.length, run.start)
+    if len(data) != run.length:
+        raise OSError(f"{path} ended before byte {run.end}")
+    return bytes(data)

@@ -43,6 +43,7 @@ from pathlib import Path
 import s3fs
 import torch
 from _checkpoint import read_state_dict, tinyllama_config, write_tinyllama_checkpoint
+from _env import point_aws_at
 from bench_remote import checkpoint_path, fresh_fs, moto_server
 
 import sepstore
@@ -218,12 +219,7 @@ def main() -> None:
         servers = {f"HTTP ({kind}{', limit_rate ' + args.limit_rate if args.limit_rate else ''})": f"{http}/store"}
         if not args.http_only:
             endpoint = running.enter_context(moto_server(args.server))
-            os.environ.update(
-                AWS_ACCESS_KEY_ID="testing",
-                AWS_SECRET_ACCESS_KEY="testing",
-                AWS_DEFAULT_REGION="us-east-1",
-                AWS_ENDPOINT_URL=endpoint,
-            )
+            point_aws_at(endpoint)
             fresh_fs().mkdir(BUCKET)
             publish(store, changed)
             servers = {"S3 (moto)": STORE_URL, **servers}

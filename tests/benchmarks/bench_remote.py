@@ -69,6 +69,7 @@ from pathlib import Path
 import s3fs
 import torch
 from _checkpoint import INDEX, read_state_dict, tinyllama_config, tinyllama_shapes, write_tinyllama_checkpoint
+from _env import point_aws_at
 from moto.server import ThreadedMotoServer
 
 import sepstore
@@ -429,12 +430,7 @@ def bench_s3(
     total = sum(s for _, s in parts)
     default_chunk = sepstore.cache.CHUNK_BYTES
     with moto_server(args.server) as endpoint:
-        os.environ.update(
-            AWS_ACCESS_KEY_ID="testing",
-            AWS_SECRET_ACCESS_KEY="testing",
-            AWS_DEFAULT_REGION="us-east-1",
-            AWS_ENDPOINT_URL=endpoint,
-        )
+        point_aws_at(endpoint)
         fresh_fs().mkdir(BUCKET)
         print(f"moto S3 at {endpoint}, bucket {BUCKET}")
 

@@ -231,6 +231,8 @@ class _Plan:
     #: Bytes this part adds to the bar's total, and bytes it has sent there.
     planned: int = 0
     sent: int = 0
+    #: Bytes copied from cached parts (reported as reused once the part is verified).
+    reused: int = 0
     #: Copy and fetch tasks not ended yet; whether one failed; whether the part was committed
     #: (``False``: assembled, but it did not verify), ``None`` until then.
     left: int = 0
@@ -282,7 +284,7 @@ class _Plan:
                     with _mapped(self.fd, at + done, n) as piece:
                         self.digest.written(at + done, piece)
                     done += n
-            self.transfer.add(reused=count)
+            self.reused += count
 
 
 @contextlib.contextmanager
@@ -462,7 +464,8 @@ def assemble(
     :data:`MIN_REUSE` bytes of tensors cached already; returns those now cached, verified. The
     others (too little to reuse, a part another process is fetching, any failure or mismatch) are
     left for a whole fetch.
-    ``transfer`` counts the bytes fetched and copied; ``bar`` counts the bytes fetched."""
+    ``transfer`` counts the bytes fetched, and those copied into parts that verified (a part
+    fetched whole after all reuses nothing); ``bar`` counts the bytes fetched."""
     parts = [i for i in items if isinstance(i.part, Part) and i.part.tensors]
     if not parts:
         return []
@@ -501,6 +504,7 @@ def assemble(
         for plan in plans:
             part = plan.item.part
             if plan.verified:
+                transfer.add(reused=plan.reused)
                 done.append(plan.item)
                 continue
             with contextlib.suppress(FileNotFoundError):

@@ -545,6 +545,15 @@ def test_each_byte_of_an_assembled_part_is_hashed_once_as_it_is_written(
     assert sepstore.verify(http_remote.url("m", "v2"), cache_dir=cache).ok
 
 
+def flip_a_reused_byte(cache: Path, part: Part | None) -> None:
+    """Flip a byte of the cached ``part`` inside mlp.down_proj, a tensor v2's part reuses."""
+    assert part is not None
+    source = cache / "parts" / "blake3" / part.file_name
+    data = bytearray(source.read_bytes())
+    data[len(data) // 3] ^= 0x01
+    source.write_bytes(data)
+
+
 def test_a_damaged_source_spoils_only_the_part_that_copied_from_it_and_reused_bytes_count_parts_kept(
     http_remote: Remote, local_store: Path, tmp_path: Path
 ) -> None:
@@ -552,12 +561,7 @@ def test_a_damaged_source_spoils_only_the_part_that_copied_from_it_and_reused_by
     whole, the others are assembled all the same, and only their copied bytes count as reused."""
     cache = tmp_path / "cache"
     sepstore.pull(http_remote.url("m", "v1"), cache_dir=cache, quiet=True)
-    old = manifest(local_store, "m", "v1").mid[1]
-    assert old is not None
-    source = cache / "parts" / "blake3" / old.file_name
-    data = bytearray(source.read_bytes())
-    data[len(data) // 3] ^= 0x01  # inside mlp.down_proj, a tensor v2's mid.1 reuses
-    source.write_bytes(data)
+    flip_a_reused_byte(cache, manifest(local_store, "m", "v1").mid[1])
     report = sepstore.pull(http_remote.url("m", "v2"), cache_dir=cache, quiet=True)
     mids = [p for p in manifest(local_store, "m", "v2").mid if p is not None]
     assert report.reused_bytes == sum(data_bytes(p) - data_bytes(p, CHANGED) for p in mids if p is not mids[1])

@@ -257,15 +257,9 @@ class InOrderDigest:
         """Write ``piece`` at ``offset`` of the file (open as ``fd``), each byte once, and hash it:
         now if it is the digest's next byte and no other thread is hashing, else in its turn.
         ``held``: the piece is ``into``'s bytes there."""
+        end = offset + len(piece)
         for at in range(0, len(piece), WRITE_SLICE):
             pwrite_all(fd, piece[at : at + WRITE_SLICE], offset + at)
-        self.written(offset, piece, held=held)
-
-    def written(self, offset: int, piece: memoryview, *, held: bool = False) -> None:
-        """Hash ``piece``, the bytes the caller has just written at ``offset`` of the file (each
-        byte once): now if it is the digest's next byte and no other thread is hashing, else in
-        its turn, from ``into`` if ``held``, else from the file."""
-        end = offset + len(piece)
         with self.lock:
             if self.hashing or (offset != self.hashed and self.hashed not in self.waiting):
                 self.waiting[offset] = (end, held)

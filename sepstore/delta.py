@@ -14,23 +14,24 @@ writes them again). It holds nothing a cache could not rebuild, so deleting it i
 manifest's tensors give in sepstore's own layout, and read further when the file's header is
 longer, by at most :data:`HEADER_SLACK`, else the part is fetched whole): the file's own header,
 so a part written in another tensor order, or with ``__metadata__``, is assembled as it is.
-Tensors found in the index are copied from the cached part in the kernel (``copy_file_range``,
-else through a buffer), in offset order, in pieces of :data:`COPY_BYTES`; the others are fetched
-as ranged reads, coalesced across small gaps (a cached tensor in such a gap is fetched, not
-copied) and cut into chunks, in parallel, started before the copies so the network is busy at
-once. :func:`plan_ranges` is that rule, which :func:`sepstore.diff` counts with too. A server
-that ignores ``Range`` answers the header read with the whole part, which is then verified as a
-whole fetch would be.
+Tensors found in the index are copied from the cached part, in offset order, in pieces of
+:data:`COPY_BYTES` read into one reused buffer; the others are fetched as ranged reads, coalesced
+across small gaps (a cached tensor in such a gap is fetched, not copied) and cut into chunks, in
+parallel, asked for before the copies start so the network is busy at once. :func:`plan_ranges`
+is that rule, which :func:`sepstore.diff` counts with too. A server that ignores ``Range`` answers
+the header read with the whole part, which is then verified as a whole fetch would be.
 
 **Verifying it.** The part's digest is computed while it is written, as a whole fetch computes
-it (:class:`~sepstore.cache.InOrderDigest`): a fetched piece that is the digest's next byte is
-hashed from the buffer it was written from, a copied one from a map of the part file's pages it
-was just copied into (still in the CPU's cache: the bytes cross memory once, not three times as
-through a buffer); one that lands ahead waits and is hashed from the file in its turn. Each byte
-is written once (a retried read asks only for what it still lacks) and hashed once, and the part
-gets its name only if the digest of all its bytes is the manifest's; it is then renamed durably
-(``fsync``, as a whole fetch is) by the thread that wrote its last bytes, while other parts are
-still being written.
+it (:class:`~sepstore.cache.InOrderDigest`): a copied piece, or a fetched one, that is the
+digest's next byte is hashed from the buffer it was written from; one that lands ahead waits and
+is hashed from the file in its turn. Each byte is written once (a retried read asks only for what
+it still lacks) and hashed once, and the part gets its name only if the digest of all its bytes is
+the manifest's; it is then renamed durably (``fsync``, as a whole fetch is) by the thread that
+wrote its last bytes, while other parts are still being written. Here this is faster than copying
+in the kernel (``copy_file_range``) and hashing the whole file after, or hashing each copied piece
+from a map of the file (bench_delta.py): on a filesystem without reflinks the kernel moves the
+bytes anyway, and a second pass, or a map set up and torn down per piece, costs more than the
+buffer's extra copy.
 """
 
 from __future__ import annotations
@@ -38,12 +39,11 @@ from __future__ import annotations
 import bisect
 import contextlib
 import json
-import mmap
 import os
 import re
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
@@ -59,7 +59,6 @@ from .safetensors_io import (
     ITEMSIZE,
     HeaderEntry,
     RawTensor,
-    copy_range,
     header_end,
     layout,
     parse_header,
@@ -96,12 +95,8 @@ STALE_TEMP_SECONDS = 600
 #: ``__metadata__``, another writer's spacing): a longer one is not read, and the part is fetched
 #: whole, since a header is parsed before any of the part's bytes can be verified.
 HEADER_SLACK = 64 * 1024
-#: Cached tensors are copied, and hashed, this many bytes at a time: small enough that the bytes
-#: copied are still in the CPU's cache when they are hashed (8 MiB took 1.7x the time here).
-COPY_BYTES = 1024 * 1024
-#: A copied piece is mapped with its pages in place (``MAP_POPULATE``, where there is one): one
-#: call rather than a page fault per 64 KiB as it is hashed.
-_MAP_FLAGS = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+#: Cached tensors are copied this many bytes a read (one buffer of this size per part being copied).
+COPY_BYTES = 8 * 1024 * 1024
 
 
 @dataclass
@@ -271,33 +266,18 @@ class _Plan:
         return whole
 
     def copy(self) -> None:
-        """Copy the cached tensors into the file in the kernel where it can (``copy_file_range``),
-        in offset order, in pieces of :data:`COPY_BYTES`, each hashed from a map of the file's bytes
-        it just wrote (what the part holds, not what the source holds a moment later)."""
+        """Copy the cached tensors into the file, in offset order, in pieces of :data:`COPY_BYTES`."""
+        buffer = memoryview(bytearray(min(COPY_BYTES, max((s.end - s.start for s, _ in self.copies), default=0))))
         for source, at in self.copies:
             with open(source.path, "rb", buffering=0) as src:
                 done, count = 0, source.end - source.start
                 while done < count:
-                    n = min(COPY_BYTES, count - done)
-                    if copy_range(src.fileno(), source.start + done, self.fd, at + done, n) != n:
+                    got = os.preadv(src.fileno(), [buffer[: min(len(buffer), count - done)]], source.start + done)
+                    if got <= 0:
                         raise IntegrityError(f"{source.path} is shorter than its index says")
-                    with _mapped(self.fd, at + done, n) as piece:
-                        self.digest.written(at + done, piece)
-                    done += n
+                    self.digest.write(self.fd, at + done, buffer[:got])
+                    done += got
             self.reused += count
-
-
-@contextlib.contextmanager
-def _mapped(fd: int, offset: int, length: int) -> Iterator[memoryview]:
-    """Bytes ``offset:offset+length`` of the file ``fd``, read-only, as a view of a map of the page
-    cache (no copy; the file is this process's, under its part's lock, so never cut short)."""
-    lead = offset % mmap.ALLOCATIONGRANULARITY
-    with (
-        mmap.mmap(fd, lead + length, flags=_MAP_FLAGS, prot=mmap.PROT_READ, offset=offset - lead) as mapped,
-        memoryview(mapped) as whole,
-        whole[lead:] as view,
-    ):
-        yield view
 
 
 def _predicted(part: Part) -> tuple[list[tuple[str, int]], bytes]:

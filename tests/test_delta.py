@@ -567,25 +567,3 @@ def test_a_damaged_source_spoils_only_the_part_that_copied_from_it_and_reused_by
     assert report.reused_bytes == sum(data_bytes(p) - data_bytes(p, CHANGED) for p in mids if p is not mids[1])
     assert report.reused_bytes + report.transferred_bytes > report.fetched_bytes  # mid.1's assembly fetched too
     assert sepstore.verify(http_remote.url("m", "v2"), cache_dir=cache).ok
-
-
-@pytest.mark.parametrize("kernel", ["absent", "refusing"])
-def test_cached_tensors_are_copied_through_a_buffer_where_the_kernel_cannot_copy_them(
-    http_remote: Remote, local_store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kernel: str
-) -> None:
-    """Without ``copy_file_range`` (another OS), or where it refuses (across filesystems), parts
-    are still assembled, from the same cached tensors, and verify."""
-    if kernel == "absent":
-        monkeypatch.delattr(os, "copy_file_range", raising=False)
-    else:
-
-        def refuse(*args: object) -> int:
-            raise OSError(18, "Invalid cross-device link")
-
-        monkeypatch.setattr(os, "copy_file_range", refuse, raising=False)
-    report = upgraded(http_remote, tmp_path / "cache")
-    mids = [p for p in manifest(local_store, "m", "v2").mid if p is not None]
-    assert report.reused_bytes == sum(data_bytes(p) - data_bytes(p, CHANGED) for p in mids)
-    assert report.transferred_bytes == http_remote.part_bytes() < sum(p.size for p in mids)
-    monkeypatch.undo()
-    assert sepstore.verify(http_remote.url("m", "v2"), cache_dir=tmp_path / "cache").ok

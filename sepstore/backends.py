@@ -19,6 +19,7 @@ import os
 import sys
 import time
 from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import fsspec
@@ -110,9 +111,13 @@ class _Progress:
         self.began = time.monotonic()
         self.got = 0
 
+    def deadline(self) -> float:
+        """When the current window ends (a :func:`time.monotonic` instant)."""
+        return self.began + self.window
+
     def remaining(self) -> float:
         """Seconds left in the current window (none once it is over)."""
-        return self.began + self.window - time.monotonic()
+        return self.deadline() - time.monotonic()
 
     def left(self) -> float:
         """Seconds left in the current window; a :class:`StalledError` once it is over."""
@@ -293,6 +298,111 @@ class _HTTPBody(_AsyncBody):
             self._response.close()  # the rest of the body is never read
 
 
+class _PooledHTTPBody(_Body):
+    """A GET through sepstore's own pool of blocking connections (:mod:`sepstore.httpio`): each read
+    lands straight where it is asked to, in the thread that asks, with the GIL released while it waits,
+    so several transfers receive at once (fsspec's aiohttp session serves them all from one thread).
+    Each wait is bounded by the read timeout and by the minimum-progress rule."""
+
+    def __init__(self, url: str, start: int, end: int, options: _PooledOptions) -> None:
+        from . import httpio
+
+        self._progress = _Progress()
+        self._read_timeout = options.read_timeout
+        headers = {**options.headers, "Range": f"bytes={start}-{end - 1}", "Accept-Encoding": "identity"}
+        self._response = self._timed(
+            lambda deadline: httpio.get(
+                url,
+                headers,
+                connect_timeout=options.connect_timeout,
+                read_timeout=options.read_timeout,
+                deadline=deadline,
+            )
+        )
+        answer = self._response.headers
+        first, self.total = _content_range(answer.get("Content-Range"))
+        self.ranged = self._response.status == 206
+        self.offset = start if first is None else first
+        #: An encoded body (``gzip``, though ``identity`` was asked for) is not its object's bytes.
+        self.encoded = answer.get("Content-Encoding", "identity").lower() != "identity"
+        self.length = None if self.encoded else self._response.length
+
+    def _timed(self, call: Callable[[float], T]) -> T:
+        """``call(deadline)``: its timeout at the end of the current window is a :class:`StalledError`."""
+        try:
+            return call(self._progress.deadline())
+        except TimeoutError:
+            if self._progress.remaining() <= 0:
+                raise self._progress.stalled() from None
+            raise
+
+    def read(self, size: int) -> bytes:
+        buffer = memoryview(bytearray(size))
+        got = self._timed(lambda deadline: self._response.readinto(buffer, deadline))
+        self._progress.add(got)
+        return bytes(buffer[:got])
+
+    def readinto(self, into: memoryview) -> int:
+        got = 0
+        while got < len(into):
+            count = self._timed(lambda deadline, rest=into[got:]: self._response.readinto(rest, deadline))
+            if not count:
+                break
+            got += count
+            self._progress.add(count)
+        return got
+
+    def close(self) -> None:
+        self._response.close()
+
+
+@dataclass(frozen=True)
+class _PooledOptions:
+    headers: dict[str, str]
+    connect_timeout: float
+    read_timeout: float
+
+
+def _pooled_options(fs: Any) -> _PooledOptions | None:
+    """What a GET through :class:`_PooledHTTPBody` needs from the options of fsspec's HTTP filesystem
+    ``fs``: request and session headers, and the connect and read timeouts; ``None`` where ``fs`` has
+    options it cannot honour (auth, cookies, an SSL context, a proxy, a client of its own), whose GETs
+    stay with fsspec's aiohttp session."""
+    from fsspec.implementations.http import get_client
+
+    client = dict(fs.client_kwargs)
+    limits = client.pop("timeout", None)
+    session_headers = client.pop("headers", None) or {}
+    request = dict(fs.kwargs)
+    request_headers = request.pop("headers", None) or {}
+    if client or request or fs.get_client is not get_client:
+        return None
+    connect = read = timeout()
+    if limits is not None:
+        from aiohttp import ClientTimeout
+
+        if not isinstance(limits, ClientTimeout) or limits.total is not None or limits.connect is not None:
+            return None
+        connect = limits.sock_connect if limits.sock_connect is not None else float("inf")
+        read = limits.sock_read if limits.sock_read is not None else float("inf")
+    headers: dict[str, tuple[str, str]] = {}  # by lowercase name: a request header wins over a session's
+    for name, value in [*dict(session_headers).items(), *dict(request_headers).items()]:
+        headers[str(name).lower()] = (str(name), str(value))
+    return _PooledOptions(dict(headers.values()), connect, read)
+
+
+def _open_http(fs: Any, path: str, start: int, end: int) -> _Body:
+    """A body from sepstore's connection pool where the options allow it, else from fsspec's aiohttp
+    session (which also decodes an answer that comes encoded, though ``identity`` was asked for)."""
+    options = _pooled_options(fs)
+    if options is not None:
+        body = _PooledHTTPBody(str(fs.encode_url(path)), start, end, options)
+        if not body.encoded:
+            return body
+        body.close()
+    return _HTTPBody(fs, path, start, end)
+
+
 class _S3Body(_AsyncBody):
     """A ranged ``GetObject`` through s3fs's client, its body read piece by piece."""
 
@@ -337,7 +447,7 @@ def _is(fs: fsspec.AbstractFileSystem, module: str, name: str) -> bool:
 def open_range(fs: fsspec.AbstractFileSystem, path: str, start: int, end: int) -> _Body:
     """One read of bytes ``start:end`` of the object at ``path``, its body unread (for :func:`stream_body`)."""
     if _is(fs, "fsspec.implementations.http", "HTTPFileSystem"):
-        return _HTTPBody(fs, path, start, end)
+        return _open_http(fs, path, start, end)
     if _is(fs, "s3fs.core", "S3FileSystem"):
         return _S3Body(fs, path, start, end)
     return _FileBody(fs, path, start, end)

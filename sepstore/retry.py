@@ -37,7 +37,7 @@ def _loaded(module: str, *names: str) -> tuple[type[BaseException], ...]:
 
 def http_status(exc: BaseException) -> int | None:
     """The HTTP status of an error answer from an HTTP or S3 server, else ``None``."""
-    if isinstance(exc, _loaded("aiohttp", "ClientResponseError")):
+    if isinstance(exc, (*_loaded("aiohttp", "ClientResponseError"), *_loaded("sepstore.httpio", "HTTPStatusError"))):
         status = getattr(exc, "status", None)
         return status if isinstance(status, int) else None
     return None

@@ -30,7 +30,7 @@ import hashlib
 import os
 import shutil
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any
@@ -89,6 +89,8 @@ class _Download:
     partial: str
     #: Memory that receives the part's bytes too (the caller's tensors), or ``None``.
     into: memoryview | None = None
+    #: Told the length of each piece that comes in over the network.
+    received: Callable[[int], None] | None = None
     log: str = field(init=False)
     #: The part is fetched in ``count`` chunks of ``chunk`` bytes (``CHUNK_BYTES`` when it started).
     chunk: int = field(init=False)
@@ -148,6 +150,8 @@ class _Download:
 
         def write(offset: int, piece: memoryview) -> None:
             nonlocal wanted, whole, written
+            if self.received is not None:
+                self.received(len(piece))
             if alone and not whole and (offset < asked[0] or offset + len(piece) > asked[1]):
                 wanted, whole = size, True  # the server ignored Range: this is the part from its first byte
             lo, hi = max(offset, written), min(offset + len(piece), wanted)
@@ -384,10 +388,13 @@ class Cache:
         workers: int = DEFAULT_WORKERS,
         bar: tqdm | None = None,
         into: Mapping[str, memoryview] | None = None,
+        received: Callable[[int], None] | None = None,
     ) -> list[Fetch]:
         """Bring every part of ``items`` into the cache; returns those this call fetched. A part
         whose digest ``into`` maps to a buffer of its size is received into that buffer too, and
-        hashed from it: once it is among those returned, the buffer holds its verified bytes."""
+        hashed from it: once it is among those returned, the buffer holds its verified bytes.
+        ``received`` is told the length of each piece that comes in over the network (a resumed
+        part's bytes from an earlier call never do)."""
         with backend_errors(self.root):
             os.makedirs(self.parts, exist_ok=True)
             os.makedirs(self.incoming, exist_ok=True)
@@ -399,11 +406,11 @@ class Cache:
             for item in todo:
                 got = locks.enter_context(file_lock(self._lock(item), blocking=False))
                 (mine if got else theirs).append(item)
-            fetched += self._download_verified([i for i in mine if not self.has(i.part)], workers, bar, into)
+            fetched += self._download_verified([i for i in mine if not self.has(i.part)], workers, bar, into, received)
         for item in theirs:  # another process is fetching these: wait for it, then take over if it died
             with file_lock(self._lock(item), blocking=True):
                 if not self.has(item.part):
-                    fetched += self._download_verified([item], workers, bar, into)
+                    fetched += self._download_verified([item], workers, bar, into, received)
         return fetched
 
     def _check_space(self, todo: Sequence[Fetch]) -> None:
@@ -425,15 +432,20 @@ class Cache:
             )
 
     def _download_verified(
-        self, items: list[Fetch], workers: int, bar: tqdm | None, into: Mapping[str, memoryview] | None
+        self,
+        items: list[Fetch],
+        workers: int,
+        bar: tqdm | None,
+        into: Mapping[str, memoryview] | None,
+        received: Callable[[int], None] | None,
     ) -> list[Fetch]:
         """Download ``items``; a part whose bytes do not match is fetched once more from scratch
         (a flipped bit in transit), then refused with the :class:`IntegrityError`."""
-        failed = self._download(items, workers, bar, into)
+        failed = self._download(items, workers, bar, into, received)
         if failed:
             if bar is not None:
                 bar.total += sum(f.part.size for f, _ in failed)
-            again = self._download([f for f, _ in failed], workers, bar, into)
+            again = self._download([f for f, _ in failed], workers, bar, into, received)
             if again:
                 raise again[0][1]
         return items
@@ -446,12 +458,18 @@ class Cache:
         return self.lock_path(item.part.digest)
 
     def _download(
-        self, items: list[Fetch], workers: int, bar: tqdm | None, into: Mapping[str, memoryview] | None
+        self,
+        items: list[Fetch],
+        workers: int,
+        bar: tqdm | None,
+        into: Mapping[str, memoryview] | None,
+        received: Callable[[int], None] | None,
     ) -> list[tuple[Fetch, IntegrityError]]:
         """Fetch ``items`` in parallel ranged reads; those whose bytes did not verify (and were discarded)."""
         into = into or {}
         downloads = [
-            _Download(i, self.path(i.part), self._incoming(i, ".partial"), into.get(i.part.digest)) for i in items
+            _Download(i, self.path(i.part), self._incoming(i, ".partial"), into.get(i.part.digest), received)
+            for i in items
         ]
         failed: list[tuple[Fetch, IntegrityError]] = []
 

@@ -137,9 +137,12 @@ class PartReader:
                 except RuntimeError:  # not that much memory: fetched into the cache only, and refused there or on read
                     break
             fetched = self.cache.fetch(
-                whole, workers=self.workers, bar=bar, into={d: memoryview(t.numpy()) for d, t in into.items()}
+                whole,
+                workers=self.workers,
+                bar=bar,
+                into={d: memoryview(t.numpy()) for d, t in into.items()},
+                received=lambda count: self.transfer.add(transferred=count),
             )
-        self.transfer.add(transferred=sum(f.part.size for f in fetched))
         index.remember(f.part for f in fetched)
         self._received.update((f.part.digest, into[f.part.digest]) for f in fetched if f.part.digest in into)
         fetched += assembled

@@ -226,6 +226,16 @@ class _Download:
                 os.unlink(path)
 
 
+@dataclass(frozen=True)
+class _Receiving:
+    """How one :meth:`Cache.fetch` call receives its parts (see there)."""
+
+    workers: int
+    bar: tqdm | None
+    into: Mapping[str, memoryview]
+    received: Callable[[int], None] | None
+
+
 class InOrderDigest:
     """The BLAKE3 digest of a ``size``-byte file's bytes in order, while they are written there in
     pieces in any order, by several threads: a piece that is the digest's next byte is hashed as
@@ -400,17 +410,18 @@ class Cache:
             os.makedirs(self.incoming, exist_ok=True)
         todo = sorted({i.part.file_name: i for i in items if not self.has(i.part)}.values(), key=_file_name)
         self._check_space(todo)
+        how = _Receiving(workers, bar, into or {}, received)
         fetched: list[Fetch] = []
         with contextlib.ExitStack() as locks:
             mine, theirs = [], []
             for item in todo:
                 got = locks.enter_context(file_lock(self._lock(item), blocking=False))
                 (mine if got else theirs).append(item)
-            fetched += self._download_verified([i for i in mine if not self.has(i.part)], workers, bar, into, received)
+            fetched += self._download_verified([i for i in mine if not self.has(i.part)], how)
         for item in theirs:  # another process is fetching these: wait for it, then take over if it died
             with file_lock(self._lock(item), blocking=True):
                 if not self.has(item.part):
-                    fetched += self._download_verified([item], workers, bar, into, received)
+                    fetched += self._download_verified([item], how)
         return fetched
 
     def _check_space(self, todo: Sequence[Fetch]) -> None:
@@ -431,21 +442,14 @@ class Cache:
                 f"{human_bytes(free)} is free there; free some space or pass another cache_dir"
             )
 
-    def _download_verified(
-        self,
-        items: list[Fetch],
-        workers: int,
-        bar: tqdm | None,
-        into: Mapping[str, memoryview] | None,
-        received: Callable[[int], None] | None,
-    ) -> list[Fetch]:
+    def _download_verified(self, items: list[Fetch], how: _Receiving) -> list[Fetch]:
         """Download ``items``; a part whose bytes do not match is fetched once more from scratch
         (a flipped bit in transit), then refused with the :class:`IntegrityError`."""
-        failed = self._download(items, workers, bar, into, received)
+        failed = self._download(items, how)
         if failed:
-            if bar is not None:
-                bar.total += sum(f.part.size for f, _ in failed)
-            again = self._download([f for f, _ in failed], workers, bar, into, received)
+            if how.bar is not None:
+                how.bar.total += sum(f.part.size for f, _ in failed)
+            again = self._download([f for f, _ in failed], how)
             if again:
                 raise again[0][1]
         return items
@@ -457,18 +461,11 @@ class Cache:
     def _lock(self, item: Fetch) -> str:
         return self.lock_path(item.part.digest)
 
-    def _download(
-        self,
-        items: list[Fetch],
-        workers: int,
-        bar: tqdm | None,
-        into: Mapping[str, memoryview] | None,
-        received: Callable[[int], None] | None,
-    ) -> list[tuple[Fetch, IntegrityError]]:
+    def _download(self, items: list[Fetch], how: _Receiving) -> list[tuple[Fetch, IntegrityError]]:
         """Fetch ``items`` in parallel ranged reads; those whose bytes did not verify (and were discarded)."""
-        into = into or {}
+        bar = how.bar
         downloads = [
-            _Download(i, self.path(i.part), self._incoming(i, ".partial"), into.get(i.part.digest), received)
+            _Download(i, self.path(i.part), self._incoming(i, ".partial"), how.into.get(i.part.digest), how.received)
             for i in items
         ]
         failed: list[tuple[Fetch, IntegrityError]] = []
@@ -481,7 +478,7 @@ class Cache:
 
         remaining: dict[int, int] = {}
         rest: dict[int, list[int]] = {}  # chunks asked for once the part's first answer is in
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="sepstore-fetch") as pool:
+        with ThreadPoolExecutor(max_workers=how.workers, thread_name_prefix="sepstore-fetch") as pool:
             futures: dict[Future[None], int] = {}
             for n, dl in enumerate(downloads):
                 chunks = dl.open()

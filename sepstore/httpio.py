@@ -108,15 +108,18 @@ def _connection(key: _Key, connect_timeout: float) -> http.client.HTTPConnection
     return conn
 
 
-_context: ssl.SSLContext | None = None
+_contexts: dict[tuple[str | None, str | None], ssl.SSLContext] = {}
 
 
 def _tls() -> ssl.SSLContext:
-    """One verifying TLS context for every connection (made once: loading the CA store is slow)."""
-    global _context
-    if _context is None:
-        _context = ssl.create_default_context()
-    return _context
+    """A verifying TLS context, one per CA store (``$SSL_CERT_FILE``, ``$SSL_CERT_DIR`` or the
+    system's): loading a CA store is slow."""
+    paths = ssl.get_default_verify_paths()
+    key = (paths.cafile, paths.capath)
+    context = _contexts.get(key)
+    if context is None:
+        context = _contexts[key] = ssl.create_default_context()
+    return context
 
 
 class _Pool:

@@ -7,6 +7,7 @@ client fetched and check how it survives faults.
 from __future__ import annotations
 
 import asyncio
+import ssl
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -26,6 +27,9 @@ class Request:
     #: S3 only: the ``x-amz-copy-source`` of a server-side copy, and the request body's length.
     copy_source: str | None = None
     length: int = 0
+    #: HTTP servers only: the request's headers, and the client's port (one per connection).
+    headers: dict[str, str] = field(default_factory=dict)
+    port: int = 0
 
 
 @dataclass
@@ -108,6 +112,8 @@ class _LoopbackServer:
     """An aiohttp server on 127.0.0.1 in a thread of its own, recording requests and faults."""
 
     methods: tuple[str, ...] = ("GET", "HEAD")
+    #: Serve HTTPS with this context (set before :meth:`start`), else plain HTTP.
+    tls: ssl.SSLContext | None = None
 
     def __init__(self) -> None:
         self.requests: list[Request] = []
@@ -121,7 +127,11 @@ class _LoopbackServer:
         raise NotImplementedError
 
     async def _serve(self, request: web.Request) -> web.StreamResponse:
-        self.requests.append(Request(request.method, request.path, request.headers.get("Range")))
+        peer = request.transport.get_extra_info("peername") if request.transport is not None else None
+        port = peer[1] if isinstance(peer, tuple) else 0
+        self.requests.append(
+            Request(request.method, request.path, request.headers.get("Range"), None, 0, dict(request.headers), port)
+        )
         return await self._handle(request)
 
     async def _faulty(
@@ -149,7 +159,7 @@ class _LoopbackServer:
             app.router.add_route(method, "/{tail:.*}", self._serve)
         self._runner = web.AppRunner(app)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        site = web.TCPSite(self._runner, "127.0.0.1", 0, ssl_context=self.tls)
         await site.start()
         self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
 
@@ -166,7 +176,7 @@ class _LoopbackServer:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{'https' if self.tls is not None else 'http'}://127.0.0.1:{self.port}"
 
 
 class StaticServer(_LoopbackServer):

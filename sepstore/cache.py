@@ -27,8 +27,10 @@ import contextlib
 import ctypes
 import errno
 import hashlib
+import mmap
 import os
 import shutil
+import sys
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
@@ -347,12 +349,38 @@ class InOrderDigest:
         return digest_of(self.hasher) if self.hashed == self.size else f"incomplete, {self.hashed} bytes hashed"
 
 
+#: ``madvise`` advice (Linux 5.14+): map every page of a range now, writable, as a write would.
+_MADV_POPULATE_WRITE = 23
+_PAGE = mmap.PAGESIZE
+
+
+def _libc_madvise() -> Callable[[int, int, int], int] | None:
+    try:
+        madvise = ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError):  # not a POSIX libc
+        return None
+    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    madvise.restype = ctypes.c_int
+    return madvise  # type: ignore[no-any-return]
+
+
+_madvise = _libc_madvise() if sys.platform == "linux" else None
+
+
 def _touch(memory: memoryview) -> None:
-    """Write every page of ``memory`` (zeros), without holding the GIL: the kernel maps fresh
-    memory a page at a time as it is first written, slowly in a VM, and this way that happens in
-    the fetching thread rather than in the event loop's, which all transfers share."""
-    if len(memory):
-        ctypes.memset(ctypes.addressof(ctypes.c_char.from_buffer(memory)), 0, len(memory))
+    """Map every page of ``memory`` before the bytes come, without holding the GIL: the kernel maps
+    fresh memory a page at a time as it is first written, slowly in a VM (a fault per page). Asked
+    for a whole range at once (``MADV_POPULATE_WRITE``) it is about twice as fast as faulting the
+    pages in one by one; where the kernel cannot, the pages are written (zeros)."""
+    if not len(memory):
+        return
+    start = ctypes.addressof(ctypes.c_char.from_buffer(memory))
+    first, end = -(-start // _PAGE) * _PAGE, (start + len(memory)) // _PAGE * _PAGE
+    if _madvise is not None and end > first and _madvise(first, end - first, _MADV_POPULATE_WRITE) == 0:
+        ctypes.memset(start, 0, first - start)  # the partial pages at either end
+        ctypes.memset(end, 0, start + len(memory) - end)
+        return
+    ctypes.memset(start, 0, len(memory))
 
 
 class Cache:

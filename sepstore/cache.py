@@ -506,7 +506,10 @@ class Cache:
 
         remaining: dict[int, int] = {}
         rest: dict[int, list[int]] = {}  # chunks asked for once the part's first answer is in
-        with ThreadPoolExecutor(max_workers=how.workers, thread_name_prefix="sepstore-fetch") as pool:
+        with (
+            ThreadPoolExecutor(max_workers=how.workers, thread_name_prefix="sepstore-fetch") as pool,
+            ThreadPoolExecutor(max_workers=how.workers, thread_name_prefix="sepstore-finish") as finishing,
+        ):
             futures: dict[Future[None], int] = {}
             for n, dl in enumerate(downloads):
                 chunks = dl.open()
@@ -521,6 +524,7 @@ class Cache:
                 futures[pool.submit(dl.fetch_chunk, chunks[0], bar)] = n
                 rest[n] = chunks[1:]
             pending = set(futures)
+            closing: set[Future[None]] = set()  # the parts' finish()
             failure: tuple[int, BaseException] | None = None
             while pending and failure is None:
                 done, pending = wait(pending, return_when=FIRST_EXCEPTION)
@@ -532,13 +536,19 @@ class Cache:
                         failure = (futures[future], exc)
                         break
                     n = futures[future]
+                    if future in closing:
+                        continue
                     for chunk in rest.pop(n, []):
                         later = pool.submit(downloads[n].fetch_chunk, chunk, bar)
                         futures[later] = n
                         pending.add(later)
                     remaining[n] -= 1
-                    if remaining[n] == 0:
-                        finish(n)
+                    if remaining[n] == 0:  # its last chunk: verified and made durable (fsync) on
+                        # threads of their own, not here, where the parts' other chunks are handed out
+                        last = finishing.submit(finish, n)
+                        futures[last] = n
+                        closing.add(last)
+                        pending.add(last)
         if failure is not None:  # raised once the pool's other reads have stopped writing
             n, exc = failure
             for i, dl in enumerate(downloads):

@@ -586,14 +586,20 @@ class _Redirecting(_LoopbackServer):
     """A registry whose blob GETs are redirected to ``storage`` (as S3-backed registries do), asking
     for basic auth itself; it and the storage record the Authorization header each request came with."""
 
-    def __init__(self, storage: str | None = None) -> None:
+    def __init__(self, storage: str | None = None, *, challenge: bool = False) -> None:
         super().__init__()
         self.storage = storage
+        self.challenge = challenge  # the storage asks for a bearer token from its own token service
         self.seen: list[tuple[str, str | None]] = []
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         auth = request.headers.get("Authorization")
         self.seen.append((request.path, auth))
+        if self.storage is None and self.challenge:
+            if request.path == "/token":
+                return web.json_response({"token": "storage-token"})
+            if auth != "Bearer storage-token":
+                return web.Response(status=401, headers={"WWW-Authenticate": f'Bearer realm="{self.url}/token"'})
         if self.storage is None:  # the storage: serves any blob's bytes
             return web.Response(body=b"x" * 10)
         if auth is None:
@@ -612,6 +618,20 @@ def test_a_redirect_to_blob_storage_does_not_carry_the_registry_credentials() ->
         assert bytes(got) == b"x" * 10
         assert any(auth is not None for path, auth in registry.seen if "/blobs/" in path)
         assert storage.seen == [("/bucket/blob", None)]
+    finally:
+        registry.stop()
+        storage.stop()
+
+
+def test_blob_storage_on_another_host_asking_for_authentication_never_gets_the_registry_credentials() -> None:
+    storage = _Redirecting(challenge=True).start()
+    registry = _Redirecting(storage.url).start()
+    try:
+        client = Registry(f"127.0.0.1:{registry.port}", credentials=Credentials(USER, PASSWORD))
+        digest = "sha256:" + hashlib.sha256(b"x" * 10).hexdigest()
+        with pytest.raises(RegistryAuthError, match=rf"asks for authentication.*only to 127.0.0.1:{registry.port}"):
+            client.download_blob("r", digest, 10, lambda piece: None)
+        assert storage.seen == [("/bucket/blob", None)]  # no token asked for, with or without credentials
     finally:
         registry.stop()
         storage.stop()

@@ -248,6 +248,11 @@ class Transport:
                 break
             challenge = answer.header("WWW-Authenticate")
             answer.close()
+            if not self._home(answer.url):  # blob storage, or an upload location, on another host
+                raise RegistryAuthError(
+                    f"{answer.url}: blob storage there asks for authentication; sepstore sends the "
+                    f"registry's credentials only to {self.host}"
+                )
             if attempt == 2:
                 raise self._refused(url, sent_auth)
             self._authenticate(challenge, scope, url, sent_auth)

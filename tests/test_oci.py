@@ -637,6 +637,36 @@ def test_blob_storage_on_another_host_asking_for_authentication_never_gets_the_r
         storage.stop()
 
 
+class _EndlessTags(_LoopbackServer):
+    """A registry whose tag list links page after page of 1000 tags (to a new page each time, or,
+    with ``loop``, back to the same one)."""
+
+    def __init__(self, *, loop: bool = False) -> None:
+        super().__init__()
+        self.loop = loop
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        if request.path == "/v2/":
+            return web.json_response({})
+        start = int(request.query.get("last", "0"))
+        following = 0 if self.loop else start + 1000
+        tags = [f"t{i:07d}" for i in range(start, start + 1000)]
+        link = f'</v2/r/tags/list?n=1000&last={following}>; rel="next"'
+        return web.json_response({"name": "r", "tags": tags}, headers={"Link": link})
+
+
+@pytest.mark.parametrize("loop", [False, True], ids=["new-pages", "the-same-page"])
+def test_a_tag_list_linking_pages_without_end_is_refused_naming_the_repository(loop: bool) -> None:
+    server = _EndlessTags(loop=loop).start()
+    try:
+        said = "links back to a page already read" if loop else "lists over 100000 tags"
+        with pytest.raises(RegistryError, match=rf"repository r {said}"):
+            Registry(f"127.0.0.1:{server.port}").tags("r")
+        assert len(server.requests) <= (2 if loop else 110)
+    finally:
+        server.stop()
+
+
 def test_a_push_into_a_repository_holding_another_model_is_refused_before_any_upload_unless_forced(
     oci: RegistryProxy, tmp_path: Path
 ) -> None:

@@ -21,8 +21,11 @@ OCI_INDEX: Final = "application/vnd.oci.image.index.v1+json"
 DOCKER_MANIFEST: Final = "application/vnd.docker.distribution.manifest.v2+json"
 #: Image manifests larger than this are refused (distribution's own limit is 4 MiB).
 MAX_MANIFEST_BYTES: Final = 4 * 1024 * 1024
-#: Tag-list pages are read up to this size.
+#: Tag-list pages are read up to this size; a repository's whole tag list up to these many tags
+#: and bytes of pages, so that a registry linking page after page cannot fill the memory.
 _MAX_TAGS_PAGE_BYTES = 8 * 1024 * 1024
+MAX_TAGS: Final = 100_000
+MAX_TAGS_BYTES: Final = 64 * 1024 * 1024
 
 
 class ManifestCalls(Transport):
@@ -81,20 +84,33 @@ class ManifestCalls(Transport):
         with_retries(lambda: self.request("DELETE", path, scope=scope, ok=(202,)).close(), self.base + path)
 
     def tags(self, repository: str) -> list[str]:
-        """Every tag of ``repository``, page by page as the registry's ``Link`` headers lead."""
+        """Every tag of ``repository``, page by page as the registry's ``Link`` headers lead; a list
+        over :data:`MAX_TAGS` tags or :data:`MAX_TAGS_BYTES` bytes, or a next page already read, is refused."""
         found: list[str] = []
-        path: str | None = f"/v2/{repository}/tags/list?n=1000"
-        pages = 0
+        path: str | None = f"{self.base}/v2/{repository}/tags/list?n=1000"
+        seen: set[str] = set()
+        size = 0
         while path is not None:
-            pages += 1
-            if pages > 10_000:
-                raise RegistryError(f"{self.base}/v2/{repository}/tags/list: more than 10000 pages of tags")
-            page, path = self._tags_page(repository, path)
+            seen.add(path)
+            page, path, page_size = self._tags_page(repository, path)
             found += page
+            size += page_size
+            if len(found) > MAX_TAGS or size > MAX_TAGS_BYTES:
+                raise RegistryError(
+                    f"{self.base}/v2/{repository}/tags/list: repository {repository} lists over {MAX_TAGS} tags "
+                    f"or {MAX_TAGS_BYTES} bytes of them; refused"
+                )
+            if path in seen:
+                raise RegistryError(
+                    f"{self.base}/v2/{repository}/tags/list: the tag list of repository {repository} "
+                    f"links back to a page already read ({path}); refused"
+                )
         return found
 
-    def _tags_page(self, repository: str, path: str) -> tuple[list[str], str | None]:
-        def get() -> tuple[list[str], str | None]:
+    def _tags_page(self, repository: str, path: str) -> tuple[list[str], str | None, int]:
+        """One page of the tag list: its tags, the next page's URL (if any) and the page's size in bytes."""
+
+        def get() -> tuple[list[str], str | None, int]:
             answer = self.request("GET", path, scope=self.scope(repository))
             try:
                 data = answer.read(_MAX_TAGS_PAGE_BYTES, "the tag list")
@@ -112,9 +128,9 @@ class ManifestCalls(Transport):
             elsewhere = following is not None and _netloc(following) != _netloc(answer.url)
             if elsewhere:
                 raise RegistryError(f"{answer.url}: the tag list's next page is on another host ({following})")
-            return tags, following
+            return tags, following, len(data)
 
-        return with_retries(get, path if "://" in path else self.base + path)
+        return with_retries(get, path)
 
     def referrers(self, repository: str, digest: str, artifact_type: str | None = None) -> list[dict[str, Any]] | None:
         """The descriptors of manifests whose ``subject`` is ``digest`` (the referrers API), or

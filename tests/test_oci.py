@@ -15,10 +15,12 @@ import pytest
 from aiohttp import web
 from conftest import same_bytes
 from registry import DistributionRegistry, RegistryProxy
+from safetensors.torch import save_file
 from servers import HostileServer, _LoopbackServer
 
 import sepstore
 from sepstore.backends import stream_body
+from sepstore.cli import main as cli_main
 from sepstore.demo import llama_decider, tiny_llama_state_dict
 from sepstore.errors import IntegrityError, NotFoundError, RefError, RegistryAuthError, RegistryError, StoreError
 from sepstore.hashing import digest_file
@@ -515,6 +517,19 @@ def test_the_command_line_pushes_to_and_lists_a_registry(oci: RegistryProxy, tmp
     assert pulled.returncode == 0 and len(json.loads(pulled.stdout)["fetched"]) == 6
     missing = cli("info", f"oci://{oci.host}/cli/tiny:v9")
     assert missing.returncode != 0 and "not found" in missing.stderr
+
+
+def test_the_command_line_converts_a_checkpoint_into_a_registry_and_prints_its_oci_url(
+    oci: RegistryProxy, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    state = tiny_llama_state_dict(layers=2, hidden=16, intermediate=32, vocab=64, seed=14)
+    (tmp_path / "ckpt").mkdir()
+    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp_path / "ckpt" / "model.safetensors"))
+    dest = f"oci://{oci.host}/conv/tiny"
+    args = ["convert", str(tmp_path / "ckpt"), dest, "--name", "tiny", "--tag", "v1", "--decider", "llama"]
+    assert cli_main(args) == 0
+    assert capsys.readouterr().out.rstrip().endswith(f"-> {dest}:v1")
+    assert resolve_oci(f"{dest}:v1").data
 
 
 def test_assets_travel_as_their_own_layers(oci: RegistryProxy, tmp_path: Path) -> None:

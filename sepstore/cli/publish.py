@@ -35,8 +35,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
         force=args.force,
         quiet=args.quiet,
     )
-    store = Store(args.dest)
-    url = store.url_of(store.manifest_path(manifest.name, args.tag))
+    url = Store(args.dest).manifest_url(manifest.name, args.tag)
     if args.json:
         print_json(
             {

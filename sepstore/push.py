@@ -162,7 +162,7 @@ def push(
         size = store.blob_size(blob)
         if size is None:
             return "missing"
-        if size != blob.size or (verify and store.digest_blob(blob) != blob.digest):
+        if size != blob.size or (verify and not store.intact(blob)):
             return "damaged"
         return "whole"
 
@@ -192,7 +192,7 @@ def push(
         done = pool.map(lambda item: source is not None and store.copy_blob_from(source, item[1]), missing)
         mounted = [item for item, copied in zip(missing, done, strict=True) if copied]
         if verify:  # a copy is the source's, unread here: re-hashed like all the destination holds
-            whole = pool.map(lambda item: store.digest_blob(item[1]) == item[1].digest, mounted)
+            whole = pool.map(lambda item: store.intact(item[1]), mounted)
             damaged.update(item[1].file_name for item, ok in zip(mounted, whole, strict=True) if not ok)
             mounted = [item for item in mounted if item[1].file_name not in damaged]
         filed = {blob.file_name for _, blob in mounted}

@@ -222,6 +222,28 @@ def test_a_corrupted_blob_in_the_registry_is_refused(
         model.fetch(part, lambda piece: None)
 
 
+def test_a_push_with_verify_finds_a_corrupted_blob_in_the_registry_and_repairs_it_or_names_who_can(
+    oci: RegistryProxy, plain_registry: DistributionRegistry, tmp_path: Path
+) -> None:
+    data, parts = _model(tmp_path / "store", seed=15)
+    ref = f"oci://{oci.host}/models/repaired:v1"
+    _push(parts, ref)
+    part = decode_manifest(data, source="test").mid[1]
+    assert part is not None
+    stored = plain_registry.blob_file(resolve_oci(ref).blobs[part.file_name][0])
+    spoilt = bytearray(stored.read_bytes())
+    spoilt[len(spoilt) // 2] ^= 0x01
+    stored.write_bytes(bytes(spoilt))
+    # distribution keeps a digest's bytes once for all repositories: deleted here and uploaded again,
+    # the damaged copy stays, and only the registry's operator can remove it
+    with pytest.raises(IntegrityError, match=r"holds a damaged blob.*its operator must remove the blob"):
+        _push(parts, ref, verify=True)
+    stored.unlink()
+    report = _push(parts, ref, verify=True)
+    assert report.uploaded == ["mid.1"] and report.manifest_written is False
+    assert sepstore.pull(ref, cache_dir=tmp_path / "cache", quiet=True).fetched
+
+
 def test_a_part_fetched_in_several_chunks_is_checked_by_sha256_and_blake3(
     oci: RegistryProxy, pushed: tuple[bytes, Path, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

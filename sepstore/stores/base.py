@@ -151,6 +151,13 @@ class Blobs(ABC):
                 raise IntegrityError(f"{url}: the blob's {algorithm_name(name)} is {got}, not {expected}")
         return digest_of(hasher)
 
+    def intact(self, blob: Blob) -> bool:
+        """Whether the bytes filed under the blob's digest re-hash to it (and to its :meth:`extra_digests`)."""
+        try:
+            return self.digest_blob(blob) == blob.digest
+        except IntegrityError:
+            return False
+
 
 def algorithm_name(name: str) -> str:
     """How messages name a :mod:`hashlib` algorithm (``sha256``: SHA-256)."""

@@ -213,7 +213,12 @@ class RegistryStore(Store):
         """Upload the file as a blob, in one pass: its SHA-256 computed while it is sent, its BLAKE3
         and size checked on the way (a file that is not ``blob``'s is never filed: the upload is
         cancelled). Skipped when an image of the repository lists it, unless ``replace``; a blob the
-        repository holds unlisted (an interrupted push) is sent again, and the registry keeps one copy."""
+        repository holds unlisted (an interrupted push) is sent again, and the registry keeps one copy.
+
+        With ``replace`` (the repository's copy is damaged) the copy is re-hashed after the upload:
+        a registry keeps the bytes it holds under a digest uploaded again, so a copy still damaged is
+        deleted and uploaded once more, and if it is still damaged then (distribution stores a digest's
+        bytes once for all repositories), an :class:`IntegrityError` says the registry's operator must remove it."""
         if not replace and self.has_blob(blob):
             return False
 
@@ -227,10 +232,29 @@ class RegistryStore(Store):
             raise StoreError(f"{path}: cannot read the file to upload ({exc})") from exc
         if size != blob.size:
             raise IntegrityError(f"{path}: {size} bytes, the blob is {blob.size} bytes of {blob.digest}; not uploaded")
-        sha256 = self.registry.upload_new_blob(self.ref.repository, path, size, also=Hasher, check=check)
-        with self._lock:
-            self._blobs[blob.file_name] = (sha256, size)
-        return True
+
+        def upload() -> str:
+            sha256 = self.registry.upload_new_blob(self.ref.repository, path, size, also=Hasher, check=check)
+            with self._lock:
+                self._blobs[blob.file_name] = (sha256, size)
+            return sha256
+
+        sha256 = upload()
+        if not replace or self.intact(blob):
+            return True
+        try:
+            self.remove_blob(blob)
+        except StoreError as exc:
+            why = f"deleting it was refused: {exc}"
+        else:
+            sha256 = upload()
+            if self.intact(blob):
+                return True
+            why = "deleted and uploaded again, the registry keeps a digest's first bytes"
+        raise IntegrityError(
+            f"{self.url_of(sha256)}: the registry holds a damaged blob of {blob.digest} ({why}); "
+            "its operator must remove the blob from the registry's storage, then push again"
+        )
 
     def copy_blob_from(self, source: Store, blob: Blob) -> bool:
         """Mount the blob from ``source`` when it is another repository of the same registry that holds it."""

@@ -108,6 +108,7 @@ class RegistryProxy(FaultProxy):
         self.token_requests: list[str] = []
         self.calls: list[tuple[str, str]] = []  # (method, path with query), as the registry got them
         self.lengths: list[int] = []  # the body's declared length of each of those calls
+        self.deny_mounts = False  # answer cross-repository mounts 403 DENIED, as some registries' policies do
 
     @property
     def host(self) -> str:
@@ -169,6 +170,8 @@ class RegistryProxy(FaultProxy):
                 headers={"WWW-Authenticate": challenge},
             )
         self.calls.append((request.method, request.path_qs))
+        if self.deny_mounts and request.method == "POST" and "mount" in request.query:
+            return web.json_response({"errors": [{"code": "DENIED", "message": "mount denied"}]}, status=403)
         self.lengths.append(request.content_length or 0)
         # distribution builds its upload locations from X-Forwarded-Host: they lead back through here
         headers = {k: v for k, v in request.headers.items() if k.lower() != "authorization"}

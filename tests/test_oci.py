@@ -178,6 +178,21 @@ def test_push_into_another_repository_mounts_the_blobs_instead_of_uploading(
     assert resolve_oci(f"oci://{oci.host}/mirror/tiny:v1").data == data
 
 
+def test_a_refused_mount_falls_back_to_uploading_the_blob(
+    oci: RegistryProxy, pushed: tuple[bytes, Path, str], tmp_path: Path
+) -> None:
+    data, _, ref = pushed
+    since = len(oci.calls)
+    oci.deny_mounts = True
+    try:
+        report = sepstore.push(ref, f"oci://{oci.host}/denied/tiny", quiet=True, cache_dir=tmp_path / "cache")
+    finally:
+        oci.deny_mounts = False
+    assert any("mount=sha256" in path for path in oci.uploads(since))
+    assert len(report.uploaded) == 6 and report.copied == [] and report.transferred_bytes > 0
+    assert resolve_oci(f"oci://{oci.host}/denied/tiny:v1").data == data
+
+
 def test_a_node_fetches_only_its_slice_with_ranged_reads(
     oci: RegistryProxy, pushed: tuple[bytes, Path, str], tmp_path: Path
 ) -> None:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import IO, Any, Final
 
 from ..backends import PIECE_BYTES, RangeBody, _content_range
-from ..errors import IntegrityError, NotFoundError, RegistryError, SepstoreError
+from ..errors import IntegrityError, NotFoundError, RegistryError, SepstoreError, StoreError
 from ..retry import with_retries
 from .transport import Answer, Transport
 
@@ -179,7 +179,8 @@ class BlobCalls(Transport):
 
     def mount_blob(self, repository: str, digest: str, from_repository: str) -> bool:
         """Mount blob ``digest`` of ``from_repository`` into ``repository`` (the same registry's copy,
-        no bytes sent); ``False`` where the registry does not (it may open an upload instead, which is cancelled)."""
+        no bytes sent); ``False`` where the registry does not (it may open an upload instead, which is
+        cancelled), refuses it, or fails at it: a mount only saves an upload."""
         digest = checked_digest(digest)
         scope = self.scope(repository, "pull", "push")
         query = urllib.parse.urlencode({"mount": digest, "from": from_repository})
@@ -193,7 +194,10 @@ class BlobCalls(Transport):
             self._cancel_upload(self._location(answer, self.base + start), scope)  # opened instead: not wanted
             return False
 
-        return with_retries(attempt, self.base + start)
+        try:
+            return with_retries(attempt, self.base + start)
+        except (StoreError, NotFoundError):
+            return False
 
     def upload_new_blob(
         self,

@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import ipaddress
 import json
 import os
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -36,6 +38,7 @@ from sepstore.oci import (
     tags_oci,
 )
 from sepstore.oci.auth import credentials_for, parse_challenge
+from sepstore.oci.transport import is_loopback
 
 USER, PASSWORD = "sepstore", "s3cret-pass"
 
@@ -415,6 +418,36 @@ def test_plain_http_is_refused_for_a_registry_not_on_this_machine() -> None:
         registry.request("GET", "http://registry.invalid:5000/v2/", scope="registry:catalog:*")
     assert Registry("registry.invalid:5000", insecure=True)._allowed("http://registry.invalid:5000/v2/")
     assert registry._allowed("https://registry.invalid:5000/v2/")
+
+
+@pytest.fixture
+def loopback_name() -> str:
+    """A name of this machine that resolves to a loopback address but is not one that sepstore
+    treats as loopback (so plain HTTP to it needs ``insecure``): the host name."""
+    name = socket.gethostname()
+    try:
+        address = socket.gethostbyname(name)
+    except OSError:
+        pytest.skip(f"the host name {name!r} does not resolve")
+    if is_loopback(name) or not ipaddress.ip_address(address).is_loopback:
+        pytest.skip(f"the host name {name!r} is not a loopback name sepstore takes for remote")
+    return name
+
+
+def test_a_plain_http_registry_not_on_this_machine_fails_at_once_saying_how_to_allow_it(
+    oci: RegistryProxy, pushed: tuple[bytes, Path, str], loopback_name: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    host = f"{loopback_name}:{oci.port}"
+    with pytest.raises(RegistryError, match=rf"plain HTTP\? Pass --insecure.*SEPSTORE_OCI_INSECURE={host}") as caught:
+        Registry(host).tags("models/tiny")
+    assert "tries" not in str(caught.value)  # not retried: no other try does better
+    assert Registry(host, insecure=True).tags("models/tiny") == ["v1"]
+    assert sepstore.tags(f"oci://{host}/models/tiny", storage_options={"insecure": True})[0].tag == "v1"
+    assert cli_main(["tags", f"oci://{host}/models/tiny"]) == 2
+    assert "--insecure" in capsys.readouterr().err
+    assert cli_main(["tags", f"oci://{host}/models/tiny", "--insecure", "--json"]) == 0
+    assert [row["tag"] for row in json.loads(capsys.readouterr().out)] == ["v1"]
+    assert "SEPSTORE_OCI_INSECURE" not in os.environ  # for that command only
 
 
 def test_docker_config_and_environment_credentials(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

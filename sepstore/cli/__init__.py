@@ -11,10 +11,12 @@ files, plan) and :mod:`.admin` (info, diff, tags, cache, gc); :mod:`._common` ho
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import traceback
-from collections.abc import Sequence
+import urllib.parse
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from .. import __version__
@@ -25,6 +27,30 @@ from ._common import EXIT_OK, EXIT_USAGE, EXIT_VERIFY, Handler
 __all__ = ["main"]
 
 
+_INSECURE = "allow plain HTTP to the oci:// registries named on the command line (else only to this machine)"
+_INSECURE_HOSTS = "SEPSTORE_OCI_INSECURE"
+
+
+@contextlib.contextmanager
+def _plain_http(args: argparse.Namespace) -> Iterator[None]:
+    """With ``--insecure``, the hosts of the ``oci://`` URLs among the arguments are added to
+    ``$SEPSTORE_OCI_INSECURE`` while the command runs (what the registry client reads)."""
+    values = [v for value in vars(args).values() for v in (value if isinstance(value, list) else [value])]
+    hosts = [urllib.parse.urlsplit(v).netloc for v in values if isinstance(v, str) and v.startswith("oci://")]
+    if not getattr(args, "insecure", False) or not hosts:
+        yield
+        return
+    before = os.environ.get(_INSECURE_HOSTS)
+    os.environ[_INSECURE_HOSTS] = ",".join([before, *hosts] if before else hosts)
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ[_INSECURE_HOSTS]
+        else:
+            os.environ[_INSECURE_HOSTS] = before
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The parser of every command, in the order ``sepstore --help`` lists them."""
     parser = argparse.ArgumentParser(
@@ -32,9 +58,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"sepstore {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    parser.add_argument("--insecure", action="store_true", help=_INSECURE)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     common = argparse.ArgumentParser(add_help=False)  # --debug after the command works too
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    common.add_argument("--insecure", action="store_true", default=argparse.SUPPRESS, help=_INSECURE)
 
     def command(
         name: str,
@@ -80,7 +108,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return int(args.func(args))
+        with _plain_http(args):
+            return int(args.func(args))
     except SepstoreError as exc:
         if args.debug:
             traceback.print_exc()

@@ -43,6 +43,8 @@ __all__ = ["Answer", "RegistryTransientError", "Transport", "is_loopback"]
 _MAX_TOKEN_BYTES = 1024 * 1024
 _MAX_ERROR_BYTES = 16 * 1024
 _REDIRECTS = 5
+#: What OpenSSL says when the server answers a TLS hello in plain HTTP: no other try will do better.
+_PLAIN_HTTP = re.compile(r"WRONG_VERSION_NUMBER|RECORD_LAYER_FAILURE|HTTP_REQUEST|wrong version number", re.IGNORECASE)
 _HOST = re.compile(r"^(?:[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?\Z")
 
 
@@ -186,7 +188,7 @@ class Transport:
             if is_loopback(self.host) or self.insecure:
                 try:
                     self._send("GET", f"{base}/v2/", {}, None).close()
-                except RegistryTransientError as exc:
+                except RegistryError as exc:
                     if not isinstance(exc.__cause__, urllib3.exceptions.SSLError | urllib3.exceptions.ProtocolError):
                         raise RegistryError(f"{base}/v2/: cannot reach the registry ({exc})") from exc
                     base = f"http://{self.host}"
@@ -204,6 +206,13 @@ class Transport:
                 decode_content=False,
                 redirect=False,
             )
+        except urllib3.exceptions.SSLError as exc:
+            if not _PLAIN_HTTP.search(str(exc)):
+                raise RegistryTransientError(f"{method}: {type(exc).__name__}: {exc}") from exc
+            raise RegistryError(
+                f"{method} {url}: the TLS handshake failed ({exc}); does the registry speak plain HTTP? Pass "
+                f"--insecure (storage option insecure=True), or set $SEPSTORE_OCI_INSECURE={self.host}"
+            ) from exc
         except urllib3.exceptions.HTTPError as exc:
             raise RegistryTransientError(f"{method}: {type(exc).__name__}: {exc}") from exc
         return Answer(raw, url)

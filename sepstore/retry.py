@@ -81,6 +81,8 @@ def with_retries(call: Callable[[], T], url: str, *, attempts: int | None = None
         failure: BaseException
         try:
             return call()
+        except NotFoundError:
+            raise  # sepstore's own: it says what is missing
         except FileNotFoundError as exc:
             # fsspec's HTTP filesystem reports any failed look-up as "not found", the real failure
             # (a 503, a dropped connection) as its cause: only a cause that is not transient is final

@@ -441,12 +441,12 @@ def test_a_plain_http_registry_not_on_this_machine_fails_at_once_saying_how_to_a
     with pytest.raises(RegistryError, match=rf"plain HTTP\? Pass --insecure.*SEPSTORE_OCI_INSECURE={host}") as caught:
         Registry(host).tags("models/tiny")
     assert "tries" not in str(caught.value)  # not retried: no other try does better
-    assert Registry(host, insecure=True).tags("models/tiny") == ["v1"]
-    assert sepstore.tags(f"oci://{host}/models/tiny", storage_options={"insecure": True})[0].tag == "v1"
+    assert "v1" in Registry(host, insecure=True).tags("models/tiny")
+    assert "v1" in [t.tag for t in sepstore.tags(f"oci://{host}/models/tiny", storage_options={"insecure": True})]
     assert cli_main(["tags", f"oci://{host}/models/tiny"]) == 2
     assert "--insecure" in capsys.readouterr().err
     assert cli_main(["tags", f"oci://{host}/models/tiny", "--insecure", "--json"]) == 0
-    assert [row["tag"] for row in json.loads(capsys.readouterr().out)] == ["v1"]
+    assert "v1" in [row["tag"] for row in json.loads(capsys.readouterr().out)]
     assert "SEPSTORE_OCI_INSECURE" not in os.environ  # for that command only
 
 
@@ -586,7 +586,7 @@ def test_the_command_line_pushes_to_and_lists_a_registry(oci: RegistryProxy, tmp
     pulled = cli("pull", f"oci://{oci.host}/cli/tiny:v1", "--cache-dir", str(tmp_path / "cache"), "--json")
     assert pulled.returncode == 0 and len(json.loads(pulled.stdout)["fetched"]) == 6
     missing = cli("info", f"oci://{oci.host}/cli/tiny:v9")
-    assert missing.returncode != 0 and "not found" in missing.stderr
+    assert missing.returncode != 0 and "no tag v9 in repository cli/tiny" in missing.stderr
 
 
 def test_the_command_line_converts_a_checkpoint_into_a_registry_and_prints_its_oci_url(
@@ -600,6 +600,16 @@ def test_the_command_line_converts_a_checkpoint_into_a_registry_and_prints_its_o
     assert cli_main(args) == 0
     assert capsys.readouterr().out.rstrip().endswith(f"-> {dest}:v1")
     assert resolve_oci(f"{dest}:v1").data
+
+
+def test_an_unknown_repository_and_an_unknown_tag_are_told_apart(
+    oci: RegistryProxy, pushed: tuple[bytes, Path, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli_main(["info", f"oci://{oci.host}/models/tiny:v9"]) == 2
+    listing = f"list its tags with `sepstore tags oci://{oci.host}/models/tiny`"
+    assert f"no tag v9 in repository models/tiny; {listing}" in capsys.readouterr().err
+    assert cli_main(["info", f"oci://{oci.host}/nowhere/tiny:v1"]) == 2
+    assert f"no repository nowhere/tiny at {oci.host}" in capsys.readouterr().err
 
 
 def test_assets_travel_as_their_own_layers(oci: RegistryProxy, tmp_path: Path) -> None:

@@ -45,6 +45,8 @@ _MAX_ERROR_BYTES = 16 * 1024
 _REDIRECTS = 5
 #: What OpenSSL says when the server answers a TLS hello in plain HTTP: no other try will do better.
 _PLAIN_HTTP = re.compile(r"WRONG_VERSION_NUMBER|RECORD_LAYER_FAILURE|HTTP_REQUEST|wrong version number", re.IGNORECASE)
+#: A registry API path: ``/v2/<repository>/<kind>/<reference>``.
+_API_PATH = re.compile(r"/v2/(?P<repository>.+)/(?P<kind>manifests|blobs|tags)/(?P<reference>[^/]+)")
 _HOST = re.compile(r"^(?:[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?\Z")
 
 
@@ -290,12 +292,38 @@ class Transport:
         url, status = answer.url, answer.status
         detail = f" ({said})" if said else ""
         if status == 404:
-            raise NotFoundError(f"{url}: not found{detail}")
+            raise self._not_found(url, said, detail)
         if status == 403:
             raise RegistryAuthError(f"{url}: the registry denies this{detail}; check the account's permissions")
         if status in (408, 429) or status >= 500:
             raise RegistryTransientError(f"{method}: HTTP {status}{detail}")  # with_retries names the URL
         raise RegistryError(f"{method} {url}: HTTP {status}{detail}")
+
+    def _not_found(self, url: str, said: str, detail: str) -> NotFoundError:
+        """A 404, saying which of the repository or its tag (or image) the registry does not know."""
+        match = _API_PATH.fullmatch(urllib.parse.urlsplit(url).path) if self._home(url) else None
+        if match is None:
+            return NotFoundError(f"{url}: not found{detail}")
+        repository, reference = match["repository"], match["reference"]
+        # distribution answers MANIFEST_UNKNOWN for a repository it does not know too: its tag list tells
+        manifest_unknown = match["kind"] == "manifests" and "MANIFEST_UNKNOWN" in said
+        if "NAME_UNKNOWN" in said or (manifest_unknown and not self._known(repository)):
+            return NotFoundError(f"{url}: no repository {repository} at {self.host}")
+        if manifest_unknown:
+            what = f"no image {reference}" if reference.startswith("sha256:") else f"no tag {reference}"
+            listing = f"sepstore tags oci://{self.host}/{repository}"
+            return NotFoundError(f"{url}: {what} in repository {repository}; list its tags with `{listing}`")
+        return NotFoundError(f"{url}: not found{detail}")
+
+    def _known(self, repository: str) -> bool:
+        """Whether the registry knows ``repository`` (by its tag list; ``True`` where that fails otherwise)."""
+        try:
+            self.request("GET", f"/v2/{repository}/tags/list?n=1", scope=self.scope(repository)).close()
+        except NotFoundError:
+            return False
+        except (RegistryError, IntegrityError):
+            pass
+        return True
 
     # -- authentication -----------------------------------------------------------------------------
 

@@ -681,10 +681,11 @@ class _Redirecting(_LoopbackServer):
     """A registry whose blob GETs are redirected to ``storage`` (as S3-backed registries do), asking
     for basic auth itself; it and the storage record the Authorization header each request came with."""
 
-    def __init__(self, storage: str | None = None, *, challenge: bool = False) -> None:
+    def __init__(self, storage: str | None = None, *, challenge: bool = False, token: str = "storage-token") -> None:
         super().__init__()
         self.storage = storage
         self.challenge = challenge  # the storage asks for a bearer token from its own token service
+        self.token = token
         self.seen: list[tuple[str, str | None]] = []
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
@@ -692,8 +693,8 @@ class _Redirecting(_LoopbackServer):
         self.seen.append((request.path, auth))
         if self.storage is None and self.challenge:
             if request.path == "/token":
-                return web.json_response({"token": "storage-token"})
-            if auth != "Bearer storage-token":
+                return web.json_response({"token": self.token})
+            if auth != f"Bearer {self.token}":
                 return web.Response(status=401, headers={"WWW-Authenticate": f'Bearer realm="{self.url}/token"'})
         if self.storage is None:  # the storage: serves any blob's bytes
             return web.Response(body=b"x" * 10)
@@ -760,6 +761,17 @@ def test_a_tag_list_linking_pages_without_end_is_refused_naming_the_repository(l
         assert len(server.requests) <= (2 if loop else 110)
     finally:
         server.stop()
+
+
+@pytest.mark.parametrize("token", ["abc\r\nX-Injected: 1", "x" * (16 * 1024 + 1)], ids=["crlf", "long"])
+def test_a_token_that_cannot_be_a_header_is_refused_naming_the_token_service(token: str) -> None:
+    registry = _Redirecting(challenge=True, token=token).start()
+    try:
+        digest = "sha256:" + hashlib.sha256(b"x" * 10).hexdigest()
+        with pytest.raises(RegistryAuthError, match=rf"{registry.url}/token.*token is not .*printable ASCII"):
+            Registry(f"127.0.0.1:{registry.port}").download_blob("r", digest, 10, lambda piece: None)
+    finally:
+        registry.stop()
 
 
 def test_a_push_into_a_repository_holding_another_model_is_refused_before_any_upload_unless_forced(

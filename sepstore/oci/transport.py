@@ -43,6 +43,9 @@ __all__ = ["Answer", "RegistryTransientError", "Transport", "is_loopback"]
 _MAX_TOKEN_BYTES = 1024 * 1024
 _MAX_ERROR_BYTES = 16 * 1024
 _REDIRECTS = 5
+#: A bearer token goes into a header: printable ASCII without spaces, of a bounded length.
+_MAX_TOKEN_CHARS = 16 * 1024
+_TOKEN = re.compile(rf"[\x21-\x7e]{{1,{_MAX_TOKEN_CHARS}}}")
 #: What OpenSSL says when the server answers a TLS hello in plain HTTP: no other try will do better.
 _PLAIN_HTTP = re.compile(r"WRONG_VERSION_NUMBER|RECORD_LAYER_FAILURE|HTTP_REQUEST|wrong version number", re.IGNORECASE)
 #: A registry API path: ``/v2/<repository>/<kind>/<reference>``.
@@ -385,6 +388,11 @@ class Transport:
             token, lifetime = None, 0
         if not isinstance(token, str) or not token:
             raise RegistryAuthError(f"{token_url}: the token service's answer holds no token")
+        if not _TOKEN.fullmatch(token):
+            raise RegistryAuthError(
+                f"{token_url}: the token service's token is not {_MAX_TOKEN_CHARS} printable ASCII characters "
+                "or fewer; refused"
+            )
         seconds = lifetime if isinstance(lifetime, int | float) and lifetime > 0 else 60
         with self._lock:
             self._tokens[scope] = (token, time.monotonic() + max(seconds - 5, 1))

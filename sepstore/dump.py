@@ -259,9 +259,10 @@ def dump(
     name and tag combine: the manifest afterwards describes the union of every state dict given
     (so a sharded checkpoint can be dumped shard by shard). A key given twice with different
     content is a :class:`DeciderError`; ``force=True`` replaces the tag's manifest instead of
-    combining with it. Parts are written before the manifest, so a reader never sees a manifest
-    whose parts are missing. ``decider`` is a function or a built-in family's name (``"llama"``,
-    see :mod:`sepstore.deciders`).
+    combining with it, and lets a registry repository holding another model take this one too. Parts
+    are written before the manifest, so a reader never sees a manifest whose parts are missing.
+    ``decider`` is a function or a built-in family's name (``"llama"``, see
+    :mod:`sepstore.deciders`).
 
     ``assets`` adds the model's other files (``{"tokenizer.json": path_or_bytes, ...}``, each a
     relative path mapped to bytes, a local path or a URL), stored beside the parts by digest; a

@@ -80,7 +80,12 @@ def add_convert(command: Command) -> None:
         help="keep a GGUF's llama.cpp tensor names and Q/K layout (default: a llama or qwen2 GGUF gets "
         "Hugging Face names and layout, as transformers loads it)",
     )
-    p.add_argument("--force", action="store_true", help="replace the tag if it exists (default: combine with it)")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="replace the tag if it exists (default: combine with it); into an oci:// repository holding "
+        "another model, write this one there too",
+    )
     add_quiet(p)
     p.add_argument("--json", action="store_true", help="print JSON")
 
@@ -125,7 +130,12 @@ def add_push(command: Command) -> None:
     p.add_argument("dest", help="destination store: a path or URL (s3://bucket/prefix, memory://...)")
     p.add_argument("--as-tag", help="publish under this tag (default: the source's)")
     p.add_argument("--sign", metavar="KEY", help="sign the published manifest with this private key (PEM)")
-    p.add_argument("--force", action="store_true", help="replace a different manifest already under that tag")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="replace a different manifest already under that tag; into an oci:// repository holding another "
+        "model, push this one there too",
+    )
     p.add_argument(
         "--verify",
         action="store_true",

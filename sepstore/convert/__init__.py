@@ -81,11 +81,12 @@ def convert(
     and the keys), a built-in family name (``"llama"``, ``"gpt2"``, ...) or a function.
     ``dtype`` casts floating-point tensors (``"bf16"``). ``name`` defaults to the folder's name.
     Converting into a tag that exists combines with it (as :func:`sepstore.dump` does); ``force``
-    replaces it. From a Hugging Face folder (or its index), the folder's tokenizer, configs, chat
-    templates, README and license are stored as the model's assets (the allow-list is in
-    :mod:`sepstore.convert.assets`); ``assets=False`` leaves them out. With a built-in family, the
-    manifest records how the keys were renamed (``renames``), so :func:`sepstore.export` gives the
-    checkpoint back under its own names; nothing the checkpoint holds is dropped (buffers too).
+    replaces it (and lets a registry repository holding another model take this one too). From a
+    Hugging Face folder (or its index), the folder's tokenizer, configs, chat templates, README and
+    license are stored as the model's assets (the allow-list is in :mod:`sepstore.convert.assets`);
+    ``assets=False`` leaves them out. With a built-in family, the manifest records how the keys were
+    renamed (``renames``), so :func:`sepstore.export` gives the checkpoint back under its own names;
+    nothing the checkpoint holds is dropped (buffers too).
 
     A llama or qwen2 GGUF converts under Hugging Face names and layout, Q/K un-permuted as
     transformers' GGUF loader does, with an HF ``config.json`` as the manifest's config: the same

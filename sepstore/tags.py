@@ -17,7 +17,6 @@ from .errors import NotFoundError, RefError, SepstoreError, StoreError
 from .manifest import decode_manifest, manifest_digest
 from .refs import OCI_SCHEME, is_manifest_url
 from .store import MANIFESTS_DIR, Store, check_name, modified_time
-from .stores.local import LocalStore
 
 __all__ = ["TagInfo", "tags"]
 
@@ -91,7 +90,7 @@ def tags(
     if not entries:
         opened.require()
     chosen = sorted(key for key in entries if name in (None, key[0]))
-    with ThreadPoolExecutor(1 if isinstance(opened, LocalStore) else _READERS, "sepstore-tags") as pool:
+    with ThreadPoolExecutor(1 if opened.local else _READERS, "sepstore-tags") as pool:
         rows = list(pool.map(lambda key: _row(opened, *key, entries[key]), chosen))
     return [row for row in rows if row is not None]
 

@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import ipaddress
 import json
 import os
 import socket
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from aiohttp import web
@@ -421,16 +421,17 @@ def test_plain_http_is_refused_for_a_registry_not_on_this_machine() -> None:
 
 
 @pytest.fixture
-def loopback_name() -> str:
-    """A name of this machine that resolves to a loopback address but is not one that sepstore
-    treats as loopback (so plain HTTP to it needs ``insecure``): the host name."""
-    name = socket.gethostname()
-    try:
-        address = socket.gethostbyname(name)
-    except OSError:
-        pytest.skip(f"the host name {name!r} does not resolve")
-    if is_loopback(name) or not ipaddress.ip_address(address).is_loopback:
-        pytest.skip(f"the host name {name!r} is not a loopback name sepstore takes for remote")
+def loopback_name(monkeypatch: pytest.MonkeyPatch) -> str:
+    """A host name that resolves to 127.0.0.1 but is not one sepstore takes for loopback (so plain
+    HTTP to it needs ``insecure``): a name only this test's resolver knows, as a DNS entry would."""
+    name = "registry.sepstore.test"
+    resolve = socket.getaddrinfo
+
+    def getaddrinfo(host: object, *args: Any, **kwargs: Any) -> Any:
+        return resolve("127.0.0.1" if host == name else host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    assert not is_loopback(name)
     return name
 
 

@@ -265,6 +265,16 @@ def test_the_command_line_pins_a_digest(root: Path, url: str) -> None:
     assert refused.returncode == 1 and "was pinned" in refused.stderr
 
 
+def test_diff_pins_each_side_with_digest_given_twice(root: Path) -> None:
+    v1, v2 = (sepstore.resolve(root, name="m", tag=t).digest for t in ("v1", "v2"))
+    sides = (root, root, "--name", "m", "--tag", "v1", "--tag", "v2")
+    assert sepstore_cli("diff", *sides, "--digest", v1, "--digest", v2).returncode == 0
+    swapped = sepstore_cli("diff", *sides, "--digest", v2, "--digest", v1)
+    assert swapped.returncode == 1 and "was pinned" in swapped.stderr
+    once = sepstore_cli("diff", *sides, "--digest", v1)
+    assert once.returncode == 2 and "give it twice" in once.stderr
+
+
 # --- a manifest cannot climb out of its store with percent escapes ------------------------------------
 
 

@@ -50,7 +50,13 @@ def _diff_sides(args: argparse.Namespace) -> tuple[ModelRef, ModelRef]:
                 chosen[i][key] = values[i]
             elif values and i in roots:
                 chosen[i][key] = values[0]
-    a, b = (ModelRef(ref, name=c["name"], tag=c["tag"]) for ref, c in zip(refs, chosen, strict=True))
+    pins: list[str] = args.digest or []
+    if len(pins) not in (0, 2):
+        raise RefError(f"--digest pins one manifest: give it twice (for A, then B), not {len(pins)} time(s)")
+    digests = pins or [None, None]
+    a, b = (
+        ModelRef(ref, name=c["name"], tag=c["tag"], digest=d) for ref, c, d in zip(refs, chosen, digests, strict=True)
+    )
     return a, b
 
 
@@ -169,6 +175,9 @@ def add_diff(command: Command) -> None:
     side = "given once, for each side that is a store root; twice, for A then B"
     p.add_argument("--name", action="append", help=f"model name in a store root ({side})")
     p.add_argument("--tag", action="append", help=f"tag of that model ({side})")
+    p.add_argument(
+        "--digest", action="append", help="pin the manifests' digests (blake3:<hex>): given twice, for A then B"
+    )
     add_trust(p)
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument(

@@ -219,3 +219,11 @@ def test_a_transformers_config_with_int_keys_is_stored_as_json_reads_it(tmp_path
     manifest = sepstore.dump(llama_decider, small(), tmp_path, config=config, quiet=True)
     assert manifest.config == {"model_type": "llama", "id2label": {"0": "LABEL_0", "1": "LABEL_1"}, "shape": [2, 3]}
     assert sepstore.read_manifest(tmp_path).config == manifest.config
+
+
+def test_every_error_class_is_exported_at_the_top_level() -> None:
+    import sepstore.errors
+
+    errors = {n for n, v in vars(sepstore.errors).items() if isinstance(v, type) and issubclass(v, Exception)}
+    assert errors - set(sepstore.__all__) == set()
+    assert all(getattr(sepstore, n) is getattr(sepstore.errors, n) for n in errors)

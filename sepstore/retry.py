@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import ssl
 import sys
 import time
 from collections.abc import Callable
@@ -17,6 +18,7 @@ __all__ = [
     "ShortReadError",
     "StalledError",
     "TransientError",
+    "certificate_refused",
     "http_status",
     "is_transient",
     "with_retries",
@@ -55,9 +57,27 @@ class StalledError(TransientError):
     """A transfer delivered too little for too long (``$SEPSTORE_MIN_SPEED``, see :mod:`sepstore.backends`)."""
 
 
+def certificate_refused(exc: BaseException) -> bool:
+    """Whether ``exc`` (or an error it wraps) is a TLS certificate that did not verify: final,
+    since another try gets the same certificate."""
+    refused = (ssl.SSLCertVerificationError, *_loaded("aiohttp", "ClientConnectorCertificateError"))
+    seen: set[int] = set()
+    pending: list[object] = [exc]
+    while pending:
+        error = pending.pop()
+        if not isinstance(error, BaseException) or id(error) in seen:
+            continue
+        if isinstance(error, refused):
+            return True
+        seen.add(id(error))
+        pending += [error.__cause__, error.__context__, *error.args]  # urllib3 wraps ssl's error in args
+    return False
+
+
 def is_transient(exc: BaseException) -> bool:
-    """Whether another try could succeed: not for missing objects, refusals or bad requests."""
-    if isinstance(exc, FileNotFoundError | PermissionError | NotImplementedError):
+    """Whether another try could succeed: not for missing objects, refusals, bad requests or
+    certificates that do not verify."""
+    if isinstance(exc, FileNotFoundError | PermissionError | NotImplementedError) or certificate_refused(exc):
         return False
     status = http_status(exc)
     if status is not None:
@@ -93,6 +113,11 @@ def with_retries(call: Callable[[], T], url: str, *, attempts: int | None = None
             if isinstance(exc, SepstoreError) and not isinstance(exc, TransientError):
                 raise
             failure = exc
+        if certificate_refused(failure):
+            raise StoreError(
+                f"{url}: the server's TLS certificate did not verify ({failure}); if it is signed by a CA "
+                "of your own, name its certificate in $SSL_CERT_FILE (or a folder of them in $SSL_CERT_DIR)"
+            ) from failure
         if not is_transient(failure) or attempt == attempts:
             tries = f" after {attempt} tries" if attempt > 1 else ""
             kind = "" if isinstance(failure, TransientError) else f"{type(failure).__name__}: "

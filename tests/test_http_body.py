@@ -158,19 +158,27 @@ def self_signed(folder: Path) -> tuple[Path, Path]:
     return cert_path, key_path
 
 
-def test_https_parts_come_only_from_a_server_whose_certificate_the_ca_store_vouches_for(
-    www: Path, published: tuple[Path, dict[str, torch.Tensor]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    cert, key = self_signed(tmp_path)
-    server = StaticServer(www)
+def https_server(root: Path, folder: Path) -> tuple[StaticServer, Path]:
+    """A started HTTPS server of ``root`` whose certificate signs itself, and that certificate
+    (written in ``folder``)."""
+    cert, key = self_signed(folder)
+    server = StaticServer(root)
     server.tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     server.tls.load_cert_chain(cert, key)
     server.start()
+    return server, cert
+
+
+def test_https_parts_come_only_from_a_server_whose_certificate_the_ca_store_vouches_for(
+    www: Path, published: tuple[Path, dict[str, torch.Tensor]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    server, cert = https_server(www, tmp_path)
     monkeypatch.setattr(sepstore.retry, "BASE_DELAY", 0.01)
     try:
         url = f"{server.url}/{MANIFEST}"
-        with pytest.raises(sepstore.StoreError, match="CERTIFICATE_VERIFY_FAILED"):
+        with pytest.raises(sepstore.StoreError, match="CERTIFICATE_VERIFY_FAILED") as refused:
             sepstore.load(url, cache_dir=tmp_path / "refused")
+        assert "tries" not in str(refused.value) and "$SSL_CERT_FILE" in str(refused.value)  # final at once
         monkeypatch.setenv("SSL_CERT_FILE", str(cert))
         psd = sepstore.load(url, cache_dir=tmp_path / "trusted")
     finally:

@@ -19,6 +19,7 @@ from conftest import same_bytes
 from registry import DistributionRegistry, RegistryProxy
 from safetensors.torch import save_file
 from servers import HostileServer, _LoopbackServer
+from test_http_body import https_server
 
 import sepstore
 from sepstore.backends import stream_body
@@ -449,6 +450,18 @@ def test_a_plain_http_registry_not_on_this_machine_fails_at_once_saying_how_to_a
     assert cli_main(["tags", f"oci://{host}/models/tiny", "--insecure", "--json"]) == 0
     assert "v1" in [row["tag"] for row in json.loads(capsys.readouterr().out)]
     assert "SEPSTORE_OCI_INSECURE" not in os.environ  # for that command only
+
+
+def test_a_registry_whose_certificate_does_not_verify_fails_at_once_naming_the_ca_settings(
+    tmp_path: Path, loopback_name: str
+) -> None:
+    server, _ = https_server(tmp_path, tmp_path)
+    try:
+        with pytest.raises(RegistryError, match=r"certificate did not verify.*\$SSL_CERT_FILE.*--insecure") as caught:
+            Registry(f"{loopback_name}:{server.port}").tags("models/tiny")
+    finally:
+        server.stop()
+    assert "tries" not in str(caught.value)  # not retried: another try gets the same certificate
 
 
 def test_docker_config_and_environment_credentials(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

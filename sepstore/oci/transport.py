@@ -34,7 +34,7 @@ import urllib3
 from .._version import __version__
 from ..backends import PIECE_BYTES, _Progress, timeout
 from ..errors import IntegrityError, NotFoundError, RegistryAuthError, RegistryError
-from ..retry import TransientError
+from ..retry import TransientError, certificate_refused
 from .auth import Credentials, credentials_for, parse_challenge
 
 __all__ = ["Answer", "RegistryTransientError", "Transport", "is_loopback"]
@@ -212,6 +212,12 @@ class Transport:
                 redirect=False,
             )
         except urllib3.exceptions.SSLError as exc:
+            if certificate_refused(exc):
+                raise RegistryError(
+                    f"{method} {url}: the registry's TLS certificate did not verify ({exc}); if it is signed by "
+                    "a CA of your own, name its certificate in $SSL_CERT_FILE (or a folder of them in "
+                    "$SSL_CERT_DIR); --insecure is only for a registry that speaks plain HTTP"
+                ) from exc
             if not _PLAIN_HTTP.search(str(exc)):
                 raise RegistryTransientError(f"{method}: {type(exc).__name__}: {exc}") from exc
             raise RegistryError(

@@ -282,7 +282,7 @@ def cmd_cache_prune(args: argparse.Namespace) -> int:
         in_use = f"; kept {_cached_files(report.in_use)} other processes are reading or fetching"
     after = "would hold" if report.dry_run else "holds"
     print(
-        f"{verb} {_cached_files(report.removed)} ({human_bytes(report.removed_bytes)}), least recently used "
+        f"{verb} {human_bytes(report.removed_bytes)} in {_cached_files(report.removed)}, least recently used "
         f"first{in_use}; the cache {after} {human_bytes(report.bytes_after)} (max {human_bytes(report.max_size)})"
     )
     return EXIT_OK

@@ -11,7 +11,7 @@ from pathlib import Path
 import fsspec
 import pytest
 import torch
-from servers import CountingMotoServer
+from servers import CountingMotoServer, StaticServer
 
 import sepstore
 from sepstore.cli import main
@@ -187,3 +187,15 @@ def test_gc_with_no_grace_still_leaves_a_temporary_file_being_written(tmp_path: 
     fresh.write_bytes(b"a part being written")
     assert {r.removesuffix(".safetensors") for r in sepstore.gc(tmp_path, grace=0).removed} == only_v1
     assert fresh.exists()
+
+
+def test_gc_of_an_http_store_says_to_run_it_where_the_store_is_served(
+    uneven: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    server = StaticServer(uneven).start()
+    try:
+        assert main(["gc", server.url]) == 2
+    finally:
+        server.stop()
+    said = capsys.readouterr().err
+    assert "run gc where the store can be listed" in said and "lacks listing" in said

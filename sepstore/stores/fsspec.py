@@ -482,7 +482,11 @@ class HttpStore(FsspecStore):
         return []  # nothing can be written, so no publisher holds a lease here
 
     def list_blobs(self) -> list[dict[str, Any]]:
-        raise self.lacks("listing", "list its parts (gc)")
+        raise self.lacks(
+            "listing",
+            "list its parts, so gc cannot find unreferenced ones: run gc where the store can be listed, on the "
+            "machine or bucket that serves it (its folder or s3:// URL)",
+        )
 
     def signature_files(self) -> dict[str, tuple[str, str, str, dict[str, Any]]]:
         raise self.lacks("listing", "list its signatures")

@@ -131,10 +131,11 @@ class _Pool:
 
     def take(self, key: _Key) -> http.client.HTTPConnection | None:
         """The most recently used idle connection to ``key`` (``None`` if there is none)."""
+        oldest = time.monotonic() - IDLE_SECONDS
         with self._lock:
             idle = self._idle.get(key, [])
-            stale = [conn for since, conn in idle if time.monotonic() - since > IDLE_SECONDS]
-            idle[:] = [(since, conn) for since, conn in idle if time.monotonic() - since <= IDLE_SECONDS]
+            stale = [conn for since, conn in idle if since < oldest]
+            idle[:] = [(since, conn) for since, conn in idle if since >= oldest]
             conn = idle.pop()[1] if idle else None
         for old in stale:
             old.close()

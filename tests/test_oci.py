@@ -749,18 +749,18 @@ def test_blob_storage_on_another_host_asking_for_authentication_never_gets_the_r
 
 class _EndlessTags(_LoopbackServer):
     """A registry whose tag list links page after page of 1000 tags (to a new page each time, or,
-    with ``loop``, back to the same one)."""
+    with ``loop``, back to the same one; with ``empty``, of no tags at all)."""
 
-    def __init__(self, *, loop: bool = False) -> None:
+    def __init__(self, *, loop: bool = False, empty: bool = False) -> None:
         super().__init__()
-        self.loop = loop
+        self.loop, self.empty = loop, empty
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         if request.path == "/v2/":
             return web.json_response({})
         start = int(request.query.get("last", "0"))
         following = 0 if self.loop else start + 1000
-        tags = [f"t{i:07d}" for i in range(start, start + 1000)]
+        tags = [] if self.empty else [f"t{i:07d}" for i in range(start, start + 1000)]
         link = f'</v2/r/tags/list?n=1000&last={following}>; rel="next"'
         return web.json_response({"name": "r", "tags": tags}, headers={"Link": link})
 
@@ -773,6 +773,19 @@ def test_a_tag_list_linking_pages_without_end_is_refused_naming_the_repository(l
         with pytest.raises(RegistryError, match=rf"repository r {said}"):
             Registry(f"127.0.0.1:{server.port}").tags("r")
         assert len(server.requests) <= (2 if loop else 110)
+    finally:
+        server.stop()
+
+
+def test_a_tag_list_of_empty_pages_without_end_stops_after_a_bounded_number_of_requests(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(sepstore.oci.manifests, "MAX_TAG_PAGES", 50)
+    server = _EndlessTags(empty=True).start()
+    try:
+        with pytest.raises(RegistryError, match="tag list of repository r goes on past 50 pages"):
+            Registry(f"127.0.0.1:{server.port}").tags("r")
+        assert len([r for r in server.requests if "tags/list" in r.path]) == 50
     finally:
         server.stop()
 

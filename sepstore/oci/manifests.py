@@ -26,6 +26,9 @@ MAX_MANIFEST_BYTES: Final = 4 * 1024 * 1024
 _MAX_TAGS_PAGE_BYTES = 8 * 1024 * 1024
 MAX_TAGS: Final = 100_000
 MAX_TAGS_BYTES: Final = 64 * 1024 * 1024
+#: Pages of a tag list read at most (a registry paging 50 tags at a time lists 100,000 tags in 2,000):
+#: a list of empty pages, each linking to a new one, costs no tags and few bytes, but one request each.
+MAX_TAG_PAGES = 2_000
 
 
 class ManifestCalls(Transport):
@@ -85,7 +88,8 @@ class ManifestCalls(Transport):
 
     def tags(self, repository: str) -> list[str]:
         """Every tag of ``repository``, page by page as the registry's ``Link`` headers lead; a list
-        over :data:`MAX_TAGS` tags or :data:`MAX_TAGS_BYTES` bytes, or a next page already read, is refused."""
+        over :data:`MAX_TAGS` tags, :data:`MAX_TAGS_BYTES` bytes or :data:`MAX_TAG_PAGES` pages, or a next
+        page already read, is refused."""
         found: list[str] = []
         path: str | None = f"{self.base}/v2/{repository}/tags/list?n=1000"
         seen: set[str] = set()
@@ -99,6 +103,11 @@ class ManifestCalls(Transport):
                 raise RegistryError(
                     f"{self.base}/v2/{repository}/tags/list: repository {repository} lists over {MAX_TAGS} tags "
                     f"or {MAX_TAGS_BYTES} bytes of them; refused"
+                )
+            if path is not None and len(seen) >= MAX_TAG_PAGES:
+                raise RegistryError(
+                    f"{self.base}/v2/{repository}/tags/list: the tag list of repository {repository} "
+                    f"goes on past {MAX_TAG_PAGES} pages; refused"
                 )
             if path in seen:
                 raise RegistryError(

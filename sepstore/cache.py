@@ -42,11 +42,11 @@ from tqdm.auto import tqdm
 
 from ._text import counted, human_bytes
 from .backends import PIECE_BYTES
+from .directio import DirectFile
 from .errors import IntegrityError, StoreError
 from .hashing import Hasher, digest_hex, digest_of
 from .manifest import Blob
 from .retry import with_retries
-from .safetensors_io import pwrite_all
 from .store import PARTS_DIR, backend_errors, file_lock, replace_durably
 from .stores.base import Blobs, algorithm_name
 
@@ -55,9 +55,6 @@ __all__ = ["CHUNK_BYTES", "Cache", "Fetch", "InOrderDigest", "default_cache_dir"
 #: Parts larger than this are fetched as concurrent ranged reads of this size.
 CHUNK_BYTES = 32 * 1024 * 1024
 DEFAULT_WORKERS = 8
-#: The partial file is written this many bytes a call: here writes of 1 MiB and more cost the
-#: kernel 1.5-5x the time of 256 KiB ones (it fills large page-cache folios; bench_remote.py).
-WRITE_SLICE = 256 * 1024
 
 
 def read_only(exc: OSError) -> bool:
@@ -160,17 +157,17 @@ class _Download:
             if lo >= hi:
                 return  # written by an earlier try, or another chunk's bytes
             if not whole:
-                self._received(fd, lo, piece[lo - offset : hi - offset])
+                self._received(out, lo, piece[lo - offset : hi - offset])
             for i in range(lo // self.chunk, (hi - 1) // self.chunk + 1) if whole else ():
                 a, b = self.span(i)
                 a, b = max(a, lo), min(b, hi)
                 if i not in self.logged:  # an earlier process's chunks keep their bytes
-                    self._received(fd, a, piece[a - offset : b - offset])
+                    self._received(out, a, piece[a - offset : b - offset])
             written = hi
 
         if self.into is not None:
             _touch(self.into[start:end])
-        fd = os.open(self.partial, os.O_WRONLY)
+        out = DirectFile(self.partial)
         try:
 
             def attempt() -> None:
@@ -181,7 +178,7 @@ class _Download:
 
             with_retries(attempt, item.url)
         finally:
-            os.close(fd)
+            out.close()
         indices = range(self.count) if whole else [index]
         with self.lock:
             new = [i for i in indices if i not in self.logged]
@@ -193,13 +190,13 @@ class _Download:
         if bar is not None:
             bar.update(sum(self.span(i)[1] - self.span(i)[0] for i in new))
 
-    def _received(self, fd: int, offset: int, piece: memoryview) -> None:
+    def _received(self, out: DirectFile, offset: int, piece: memoryview) -> None:
         """Write ``piece`` at ``offset`` (into ``into`` too, then from there) and hash it in its turn."""
         end = offset + len(piece)
         if self.into is not None and piece.obj is not self.into.obj:  # else read into its place already
             self.into[offset:end] = piece
             piece = self.into[offset:end]  # what is hashed is what the caller gets
-        self.digest.write(fd, offset, piece, held=self.into is not None)
+        self.digest.write(out, offset, piece, held=self.into is not None)
 
     def finish(self) -> None:
         """Hash what is still waiting, check the digest, and rename the partial file into place,
@@ -269,13 +266,12 @@ class InOrderDigest:
         #: Whether a thread is hashing (one at a time: the digest is of the bytes in order).
         self.hashing = False
 
-    def write(self, fd: int, offset: int, piece: memoryview, *, held: bool = False) -> None:
-        """Write ``piece`` at ``offset`` of the file (open as ``fd``), each byte once, and hash it:
+    def write(self, out: DirectFile, offset: int, piece: memoryview, *, held: bool = False) -> None:
+        """Write ``piece`` at ``offset`` of the file (open as ``out``), each byte once, and hash it:
         now if it is the digest's next byte and no other thread is hashing, else in its turn.
         ``held``: the piece is ``into``'s bytes there."""
         end = offset + len(piece)
-        for at in range(0, len(piece), WRITE_SLICE):
-            pwrite_all(fd, piece[at : at + WRITE_SLICE], offset + at)
+        out.pwrite(piece, offset)
         with self.lock:
             if self.hashing or (offset != self.hashed and self.hashed not in self.waiting):
                 self.waiting[offset] = (end, held)

@@ -51,6 +51,7 @@ from functools import partial
 from tqdm.auto import tqdm
 
 from .cache import CHUNK_BYTES, Cache, Fetch, InOrderDigest
+from .directio import DirectFile
 from .errors import IntegrityError
 from .hashing import digest_hex
 from .manifest import Blob, Part
@@ -217,7 +218,7 @@ class _Plan:
 
     item: Fetch
     tmp: str
-    fd: int
+    out: DirectFile
     bar: tqdm | None
     transfer: Transfer
     digest: InOrderDigest
@@ -250,7 +251,7 @@ class _Plan:
             lo, hi = max(offset, written), min(offset + len(piece), wanted)
             if lo >= hi:
                 return  # written by an earlier try, or bytes not asked for
-            self.digest.write(self.fd, lo, piece[lo - offset : hi - offset])
+            self.digest.write(self.out, lo, piece[lo - offset : hi - offset])
             written = hi
             self.transfer.add(transferred=hi - lo)
             with self._lock:
@@ -275,7 +276,7 @@ class _Plan:
                     got = os.preadv(src.fileno(), [buffer[: min(len(buffer), count - done)]], source.start + done)
                     if got <= 0:
                         raise IntegrityError(f"{source.path} is shorter than its index says")
-                    self.digest.write(self.fd, at + done, buffer[:got])
+                    self.digest.write(self.out, at + done, buffer[:got])
                     done += got
             self.reused += count
 
@@ -368,17 +369,17 @@ def _plan(plan: _Plan, known: dict[str, Source], lengths: Mapping[str, int]) -> 
     bound = header_bound(part)
     if bound is None:
         raise IntegrityError(f"{plan.item.url}: a dtype this sepstore does not know")
-    os.ftruncate(plan.fd, part.size)
+    os.ftruncate(plan.out.fd, part.size)
     asked = min(predicted_head(part), part.size)
     if plan.fetch(0, asked):
         return
-    head = pread_exact(plan.fd, asked, 0)
+    head = pread_exact(plan.out.fd, asked, 0)
     need = header_end(head, part.size)
     if need > bound:
         raise IntegrityError(f"{plan.item.url}: a header of {need} bytes, more than the {bound} its tensors need")
     if need > asked:
         plan.fetch(asked, need)
-        head += pread_exact(plan.fd, need - asked, asked)
+        head += pread_exact(plan.out.fd, need - asked, asked)
     header = parse_header(head, part.size, where=plan.item.url)
     if not _matches(header, part):
         raise IntegrityError(f"{plan.item.url}: the header does not list the manifest's tensors")
@@ -474,12 +475,13 @@ def assemble(
                 continue
             tmp = os.path.join(cache.incoming, f"{digest_hex(item.part.digest)}{ASSEMBLING}")
             try:
-                fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o666)
+                os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666))
+                out = DirectFile(tmp)
             except OSError:
                 continue  # the whole fetch says what is wrong with the cache
-            held.callback(os.close, fd)
+            held.callback(out.close)
             digest = InOrderDigest(tmp, item.part.size, item.label)
-            plans.append(_Plan(item, tmp, fd, bar, transfer, digest, planned=item.part.size))
+            plans.append(_Plan(item, tmp, out, bar, transfer, digest, planned=item.part.size))
         _attempt(plans, known, lengths, cache, workers)
         for plan in plans:
             part = plan.item.part

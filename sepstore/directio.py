@@ -30,7 +30,7 @@ from types import TracebackType
 
 from .safetensors_io import pwrite_all
 
-__all__ = ["ALIGN", "MIN_DIRECT", "DirectFile", "address_of", "aligned_start"]
+__all__ = ["ALIGN", "MIN_DIRECT", "WRITE_SLICE", "DirectFile", "address_of", "aligned_start"]
 
 #: Memory, offsets and lengths written with ``O_DIRECT`` are multiples of this: a page, and a
 #: multiple of any disk's logical block (512 or 4096 bytes).
@@ -38,6 +38,9 @@ ALIGN = max(4096, mmap.PAGESIZE)
 #: Aligned runs shorter than this go through the page cache (one small write is not worth a
 #: synchronous disk round trip).
 MIN_DIRECT = 256 * 1024
+#: Writes through the page cache are made this many bytes a call: here writes of 1 MiB and more
+#: cost the kernel 1.5-5x the time of 256 KiB ones (it fills large page-cache folios; bench_remote.py).
+WRITE_SLICE = 256 * 1024
 #: ``os.O_DIRECT`` where the platform has it (Linux), else 0 (no direct writes).
 _O_DIRECT: int = getattr(os, "O_DIRECT", 0)
 
@@ -55,12 +58,13 @@ def aligned_start(address: int) -> int:
 
 
 class DirectFile:
-    """A file open for writing at offsets twice: through the page cache, and with ``O_DIRECT``
-    where the filesystem allows it. Safe to write from several threads at once (disjoint pieces)."""
+    """A file open twice: for reading and writing at offsets through the page cache (:attr:`fd`),
+    and for writing with ``O_DIRECT`` where the filesystem allows it. Safe to write from several
+    threads at once (disjoint pieces)."""
 
     def __init__(self, path: str) -> None:
         self.path = path
-        self.fd = os.open(path, os.O_WRONLY)
+        self.fd = os.open(path, os.O_RDWR)
         self._direct_fd = -1
         if _O_DIRECT:
             try:
@@ -90,11 +94,15 @@ class DirectFile:
         end = offset + len(piece)
         lo, hi = -(-offset // ALIGN) * ALIGN, end // ALIGN * ALIGN
         if self.direct and hi - lo >= MIN_DIRECT and not piece.readonly and (address_of(piece) - offset) % ALIGN == 0:
-            pwrite_all(self.fd, piece[: lo - offset], offset)
+            self._write_cached(piece[: lo - offset], offset)
             self._write_direct(piece[lo - offset : hi - offset], lo)
-            pwrite_all(self.fd, piece[hi - offset :], hi)
+            self._write_cached(piece[hi - offset :], hi)
         else:
-            pwrite_all(self.fd, piece, offset)
+            self._write_cached(piece, offset)
+
+    def _write_cached(self, piece: memoryview, offset: int) -> None:
+        for at in range(0, len(piece), WRITE_SLICE):
+            pwrite_all(self.fd, piece[at : at + WRITE_SLICE], offset + at)
 
     def _write_direct(self, block: memoryview, offset: int) -> None:
         """Write ``block`` (aligned) with ``O_DIRECT``; what the filesystem refuses (its blocks
@@ -111,4 +119,4 @@ class DirectFile:
             if exc.errno != errno.EINVAL:
                 raise
             self.direct = False
-        pwrite_all(self.fd, block[done:], offset + done)
+        self._write_cached(block[done:], offset + done)

@@ -60,8 +60,9 @@ from bench_remote import checkpoint_path, fresh_fs, moto_server
 
 import sepstore
 import sepstore.delta
-from sepstore.cache import DEFAULT_WORKERS, WRITE_SLICE
+from sepstore.cache import DEFAULT_WORKERS
 from sepstore.demo import llama_decider
+from sepstore.directio import WRITE_SLICE
 from sepstore.hashing import Hasher, digest_hex
 
 NAME = "tinyllama"

@@ -328,9 +328,14 @@ class _PooledHTTPBody(_Body):
         self.length = None if self.encoded else self._response.length
 
     def _timed(self, call: Callable[[float], T]) -> T:
-        """``call(deadline)``: its timeout at the end of the current window is a :class:`StalledError`."""
+        """``call(deadline)``: its timeout at the end of the current window is a :class:`StalledError`
+        (not a lookup of the server's address that timed out, which says which host it was)."""
+        from .httpio import LookupTimeoutError
+
         try:
             return call(self._progress.deadline())
+        except LookupTimeoutError:
+            raise
         except TimeoutError:
             if self._progress.remaining() <= 0:
                 raise self._progress.stalled() from None

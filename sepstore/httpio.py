@@ -6,7 +6,10 @@ pull from a fast server to about half of what the link carries (``tests/benchmar
 
 Every wait for the network is bounded twice: each ``recv`` by ``read_timeout``, and the headers and
 each read of the body by a ``deadline`` (a :func:`time.monotonic` instant) the caller gives and may
-move on, so a server that trickles bytes cannot hold a transfer past it. HTTPS verifies the server's
+move on, so a server that trickles bytes cannot hold a transfer past it. A new connection waits at
+most ``connect_timeout`` (and never past the deadline) for the host's address, then as long again for
+each address it tries: ``getaddrinfo`` has no timeout of its own, so the lookup runs in a thread of
+its own that a resolver that never answers holds instead of the transfer. HTTPS verifies the server's
 certificate and name (the system's CA store, ``$SSL_CERT_FILE``); redirects are followed as aiohttp
 follows them (at most :data:`REDIRECTS`, to ``http(s)`` only, credentials not carried to another
 origin).
@@ -17,15 +20,17 @@ from __future__ import annotations
 import http.client
 import io
 import os
+import socket
 import ssl
 import threading
 import time
 from collections.abc import Mapping
+from concurrent.futures import Future
 from functools import partial
 from typing import Any
 from urllib.parse import urljoin, urlsplit
 
-__all__ = ["REDIRECTS", "HTTPProtocolError", "HTTPStatusError", "Response", "get"]
+__all__ = ["REDIRECTS", "HTTPProtocolError", "HTTPStatusError", "LookupTimeoutError", "Response", "get"]
 
 REDIRECTS = 10
 _REDIRECTED = frozenset((301, 302, 303, 307, 308))
@@ -38,6 +43,7 @@ MAX_IDLE = 16
 _BUFFER = 64 * 1024
 
 _Key = tuple[str, str, int]
+_Address = tuple[socket.AddressFamily, socket.SocketKind, int, str, tuple[Any, ...]]
 
 
 class HTTPStatusError(OSError):
@@ -51,6 +57,10 @@ class HTTPStatusError(OSError):
 
 class HTTPProtocolError(ConnectionError):
     """An answer that breaks HTTP/1.1 (a bad status line, a cut chunk): the connection is dropped."""
+
+
+class LookupTimeoutError(TimeoutError):
+    """The address of a host was not found in time (a DNS server that does not answer)."""
 
 
 class _Timing:
@@ -101,11 +111,81 @@ def _connection(key: _Key, connect_timeout: float) -> http.client.HTTPConnection
         conn = http.client.HTTPSConnection(host, port, timeout=connect_timeout, context=_tls())
     else:
         conn = http.client.HTTPConnection(host, port, timeout=connect_timeout)
+    conn._create_connection = _open_socket  # type: ignore[attr-defined]
     timing = _Timing(connect_timeout)
     conn.timing = timing  # type: ignore[attr-defined]
     conn.response_class = partial(_Answer, timing=timing)  # type: ignore[assignment]
     conn.connect()
     return conn
+
+
+def _open_socket(address: tuple[str, int], timeout: float, source: tuple[str, int] | None = None) -> socket.socket:
+    """:func:`socket.create_connection`, its address lookup bounded by ``timeout`` too: a TCP socket
+    connected to the first of the host's addresses that answers (IPv4 or IPv6), each tried for at
+    most ``timeout`` seconds."""
+    host, port = address
+    failures: list[OSError] = []
+    for family, kind, protocol, _, target in _LOOKUPS.addresses(host, port, timeout):
+        sock = socket.socket(family, kind, protocol)
+        try:
+            sock.settimeout(timeout)
+            if source is not None:
+                sock.bind(source)
+            sock.connect(target)
+        except OSError as exc:
+            sock.close()
+            failures.append(exc)
+        else:
+            return sock
+    raise failures[0] if failures else OSError(f"{host}: getaddrinfo found no address")
+
+
+class _Lookups:
+    """Address lookups under way, by host and port, each in a daemon thread of its own (which cannot
+    keep the interpreter from exiting): connections to a host whose lookup hangs all wait on that
+    one, so a resolver that never answers holds one thread per host, not one per try."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._pending: dict[tuple[str, int], Future[list[_Address]]] = {}
+
+    def addresses(self, host: str, port: int, timeout: float) -> list[_Address]:
+        """``host``'s addresses for a TCP connection to ``port``, waited for at most ``timeout`` seconds."""
+        with self._lock:
+            lookup = self._pending.get((host, port))
+            if lookup is None:
+                lookup = self._pending[host, port] = Future()
+                thread = threading.Thread(target=self._run, args=(host, port, lookup), daemon=True)
+                thread.start()
+        try:
+            return lookup.result(timeout)
+        except TimeoutError:
+            raise LookupTimeoutError(
+                f"{host}: its address was not found in {timeout:.3g} s (the DNS resolver did not answer)"
+            ) from None
+
+    def _run(self, host: str, port: int, lookup: Future[list[_Address]]) -> None:
+        try:
+            found = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)
+        except Exception as exc:
+            failure: Exception | None = exc
+        else:
+            failure = None
+        with self._lock:
+            if self._pending.get((host, port)) is lookup:
+                del self._pending[host, port]
+        if failure is None:
+            lookup.set_result(found)
+        else:
+            lookup.set_exception(failure)
+
+    def forget(self) -> None:
+        """Drop every lookup (in a forked child: their threads are not there)."""
+        self._lock = threading.Lock()
+        self._pending = {}
+
+
+_LOOKUPS = _Lookups()
 
 
 _contexts: dict[tuple[str | None, str | None], ssl.SSLContext] = {}
@@ -158,6 +238,7 @@ class _Pool:
 
 _POOL = _Pool()
 os.register_at_fork(after_in_child=_POOL.forget)
+os.register_at_fork(after_in_child=_LOOKUPS.forget)
 
 
 class Response:

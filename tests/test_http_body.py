@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import re
+import socket
 import ssl
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -211,3 +214,55 @@ def test_a_kept_alive_connection_the_server_has_dropped_is_replaced_without_a_fa
     assert report.fetched == ["begin", "end"]
     answered = {r.port for r in server.requests}
     assert len(answered) >= 3 and len(server.requests) > len(answered), "reused, found dropped, replaced"
+
+
+class Resolver:
+    """The system's resolver as a test's DNS would make it: ``known`` names to the addresses of
+    ``::1`` and ``127.0.0.1`` (in that order; the server listens on the second only), and lookups of
+    ``stuck`` names that hang, as for a DNS server that never answers, until :meth:`release`."""
+
+    def __init__(self, known: str, stuck: str) -> None:
+        self.known, self.stuck = known, stuck
+        self.released = threading.Event()
+        self._resolve = socket.getaddrinfo
+
+    def getaddrinfo(self, host: object, *args: Any, **kwargs: Any) -> Any:
+        if host == self.stuck:
+            self.released.wait()
+            raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+        if host == self.known:
+            return [*self._resolve("::1", *args, **kwargs), *self._resolve("127.0.0.1", *args, **kwargs)]
+        return self._resolve(host, *args, **kwargs)
+
+    def release(self) -> None:
+        self.released.set()
+
+
+def test_a_dns_lookup_that_never_answers_fails_the_pull_after_the_timeout_naming_the_host(
+    served: StaticServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    resolver = Resolver("models.sepstore.test", "stuck.sepstore.test")
+    monkeypatch.setattr(socket, "getaddrinfo", resolver.getaddrinfo)
+    monkeypatch.setattr(sepstore.retry, "ATTEMPTS", 2)
+    monkeypatch.setattr(sepstore.retry, "BASE_DELAY", 0.01)
+    monkeypatch.setenv("SEPSTORE_TIMEOUT", "0.5")
+    # a name is looked up and its addresses tried in turn (::1 refuses, 127.0.0.1 serves)
+    report = sepstore.pull(f"http://models.sepstore.test:{served.port}/{MANIFEST}", "b e", cache_dir=tmp_path / "a")
+    assert report.fetched == ["begin", "end"]
+    failures: list[BaseException] = []
+
+    def pull() -> None:
+        try:
+            sepstore.pull(f"http://stuck.sepstore.test:{served.port}/{MANIFEST}", cache_dir=tmp_path / "b")
+        except BaseException as exc:
+            failures.append(exc)
+
+    puller = threading.Thread(target=pull, daemon=True)
+    try:
+        puller.start()
+        puller.join(60)
+        assert not puller.is_alive(), "the pull hangs as long as the resolver does"
+    finally:
+        resolver.release()
+    assert len(failures) == 1 and isinstance(failures[0], sepstore.StoreError)
+    assert re.search(r"stuck\.sepstore\.test: its address was not found in 0\.5 s.* after 2 tries", str(failures[0]))

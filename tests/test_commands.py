@@ -6,11 +6,15 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import pwd
+import shutil
 import subprocess
 import sys
+import tempfile
 import threading
+import traceback
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -358,21 +362,62 @@ def test_every_new_command_has_help_with_an_example(command: list[str]) -> None:
     assert "example:" in result.stdout and f"sepstore {shown}" in result.stdout
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root writes to read-only folders")
+def in_a_child_that_cannot_write(call: Callable[[], None]) -> None:
+    """``call()`` in a forked child that cannot write to read-only folders: one that has become
+    ``nobody`` where this process is root (as in CI), whom permissions would not stop. The child has
+    every module this process has imported (it may not be allowed to read this venv); its failure
+    is raised here."""
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: it never returns to pytest
+        status = 1
+        try:
+            os.close(read)
+            if os.geteuid() == 0:
+                nobody = pwd.getpwnam("nobody")
+                os.setgroups([])
+                os.setgid(nobody.pw_gid)
+                os.setuid(nobody.pw_uid)
+            call()
+            status = 0
+        except BaseException:
+            os.write(write, traceback.format_exc().encode())
+        finally:
+            os._exit(status)
+    os.close(write)
+    with os.fdopen(read, "rb") as failure:
+        told = failure.read().decode()
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, f"in the child:\n{told}"
+
+
 def test_a_cache_this_user_cannot_write_to_is_still_read(cached: Cached) -> None:
-    (cached.root / "incoming" / f"{'cd' * 32}.partial").write_bytes(b"x")
-    folders = [cached.root, cached.root / "parts", cached.root / "parts/blake3", cached.root / "incoming"]
-    for folder in folders:
-        folder.chmod(0o555)
+    # a folder of its own that `nobody` may enter (pytest's folders are its owner's only)
+    cache = Path(tempfile.mkdtemp(prefix="sepstore-read-only-")) / "cache"
+    cache.parent.chmod(0o755)
     try:
-        assert sepstore.load(cached.url, "0-1", cache_dir=cached.root).mid[0]
-        assert [f.active for f in sepstore.cache_ls(cached.root).partial] == [False]
-        assert sepstore.cache_verify(cached.root).ok
-        with pytest.raises(sepstore.StoreError, match="Permission"):
-            sepstore.cache_prune(0, cache_dir=cached.root)
+        sepstore.pull(cached.url, cache_dir=cache, quiet=True)
+        assert sepstore.load(cached.url, "0-1", cache_dir=cache).mid[0]  # imports what the child needs
+        (cache / "incoming" / f"{'cd' * 32}.partial").write_bytes(b"x")
+        for folder in [cache, cache / "parts", cache / "parts/blake3", cache / "incoming"]:
+            folder.chmod(0o555)
+
+        def reads() -> None:
+            assert sepstore.load(cached.url, "0-1", cache_dir=cache).mid[0]
+            assert [f.active for f in sepstore.cache_ls(cache).partial] == [False]
+            assert sepstore.cache_verify(cache).ok
+            with pytest.raises(sepstore.StoreError, match="Permission"):
+                sepstore.cache_prune(0, cache_dir=cache)
+
+        in_a_child_that_cannot_write(reads)
+        assert sorted(f.digest for f in sepstore.cache_ls(cache).parts) == sorted(
+            part.digest for _, part in cached.manifest.labelled_parts()
+        ), "nothing was pruned"
     finally:
-        for folder in folders:
-            folder.chmod(0o755)
+        for folder in [cache.parent, *cache.rglob("*")]:
+            if folder.is_dir():
+                folder.chmod(0o755)
+        shutil.rmtree(cache.parent)
 
 
 def test_cache_commands_count_cached_assets_too(tmp_path: Path) -> None:

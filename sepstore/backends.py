@@ -3,7 +3,9 @@ in bounded pieces: whatever a server sends, a transfer holds at most :data:`PIEC
 memory, stops at the length it asked for, and cannot hang forever.
 
 ``$SEPSTORE_TIMEOUT`` (seconds, default 60) bounds connecting and each read from the network for
-HTTP(S) and S3; options a caller passes in ``storage_options`` win over these defaults.
+HTTP(S) and S3. S3 calls are tried once each by botocore (``retries``), since sepstore tries each
+again itself (:func:`~sepstore.retry.with_retries`), unless ``$AWS_MAX_ATTEMPTS`` says otherwise;
+options a caller passes in ``storage_options`` win over these defaults.
 
 ``$SEPSTORE_MIN_SPEED`` (bytes per second, default 16384) is the least a transfer must keep up: one
 that delivers fewer than ``SEPSTORE_MIN_SPEED * SEPSTORE_TIMEOUT`` bytes in any window of
@@ -86,6 +88,10 @@ def with_defaults(url: str, storage_options: Mapping[str, Any] | None) -> dict[s
         config = dict(options.get("config_kwargs") or {})
         config.setdefault("connect_timeout", seconds)
         config.setdefault("read_timeout", seconds)
+        if "AWS_MAX_ATTEMPTS" not in os.environ:
+            # one request per try: sepstore retries S3 calls itself (with_retries), and botocore's
+            # retries inside each try made a dead endpoint 25 requests and 40 s of backoff to fail
+            config.setdefault("retries", {"total_max_attempts": 1})
         options["config_kwargs"] = config
     return options
 

@@ -45,6 +45,16 @@ def http_status(exc: BaseException) -> int | None:
     return None
 
 
+def _s3_status(exc: BaseException) -> int | None:
+    """The HTTP status of an S3 error answer: s3fs raises one as an ``OSError`` caused by botocore's
+    ``ClientError`` (after botocore turned a 200 that says "InternalError" into a 500)."""
+    answer = exc.__cause__ if isinstance(exc, OSError) else exc
+    if not isinstance(answer, _loaded("botocore.exceptions", "ClientError")):
+        return None
+    status = getattr(answer, "response", {}).get("ResponseMetadata", {}).get("HTTPStatusCode")
+    return status if isinstance(status, int) else None
+
+
 class TransientError(StoreError):
     """A failure of one transfer that another try may not have."""
 
@@ -79,7 +89,7 @@ def is_transient(exc: BaseException) -> bool:
     certificates that do not verify."""
     if isinstance(exc, FileNotFoundError | PermissionError | NotImplementedError) or certificate_refused(exc):
         return False
-    status = http_status(exc)
+    status = http_status(exc) or _s3_status(exc)
     if status is not None:
         return status >= 500 or status in (408, 429)
     # S3 bodies are read through botocore, whose errors on the way are its own: a dropped connection,

@@ -9,7 +9,7 @@ import contextlib
 import os
 from abc import abstractmethod
 from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import fsspec
 from fsspec.asyn import sync
@@ -19,6 +19,7 @@ from ..backends import RangeBody, open_range, open_url
 from ..errors import NotFoundError, StoreError
 from ..hashing import digest_file, digest_hex
 from ..manifest import Blob
+from ..retry import is_transient, with_retries
 from ..store import (
     KEY_ID_RE,
     LEASE_ID_PATTERN,
@@ -42,6 +43,8 @@ if TYPE_CHECKING:
 
 __all__ = ["FsspecStore", "HttpStore", "PartsFolder"]
 
+T = TypeVar("T")
+
 
 class _FileBlobs(Blobs):
     """Blobs as files on an fsspec filesystem (``fs``), each at :meth:`blob_path`."""
@@ -56,17 +59,36 @@ class _FileBlobs(Blobs):
     def local(self) -> bool:
         return isinstance(self.fs, LocalFileSystem)
 
+    def _backend(self, url: str, call: Callable[[], T]) -> T:
+        """``call()``, its backend's errors translated (naming ``url``); off local disk, a transient
+        failure is tried again (:func:`~sepstore.retry.with_retries`): S3's only retries, since
+        botocore's own are off (:func:`~sepstore.backends.with_defaults`)."""
+
+        def attempt() -> T:
+            try:
+                return call()
+            except Exception as exc:
+                if self.local or not is_transient(exc):
+                    with backend_errors(url):
+                        raise
+                raise
+
+        return attempt() if self.local else with_retries(attempt, url)
+
     def local_path(self, blob: Blob) -> str:
         return self.blob_path(blob) if self.local else super().local_path(blob)
 
     def blob_size(self, blob: Blob) -> int | None:
         path = self.blob_path(blob)
-        with backend_errors(self.blob_url(blob)):
+
+        def size() -> int | None:
             self.fs.invalidate_cache(path)
             try:
                 return int(self.fs.size(path))
             except FileNotFoundError:
                 return None
+
+        return self._backend(self.blob_url(blob), size)
 
     def open_blob_range(self, blob: Blob, start: int, end: int) -> RangeBody:
         return open_range(self.fs, self.blob_path(blob), start, end)
@@ -175,9 +197,12 @@ class FsspecStore(_FileBlobs, Store):
 
     def _exists(self, path: str) -> bool:
         """Whether ``path`` exists now: object stores' cached listings may predate other writers."""
-        with backend_errors(self.url_of(path)):
+
+        def exists() -> bool:
             self.fs.invalidate_cache(path)
             return bool(self.fs.exists(path))
+
+        return self._backend(self.url_of(path), exists)
 
     def has_blob(self, blob: Blob) -> bool:
         return self._exists(self.blob_path(blob))
@@ -203,8 +228,7 @@ class FsspecStore(_FileBlobs, Store):
         if not replace and self._exists(final):
             self._reused(final)
             return False
-        with backend_errors(self.url_of(final)):
-            self._place(tmp, final)
+        self._backend(self.url_of(final), lambda: self._place(tmp, final))
         return True
 
     def commit_blob(self, tmp: str, blob: Blob, *, protect: Callable[[str], None] | None = None) -> bool:
@@ -231,8 +255,7 @@ class FsspecStore(_FileBlobs, Store):
         ):
             return False
         final = self.blob_path(blob)
-        with backend_errors(self.url_of(final)):
-            self.fs.copy(source.blob_path(blob), final)
+        self._backend(self.url_of(final), lambda: self.fs.copy(source.blob_path(blob), final))
         if self.blob_size(blob) == blob.size:
             return True
         self.remove_blob(blob)  # the source changed meanwhile: nothing is left under the blob's name
@@ -274,8 +297,12 @@ class FsspecStore(_FileBlobs, Store):
     def remove(self, path: str) -> None:
         if not self.can_delete:
             raise self.lacks("deletion", "delete files")
-        with backend_errors(self.url_of(path)), contextlib.suppress(FileNotFoundError):
-            self.fs.rm_file(path)
+
+        def remove() -> None:
+            with contextlib.suppress(FileNotFoundError):
+                self.fs.rm_file(path)
+
+        self._backend(self.url_of(path), remove)
 
     def remove_blob(self, blob: Blob) -> None:
         self.remove(self.blob_path(blob))
@@ -291,12 +318,14 @@ class FsspecStore(_FileBlobs, Store):
         return entries
 
     def entry(self, path: str) -> dict[str, Any] | None:
-        with backend_errors(self.url_of(path)):
+        def info() -> dict[str, Any] | None:
             self.fs.invalidate_cache(path)
             try:
                 return {**self.fs.info(path), "name": path}
             except FileNotFoundError:
                 return None
+
+        return self._backend(self.url_of(path), info)
 
     # -- leases ----------------------------------------------------------------------------------
 
@@ -312,8 +341,7 @@ class FsspecStore(_FileBlobs, Store):
         """Write (or replace) a lease object atomically. Not fsynced: a lease matters only while
         the process that wrote it runs."""
         path = self.lease_path(lease_id)
-        with backend_errors(self.url_of(path)):
-            self.fs.pipe_file(path, data)
+        self._backend(self.url_of(path), lambda: self.fs.pipe_file(path, data))
 
     def read_lease(self, lease_id: str) -> bytes | None:
         path = self.lease_path(lease_id)
@@ -337,9 +365,11 @@ class FsspecStore(_FileBlobs, Store):
         return read_limited(self.fs, path, self.url_of(path))
 
     def _etag(self, path: str) -> str:
-        with backend_errors(self.url_of(path)):
+        def etag() -> str:
             self.fs.invalidate_cache(path)
             return str(self.fs.info(path)["ETag"])
+
+        return self._backend(self.url_of(path), etag)
 
     def read_manifest_version(self, name: str, tag: str) -> tuple[bytes, str | None]:
         """The tag's manifest and its S3 ETag (``None`` on backends that cannot replace conditionally)."""
@@ -362,7 +392,8 @@ class FsspecStore(_FileBlobs, Store):
         if self.read_only:
             raise self.lacks("writes", "write a manifest")
         path = self.manifest_path(name, tag)
-        with backend_errors(self.url_of(path)):
+
+        def write() -> bool:
             try:
                 if if_version is not None:
                     self.fs.pipe_file(path, data, IfMatch=if_version)
@@ -376,11 +407,11 @@ class FsspecStore(_FileBlobs, Store):
                 raise
             return True
 
+        return self._backend(self.url_of(path), write)
+
     def require(self) -> None:
-        with backend_errors(self.url):
-            self.fs.invalidate_cache(self.root)
-            if not self.fs.exists(self.root):
-                raise NotFoundError(f"{self.url}: no store there (no such folder or bucket)")
+        if not self._exists(self.root):
+            raise NotFoundError(f"{self.url}: no store there (no such folder or bucket)")
 
     def has_manifest(self, name: str, tag: str) -> bool:
         return self._exists(self.manifest_path(name, tag))
@@ -432,8 +463,7 @@ class FsspecStore(_FileBlobs, Store):
         if self.read_only:
             raise self.lacks("writes", "write a signature")
         path = self.signature_path(name, tag, key_id)
-        with backend_errors(self.url_of(path)):
-            self.fs.pipe_file(path, data)
+        self._backend(self.url_of(path), lambda: self.fs.pipe_file(path, data))
 
     def list_signatures(self, name: str, tag: str) -> list[str]:
         found = self.list_files(self.signatures_dir(name, tag))
@@ -455,7 +485,8 @@ class FsspecStore(_FileBlobs, Store):
         store cannot list (HTTP)."""
         if not self.can_list:
             raise self.lacks("listing", f"list {self.url_of(folder)} (an HTTP server's listing is unbounded)")
-        with backend_errors(self.url_of(folder)):
+
+        def listing() -> dict[str, dict[str, Any]]:
             self.fs.invalidate_cache(folder)
             try:
                 if recursive:
@@ -463,6 +494,8 @@ class FsspecStore(_FileBlobs, Store):
                 return {str(info["name"]): info for info in self.fs.ls(folder, detail=True)}
             except FileNotFoundError:
                 return {}
+
+        return self._backend(self.url_of(folder), listing)
 
 
 class HttpStore(FsspecStore):

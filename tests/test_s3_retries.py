@@ -17,13 +17,18 @@ import sepstore
 import sepstore.retry
 
 
-class Unavailable(_LoopbackServer):
-    """An S3 endpoint that answers every request 503 (a dead service behind a load balancer)."""
+class Refusing(_LoopbackServer):
+    """An S3 endpoint that answers every request with ``status`` (503: a dead service behind a load
+    balancer)."""
 
     methods = ("GET", "HEAD", "PUT", "POST", "DELETE")
 
+    def __init__(self, status: int) -> None:
+        super().__init__()
+        self.status = status
+
     async def _handle(self, request: web.Request) -> web.StreamResponse:
-        return web.Response(status=503)
+        return web.Response(status=self.status)
 
 
 class FailingPuts(FaultProxy):
@@ -51,23 +56,31 @@ def options(endpoint: str) -> dict[str, object]:
 
 
 @pytest.fixture
-def unavailable(monkeypatch: pytest.MonkeyPatch) -> Iterator[Unavailable]:
+def unavailable(monkeypatch: pytest.MonkeyPatch) -> Iterator[Refusing]:
     monkeypatch.setattr(sepstore.retry, "ATTEMPTS", 2)
     monkeypatch.setattr(sepstore.retry, "BASE_DELAY", 0.01)
     monkeypatch.delenv("AWS_MAX_ATTEMPTS", raising=False)
-    server = Unavailable().start()
+    server = Refusing(503).start()
     yield server
     server.stop()
 
 
-def test_a_dead_s3_endpoint_fails_a_pull_after_one_request_per_try(unavailable: Unavailable, tmp_path: Path) -> None:
+def test_a_dead_s3_endpoint_fails_a_pull_after_one_request_per_try(unavailable: Refusing, tmp_path: Path) -> None:
     url = "s3://bucket/store/manifests/model/latest.json"
     with pytest.raises(sepstore.StoreError, match="after 2 tries"):
         sepstore.pull(url, cache_dir=tmp_path, storage_options=options(unavailable.url))
     assert len(unavailable.requests) == 2, [(r.method, r.path) for r in unavailable.requests]
 
 
-def test_a_dead_s3_endpoint_fails_a_push_after_one_request_per_try(unavailable: Unavailable, store: Path) -> None:
+def test_an_s3_bad_request_answer_is_final_not_retried(unavailable: Refusing, tmp_path: Path) -> None:
+    unavailable.status = 400
+    url = "s3://bucket/store/manifests/model/latest.json"
+    with pytest.raises(sepstore.StoreError, match="Bad Request") as caught:
+        sepstore.pull(url, cache_dir=tmp_path, storage_options=options(unavailable.url))
+    assert "tries" not in str(caught.value) and len(unavailable.requests) == 1
+
+
+def test_a_dead_s3_endpoint_fails_a_push_after_one_request_per_try(unavailable: Refusing, store: Path) -> None:
     with pytest.raises(sepstore.StoreError, match="after 2 tries"):
         sepstore.push(store, "s3://bucket/store", dest_storage_options=options(unavailable.url), quiet=True)
     assert len(unavailable.requests) == 2, [(r.method, r.path) for r in unavailable.requests]

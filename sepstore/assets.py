@@ -134,7 +134,8 @@ def merge_assets(previous: Mapping[str, Asset], new: Mapping[str, Asset], *, whe
         if previous[path] != new[path]:
             raise ManifestError(
                 f"{where}: asset {path!r} is already in this model with other content ({previous[path].digest}, "
-                f"now {new[path].digest}); replace the tag (force=True, convert --force) or use another tag"
+                f"now {new[path].digest}); pass force=True (CLI: convert --force) to replace the tag, or use "
+                "another tag"
             )
     return dict(sorted({**previous, **new}.items()))
 

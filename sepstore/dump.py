@@ -195,8 +195,8 @@ class _Writer:
                 raise DeciderError(
                     f"{label}.{key} is already in this model with other content "
                     f"({before.dtype}{list(before.shape)} {before.digest}, now {now.dtype}{list(now.shape)} "
-                    f"{now.digest}); store it under another name or tag, or replace the tag (force=True, "
-                    "convert --force)"
+                    f"{now.digest}); store it under another name or tag, or pass force=True (CLI: convert --force) "
+                    "to replace the tag"
                 )
         if not fresh:
             return old
@@ -231,8 +231,8 @@ def _combined_renames(previous: Manifest | None, given: Renames | None, where: s
     held = None if previous is None or isinstance(previous.renames, msgspec.UnsetType) else previous.renames
     if held is not None and given is not None and held != given:
         raise ManifestError(
-            f"{where} records other renames than this dump's (another checkpoint's spelling?); replace the tag "
-            "(force=True, convert --force) or use another tag"
+            f"{where} records other renames than this dump's (another checkpoint's spelling?); pass force=True "
+            "(CLI: convert --force) to replace the tag, or use another tag"
         )
     return given if given is not None else held
 

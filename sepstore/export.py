@@ -276,7 +276,7 @@ def _prepare(out_dir: str | os.PathLike[str], force: bool, files: list[str], ass
         if held:
             raise StoreError(
                 f"{out} is not empty (it holds {', '.join(held[:5])}{', ...' if len(held) > 5 else ''}); "
-                "export into an empty folder, or pass force=True (--force) to write into it"
+                "export into an empty folder, or pass force=True (CLI: --force) to write into it"
             )
     return out
 

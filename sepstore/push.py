@@ -130,7 +130,7 @@ def push(
         if held != digest and not force:
             raise StoreError(
                 f"{url} already holds another manifest ({held}, pushing {digest}); "
-                "pass force=True (--force) to replace it, or push under another tag"
+                "pass force=True (CLI: --force) to replace it, or push under another tag"
             )
     # Every file to copy, parts and assets, by its file name in the store.
     parts: dict[str, tuple[str, Blob]] = {}
@@ -209,7 +209,7 @@ def push(
             if held != digest:
                 raise StoreError(
                     f"{url} was published by someone else during this push ({held}); its parts are uploaded, "
-                    "push again under another tag or with force=True (--force) to replace it"
+                    "push again under another tag, or pass force=True (CLI: --force) to replace it"
                 )
             written = False
     skipped = [parts[d] for d, there in state.items() if there == "whole"]

@@ -150,7 +150,7 @@ def keygen(path: str | os.PathLike[str], *, force: bool = False) -> str:
     target = os.fspath(path)
     for out in (target, target + ".pub"):
         if not force and os.path.lexists(out):  # checked first, so that no half pair is left behind
-            raise KeyFileError(f"{out} exists; pass force=True (--force) to replace it")
+            raise KeyFileError(f"{out} exists; pass force=True (CLI: --force) to replace it")
     key = ec.generate_private_key(ec.SECP256R1())
     private = key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
@@ -160,7 +160,7 @@ def keygen(path: str | os.PathLike[str], *, force: bool = False) -> str:
         try:
             fd = os.open(out, flags, mode)
         except FileExistsError:
-            raise KeyFileError(f"{out} exists; pass force=True (--force) to replace it") from None
+            raise KeyFileError(f"{out} exists; pass force=True (CLI: --force) to replace it") from None
         except OSError as exc:
             raise KeyFileError(f"cannot write {out}: {exc.strerror or exc}") from None
         with os.fdopen(fd, "wb") as f:

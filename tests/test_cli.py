@@ -152,7 +152,7 @@ def test_convert_into_an_existing_tag_combines_unless_forced(
     assert run("convert", folder, tmp_path / "store", "--quiet").returncode == 0
     again = run("convert", folder, tmp_path / "store", "--quiet", "--dtype", "fp32")
     assert again.returncode == 2 and "already in this model with other content" in again.stderr
-    assert "convert --force" in again.stderr
+    assert "pass force=True (CLI: convert --force)" in again.stderr
     forced = run("convert", folder, tmp_path / "store", "--quiet", "--dtype", "fp32", "--force")
     assert forced.returncode == 0, forced.stderr
     manifest = sepstore.read_manifest(tmp_path / "store")

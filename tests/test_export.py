@@ -302,6 +302,6 @@ def test_cli_export_writes_the_folder_and_refuses_a_full_one(
     assert "model.safetensors.index.json" in report["files"] and "tokenizer_config.json" in report["files"]
     assert_same_tensors(checkpoint(tmp_path / "out"), checkpoint(source))
     again = run("export", store, tmp_path / "out")
-    assert again.returncode == 2 and "not empty" in again.stderr and "--force" in again.stderr
+    assert again.returncode == 2 and "not empty" in again.stderr and "force=True (CLI: --force)" in again.stderr
     forced = run("export", store, tmp_path / "out", "--force", "--quiet")
     assert forced.returncode == 0 and "under the checkpoint's names" in forced.stdout

@@ -283,7 +283,7 @@ def refuse_another_model(client: Registry, oci: OciRef, name: str, *, force: boo
         held, tag = others[0]
         raise StoreError(
             f"oci://{oci.host}/{oci.repository} holds model {held!r} (tag {tag!r}), not {name!r}: as with docker "
-            "push, a repository holds one model; push it to a repository of its own, or pass force=True (--force) "
+            "push, a repository holds one model; push it to a repository of its own, or pass force=True (CLI: --force) "
             "to add it to this one anyway"
         )
 

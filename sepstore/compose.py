@@ -17,7 +17,9 @@ that takes bytes from the start of the copy run after it.
 (for objects without KMS or customer keys); each must be the MD5 of the local file's same bytes,
 which were verified against the part's digest before the push, else the upload is aborted and the
 part is uploaded whole (and composing stops for the rest of the push: such a bucket's ETags are
-not MD5s). The object's size is checked once the upload is complete.
+not MD5s). Where S3 says, as it creates the upload, that it encrypts the object with KMS or a
+customer key, composing stops before any part is copied or sent. The object's size is checked once
+the upload is complete.
 
 This module plans and checks through the store interface only (headers by
 :meth:`~sepstore.stores.base.Store.read_blob_range`); the multipart upload is the store's
@@ -41,7 +43,7 @@ from .errors import IntegrityError, SepstoreError
 from .manifest import Blob, Manifest, Part, decode_manifest
 from .safetensors_io import HeaderEntry, header_end, parse_header, pread_exact
 from .store import Store
-from .stores.s3 import Run
+from .stores.s3 import EncryptedUploadError, Run
 
 __all__ = ["MIN_PART", "Composed", "Composer", "Run", "plan_runs"]
 
@@ -243,6 +245,10 @@ class Composer:
             self.store.put_blob_composed(
                 path, part, parts, workers=self.workers, buffers=self._buffers, check=check, sent=sent
             )
+        except EncryptedUploadError as exc:  # said before any part was sent: nothing to replace
+            log.info("composing stops for this push: %s", exc)
+            self._disabled = True
+            return Composed(False)
         except Exception as exc:  # any failure: the part is uploaded whole, as without composing
             log.info("composing %s from server-side copies failed (%s); uploading it whole", part.digest, exc)
             return outcome

@@ -15,7 +15,12 @@ from typing import Any
 from ..errors import SepstoreError
 from ..safetensors_io import pread_exact
 
-__all__ = ["Run", "compose_object"]
+__all__ = ["EncryptedUploadError", "Run", "compose_object"]
+
+
+class EncryptedUploadError(SepstoreError):
+    """S3 encrypts the object being composed with a KMS or a customer's key (it says so when the
+    upload is created): the ETags of its parts are then not MD5s, so they cannot check them."""
 
 
 @dataclass(frozen=True)
@@ -60,10 +65,19 @@ async def compose_object(
     """Write the object ``path`` of the S3 filesystem ``fs`` as a multipart upload of ``runs`` (each
     an S3 part: copied from the object ``source_path(run.source)``, or read from the file ``local``),
     ``workers`` parts at once, local bytes held under ``buffers``. Every answer's ETag goes to
-    ``check``; any failure aborts the upload. ``sent(n)`` counts the bytes uploaded as they are sent."""
+    ``check``; any failure aborts the upload (an :class:`EncryptedUploadError` before any part is
+    sent, where S3 says it encrypts the object with a KMS or a customer key). ``sent(n)`` counts the
+    bytes uploaded as they are sent."""
     bucket, key, _ = fs.split_path(path)
     upload = await fs._call_s3("create_multipart_upload", Bucket=bucket, Key=key)
     upload_id = upload["UploadId"]
+    encryption = str(upload.get("ServerSideEncryption", ""))
+    if encryption.startswith("aws:kms") or upload.get("SSECustomerAlgorithm"):
+        with contextlib.suppress(Exception):
+            await fs._call_s3("abort_multipart_upload", Bucket=bucket, Key=key, UploadId=upload_id)
+        raise EncryptedUploadError(
+            f"{key}: S3 encrypts it with {encryption or 'a customer key'}, so its parts' ETags are not their MD5s"
+        )
     gate = asyncio.Semaphore(workers)
 
     async def send(number: int, run: Run) -> dict[str, Any]:

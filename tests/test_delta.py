@@ -506,6 +506,38 @@ def test_composing_stops_after_an_uploaded_part_etag_mismatch_even_when_a_copy_f
         proxy.stop()
 
 
+class KmsProxy(NotMd5Proxy):
+    """S3 through a proxy that answers as a bucket whose default encryption is SSE-KMS: the ETags of
+    a multipart upload's parts are not their MD5s, and a new upload says so at once, in its
+    ``x-amz-server-side-encryption: aws:kms`` (moto's do not). ``parts`` counts the parts sent or copied."""
+
+    parts = 0
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        if request.method == "PUT" and "partNumber" in request.query:
+            self.parts += 1
+        answer = await super()._handle(request)
+        if request.method == "POST" and "uploads" in request.query:
+            answer.headers["x-amz-server-side-encryption"] = "aws:kms"
+        return answer
+
+
+def test_a_push_to_a_kms_encrypted_bucket_uploads_changed_parts_whole_without_composing_first(
+    big_store: Path, moto_server: CountingMotoServer
+) -> None:
+    """S3 says it encrypts the object as the upload is created: no part is copied or sent in vain."""
+    dest, _ = s3_with_v1(big_store, moto_server)
+    proxy = KmsProxy(moto_server.endpoint).start()
+    try:
+        options = {"endpoint_url": proxy.url, "skip_instance_cache": True}
+        report = sepstore.push(big_store / "manifests/big/v2.json", dest, dest_storage_options=options, quiet=True)
+    finally:
+        proxy.stop()
+    assert report.uploaded == ["mid.0"] and report.copied_bytes == 0
+    assert proxy.parts == 0, "no part composed, none sent in vain"
+    assert sepstore.verify(dest, name="big", tag="v2", quiet=True).ok
+
+
 def test_a_destination_object_with_a_header_longer_than_its_tensors_need_is_no_source(
     big_store: Path, moto_server: CountingMotoServer
 ) -> None:

@@ -25,7 +25,7 @@ import ssl
 import threading
 import time
 from collections.abc import Mapping
-from concurrent.futures import Future
+from concurrent import futures
 from functools import partial
 from typing import Any
 from urllib.parse import urljoin, urlsplit
@@ -147,24 +147,24 @@ class _Lookups:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._pending: dict[tuple[str, int], Future[list[_Address]]] = {}
+        self._pending: dict[tuple[str, int], futures.Future[list[_Address]]] = {}
 
     def addresses(self, host: str, port: int, timeout: float) -> list[_Address]:
         """``host``'s addresses for a TCP connection to ``port``, waited for at most ``timeout`` seconds."""
         with self._lock:
             lookup = self._pending.get((host, port))
             if lookup is None:
-                lookup = self._pending[host, port] = Future()
+                lookup = self._pending[host, port] = futures.Future()
                 thread = threading.Thread(target=self._run, args=(host, port, lookup), daemon=True)
                 thread.start()
         try:
             return lookup.result(timeout)
-        except TimeoutError:
+        except futures.TimeoutError:  # TimeoutError itself from Python 3.11
             raise LookupTimeoutError(
                 f"{host}: its address was not found in {timeout:.3g} s (the DNS resolver did not answer)"
             ) from None
 
-    def _run(self, host: str, port: int, lookup: Future[list[_Address]]) -> None:
+    def _run(self, host: str, port: int, lookup: futures.Future[list[_Address]]) -> None:
         try:
             found = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)
         except Exception as exc:

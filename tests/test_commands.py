@@ -8,6 +8,7 @@ import json
 import os
 import pwd
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -366,13 +367,14 @@ def in_a_child_that_cannot_write(call: Callable[[], None]) -> None:
     """``call()`` in a forked child that cannot write to read-only folders: one that has become
     ``nobody`` where this process is root (as in CI), whom permissions would not stop. The child has
     every module this process has imported (it may not be allowed to read this venv); its failure
-    is raised here."""
+    is raised here, and it is killed if it hangs."""
     read, write = os.pipe()
     pid = os.fork()
     if pid == 0:  # the child: it never returns to pytest
         status = 1
         try:
             os.close(read)
+            signal.alarm(120)
             if os.geteuid() == 0:
                 nobody = pwd.getpwnam("nobody")
                 os.setgroups([])
@@ -388,7 +390,8 @@ def in_a_child_that_cannot_write(call: Callable[[], None]) -> None:
     with os.fdopen(read, "rb") as failure:
         told = failure.read().decode()
     _, status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 0, f"in the child:\n{told}"
+    code = os.waitstatus_to_exitcode(status)
+    assert code == 0, f"in the child (exit status {code}):\n{told}"
 
 
 def test_a_cache_this_user_cannot_write_to_is_still_read(cached: Cached) -> None:

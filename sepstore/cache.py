@@ -42,7 +42,7 @@ from tqdm.auto import tqdm
 
 from ._text import counted, human_bytes
 from .backends import PIECE_BYTES
-from .directio import DirectFile
+from .directio import ALIGN, DirectFile
 from .errors import IntegrityError, StoreError
 from .hashing import Hasher, digest_hex, digest_of
 from .manifest import Blob
@@ -55,6 +55,9 @@ __all__ = ["CHUNK_BYTES", "Cache", "Fetch", "InOrderDigest", "default_cache_dir"
 #: Parts larger than this are fetched as concurrent ranged reads of this size.
 CHUNK_BYTES = 32 * 1024 * 1024
 DEFAULT_WORKERS = 8
+#: Bytes received into the caller's memory are written to the cache file once this many are in
+#: (and the rest at a chunk's end): large aligned writes, straight from that memory.
+TRAIL_BYTES = 4 * 1024 * 1024
 
 
 def read_only(exc: OSError) -> bool:
@@ -145,7 +148,23 @@ class _Download:
         alone = index == self.first
         size = item.part.size
         asked, wanted, whole = (start, end), end, False  # wanted: the end of what this call fills
-        written = start  # bytes start:written are in the file
+        written = start  # bytes start:written are received (and in the file, without `into`)
+        filed = start  # with `into`: bytes start:filed are in the file
+
+        def file(upto: int, least: int) -> None:
+            """With ``into``: write its bytes ``filed:upto`` (received) to the file, once at least
+            ``least`` of them are there, trailing the receive so that they go in blocks aligned
+            in memory and in the file, past the page cache (:class:`DirectFile`); an earlier
+            process's chunks keep their bytes."""
+            nonlocal filed
+            if self.into is None or upto - filed < least:
+                return
+            for i in range(filed // self.chunk, (upto - 1) // self.chunk + 1):
+                if i not in self.logged:
+                    a, b = self.span(i)
+                    a, b = max(a, filed), min(b, upto)
+                    out.pwrite(self.into[a:b], a)
+            filed = upto
 
         def write(offset: int, piece: memoryview) -> None:
             nonlocal wanted, whole, written
@@ -164,6 +183,7 @@ class _Download:
                 if i not in self.logged:  # an earlier process's chunks keep their bytes
                     self._received(out, a, piece[a - offset : b - offset])
             written = hi
+            file(hi // ALIGN * ALIGN, TRAIL_BYTES)
 
         if self.into is not None:
             _touch(self.into[start:end])
@@ -177,6 +197,7 @@ class _Download:
                     item.source.stream_blob_range(item.part, written, wanted, write, into=self.into)
 
             with_retries(attempt, item.url)
+            file(written, 1)  # the rest: the chunk is logged only once all its bytes are in the file
         finally:
             out.close()
         indices = range(self.count) if whole else [index]
@@ -191,12 +212,16 @@ class _Download:
             bar.update(sum(self.span(i)[1] - self.span(i)[0] for i in new))
 
     def _received(self, out: DirectFile, offset: int, piece: memoryview) -> None:
-        """Write ``piece`` at ``offset`` (into ``into`` too, then from there) and hash it in its turn."""
+        """Hash ``piece``, the part's bytes at ``offset``, in its turn: kept in ``into`` (and
+        written to the file later, from there, see :meth:`fetch_chunk`), else written to the file now."""
+        if self.into is None:
+            self.digest.write(out, offset, piece)
+            return
         end = offset + len(piece)
-        if self.into is not None and piece.obj is not self.into.obj:  # else read into its place already
+        if piece.obj is not self.into.obj:  # else read into its place already
             self.into[offset:end] = piece
             piece = self.into[offset:end]  # what is hashed is what the caller gets
-        self.digest.write(out, offset, piece, held=self.into is not None)
+        self.digest.hash(offset, piece, held=True)
 
     def finish(self) -> None:
         """Hash what is still waiting, check the digest, and rename the partial file into place,
@@ -267,11 +292,16 @@ class InOrderDigest:
         self.hashing = False
 
     def write(self, out: DirectFile, offset: int, piece: memoryview, *, held: bool = False) -> None:
-        """Write ``piece`` at ``offset`` of the file (open as ``out``), each byte once, and hash it:
-        now if it is the digest's next byte and no other thread is hashing, else in its turn.
-        ``held``: the piece is ``into``'s bytes there."""
-        end = offset + len(piece)
+        """Write ``piece`` at ``offset`` of the file (open as ``out``), each byte once, and hash it
+        (:meth:`hash`). ``held``: the piece is ``into``'s bytes there."""
         out.pwrite(piece, offset)
+        self.hash(offset, piece, held=held)
+
+    def hash(self, offset: int, piece: memoryview, *, held: bool = False) -> None:
+        """Hash ``piece``, the file's bytes at ``offset`` (each byte once): now if it is the
+        digest's next byte and no other thread is hashing, else in its turn, from ``into`` if
+        ``held`` (the piece is ``into``'s bytes there), else from the file (written before this)."""
+        end = offset + len(piece)
         with self.lock:
             if self.hashing or (offset != self.hashed and self.hashed not in self.waiting):
                 self.waiting[offset] = (end, held)

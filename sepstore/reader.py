@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, TypeVar
 
 from .cache import DEFAULT_WORKERS, Cache, Fetch
 from .delta import TensorIndex, Transfer, assemble
+from .directio import ALIGN, aligned_start
 from .errors import IntegrityError, NotFoundError, StoreError
 from .hashing import Hasher, digest_buffer, digest_file, digest_of
 from .manifest import Blob, Part
@@ -130,10 +131,8 @@ class PartReader:
             whole = [f for f in todo if f.part.digest not in done]
             into: dict[str, torch.Tensor] = {}
             for item in whole if in_memory else []:
-                import torch
-
                 try:
-                    into[item.part.digest] = torch.empty(item.part.size, dtype=torch.uint8)
+                    into[item.part.digest] = _page_aligned(item.part.size)
                 except RuntimeError:  # not that much memory: fetched into the cache only, and refused there or on read
                     break
             fetched = self.cache.fetch(
@@ -330,6 +329,16 @@ class PartReader:
                 raw = raw.clone()  # misaligned (not written by sepstore): one copy to align it
             tensors[name] = raw.view(dtype).reshape(entry.shape)
         return dict(sorted(tensors.items()))
+
+
+def _page_aligned(size: int) -> torch.Tensor:
+    """``size`` bytes of fresh memory starting at a page boundary, so that the cache file can be
+    written straight from it, past the page cache (:class:`~sepstore.directio.DirectFile`)."""
+    import torch
+
+    memory = torch.empty(size + ALIGN, dtype=torch.uint8)
+    skip = aligned_start(memory.data_ptr())
+    return memory[skip : skip + size]
 
 
 def _compare(got: str, expected: str, where: str, what: str) -> None:

@@ -1,14 +1,24 @@
-"""DirectFile writes the same bytes as plain writes, its aligned blocks past the page cache."""
+"""DirectFile writes the same bytes as plain writes, its aligned blocks past the page cache; a load by
+URL writes the cache file that way, straight from the tensors' memory."""
 
 from __future__ import annotations
 
 import ctypes
 import mmap
 import os
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+import torch
+from conftest import same_bytes
+from servers import StaticServer
 
+import sepstore
+import sepstore.cache
+import sepstore.retry
+from sepstore.demo import llama_decider, tiny_llama_state_dict
 from sepstore.directio import ALIGN, MIN_DIRECT, DirectFile, address_of, aligned_start
 
 SIZE = 4 * MIN_DIRECT + 3 * ALIGN + 123
@@ -102,3 +112,131 @@ def test_aligned_start_names_the_bytes_to_skip_to_an_aligned_address() -> None:
     address = address_of(memoryview(buffer))
     pad = aligned_start(address)
     assert 0 <= pad < ALIGN and (address + pad) % ALIGN == 0
+
+
+# -- a load by URL writes the cache file straight from the tensors' memory ---------------------------
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path, dict[str, torch.Tensor]]]:
+    """A model whose first part (4 MiB of embeddings, and its header: not a whole number of pages)
+    is served with ``Range`` by the aiohttp test server; its manifest URL, store and state dict."""
+    www = tmp_path_factory.mktemp("www")
+    sd = tiny_llama_state_dict(layers=1, hidden=64, intermediate=128, vocab=32768, seed=3)
+    sepstore.dump(llama_decider, sd, www / "store", name="tiny", tag="v1", quiet=True)
+    server = StaticServer(www).start()
+    try:
+        yield f"{server.url}/store/manifests/tiny/v1.json", www / "store", sd
+    finally:
+        server.stop()
+
+
+def direct_io_in(folder: Path) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = sized_file(folder / "probe", ALIGN)
+    with DirectFile(path) as f:
+        if not f.direct:
+            pytest.skip(f"{folder}'s filesystem refuses O_DIRECT")
+    os.unlink(path)
+
+
+def cached_begin(cache: Path, store: Path) -> tuple[str, bytes]:
+    """The cache's file of the model's first part, and the store's bytes of it."""
+    begin = sepstore.read_manifest(store / "manifests/tiny/v1.json").begin
+    assert begin is not None and begin.size > 4 * 2**20 and begin.size % ALIGN
+    name = f"parts/blake3/{begin.digest[7:]}.safetensors"
+    return str(cache / name), (store / name).read_bytes()
+
+
+@pytest.mark.parametrize("chunk_kib", [32 * 1024, 1024])
+def test_a_load_by_url_writes_the_cache_file_past_the_page_cache_byte_for_byte(
+    served: tuple[str, Path, dict[str, torch.Tensor]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, chunk_kib: int
+) -> None:
+    """The part is received into page-aligned tensor memory and written from there to the cache
+    file in aligned blocks (one part in one chunk, or in several chunks written as they come in)."""
+    url, store, sd = served
+    direct_io_in(tmp_path)
+    monkeypatch.setattr(sepstore.cache, "CHUNK_BYTES", chunk_kib * 1024)
+    monkeypatch.setattr(sepstore.cache, "TRAIL_BYTES", MIN_DIRECT)
+    psd = sepstore.load(url, "b", cache_dir=tmp_path / "cache")
+    assert same_bytes(psd.begin["embed_tokens.weight"], sd["model.embed_tokens.weight"])  # type: ignore[index]
+    path, expected = cached_begin(tmp_path / "cache", store)
+    pages = resident(path, 0, len(expected))  # before the file is read back below
+    assert sum(pages) < len(pages) // 4, "most of the file went past the page cache"
+    assert Path(path).read_bytes() == expected
+
+
+def test_a_resumed_load_from_a_server_that_ignores_range_keeps_the_earlier_chunks(
+    served: tuple[str, Path, dict[str, torch.Tensor]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An earlier process left chunks 0 and 3 in the partial file; a load by URL from a server that
+    sends whole parts takes the other chunks from the whole answer into memory and the file, and
+    reads chunks 0 and 3 from the file into memory, not written over."""
+    _, store, sd = served
+    monkeypatch.setattr(sepstore.cache, "CHUNK_BYTES", 2**20)
+    monkeypatch.setattr(sepstore.cache, "TRAIL_BYTES", MIN_DIRECT)
+    cache = tmp_path / "cache"
+    path, expected = cached_begin(cache, store)
+    partial = cache / "incoming" / Path(path).name.replace(".safetensors", ".partial")
+    partial.parent.mkdir(parents=True)
+    left = bytearray(len(expected))
+    for i in (0, 3):
+        left[i * 2**20 : (i + 1) * 2**20] = expected[i * 2**20 : (i + 1) * 2**20]
+    partial.write_bytes(left)
+    Path(f"{partial}.done").write_text("0\n3\n")
+    whole = StaticServer(store.parent, ranges=False).start()
+    try:
+        psd = sepstore.load(f"{whole.url}/store/manifests/tiny/v1.json", "b", cache_dir=cache)
+    finally:
+        whole.stop()
+    assert same_bytes(psd.begin["embed_tokens.weight"], sd["model.embed_tokens.weight"])  # type: ignore[index]
+    assert Path(path).read_bytes() == expected
+
+
+def test_a_load_cut_off_mid_chunk_logs_only_chunks_whose_bytes_are_in_the_file_and_resumes(
+    served: tuple[str, Path, dict[str, torch.Tensor]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    url, store, _ = served
+    monkeypatch.setattr(sepstore.cache, "CHUNK_BYTES", 2**20)
+    monkeypatch.setattr(sepstore.cache, "TRAIL_BYTES", MIN_DIRECT)
+    monkeypatch.setattr(sepstore.retry, "ATTEMPTS", 1)
+    real = sepstore.cache._Download.fetch_chunk
+    cuts = {"left": 1}
+
+    def cut_in_its_second_half(self: sepstore.cache._Download, index: int, bar: object) -> None:
+        if index != 2:
+            return real(self, index, bar)  # type: ignore[arg-type]
+        stream = self.item.source.stream_blob_range
+
+        def cut(blob: object, start: int, end: int, write: Any, **kw: Any) -> Any:
+            def until(offset: int, piece: memoryview) -> None:
+                at = start + (end - start) * 3 // 4  # past the first trailing writes
+                if offset + len(piece) > at and cuts["left"]:
+                    cuts["left"] -= 1
+                    write(offset, piece[: max(at - offset, 0)])
+                    raise sepstore.StoreError("killed mid-chunk")
+                write(offset, piece)
+
+            return stream(blob, start, end, until, **kw)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(self.item.source, "stream_blob_range", cut)
+        return real(self, index, bar)  # type: ignore[arg-type]
+
+    cache = tmp_path / "cache"
+    monkeypatch.setattr(sepstore.cache._Download, "fetch_chunk", cut_in_its_second_half)
+    with pytest.raises(sepstore.StoreError, match="killed mid-chunk"):
+        sepstore.load(url, "b", cache_dir=cache)
+    (partial,) = (cache / "incoming").glob("*.partial")
+    logged = [int(i) for i in Path(f"{partial}.done").read_text().split()]
+    assert 2 not in logged and logged
+    data, expected = partial.read_bytes(), cached_begin(cache, store)[1]
+    spans = {i: slice(i * 2**20, (i + 1) * 2**20) for i in range(-(-len(expected) // 2**20))}
+    for i in logged:
+        assert data[spans[i]] == expected[spans[i]]
+    assert data[spans[2]] != expected[spans[2]]  # chunk 2 was cut short
+
+    monkeypatch.setattr(sepstore.cache._Download, "fetch_chunk", real)
+    report = sepstore.pull(url, "b", cache_dir=cache, quiet=True)
+    assert report.transferred_bytes == len(expected) - sum(len(expected[spans[i]]) for i in logged)
+    path, _ = cached_begin(cache, store)
+    assert Path(path).read_bytes() == expected

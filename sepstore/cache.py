@@ -19,6 +19,13 @@ order) is written and waits, and is hashed from the file as soon as the gap befo
 The bytes of a resumed pull that an earlier process wrote are hashed from the file in their turn
 too. Each byte is written once (a retried transfer asks only for what it still lacks) and hashed
 once, so the digest is of exactly the file's bytes, with no second pass over the file.
+
+Bytes received into the caller's memory (a load by URL: page-aligned tensor memory) are hashed
+from there and written to the file from there too, by the receiving thread, a few MiB behind the
+receive, so that the writes are blocks aligned in memory and in the file, which go past the page
+cache (:mod:`sepstore.directio`): no kernel copy of every byte, no page cache filled with bytes the
+node holds in its tensors already, and next to nothing left for ``fsync``. A chunk is logged in
+``.done`` only once all its bytes are in the file.
 """
 
 from __future__ import annotations

@@ -201,29 +201,27 @@ def test_a_load_cut_off_mid_chunk_logs_only_chunks_whose_bytes_are_in_the_file_a
     monkeypatch.setattr(sepstore.cache, "TRAIL_BYTES", MIN_DIRECT)
     monkeypatch.setattr(sepstore.retry, "ATTEMPTS", 1)
     real = sepstore.cache._Download.fetch_chunk
-    cuts = {"left": 1}
 
-    def cut_in_its_second_half(self: sepstore.cache._Download, index: int, bar: object) -> None:
-        if index != 2:
-            return real(self, index, bar)  # type: ignore[arg-type]
+    def cut_in_chunk_2(self: sepstore.cache._Download, index: int, bar: object) -> None:
+        """Chunk 0 is asked for first, alone: from then on, chunk 2's transfer breaks off."""
         stream = self.item.source.stream_blob_range
 
         def cut(blob: object, start: int, end: int, write: Any, **kw: Any) -> Any:
             def until(offset: int, piece: memoryview) -> None:
-                at = start + (end - start) * 3 // 4  # past the first trailing writes
-                if offset + len(piece) > at and cuts["left"]:
-                    cuts["left"] -= 1
+                at = 2 * 2**20 + 3 * 2**18  # three quarters into chunk 2: past its first trailing writes
+                if start == 2 * 2**20 and offset + len(piece) > at:
                     write(offset, piece[: max(at - offset, 0)])
                     raise sepstore.StoreError("killed mid-chunk")
                 write(offset, piece)
 
             return stream(blob, start, end, until, **kw)  # type: ignore[arg-type]
 
-        monkeypatch.setattr(self.item.source, "stream_blob_range", cut)
+        if index == 0:
+            monkeypatch.setattr(self.item.source, "stream_blob_range", cut)
         return real(self, index, bar)  # type: ignore[arg-type]
 
     cache = tmp_path / "cache"
-    monkeypatch.setattr(sepstore.cache._Download, "fetch_chunk", cut_in_its_second_half)
+    monkeypatch.setattr(sepstore.cache._Download, "fetch_chunk", cut_in_chunk_2)
     with pytest.raises(sepstore.StoreError, match="killed mid-chunk"):
         sepstore.load(url, "b", cache_dir=cache)
     (partial,) = (cache / "incoming").glob("*.partial")

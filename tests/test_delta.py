@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import ctypes
+import mmap
 import os
 import re
 import shutil
@@ -33,6 +35,7 @@ import sepstore.hashing
 from sepstore.compose import MIN_PART, Composer, Run, plan_runs
 from sepstore.delta import INDEX_DIR, predicted_head
 from sepstore.demo import llama_decider, tiny_llama_state_dict
+from sepstore.directio import ALIGN, MIN_DIRECT, DirectFile, address_of
 from sepstore.hashing import digest_buffer, digest_file, digest_hex
 from sepstore.manifest import Manifest, Part, Tensor, encode_manifest
 from sepstore.store import Store
@@ -61,10 +64,10 @@ def moved(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def rewritten(store: Path, tag: str, layer: int) -> None:
-    """Rewrite layer ``layer`` of ``tag`` as safetensors' own writer does, with ``__metadata__``
+def rewritten(store: Path, tag: str, layer: int, name: str = "m") -> None:
+    """Rewrite layer ``layer`` of ``name:tag`` as safetensors' own writer does, with ``__metadata__``
     (another header), and publish the manifest that names it."""
-    path = store / "manifests" / "m" / f"{tag}.json"
+    path = store / "manifests" / name / f"{tag}.json"
     manifest = sepstore.read_manifest(path)
     part = manifest.mid[layer]
     assert part is not None
@@ -599,3 +602,76 @@ def test_a_damaged_source_spoils_only_the_part_that_copied_from_it_and_reused_by
     assert report.reused_bytes == sum(data_bytes(p) - data_bytes(p, CHANGED) for p in mids if p is not mids[1])
     assert report.reused_bytes + report.transferred_bytes > report.fetched_bytes  # mid.1's assembly fetched too
     assert sepstore.verify(http_remote.url("m", "v2"), cache_dir=cache).ok
+
+
+# -- pull: copied tensors written past the page cache ---------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def big_remote(big_store: Path) -> Iterator[Remote]:
+    """``big_store`` served over HTTP, with ``big:v3``: v2 with its layer written by safetensors
+    itself (another header, so every tensor lies at another offset modulo a block than in v1)."""
+    sepstore.dump(llama_decider, lora_merged(big_layer()), big_store, name="big", tag="v3", quiet=True)
+    rewritten(big_store, "v3", 0, name="big")
+    server = StaticServer(big_store.parent).start()
+    yield Remote("http", f"{server.url}/store", server.requests)
+    server.stop()
+
+
+def resident_bytes(path: Path) -> int:
+    """Bytes of the file at ``path`` that the page cache holds (``mincore`` of a map of it)."""
+    size, page = path.stat().st_size, mmap.PAGESIZE
+    pages = (ctypes.c_ubyte * (-(-size // page)))()
+    with open(path, "rb") as file, mmap.mmap(file.fileno(), size, access=mmap.ACCESS_COPY) as mapped:
+        view = memoryview(mapped)
+        mincore = ctypes.CDLL(None, use_errno=True).mincore
+        assert mincore(ctypes.c_void_p(address_of(view)), ctypes.c_size_t(size), pages) == 0, ctypes.get_errno()
+        view.release()
+    return sum(p & 1 for p in pages) * page
+
+
+def offsets(path: Path) -> dict[str, int]:
+    """Each tensor's first byte in the safetensors file at ``path``."""
+    with open(path, "rb") as file:
+        (length,) = struct.unpack("<Q", file.read(8))
+        header = msgspec.json.decode(file.read(length))
+    return {n: 8 + length + e["data_offsets"][0] for n, e in header.items() if n != "__metadata__"}
+
+
+@pytest.mark.parametrize("copy_bytes", [sepstore.delta.COPY_BYTES, 300_001])
+@pytest.mark.parametrize("tag", ["v2", "v3"])
+def test_copied_tensors_go_past_the_page_cache_from_any_offset_and_the_part_is_byte_identical(
+    big_remote: Remote, big_store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tag: str, copy_bytes: int
+) -> None:
+    """Each copied tensor's whole blocks are written with ``O_DIRECT`` (not left in the page cache),
+    whether it lies at the same offset modulo a block in its source (v2) or not (v3), in pieces of
+    a block multiple or not; the part is assembled, not fetched whole, so its bytes are exact."""
+    (tmp_path / "probe").touch()
+    with DirectFile(str(tmp_path / "probe")) as probe:
+        if not probe.direct:
+            pytest.skip("this filesystem has no O_DIRECT (tmpfs)")
+    monkeypatch.setattr(sepstore.delta, "COPY_BYTES", copy_bytes)
+    cache = tmp_path / "cache"
+    sepstore.pull(big_remote.url("big", "v1"), cache_dir=cache, quiet=True)
+    report = sepstore.pull(big_remote.url("big", tag), cache_dir=cache, quiet=True)
+    old, new = manifest(big_store, "big", "v1").mid[0], manifest(big_store, "big", tag).mid[0]
+    assert old is not None and new is not None
+    path = cache / "parts" / "blake3" / new.file_name
+    moved = {n: at - offsets(big_store / "parts" / "blake3" / old.file_name)[n] for n, at in offsets(path).items()}
+    assert all((shift % ALIGN == 0) == (tag == "v2") for shift in moved.values())
+    assert report.reused_bytes == data_bytes(new) - data_bytes(new, CHANGED)
+    # in the page cache: the header, the fetched tensors, and of each copied one at most its end
+    # blocks and a last piece too short to be worth a direct write
+    assert resident_bytes(path) <= new.size - report.reused_bytes + (2 * ALIGN + MIN_DIRECT) * len(new.tensors)
+    assert path.read_bytes() == (big_store / "parts" / "blake3" / new.file_name).read_bytes()
+
+
+def test_a_flipped_byte_of_a_source_in_a_block_written_past_the_page_cache_is_caught(
+    big_remote: Remote, big_store: Path, tmp_path: Path
+) -> None:
+    cache = tmp_path / "cache"
+    sepstore.pull(big_remote.url("big", "v1"), cache_dir=cache, quiet=True)
+    flip_a_reused_byte(cache, manifest(big_store, "big", "v1").mid[0])
+    report = sepstore.pull(big_remote.url("big", "v2"), cache_dir=cache, quiet=True)
+    assert report.reused_bytes == 0
+    assert sepstore.verify(big_remote.url("big", "v2"), cache_dir=cache).ok

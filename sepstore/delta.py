@@ -37,7 +37,7 @@ buffer's extra copy. Writing the copied blocks past the page cache halves the ke
 them (no page-cache pages to fill, nothing left for ``fsync`` to write): a 2 GiB upgrade took 1.8 s
 instead of 2.7 s here, about what the disk alone takes for those bytes. The buffer is private, so
 the bytes hashed are the bytes written. The price: the new part is not in the page cache, so a
-``load`` right after the upgrade reads it from the disk (2.2 s became 3.2 s here). Sources are read
+``load`` right after the upgrade reads it from the disk (2.5 s became 3.7 s here, ``--then-load``). Sources are read
 through the page cache: v1 was most likely just read or written, and a direct read would go to
 the disk for bytes memory holds.
 """

@@ -104,28 +104,41 @@ class _Answer(http.client.HTTPResponse):
         self.fp = io.BufferedReader(_TimedSocket(sock, timing), _BUFFER)
 
 
-def _connection(key: _Key, connect_timeout: float) -> http.client.HTTPConnection:
+def _connection(key: _Key, connect_timeout: float, deadline: float) -> http.client.HTTPConnection:
+    """A new connection, connected within ``connect_timeout`` and before ``deadline``."""
     scheme, host, port = key
+    timeout = min(connect_timeout, max(deadline - time.monotonic(), 0.001))
     conn: http.client.HTTPConnection
     if scheme == "https":
-        conn = http.client.HTTPSConnection(host, port, timeout=connect_timeout, context=_tls())
+        conn = http.client.HTTPSConnection(host, port, timeout=timeout, context=_tls())
     else:
-        conn = http.client.HTTPConnection(host, port, timeout=connect_timeout)
-    conn._create_connection = _open_socket  # type: ignore[attr-defined]
-    timing = _Timing(connect_timeout)
+        conn = http.client.HTTPConnection(host, port, timeout=timeout)
+    conn._create_connection = partial(_open_socket, connect_timeout=connect_timeout)  # type: ignore[attr-defined]
+    timing = _Timing(timeout)
     conn.timing = timing  # type: ignore[attr-defined]
     conn.response_class = partial(_Answer, timing=timing)  # type: ignore[assignment]
     conn.connect()
     return conn
 
 
-def _open_socket(address: tuple[str, int], timeout: float, source: tuple[str, int] | None = None) -> socket.socket:
+def _open_socket(
+    address: tuple[str, int], timeout: float, source: tuple[str, int] | None = None, *, connect_timeout: float
+) -> socket.socket:
     """:func:`socket.create_connection`, its address lookup bounded by ``timeout`` too: a TCP socket
     connected to the first of the host's addresses that answers (IPv4 or IPv6), each tried for at
-    most ``timeout`` seconds."""
+    most ``timeout`` seconds (``connect_timeout``, or less where the transfer's deadline is nearer);
+    else the last address's failure, as :func:`socket.create_connection` raises it."""
     host, port = address
+    try:
+        found = _LOOKUPS.addresses(host, port, timeout)
+    except LookupTimeoutError:
+        # cut short by the transfer's deadline (less than half the connect timeout was left): its
+        # timeout, not the resolver's failure (a lookup given a whole window that ran out is that)
+        if timeout < connect_timeout / 2:
+            raise TimeoutError(f"{host}: timed out looking up its address at the transfer's deadline") from None
+        raise
     failures: list[OSError] = []
-    for family, kind, protocol, _, target in _LOOKUPS.addresses(host, port, timeout):
+    for family, kind, protocol, _, target in found:
         sock = socket.socket(family, kind, protocol)
         try:
             sock.settimeout(timeout)
@@ -137,7 +150,7 @@ def _open_socket(address: tuple[str, int], timeout: float, source: tuple[str, in
             failures.append(exc)
         else:
             return sock
-    raise failures[0] if failures else OSError(f"{host}: getaddrinfo found no address")
+    raise failures[-1] if failures else OSError(f"{host}: getaddrinfo found no address")
 
 
 class _Lookups:
@@ -154,9 +167,10 @@ class _Lookups:
         with self._lock:
             lookup = self._pending.get((host, port))
             if lookup is None:
-                lookup = self._pending[host, port] = futures.Future()
+                lookup = futures.Future()
                 thread = threading.Thread(target=self._run, args=(host, port, lookup), daemon=True)
-                thread.start()
+                thread.start()  # before the lookup is shared: one that never started would never end
+                self._pending[host, port] = lookup
         try:
             return lookup.result(timeout)
         except futures.TimeoutError:  # TimeoutError itself from Python 3.11
@@ -346,7 +360,7 @@ def _get_once(
         conn = _POOL.take(key)
         reused = conn is not None
         if conn is None:
-            conn = _connection(key, min(connect_timeout, max(deadline - time.monotonic(), 0.001)))
+            conn = _connection(key, connect_timeout, deadline)
         timing: _Timing = conn.timing  # type: ignore[attr-defined]
         timing.read_timeout, timing.deadline = read_timeout, deadline
         try:

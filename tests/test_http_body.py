@@ -27,6 +27,7 @@ from servers import Request, StaticServer
 import sepstore
 import sepstore.cache
 import sepstore.retry
+from sepstore import httpio
 from sepstore.demo import llama_decider, tiny_llama_state_dict
 
 MANIFEST = "store/manifests/m/v1.json"
@@ -266,3 +267,53 @@ def test_a_dns_lookup_that_never_answers_fails_the_pull_after_the_timeout_naming
         resolver.release()
     assert len(failures) == 1 and isinstance(failures[0], sepstore.StoreError)
     assert re.search(r"stuck\.sepstore\.test: its address was not found in 0\.5 s.* after 2 tries", str(failures[0]))
+
+
+def closed_port() -> int:
+    """A port of 127.0.0.1 that nothing listens on."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def test_a_lookup_thread_that_cannot_start_fails_that_try_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    def cannot_start(self: threading.Thread) -> None:
+        raise RuntimeError("can't start new thread")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(threading.Thread, "start", cannot_start)
+        with pytest.raises(RuntimeError, match="can't start"):
+            httpio._LOOKUPS.addresses("localhost", 80, 5)
+    assert httpio._LOOKUPS.addresses("localhost", 80, 5), "the host is looked up again, not left waiting"
+
+
+def test_a_deadline_that_runs_out_during_the_lookup_is_a_timeout_not_a_silent_resolver(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    resolve = socket.getaddrinfo
+
+    def slow(*args: Any, **kwargs: Any) -> Any:
+        threading.Event().wait(0.05)  # an ordinary resolver, slower than the little time left
+        return resolve(*args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", slow)
+    with pytest.raises(TimeoutError) as caught:
+        httpio.get(f"http://localhost:{closed_port()}/x", {}, connect_timeout=60, read_timeout=60, deadline=0.0)
+    assert not isinstance(caught.value, httpio.LookupTimeoutError), caught.value
+
+
+def test_a_host_none_of_whose_addresses_connects_reports_the_last_ones_failure(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    with socket.socket() as full, socket.socket() as queued:
+        full.bind(("127.0.0.1", 0))
+        full.listen(0)
+        queued.connect(full.getsockname())  # its queue is full: the next connection times out
+        addresses = [full.getsockname(), ("127.0.0.1", closed_port())]  # then a server that is down
+        found = [(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", address) for address in addresses]
+        resolve = socket.getaddrinfo
+        monkeypatch.setattr(
+            socket, "getaddrinfo", lambda host, *a, **k: found if host == "two.test" else resolve(host, *a, **k)
+        )
+        with pytest.raises(ConnectionRefusedError):
+            httpio.get("http://two.test/x", {}, connect_timeout=0.3, read_timeout=1, deadline=1e12)

@@ -3,9 +3,20 @@ in bounded pieces: whatever a server sends, a transfer holds at most :data:`PIEC
 memory, stops at the length it asked for, and cannot hang forever.
 
 ``$SEPSTORE_TIMEOUT`` (seconds, default 60) bounds connecting and each read from the network for
-HTTP(S) and S3. S3 calls are tried once each by botocore (``retries``), since sepstore tries each
-again itself (:func:`~sepstore.retry.with_retries`), unless ``$AWS_MAX_ATTEMPTS`` says otherwise;
-options a caller passes in ``storage_options`` win over these defaults.
+HTTP(S) and S3; options a caller passes in ``storage_options`` win over these defaults.
+
+S3 is retried at two levels, no more. Each of sepstore's operations (a read, a write, a listing)
+gets :data:`~sepstore.retry.ATTEMPTS` tries (:func:`~sepstore.retry.with_retries`, backoff from
+0.2 s). Within a try, botocore sends each request at most :data:`S3_REQUEST_ATTEMPTS` times
+(standard mode: again on a 5xx, a throttle, a dropped or timed-out connection), which retries one
+part of a multipart upload, or an abort, without redoing the whole; unless the user set botocore's
+retries (``config_kwargs={"retries": ...}``, ``$AWS_MAX_ATTEMPTS``/``$AWS_RETRY_MODE``, or
+``max_attempts``/``retry_mode`` in the AWS config file), which are then theirs. s3fs's own retry
+loop (``S3FileSystem.retries``, 5 tries around each call) is set to one try. So an S3 endpoint that
+answers every request 503, or never answers, costs ``ATTEMPTS * S3_REQUEST_ATTEMPTS`` (10)
+requests per operation before it fails, a hanging one ``$SEPSTORE_TIMEOUT`` for each; except a
+ranged read of an object, which the minimum-progress window below cuts at ``$SEPSTORE_TIMEOUT``
+with its request: ``ATTEMPTS`` (5) requests.
 
 ``$SEPSTORE_MIN_SPEED`` (bytes per second, default 16384) is the least a transfer must keep up: one
 that delivers fewer than ``SEPSTORE_MIN_SPEED * SEPSTORE_TIMEOUT`` bytes in any window of
@@ -50,6 +61,9 @@ T = TypeVar("T")
 #: A transfer reads from the network, and hands on, pieces of at most this many bytes.
 PIECE_BYTES = 4 * 1024 * 1024
 
+#: How many times botocore sends each S3 request, inside each of sepstore's tries (see above).
+S3_REQUEST_ATTEMPTS = 2
+
 
 def _env_number(name: str, default: str, unit: str, *, positive: bool = False) -> float:
     value = os.environ.get(name, default)
@@ -88,20 +102,38 @@ def with_defaults(url: str, storage_options: Mapping[str, Any] | None) -> dict[s
         config = dict(options.get("config_kwargs") or {})
         config.setdefault("connect_timeout", seconds)
         config.setdefault("read_timeout", seconds)
-        if "AWS_MAX_ATTEMPTS" not in os.environ:
-            # one request per try: sepstore retries S3 calls itself (with_retries), and botocore's
-            # retries inside each try made a dead endpoint 25 requests and 40 s of backoff to fail
-            config.setdefault("retries", {"total_max_attempts": 1})
+        if "retries" not in config and not _aws_retries_configured(options.get("profile")):
+            config["retries"] = {"total_max_attempts": S3_REQUEST_ATTEMPTS, "mode": "standard"}
         options["config_kwargs"] = config
     return options
+
+
+def _aws_retries_configured(profile: object) -> bool:
+    """Whether the user set botocore's retries (``$AWS_MAX_ATTEMPTS``, ``$AWS_RETRY_MODE``, or the
+    AWS config file's ``max_attempts``/``retry_mode`` for ``profile``): a ``retries`` in the client's
+    options would override them."""
+    import botocore.exceptions
+    import botocore.session
+
+    if os.environ.get("AWS_MAX_ATTEMPTS") or os.environ.get("AWS_RETRY_MODE"):
+        return True
+    session = botocore.session.Session(profile=profile if isinstance(profile, str) else None)
+    try:
+        scoped = session.get_scoped_config()
+    except botocore.exceptions.BotoCoreError:  # no such profile: the S3 client will say so
+        return False
+    return "max_attempts" in scoped or "retry_mode" in scoped
 
 
 def open_url(url: str, storage_options: Mapping[str, Any] | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
     """The filesystem and path of ``url``, with sepstore's defaults; a ``StoreError`` if it cannot be opened."""
     try:
-        return fsspec.core.url_to_fs(url, **with_defaults(url, storage_options))
+        fs, path = fsspec.core.url_to_fs(url, **with_defaults(url, storage_options))
     except (ImportError, ValueError, TypeError) as exc:
         raise StoreError(f"cannot open {url!r}: {exc}") from exc
+    if _is(fs, "s3fs.core", "S3FileSystem"):
+        fs.retries = 1  # s3fs's own loop around each call: botocore and sepstore retry (see above)
+    return fs, path
 
 
 # -- streaming ranged reads ------------------------------------------------------------------------

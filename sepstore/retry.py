@@ -18,6 +18,7 @@ __all__ = [
     "ShortReadError",
     "StalledError",
     "TransientError",
+    "backoff",
     "certificate_refused",
     "http_status",
     "is_transient",
@@ -101,6 +102,11 @@ def is_transient(exc: BaseException) -> bool:
     return isinstance(exc, (*transient, *_loaded("aiohttp", "ClientError"), *in_transit))
 
 
+def backoff(attempt: int) -> float:
+    """Seconds to wait after failed try number ``attempt``: doubling from :data:`BASE_DELAY`, jittered."""
+    return BASE_DELAY * 2 ** (attempt - 1) * (0.5 + random.random())
+
+
 def with_retries(call: Callable[[], T], url: str, *, attempts: int | None = None) -> T:
     """``call()``, retried on transient errors (``attempts`` tries in all, default :data:`ATTEMPTS`);
     the last failure becomes a ``StoreError`` naming ``url``."""
@@ -132,4 +138,4 @@ def with_retries(call: Callable[[], T], url: str, *, attempts: int | None = None
             tries = f" after {attempt} tries" if attempt > 1 else ""
             kind = "" if isinstance(failure, TransientError) else f"{type(failure).__name__}: "
             raise StoreError(f"{url}: {kind}{failure}{tries}") from failure
-        time.sleep(BASE_DELAY * 2 ** (attempt - 1) * (0.5 + random.random()))
+        time.sleep(backoff(attempt))

@@ -1,9 +1,14 @@
-"""S3 calls are retried by sepstore alone (:func:`sepstore.retry.with_retries`), once per try:
-botocore's own retries inside each try made a dead endpoint 25 requests and 40 s of backoff to fail.
-Writes (parts, manifests, leases) are retried as reads are."""
+"""S3 is retried at two levels (see :mod:`sepstore.backends`): sepstore's tries of each operation
+(:func:`sepstore.retry.with_retries`), and within each try botocore's of each request
+(``S3_REQUEST_ATTEMPTS``, unless the user configured botocore's); s3fs's own loop is off. So a dead
+or hanging endpoint costs a known number of requests, one part of a multipart upload is sent again
+alone, and an abort is retried. Writes (parts, manifests, leases) are retried as reads are."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,10 +16,13 @@ from pathlib import Path
 import fsspec
 import pytest
 from aiohttp import web
+from fsspec.asyn import sync
 from servers import CountingMotoServer, FaultProxy, _LoopbackServer
 
 import sepstore
 import sepstore.retry
+from sepstore.backends import S3_REQUEST_ATTEMPTS, open_url
+from sepstore.stores.s3 import EncryptedUploadError, Run, compose_object
 
 
 class Refusing(_LoopbackServer):
@@ -65,11 +73,63 @@ def unavailable(monkeypatch: pytest.MonkeyPatch) -> Iterator[Refusing]:
     server.stop()
 
 
-def test_a_dead_s3_endpoint_fails_a_pull_after_one_request_per_try(unavailable: Refusing, tmp_path: Path) -> None:
+class Hanging(_LoopbackServer):
+    """An S3 endpoint that takes every request and never answers (a hung service behind a load
+    balancer), until the client gives up."""
+
+    methods = ("GET", "HEAD", "PUT", "POST", "DELETE")
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        while request.transport is not None and not request.transport.is_closing():
+            await asyncio.sleep(0.05)
+        return web.Response(status=503)  # to no one
+
+
+def test_a_dead_s3_endpoint_fails_a_pull_after_botocores_requests_in_each_try(
+    unavailable: Refusing, tmp_path: Path
+) -> None:
     url = "s3://bucket/store/manifests/model/latest.json"
     with pytest.raises(sepstore.StoreError, match="after 2 tries"):
         sepstore.pull(url, cache_dir=tmp_path, storage_options=options(unavailable.url))
-    assert len(unavailable.requests) == 2, [(r.method, r.path) for r in unavailable.requests]
+    assert len(unavailable.requests) == 2 * S3_REQUEST_ATTEMPTS, [(r.method, r.path) for r in unavailable.requests]
+
+
+@pytest.mark.parametrize("command", ["pull", "push"])
+def test_a_hanging_s3_endpoint_costs_a_known_number_of_requests_not_s3fs_retries_too(
+    unavailable: Refusing, store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, command: str
+) -> None:
+    monkeypatch.setenv("SEPSTORE_TIMEOUT", "0.2")
+    hanging = Hanging().start()
+    try:
+        with pytest.raises(sepstore.StoreError, match="after 2 tries"):
+            if command == "pull":
+                url = "s3://bucket/store/manifests/model/latest.json"
+                sepstore.pull(url, cache_dir=tmp_path / "cache", storage_options=options(hanging.url))
+            else:
+                sepstore.push(store, "s3://bucket/store", dest_storage_options=options(hanging.url), quiet=True)
+    finally:
+        hanging.stop()
+    # a read (pull's GET) is cut at the end of its $SEPSTORE_TIMEOUT window, botocore's retries and all
+    expected = 2 if command == "pull" else 2 * S3_REQUEST_ATTEMPTS
+    assert len(hanging.requests) == expected, [(r.method, r.path) for r in hanging.requests]
+
+
+@pytest.mark.parametrize("where", ["config file", "environment"])
+def test_botocores_retries_the_user_configured_are_kept(
+    unavailable: Refusing, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where: str
+) -> None:
+    monkeypatch.setattr(sepstore.retry, "ATTEMPTS", 1)
+    if where == "config file":
+        config = tmp_path / "aws-config"
+        config.write_text("[default]\nmax_attempts = 3\nretry_mode = standard\n")  # legacy's backoff is slow
+        monkeypatch.setenv("AWS_CONFIG_FILE", str(config))
+    else:
+        monkeypatch.setenv("AWS_MAX_ATTEMPTS", "3")
+        monkeypatch.setenv("AWS_RETRY_MODE", "standard")
+    url = "s3://bucket/store/manifests/model/latest.json"
+    with pytest.raises(sepstore.StoreError, match="Service Unavailable"):
+        sepstore.pull(url, cache_dir=tmp_path / "cache", storage_options=options(unavailable.url))
+    assert len(unavailable.requests) == 3
 
 
 def test_an_s3_bad_request_answer_is_final_not_retried(unavailable: Refusing, tmp_path: Path) -> None:
@@ -80,10 +140,12 @@ def test_an_s3_bad_request_answer_is_final_not_retried(unavailable: Refusing, tm
     assert "tries" not in str(caught.value) and len(unavailable.requests) == 1
 
 
-def test_a_dead_s3_endpoint_fails_a_push_after_one_request_per_try(unavailable: Refusing, store: Path) -> None:
+def test_a_dead_s3_endpoint_fails_a_push_after_botocores_requests_in_each_try(
+    unavailable: Refusing, store: Path
+) -> None:
     with pytest.raises(sepstore.StoreError, match="after 2 tries"):
         sepstore.push(store, "s3://bucket/store", dest_storage_options=options(unavailable.url), quiet=True)
-    assert len(unavailable.requests) == 2, [(r.method, r.path) for r in unavailable.requests]
+    assert len(unavailable.requests) == 2 * S3_REQUEST_ATTEMPTS, [(r.method, r.path) for r in unavailable.requests]
 
 
 @pytest.mark.parametrize("match", ["/parts/blake3/", "/manifests/"])
@@ -100,3 +162,99 @@ def test_503s_to_s3_writes_are_retried_to_success(
         proxy.stop()
     assert proxy.failures == 0 and report.manifest_written
     assert sepstore.verify(f"s3://{bucket}/store", quiet=True).ok
+
+
+class FailingUploadPart(FaultProxy):
+    """S3 through a proxy that answers the first ``UploadPart`` of part 2 with a 500."""
+
+    failed = False
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        if request.query.get("partNumber") == "2" and not self.failed:
+            self.failed = True
+            await request.read()
+            return web.Response(status=500, body=b"<Error><Code>InternalError</Code><Message>x</Message></Error>")
+        return await super()._handle(request)
+
+
+def bucket_of(moto_server: CountingMotoServer) -> str:
+    bucket = f"retries-{uuid.uuid4().hex[:12]}"
+    fsspec.filesystem("s3", endpoint_url=moto_server.endpoint, skip_instance_cache=True).mkdir(bucket)
+    return bucket
+
+
+def open_uploads(moto_server: CountingMotoServer, bucket: str) -> list[object]:
+    fs = fsspec.filesystem("s3", endpoint_url=moto_server.endpoint, skip_instance_cache=True)
+    return list(sync(fs.loop, fs._call_s3, "list_multipart_uploads", Bucket=bucket).get("Uploads", []))
+
+
+def test_a_multipart_uploads_failed_part_is_sent_again_alone(moto_server: CountingMotoServer, tmp_path: Path) -> None:
+    bucket = bucket_of(moto_server)
+    local = tmp_path / "big"
+    local.write_bytes(os.urandom(10 << 20))
+    proxy = FailingUploadPart(moto_server.endpoint).start()
+    try:
+        fs, _ = open_url(f"s3://{bucket}/big", options(proxy.url))
+        fs.put_file(str(local), f"{bucket}/big", chunksize=5 << 20)  # two parts
+    finally:
+        proxy.stop()
+    assert proxy.failed and [r.method for r in proxy.requests].count("POST") == 2, "one upload, completed"
+    direct = fsspec.filesystem("s3", endpoint_url=moto_server.endpoint, skip_instance_cache=True)
+    assert direct.cat_file(f"{bucket}/big") == local.read_bytes()
+
+
+class KmsBucket(FaultProxy):
+    """S3 through a proxy that says it encrypts new uploads with KMS, and answers the first
+    ``failures`` AbortMultipartUploads 503."""
+
+    def __init__(self, upstream: str, failures: int) -> None:
+        super().__init__(upstream)
+        self.failures = failures
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        if request.method == "DELETE" and "uploadId" in request.query and self.failures > 0:
+            self.failures -= 1
+            return web.Response(status=503)
+        answer = await super()._handle(request)
+        if request.method == "POST" and "uploads" in request.query:
+            answer.headers["x-amz-server-side-encryption"] = "aws:kms"
+        return answer
+
+
+@pytest.mark.parametrize("failures", [S3_REQUEST_ATTEMPTS, 100])
+def test_an_abandoned_multipart_upload_is_aborted_through_503s_or_named_in_a_warning(
+    moto_server: CountingMotoServer,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    failures: int,
+) -> None:
+    monkeypatch.setattr(sepstore.retry, "ATTEMPTS", 2)
+    monkeypatch.setattr(sepstore.retry, "BASE_DELAY", 0.01)
+    bucket = bucket_of(moto_server)
+    local = tmp_path / "local"
+    local.write_bytes(b"x" * 100)
+    proxy = KmsBucket(moto_server.endpoint, failures).start()
+    try:
+        fs, _ = open_url(f"s3://{bucket}/obj", options(proxy.url))
+        with pytest.raises(EncryptedUploadError), caplog.at_level(logging.WARNING, "sepstore"):
+            sync(
+                fs.loop,
+                compose_object,
+                fs,
+                f"{bucket}/obj",
+                [Run(0, 100)],
+                source_path=str,
+                local=str(local),
+                workers=1,
+                buffers=asyncio.Semaphore(1),
+                check=lambda *_: None,
+                sent=lambda _: None,
+            )
+    finally:
+        proxy.stop()
+    left = open_uploads(moto_server, bucket)
+    if failures < 2 * S3_REQUEST_ATTEMPTS:
+        assert not left and not [r for r in caplog.records if r.name.startswith("sepstore")]
+    else:
+        assert len(left) == 1 and left[0]["UploadId"] in caplog.text and f"s3://{bucket}/obj" in caplog.text  # type: ignore[index]

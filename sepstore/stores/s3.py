@@ -7,15 +7,19 @@ checks of each part's ETag, are planned by :mod:`sepstore.compose`.
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from .. import retry
 from ..errors import SepstoreError
 from ..safetensors_io import pread_exact
+from ..store import s3_code
 
-__all__ = ["EncryptedUploadError", "Run", "compose_object"]
+__all__ = ["EncryptedUploadError", "Run", "abort_upload", "compose_object"]
+
+log = logging.getLogger(__name__)
 
 
 class EncryptedUploadError(SepstoreError):
@@ -73,8 +77,7 @@ async def compose_object(
     upload_id = upload["UploadId"]
     encryption = str(upload.get("ServerSideEncryption", ""))
     if encryption.startswith("aws:kms") or upload.get("SSECustomerAlgorithm"):
-        with contextlib.suppress(Exception):
-            await fs._call_s3("abort_multipart_upload", Bucket=bucket, Key=key, UploadId=upload_id)
+        await abort_upload(fs, bucket, key, upload_id)
         raise EncryptedUploadError(
             f"{key}: S3 encrypts it with {encryption or 'a customer key'}, so its parts' ETags are not their MD5s"
         )
@@ -120,13 +123,39 @@ async def compose_object(
     except BaseException:
         for task in tasks:
             task.cancel()
-        with contextlib.suppress(Exception):
-            await fs._call_s3("abort_multipart_upload", Bucket=bucket, Key=key, UploadId=upload_id)
+        await abort_upload(fs, bucket, key, upload_id)
         raise
     info = await fs._call_s3("head_object", Bucket=bucket, Key=key)
     expected = runs[-1].end if runs else 0
     if info.get("ContentLength") != expected:
         raise SepstoreError(f"{key}: {info.get('ContentLength')} bytes after composing, expected {expected}")
+
+
+async def abort_upload(fs: Any, bucket: str, key: str, upload_id: str) -> None:
+    """Abort a multipart upload, tried as :func:`~sepstore.retry.with_retries` tries (an abort can be
+    repeated; one S3 no longer knows is done): an upload left open is billed for its parts until a
+    lifecycle rule ends it, so one that cannot be aborted is a warning naming it, not a failure
+    that would hide the one that made it abort."""
+    for attempt in range(1, retry.ATTEMPTS + 1):
+        try:
+            await fs._call_s3("abort_multipart_upload", Bucket=bucket, Key=key, UploadId=upload_id)
+            return
+        except Exception as exc:
+            if s3_code(exc) == "NoSuchUpload":
+                return
+            if attempt < retry.ATTEMPTS and retry.is_transient(exc):
+                await asyncio.sleep(retry.backoff(attempt))
+                continue
+            log.warning(
+                "s3://%s/%s: the multipart upload %s could not be aborted (%s: %s); it stays open, and is "
+                "billed, until aborted (aws s3api abort-multipart-upload) or ended by a lifecycle rule",
+                bucket,
+                key,
+                upload_id,
+                type(exc).__name__,
+                exc,
+            )
+            return
 
 
 def _read(path: str, run: Run) -> bytes:

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import fsspec
-from fsspec.implementations.local import LocalFileSystem
 
 from .backends import open_url, stream_range
 from .errors import ManifestError, StoreError
@@ -23,9 +22,8 @@ from .hashing import Hasher, digest_buffer, digest_of
 from .manifest import MAX_ASSET_BYTES, Asset, Manifest, is_asset_path
 from .reader import PartReader
 from .refs import FETCH_OPTIONS, RefLike, RefOptions, open_ref
-from .retry import with_retries
 from .safetensors_io import pwrite_all
-from .store import Store, backend_errors
+from .store import Store, backend_call
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -77,10 +75,9 @@ def _opened(path: str, value: object) -> bytes | AssetFile:
         raise ManifestError(f"asset {path!r}: expected bytes, a path or a URL, got {type(value).__name__}")
     url = os.fspath(value)
     fs, where = open_url(url)
-    with backend_errors(url):
-        if fs.isdir(where):
-            raise ManifestError(f"asset {path!r}: {url} is a folder; give each file as its own asset")
-        return AssetFile(fs, where, url, int(fs.size(where)))
+    if backend_call(fs, url, lambda: fs.isdir(where)):
+        raise ManifestError(f"asset {path!r}: {url} is a folder; give each file as its own asset")
+    return AssetFile(fs, where, url, int(backend_call(fs, url, lambda: fs.size(where))))
 
 
 def _stage(store: Store, path: str, source: bytes | AssetFile) -> tuple[Asset, str]:
@@ -108,9 +105,8 @@ def _stage(store: Store, path: str, source: bytes | AssetFile) -> tuple[Asset, s
             hasher.reset()
             stream_range(source.fs, source.path, source.url, 0, source.size, source.size, write)
 
-        with backend_errors(source.url):
-            if source.size:
-                copy() if isinstance(source.fs, LocalFileSystem) else with_retries(copy, source.url)
+        if source.size:
+            backend_call(source.fs, source.url, copy)
         return Asset(digest_of(hasher), source.size)
 
     return store.stage_blob(write_file)

@@ -22,8 +22,8 @@ import os
 import re
 import secrets
 import tempfile
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
@@ -31,7 +31,7 @@ from fsspec.implementations.local import LocalFileSystem
 from .backends import read_head
 from .errors import NotFoundError, SepstoreError, StoreError
 from .manifest import MAX_MANIFEST_BYTES, NAME_PATTERN, TAG_PATTERN
-from .retry import http_status, with_retries
+from .retry import http_status, is_transient, with_retries
 from .stores.base import Store
 
 __all__ = [
@@ -46,6 +46,7 @@ __all__ = [
     "TAG_RE",
     "TEMP_PATTERN",
     "Store",
+    "backend_call",
     "backend_errors",
     "check_name",
     "check_tag",
@@ -61,6 +62,8 @@ __all__ = [
     "staged",
     "standard_parts_location",
 ]
+
+T = TypeVar("T")
 
 PARTS_DIR = "parts/blake3"
 MANIFESTS_DIR = "manifests"
@@ -249,6 +252,28 @@ def backend_errors(url: str) -> Iterator[None]:
         raise StoreError(f"{url}: {type(exc).__name__}: {exc}") from exc
 
 
+def backend_call(fs: fsspec.AbstractFileSystem, url: str, call: Callable[[], T]) -> T:
+    """``call()`` (a request to ``fs``), its backend's errors translated (naming ``url``); off local
+    disk, a transient failure is tried again (:func:`~sepstore.retry.with_retries`: see
+    :mod:`sepstore.backends` for S3's retries)."""
+    if isinstance(fs, LocalFileSystem):
+        with backend_errors(url):
+            return call()
+
+    def attempt() -> T:
+        try:
+            return call()
+        except Exception as exc:
+            # fsspec's HTTP reports a failed look-up as "not found", caused by the real failure
+            cause = exc.__cause__ if isinstance(exc, FileNotFoundError) else exc
+            if cause is None or not is_transient(cause):
+                with backend_errors(url):
+                    raise
+            raise
+
+    return with_retries(attempt, url)
+
+
 def s3_code(exc: BaseException) -> str | None:
     """The S3 error code behind an s3fs exception (s3fs keeps botocore's error as the cause)."""
     response = getattr(exc.__cause__, "response", None)
@@ -261,11 +286,7 @@ def read_prefix(fs: fsspec.AbstractFileSystem, path: str, url: str, limit: int) 
     """The first ``limit`` bytes of an object (all of it, if shorter), never holding more; from a
     remote backend, transient failures (dropped connections, 5xx, stalls) are retried."""
 
-    def read() -> bytes:
-        return read_head(fs, path, url, limit)
-
-    with backend_errors(url):
-        return read() if isinstance(fs, LocalFileSystem) else with_retries(read, url)
+    return backend_call(fs, url, lambda: read_head(fs, path, url, limit))
 
 
 def read_limited(

@@ -7,6 +7,7 @@ alone, and an abort is retried. Writes (parts, manifests, leases) are retried as
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import uuid
@@ -15,8 +16,10 @@ from pathlib import Path
 
 import fsspec
 import pytest
+import torch
 from aiohttp import web
 from fsspec.asyn import sync
+from safetensors.torch import save
 from servers import CountingMotoServer, FaultProxy, _LoopbackServer
 
 import sepstore
@@ -114,18 +117,13 @@ def test_a_hanging_s3_endpoint_costs_a_known_number_of_requests_not_s3fs_retries
     assert len(hanging.requests) == expected, [(r.method, r.path) for r in hanging.requests]
 
 
-@pytest.mark.parametrize("where", ["config file", "environment"])
-def test_botocores_retries_the_user_configured_are_kept(
-    unavailable: Refusing, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where: str
+def test_botocores_retries_the_user_configured_in_the_aws_config_file_are_kept(
+    unavailable: Refusing, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(sepstore.retry, "ATTEMPTS", 1)
-    if where == "config file":
-        config = tmp_path / "aws-config"
-        config.write_text("[default]\nmax_attempts = 3\nretry_mode = standard\n")  # legacy's backoff is slow
-        monkeypatch.setenv("AWS_CONFIG_FILE", str(config))
-    else:
-        monkeypatch.setenv("AWS_MAX_ATTEMPTS", "3")
-        monkeypatch.setenv("AWS_RETRY_MODE", "standard")
+    config = tmp_path / "aws-config"
+    config.write_text("[default]\nmax_attempts = 3\nretry_mode = standard\n")  # legacy's backoff is slow
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(config))
     url = "s3://bucket/store/manifests/model/latest.json"
     with pytest.raises(sepstore.StoreError, match="Service Unavailable"):
         sepstore.pull(url, cache_dir=tmp_path / "cache", storage_options=options(unavailable.url))
@@ -258,3 +256,42 @@ def test_an_abandoned_multipart_upload_is_aborted_through_503s_or_named_in_a_war
         assert not left and not [r for r in caplog.records if r.name.startswith("sepstore")]
     else:
         assert len(left) == 1 and left[0]["UploadId"] in caplog.text and f"s3://{bucket}/obj" in caplog.text  # type: ignore[index]
+
+
+class EachRequestFailsFirst(FaultProxy):
+    """S3 through a proxy that answers each distinct request whose path or query names ``match``
+    503 ``failures`` times before it forwards it: every call needs another of sepstore's tries."""
+
+    def __init__(self, upstream: str, match: str, failures: int) -> None:
+        super().__init__(upstream)
+        self.match, self.failures = match, failures
+        self.failed: dict[tuple[str, str], int] = {}
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        seen = (request.method, request.path_qs)
+        if self.match in request.path_qs and self.failed.get(seen, 0) < self.failures:
+            self.failed[seen] = self.failed.get(seen, 0) + 1
+            await request.read()
+            return web.Response(status=503)
+        return await super()._handle(request)
+
+
+def test_a_convert_from_s3_retries_the_listing_of_its_checkpoint(
+    moto_server: CountingMotoServer,
+    state_dict: dict[str, torch.Tensor],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(sepstore.retry, "BASE_DELAY", 0.01)
+    bucket = bucket_of(moto_server)
+    direct = fsspec.filesystem("s3", endpoint_url=moto_server.endpoint, skip_instance_cache=True)
+    direct.pipe_file(f"{bucket}/ckpt/model.safetensors", save({k: v.contiguous() for k, v in state_dict.items()}))
+    direct.pipe_file(f"{bucket}/ckpt/config.json", json.dumps({"model_type": "llama"}).encode())
+    direct.pipe_file(f"{bucket}/ckpt/tokenizer.json", b"{}")
+    proxy = EachRequestFailsFirst(moto_server.endpoint, "prefix=ckpt", S3_REQUEST_ATTEMPTS).start()
+    try:
+        sepstore.convert(f"s3://{bucket}/ckpt", tmp_path / "store", storage_options=options(proxy.url), quiet=True)
+    finally:
+        proxy.stop()
+    assert proxy.failed, "the listing was answered 503 first"
+    assert sepstore.verify(tmp_path / "store", quiet=True).ok

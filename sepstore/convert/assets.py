@@ -24,7 +24,7 @@ from ..assets import AssetFile
 from ..backends import can_list
 from ..errors import StoreError
 from ..manifest import MAX_ASSETS, is_asset_path
-from ..store import backend_errors
+from ..store import backend_call
 
 __all__ = [
     "KEPT_NAMES",
@@ -78,8 +78,9 @@ def find_assets(fs: fsspec.AbstractFileSystem, folder: str) -> dict[str, AssetFi
     """The files of the model folder ``folder`` that the allow-list keeps, by relative path."""
     url = fs.unstrip_protocol(folder)
     root = folder.rstrip("/") + "/"
-    with backend_errors(url):
-        found = fs.find(folder, maxdepth=_MAX_DEPTH, detail=True) if can_list(fs) else _named(fs, root)
+    found = backend_call(
+        fs, url, lambda: fs.find(folder, maxdepth=_MAX_DEPTH, detail=True) if can_list(fs) else _named(fs, root)
+    )
     out: dict[str, AssetFile] = {}
     for path, info in sorted(found.items()):
         if info.get("type") == "directory" or not path.startswith(root):

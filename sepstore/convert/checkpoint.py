@@ -20,7 +20,7 @@ from ..assets import AssetInput
 from ..backends import can_list, open_url
 from ..dump import Decider
 from ..errors import NotFoundError, StoreError
-from ..store import backend_errors, read_limited
+from ..store import backend_call, read_limited
 from . import sepweight_v0
 from .assets import find_assets
 from .files import PickleFile, SafetensorsFile
@@ -113,9 +113,8 @@ def _gguf_checkpoint(fs: fsspec.AbstractFileSystem, path: str, url: str, gguf_na
 def _read_json(fs: fsspec.AbstractFileSystem, path: str) -> dict[str, Any] | None:
     """A ``config.json`` or ``*.index.json`` (``None`` if there is none), no larger than a manifest may be."""
     url = fs.unstrip_protocol(path)
-    with backend_errors(url):
-        if not fs.exists(path):
-            return None
+    if not backend_call(fs, url, lambda: fs.exists(path)):
+        return None
     data = read_limited(fs, path, url, what="a checkpoint's JSON file")
     try:
         value = json.loads(data)
@@ -150,17 +149,16 @@ def open_checkpoint(
         )
     fs, path = open_url(url, storage_options)
     path = path.rstrip("/") or path
-    with backend_errors(url):
-        # a file named as one is asked about first: over HTTP, isdir reads the whole answer looking for links
-        is_file = path.endswith(_FILES) and fs.isfile(path)
-        if not is_file and not can_list(fs):
-            raise StoreError(
-                f"{url}: a folder over plain HTTP cannot be listed; give the URL of its "
-                "model.safetensors.index.json (or of one weights file)"
-            )
-        is_dir = not is_file and fs.isdir(path)
-        if not is_dir and not is_file and not fs.exists(path):
-            raise NotFoundError(f"{url}: no such checkpoint file or folder")
+    # a file named as one is asked about first: over HTTP, isdir reads the whole answer looking for links
+    is_file = path.endswith(_FILES) and backend_call(fs, url, lambda: fs.isfile(path))
+    if not is_file and not can_list(fs):
+        raise StoreError(
+            f"{url}: a folder over plain HTTP cannot be listed; give the URL of its "
+            "model.safetensors.index.json (or of one weights file)"
+        )
+    is_dir = not is_file and backend_call(fs, url, lambda: fs.isdir(path))
+    if not is_dir and not is_file and not backend_call(fs, url, lambda: fs.exists(path)):
+        raise NotFoundError(f"{url}: no such checkpoint file or folder")
     if not is_dir:
         folder = posixpath.dirname(path)
         config = _read_json(fs, f"{folder}/config.json")
@@ -169,8 +167,7 @@ def open_checkpoint(
         if path.endswith(".gguf"):
             return _gguf_checkpoint(fs, path, url, gguf_names)
         return Checkpoint(url, "file", [_open_file(fs, path)], config)
-    with backend_errors(url):
-        names = {posixpath.basename(p.rstrip("/")) for p in fs.ls(path, detail=False)}
+    names = {posixpath.basename(p.rstrip("/")) for p in backend_call(fs, url, lambda: fs.ls(path, detail=False))}
     config = _read_json(fs, f"{path}/config.json") if "config.json" in names else None
     for index in _INDEXES:
         if index in names:

@@ -30,7 +30,7 @@ from ..safetensors_io import (
     pread_exact,
     pwrite_all,
 )
-from ..store import backend_errors, read_prefix
+from ..store import backend_call, backend_errors, read_prefix
 from .source import TensorInfo
 
 if TYPE_CHECKING:
@@ -86,8 +86,7 @@ class SafetensorsFile:
 
     def __init__(self, fs: fsspec.AbstractFileSystem, path: str, url: str) -> None:
         self.fs, self.path, self.url = fs, path, url
-        with backend_errors(url):
-            self.size = size = int(fs.size(path))
+        self.size = size = int(backend_call(fs, url, lambda: fs.size(path)))
         head = read_prefix(fs, path, url, 8)
         end = header_end(head, size)  # at most 8 + MAX_HEADER_BYTES
         if end > 8:
@@ -185,8 +184,7 @@ class PickleFile:
 def _download(fs: fsspec.AbstractFileSystem, path: str, url: str) -> str:
     """Stream a remote file into a new file in the cache's ``incoming`` folder, in bounded pieces
     and no longer than the size the server declares; the new file's path."""
-    with backend_errors(url):
-        size = fs.size(path)
+    size = backend_call(fs, url, lambda: fs.size(path))
     if not isinstance(size, int) or size < 0:
         raise StoreError(
             f"{url}: the server does not say how large the file is; download it and convert the local copy"

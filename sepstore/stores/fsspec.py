@@ -9,7 +9,7 @@ import contextlib
 import os
 from abc import abstractmethod
 from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 import fsspec
 from fsspec.asyn import sync
@@ -19,7 +19,6 @@ from ..backends import RangeBody, open_range, open_url
 from ..errors import NotFoundError, StoreError
 from ..hashing import digest_file, digest_hex
 from ..manifest import Blob
-from ..retry import is_transient, with_retries
 from ..store import (
     KEY_ID_RE,
     LEASE_ID_PATTERN,
@@ -30,6 +29,7 @@ from ..store import (
     SIGNATURES_DIR,
     TAG_RE,
     TEMP_PATTERN,
+    backend_call,
     backend_errors,
     check_name,
     check_tag,
@@ -42,8 +42,6 @@ if TYPE_CHECKING:
     from .s3 import Check, Run
 
 __all__ = ["FsspecStore", "HttpStore", "PartsFolder"]
-
-T = TypeVar("T")
 
 
 class _FileBlobs(Blobs):
@@ -59,22 +57,6 @@ class _FileBlobs(Blobs):
     def local(self) -> bool:
         return isinstance(self.fs, LocalFileSystem)
 
-    def _backend(self, url: str, call: Callable[[], T]) -> T:
-        """``call()``, its backend's errors translated (naming ``url``); off local disk, a transient
-        failure is tried again (:func:`~sepstore.retry.with_retries`): S3's only retries, since
-        botocore's own are off (:func:`~sepstore.backends.with_defaults`)."""
-
-        def attempt() -> T:
-            try:
-                return call()
-            except Exception as exc:
-                if self.local or not is_transient(exc):
-                    with backend_errors(url):
-                        raise
-                raise
-
-        return attempt() if self.local else with_retries(attempt, url)
-
     def local_path(self, blob: Blob) -> str:
         return self.blob_path(blob) if self.local else super().local_path(blob)
 
@@ -88,7 +70,7 @@ class _FileBlobs(Blobs):
             except FileNotFoundError:
                 return None
 
-        return self._backend(self.blob_url(blob), size)
+        return backend_call(self.fs, self.blob_url(blob), size)
 
     def open_blob_range(self, blob: Blob, start: int, end: int) -> RangeBody:
         return open_range(self.fs, self.blob_path(blob), start, end)
@@ -202,7 +184,7 @@ class FsspecStore(_FileBlobs, Store):
             self.fs.invalidate_cache(path)
             return bool(self.fs.exists(path))
 
-        return self._backend(self.url_of(path), exists)
+        return backend_call(self.fs, self.url_of(path), exists)
 
     def has_blob(self, blob: Blob) -> bool:
         return self._exists(self.blob_path(blob))
@@ -228,7 +210,7 @@ class FsspecStore(_FileBlobs, Store):
         if not replace and self._exists(final):
             self._reused(final)
             return False
-        self._backend(self.url_of(final), lambda: self._place(tmp, final))
+        backend_call(self.fs, self.url_of(final), lambda: self._place(tmp, final))
         return True
 
     def commit_blob(self, tmp: str, blob: Blob, *, protect: Callable[[str], None] | None = None) -> bool:
@@ -255,7 +237,7 @@ class FsspecStore(_FileBlobs, Store):
         ):
             return False
         final = self.blob_path(blob)
-        self._backend(self.url_of(final), lambda: self.fs.copy(source.blob_path(blob), final))
+        backend_call(self.fs, self.url_of(final), lambda: self.fs.copy(source.blob_path(blob), final))
         if self.blob_size(blob) == blob.size:
             return True
         self.remove_blob(blob)  # the source changed meanwhile: nothing is left under the blob's name
@@ -302,7 +284,7 @@ class FsspecStore(_FileBlobs, Store):
             with contextlib.suppress(FileNotFoundError):
                 self.fs.rm_file(path)
 
-        self._backend(self.url_of(path), remove)
+        backend_call(self.fs, self.url_of(path), remove)
 
     def remove_blob(self, blob: Blob) -> None:
         self.remove(self.blob_path(blob))
@@ -325,7 +307,7 @@ class FsspecStore(_FileBlobs, Store):
             except FileNotFoundError:
                 return None
 
-        return self._backend(self.url_of(path), info)
+        return backend_call(self.fs, self.url_of(path), info)
 
     # -- leases ----------------------------------------------------------------------------------
 
@@ -341,7 +323,7 @@ class FsspecStore(_FileBlobs, Store):
         """Write (or replace) a lease object atomically. Not fsynced: a lease matters only while
         the process that wrote it runs."""
         path = self.lease_path(lease_id)
-        self._backend(self.url_of(path), lambda: self.fs.pipe_file(path, data))
+        backend_call(self.fs, self.url_of(path), lambda: self.fs.pipe_file(path, data))
 
     def read_lease(self, lease_id: str) -> bytes | None:
         path = self.lease_path(lease_id)
@@ -369,7 +351,7 @@ class FsspecStore(_FileBlobs, Store):
             self.fs.invalidate_cache(path)
             return str(self.fs.info(path)["ETag"])
 
-        return self._backend(self.url_of(path), etag)
+        return backend_call(self.fs, self.url_of(path), etag)
 
     def read_manifest_version(self, name: str, tag: str) -> tuple[bytes, str | None]:
         """The tag's manifest and its S3 ETag (``None`` on backends that cannot replace conditionally)."""
@@ -407,7 +389,7 @@ class FsspecStore(_FileBlobs, Store):
                 raise
             return True
 
-        return self._backend(self.url_of(path), write)
+        return backend_call(self.fs, self.url_of(path), write)
 
     def require(self) -> None:
         if not self._exists(self.root):
@@ -463,7 +445,7 @@ class FsspecStore(_FileBlobs, Store):
         if self.read_only:
             raise self.lacks("writes", "write a signature")
         path = self.signature_path(name, tag, key_id)
-        self._backend(self.url_of(path), lambda: self.fs.pipe_file(path, data))
+        backend_call(self.fs, self.url_of(path), lambda: self.fs.pipe_file(path, data))
 
     def list_signatures(self, name: str, tag: str) -> list[str]:
         found = self.list_files(self.signatures_dir(name, tag))
@@ -495,7 +477,7 @@ class FsspecStore(_FileBlobs, Store):
             except FileNotFoundError:
                 return {}
 
-        return self._backend(self.url_of(folder), listing)
+        return backend_call(self.fs, self.url_of(folder), listing)
 
 
 class HttpStore(FsspecStore):

@@ -25,6 +25,7 @@ from servers import CountingMotoServer, FaultProxy, _LoopbackServer
 import sepstore
 import sepstore.retry
 from sepstore.backends import S3_REQUEST_ATTEMPTS, open_url
+from sepstore.demo import llama_decider
 from sepstore.stores.s3 import EncryptedUploadError, Run, compose_object
 
 
@@ -295,3 +296,37 @@ def test_a_convert_from_s3_retries_the_listing_of_its_checkpoint(
         proxy.stop()
     assert proxy.failed, "the listing was answered 503 first"
     assert sepstore.verify(tmp_path / "store", quiet=True).ok
+
+
+class LosesManifestAnswers(FaultProxy):
+    """S3 through a proxy that forwards each manifest PUT, then drops the connection of the first
+    of them: S3 has stored it, the client does not know."""
+
+    lost = 0
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        answer = await super()._handle(request)
+        if request.method == "PUT" and "/manifests/" in request.path and self.lost == 0:
+            self.lost += 1
+            if request.transport is not None:
+                request.transport.close()
+            return web.Response(status=503)
+        return answer
+
+
+def test_a_dump_whose_conditional_manifest_write_lost_its_answer_is_no_conflict(
+    moto_server: CountingMotoServer, state_dict: dict[str, torch.Tensor], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sepstore.retry, "BASE_DELAY", 0.01)
+    url = f"s3://{bucket_of(moto_server)}/store"
+    proxy = LosesManifestAnswers(moto_server.endpoint).start()
+    try:
+        sepstore.dump(llama_decider, state_dict, url, storage_options=options(proxy.url), quiet=True)  # If-None-Match
+        proxy.lost = 0
+        extra = {"extra.weight": torch.ones(3)}
+        sepstore.dump(llama_decider, extra, url, storage_options=options(proxy.url), quiet=True)  # If-Match
+    finally:
+        proxy.stop()
+    assert proxy.lost == 1
+    manifest = sepstore.read_manifest(f"{url}/manifests/model/latest.json")
+    assert "extra.weight" in {name for _, part in manifest.labelled_parts() for name in part.tensors}

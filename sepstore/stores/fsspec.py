@@ -370,7 +370,9 @@ class FsspecStore(_FileBlobs, Store):
     ) -> bool:
         """Write a manifest atomically. With ``create``, only if the tag holds none yet (a conditional
         ``If-None-Match`` PUT on S3; other object stores check, then write); with ``if_version``, only
-        if the manifest is still that version (S3's ``If-Match``)."""
+        if the manifest is still that version (S3's ``If-Match``). A write refused because the tag
+        already holds these very bytes counts as written: a try whose answer was lost (a 503 or a
+        dropped connection after S3 stored it) wrote them, and its retry was refused."""
         if self.read_only:
             raise self.lacks("writes", "write a manifest")
         path = self.manifest_path(name, tag)
@@ -389,7 +391,12 @@ class FsspecStore(_FileBlobs, Store):
                 raise
             return True
 
-        return backend_call(self.fs, self.url_of(path), write)
+        if backend_call(self.fs, self.url_of(path), write):
+            return True
+        try:
+            return self.read_manifest_bytes(name, tag) == data
+        except NotFoundError:  # deleted since
+            return False
 
     def require(self) -> None:
         if not self._exists(self.root):

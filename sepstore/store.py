@@ -31,7 +31,7 @@ from fsspec.implementations.local import LocalFileSystem
 from .backends import read_head
 from .errors import NotFoundError, SepstoreError, StoreError
 from .manifest import MAX_MANIFEST_BYTES, NAME_PATTERN, TAG_PATTERN
-from .retry import http_status, is_transient, with_retries
+from .retry import certificate_refused, http_status, is_transient, with_retries
 from .stores.base import Store
 
 __all__ = [
@@ -266,10 +266,10 @@ def backend_call(fs: fsspec.AbstractFileSystem, url: str, call: Callable[[], T])
         except Exception as exc:
             # fsspec's HTTP reports a failed look-up as "not found", caused by the real failure
             cause = exc.__cause__ if isinstance(exc, FileNotFoundError) else exc
-            if cause is None or not is_transient(cause):
-                with backend_errors(url):
-                    raise
-            raise
+            if cause is not None and (is_transient(cause) or certificate_refused(cause)):
+                raise  # with_retries tries again, or says what to do about the certificate
+            with backend_errors(url):
+                raise
 
     return with_retries(attempt, url)
 

@@ -194,27 +194,28 @@ class _Download:
 
         if self.into is not None:
             _touch(self.into[start:end])
-        out = DirectFile(self.partial)
-        try:
 
-            def attempt() -> None:
-                nonlocal asked
-                asked = (written, wanted)
-                if written < wanted:
-                    item.source.stream_blob_range(item.part, written, wanted, write, into=self.into)
+        def attempt() -> None:
+            nonlocal asked
+            asked = (written, wanted)
+            if written < wanted:
+                item.source.stream_blob_range(item.part, written, wanted, write, into=self.into)
 
-            with_retries(attempt, item.url)
-            file(written, 1)  # the rest: the chunk is logged only once all its bytes are in the file
-        finally:
-            out.close()
-        indices = range(self.count) if whole else [index]
-        with self.lock:
-            new = [i for i in indices if i not in self.logged]
-            if not new:
-                return
-            with open(self.log, "a") as log:
-                log.write("".join(f"{i}\n" for i in new))
-            self.logged.update(new)
+        with backend_errors(self.partial):  # the cache's own disk (full, say): not the server's fault
+            out = DirectFile(self.partial)
+            try:
+                with_retries(attempt, item.url)
+                file(written, 1)  # the rest: the chunk is logged only once all its bytes are in the file
+            finally:
+                out.close()
+            indices = range(self.count) if whole else [index]
+            with self.lock:
+                new = [i for i in indices if i not in self.logged]
+                if not new:
+                    return
+                with open(self.log, "a") as log:
+                    log.write("".join(f"{i}\n" for i in new))
+                self.logged.update(new)
         if bar is not None:
             bar.update(sum(self.span(i)[1] - self.span(i)[0] for i in new))
 

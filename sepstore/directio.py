@@ -12,8 +12,8 @@ disk reads the bytes straight from the process's memory; bench_remote.py's notes
 *and* in the file that way, and its ends (and any piece whose memory is not aligned like its
 file offset) through the page cache: the file's bytes are the same either way, and a page is
 never written both ways (a partly written page is never one of the aligned blocks). Where the
-filesystem refuses ``O_DIRECT`` (tmpfs), or the platform has none, every write goes through the
-page cache, as before. The file must still be ``fsync``ed before it is trusted: ``O_DIRECT``
+filesystem refuses ``O_DIRECT`` (tmpfs before Linux 6.6), or the platform has none, every write
+goes through the page cache, as before. The file must still be ``fsync``ed before it is trusted: ``O_DIRECT``
 skips the page cache, not the disk's own cache or the filesystem's metadata.
 
 Memory for :meth:`DirectFile.pwrite` to write directly is memory whose address is a multiple of
@@ -70,7 +70,7 @@ class DirectFile:
             try:
                 self._direct_fd = os.open(path, os.O_WRONLY | _O_DIRECT)
             except OSError as exc:
-                if exc.errno != errno.EINVAL:  # EINVAL: this filesystem has no direct I/O (tmpfs)
+                if exc.errno != errno.EINVAL:  # EINVAL: this filesystem has no direct I/O
                     os.close(self.fd)
                     raise
         #: Whether aligned blocks are written with ``O_DIRECT`` (not where the filesystem refuses it).
@@ -83,9 +83,14 @@ class DirectFile:
         self.close()
 
     def close(self) -> None:
-        for fd in (self._direct_fd, self.fd):
-            if fd >= 0:
-                os.close(fd)
+        """Close both descriptors (once: a second call closes nothing another file now has)."""
+        fds, self._direct_fd, self.fd, self.direct = (self._direct_fd, self.fd), -1, -1, False
+        try:
+            if fds[0] >= 0:
+                os.close(fds[0])
+        finally:
+            if fds[1] >= 0:
+                os.close(fds[1])
 
     def pwrite(self, piece: memoryview, offset: int) -> None:
         """Write all of ``piece`` at ``offset``: its blocks aligned in memory and in the file

@@ -4,6 +4,7 @@ URL writes the cache file that way, straight from the tensors' memory."""
 from __future__ import annotations
 
 import ctypes
+import errno
 import mmap
 import os
 from collections.abc import Iterator
@@ -105,6 +106,17 @@ def test_a_file_on_tmpfs_is_written_whole() -> None:
         assert Path(path).read_bytes() == bytes(source)
     finally:
         os.unlink(path)
+
+
+def test_closing_twice_closes_no_other_file(tmp_path: Path) -> None:
+    f = DirectFile(sized_file(tmp_path / "f", ALIGN))
+    f.close()
+    other = os.open(tmp_path / "f", os.O_RDONLY)  # may get one of the numbers just freed
+    try:
+        f.close()
+        os.fstat(other)  # still open
+    finally:
+        os.close(other)
 
 
 def test_aligned_start_names_the_bytes_to_skip_to_an_aligned_address() -> None:
@@ -238,3 +250,23 @@ def test_a_load_cut_off_mid_chunk_logs_only_chunks_whose_bytes_are_in_the_file_a
     assert report.transferred_bytes == len(expected) - sum(len(expected[spans[i]]) for i in logged)
     path, _ = cached_begin(cache, store)
     assert Path(path).read_bytes() == expected
+
+
+def test_a_full_disk_under_a_load_by_url_is_a_store_error_naming_the_cache_file(
+    served: tuple[str, Path, dict[str, torch.Tensor]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The cache file's last write of a chunk comes after the transfer: a disk that is full then is
+    sepstore's error naming the file (it was a bare OSError), and no file is left under the digest."""
+    url, store, _ = served
+    monkeypatch.setattr(sepstore.cache, "TRAIL_BYTES", 2**40)  # every byte written after its transfer
+    real = os.pwrite
+
+    def full(fd: int, data: Any, offset: int) -> int:
+        if os.readlink(f"/proc/self/fd/{fd}").endswith(".partial"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fd, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", full)
+    with pytest.raises(sepstore.StoreError, match=r"\.partial: OSError: .*No space left"):
+        sepstore.load(url, "b", cache_dir=tmp_path / "cache")
+    assert not Path(cached_begin(tmp_path / "cache", store)[0]).exists()

@@ -37,7 +37,11 @@ buffer's extra copy. Writing the copied blocks past the page cache halves the ke
 them (no page-cache pages to fill, nothing left for ``fsync`` to write): a 2 GiB upgrade took 1.8 s
 instead of 2.7 s here, about what the disk alone takes for those bytes. The buffer is private, so
 the bytes hashed are the bytes written. The price: the new part is not in the page cache, so a
-``load`` right after the upgrade reads it from the disk (2.5 s became 3.7 s here, ``--then-load``). Sources are read
+``load`` after a ``pull`` reads it from the disk (2.5 s became 3.7 s here, ``--then-load``).
+A ``load`` by URL does not: it gives each part to assemble page-aligned memory of its own (the
+memory its tensors will use), and the copied pieces are read straight into their place there,
+the fetched ranges received there, and both hashed there and written to the file from there
+(``into``, as :meth:`~sepstore.cache.Cache.fetch` takes), so the file is never read back. Sources are read
 through the page cache: v1 was most likely just read or written, and a direct read would go to
 the disk for bytes memory holds.
 """
@@ -60,7 +64,7 @@ from functools import partial
 
 from tqdm.auto import tqdm
 
-from .cache import CHUNK_BYTES, Cache, Fetch, InOrderDigest
+from .cache import CHUNK_BYTES, Cache, Fetch, InOrderDigest, _touch
 from .directio import ALIGN, DirectFile
 from .errors import IntegrityError
 from .hashing import digest_hex
@@ -233,6 +237,8 @@ class _Plan:
     bar: tqdm | None
     transfer: Transfer
     digest: InOrderDigest
+    #: Page-aligned memory of the part's size that receives its bytes (a load's tensors), or ``None``.
+    into: memoryview | None = None
     copies: list[tuple[Source, int]] = field(default_factory=list)
     ranges: list[tuple[int, int]] = field(default_factory=list)
     #: Bytes this part adds to the bar's total, and bytes it has sent there.
@@ -252,8 +258,8 @@ class _Plan:
         what is still missing); whether the server ignored ``Range`` and the whole part came
         instead (taken only for the part's first bytes: other bytes outside ``start:end`` are
         dropped)."""
-        item, size = self.item, self.item.part.size
-        wanted, whole, written = end, False, start  # bytes start:written are in the file
+        item, size, into = self.item, self.item.part.size, self.into
+        wanted, whole, written = end, False, start  # bytes start:written are in the file (or in `into`)
 
         def write(offset: int, piece: memoryview) -> None:
             nonlocal wanted, whole, written
@@ -262,7 +268,12 @@ class _Plan:
             lo, hi = max(offset, written), min(offset + len(piece), wanted)
             if lo >= hi:
                 return  # written by an earlier try, or bytes not asked for
-            self.digest.write(self.out, lo, piece[lo - offset : hi - offset])
+            if into is None:
+                self.digest.write(self.out, lo, piece[lo - offset : hi - offset])
+            else:  # hashed from `into` now, written to the file from there once all are in
+                if piece.obj is not into.obj:  # else received into its place already
+                    into[lo:hi] = piece[lo - offset : hi - offset]
+                self.digest.hash(lo, into[lo:hi], held=True)
             written = hi
             self.transfer.add(transferred=hi - lo)
             with self._lock:
@@ -272,37 +283,56 @@ class _Plan:
 
         def attempt() -> None:
             if written < wanted:
-                item.source.stream_blob_range(item.part, written, wanted, write)
+                item.source.stream_blob_range(item.part, written, wanted, write, into=into)
 
+        if into is not None:
+            _touch(into[start:end])
         with_retries(attempt, item.url)
+        if into is not None:
+            self.out.pwrite(into[start:written], start)
         return whole
+
+    def head(self, start: int, end: int) -> bytes:
+        """Bytes ``start:end`` of the part, fetched already (from ``into`` where it is given)."""
+        if self.into is not None:
+            return bytes(self.into[start:end])
+        return pread_exact(self.out.fd, end - start, start)
 
     def copy(self, buffers: queue.SimpleQueue[memoryview]) -> None:
         """Copy the cached tensors into the file, in offset order, in pieces of about
-        :data:`COPY_BYTES`, each read into a page-aligned buffer (taken from ``buffers``, or made,
-        and put back there) where its address is its file offset modulo
-        :data:`~sepstore.directio.ALIGN`: then the piece's whole blocks go from that buffer straight
+        :data:`COPY_BYTES`, each read where its address is its file offset modulo
+        :data:`~sepstore.directio.ALIGN`: straight into its place in ``into`` (page-aligned), where
+        it is hashed and kept, or else into a page-aligned buffer (taken from ``buffers``, or made,
+        and put back there) at that address. Then the piece's whole blocks go from there straight
         to the disk (:class:`~sepstore.directio.DirectFile`); only a tensor's partial end blocks,
         and a last piece too short to be worth it, go through the page cache."""
-        try:
-            buffer = buffers.get_nowait()
-        except queue.Empty:
-            buffer = memoryview(mmap.mmap(-1, -(-COPY_BYTES // ALIGN) * ALIGN + ALIGN))
+        into = self.into
+        buffer = memoryview(b"")
+        if into is None:
+            try:
+                buffer = buffers.get_nowait()
+            except queue.Empty:
+                buffer = memoryview(mmap.mmap(-1, -(-COPY_BYTES // ALIGN) * ALIGN + ALIGN))
         try:
             for source, at in self.copies:
                 with open(source.path, "rb", buffering=0) as src:
                     done, count = 0, source.end - source.start
                     while done < count:
                         shift = (at + done) % ALIGN  # every piece but a tensor's last ends on a block
-                        piece = buffer[shift : shift + min(len(buffer) - shift, count - done)]
+                        if into is None:
+                            piece = buffer[shift : shift + min(len(buffer) - shift, count - done)]
+                        else:
+                            piece = into[at + done : at + done + min(COPY_BYTES - shift, count - done)]
+                            _touch(piece)
                         got = os.preadv(src.fileno(), [piece], source.start + done)
                         if got <= 0:
                             raise IntegrityError(f"{source.path} is shorter than its index says")
-                        self.digest.write(self.out, at + done, piece[:got])
+                        self.digest.write(self.out, at + done, piece[:got], held=into is not None)
                         done += got
                 self.reused += count
         finally:
-            buffers.put(buffer)
+            if into is None:
+                buffers.put(buffer)
 
 
 def _predicted(part: Part) -> tuple[list[tuple[str, int]], bytes]:
@@ -397,13 +427,13 @@ def _plan(plan: _Plan, known: dict[str, Source], lengths: Mapping[str, int]) -> 
     asked = min(predicted_head(part), part.size)
     if plan.fetch(0, asked):
         return
-    head = pread_exact(plan.out.fd, asked, 0)
+    head = plan.head(0, asked)
     need = header_end(head, part.size)
     if need > bound:
         raise IntegrityError(f"{plan.item.url}: a header of {need} bytes, more than the {bound} its tensors need")
     if need > asked:
         plan.fetch(asked, need)
-        head += pread_exact(plan.out.fd, need - asked, asked)
+        head += plan.head(asked, need)
     header = parse_header(head, part.size, where=plan.item.url)
     if not _matches(header, part):
         raise IntegrityError(f"{plan.item.url}: the header does not list the manifest's tensors")
@@ -467,12 +497,22 @@ def _attempt(
 
 
 def assemble(
-    cache: Cache, items: Sequence[Fetch], *, workers: int, bar: tqdm | None = None, transfer: Transfer
+    cache: Cache,
+    items: Sequence[Fetch],
+    *,
+    workers: int,
+    bar: tqdm | None = None,
+    transfer: Transfer,
+    into: Mapping[str, memoryview] | None = None,
 ) -> list[Fetch]:
     """Assemble into the cache those of ``items`` (parts it lacks) that have at least
     :data:`MIN_REUSE` bytes of tensors cached already; returns those now cached, verified. The
     others (too little to reuse, a part another process is fetching, any failure or mismatch) are
     left for a whole fetch.
+    A part whose digest ``into`` maps to page-aligned memory of its size (as
+    :meth:`~sepstore.cache.Cache.fetch` takes) is assembled in that memory, hashed there and
+    written to the file from there: once it is among those returned, the memory holds its
+    verified bytes, and the file is never read back.
     ``transfer`` counts the bytes fetched, and those copied into parts that verified (a part
     fetched whole after all reuses nothing); ``bar`` counts the bytes fetched."""
     parts = [i for i in items if isinstance(i.part, Part) and i.part.tensors]
@@ -508,8 +548,9 @@ def assemble(
             except OSError:
                 continue  # the whole fetch says what is wrong with the cache
             held.callback(out.close)
-            digest = InOrderDigest(tmp, item.part.size, item.label)
-            plans.append(_Plan(item, tmp, out, bar, transfer, digest, planned=item.part.size))
+            memory = (into or {}).get(item.part.digest)
+            digest = InOrderDigest(tmp, item.part.size, item.label, memory)
+            plans.append(_Plan(item, tmp, out, bar, transfer, digest, memory, planned=item.part.size))
         _attempt(plans, known, lengths, cache, workers)
         for plan in plans:
             part = plan.item.part

@@ -114,9 +114,9 @@ class PartReader:
         """Fetch the chosen parts (or assets) the cache lacks, in parallel; returns what was fetched.
         A part with tensors already cached (in parts of any model) is assembled from them and
         ranged reads of the rest (:mod:`sepstore.delta`); the others are fetched whole. With
-        ``in_memory``, each part fetched whole is also received into memory of its own, hashed
-        there, and the next :meth:`read` of it takes its tensors from that memory instead of
-        reading the file back."""
+        ``in_memory``, each part fetched (whole or assembled) is also received into memory of its
+        own, hashed there, and the next :meth:`read` of it takes its tensors from that memory
+        instead of reading the file back."""
         chosen = list(chosen)
         todo = self.missing(chosen)
         if self.cache is None:
@@ -125,26 +125,28 @@ class PartReader:
         index.remember(part for _, part in chosen if self.cache.has(part))
         if not todo:
             return []
+        into: dict[str, torch.Tensor] = {}
+        for item in todo if in_memory else []:
+            try:
+                into[item.part.digest] = _page_aligned(item.part.size)
+            except RuntimeError:  # not that much memory: fetched into the cache only, and refused there or on read
+                break
+        views = {d: memoryview(t.numpy()) for d, t in into.items()}
         with progress(sum(f.part.size for f in todo), desc, quiet=quiet) as bar:
-            assembled = assemble(self.cache, todo, workers=self.workers, bar=bar, transfer=self.transfer)
+            assembled = assemble(self.cache, todo, workers=self.workers, bar=bar, transfer=self.transfer, into=views)
             done = {f.part.digest for f in assembled}
             whole = [f for f in todo if f.part.digest not in done]
-            into: dict[str, torch.Tensor] = {}
-            for item in whole if in_memory else []:
-                try:
-                    into[item.part.digest] = _page_aligned(item.part.size)
-                except RuntimeError:  # not that much memory: fetched into the cache only, and refused there or on read
-                    break
+            # a part that was not assembled (or did not verify) is fetched into the same memory
             fetched = self.cache.fetch(
                 whole,
                 workers=self.workers,
                 bar=bar,
-                into={d: memoryview(t.numpy()) for d, t in into.items()},
+                into=views,
                 received=lambda count: self.transfer.add(transferred=count),
             )
         index.remember(f.part for f in fetched)
-        self._received.update((f.part.digest, into[f.part.digest]) for f in fetched if f.part.digest in into)
         fetched += assembled
+        self._received.update((f.part.digest, into[f.part.digest]) for f in fetched if f.part.digest in into)
         self._fresh.update(f.part.digest for f in fetched)
         return fetched
 

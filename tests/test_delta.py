@@ -630,6 +630,18 @@ def resident_bytes(path: Path) -> int:
     return sum(p & 1 for p in pages) * page
 
 
+def has_direct_io(folder: Path) -> bool:
+    (folder / "probe").touch()
+    with DirectFile(str(folder / "probe")) as probe:
+        return probe.direct
+
+
+def v1_with_a_flipped_byte(big_remote: Remote, big_store: Path, cache: Path) -> None:
+    """``big:v1`` pulled into ``cache``, with a byte of a tensor v2 reuses flipped there."""
+    sepstore.pull(big_remote.url("big", "v1"), cache_dir=cache, quiet=True)
+    flip_a_reused_byte(cache, manifest(big_store, "big", "v1").mid[0])
+
+
 def offsets(path: Path) -> dict[str, int]:
     """Each tensor's first byte in the safetensors file at ``path``."""
     with open(path, "rb") as file:
@@ -646,10 +658,8 @@ def test_copied_tensors_go_past_the_page_cache_from_any_offset_and_the_part_is_b
     """Each copied tensor's whole blocks are written with ``O_DIRECT`` (not left in the page cache),
     whether it lies at the same offset modulo a block in its source (v2) or not (v3), in pieces of
     a block multiple or not; the part is assembled, not fetched whole, so its bytes are exact."""
-    (tmp_path / "probe").touch()
-    with DirectFile(str(tmp_path / "probe")) as probe:
-        if not probe.direct:
-            pytest.skip("this filesystem has no O_DIRECT (tmpfs)")
+    if not has_direct_io(tmp_path):
+        pytest.skip("this filesystem has no O_DIRECT (tmpfs)")
     monkeypatch.setattr(sepstore.delta, "COPY_BYTES", copy_bytes)
     cache = tmp_path / "cache"
     sepstore.pull(big_remote.url("big", "v1"), cache_dir=cache, quiet=True)
@@ -670,8 +680,55 @@ def test_a_flipped_byte_of_a_source_in_a_block_written_past_the_page_cache_is_ca
     big_remote: Remote, big_store: Path, tmp_path: Path
 ) -> None:
     cache = tmp_path / "cache"
-    sepstore.pull(big_remote.url("big", "v1"), cache_dir=cache, quiet=True)
-    flip_a_reused_byte(cache, manifest(big_store, "big", "v1").mid[0])
+    v1_with_a_flipped_byte(big_remote, big_store, cache)
     report = sepstore.pull(big_remote.url("big", "v2"), cache_dir=cache, quiet=True)
     assert report.reused_bytes == 0
     assert sepstore.verify(big_remote.url("big", "v2"), cache_dir=cache).ok
+
+
+# -- load by URL: assembled parts received into the tensors' memory ------------------------------
+
+
+def assert_tensors_of(big_store: Path, tag: str, got: dict[str, torch.Tensor]) -> None:
+    """``got`` holds the tensors of ``big:{tag}`` in the store, byte for byte."""
+    expected = sepstore.load(big_store / f"manifests/big/{tag}.json").to_dict()
+    assert got.keys() == expected.keys() and all(torch.equal(got[k], v) for k, v in expected.items())
+
+
+@pytest.mark.parametrize("tag", ["v2", "v3"])
+def test_a_load_by_url_takes_an_assembled_part_from_memory_without_reading_its_file_back(
+    big_remote: Remote, big_store: Path, tmp_path: Path, tag: str
+) -> None:
+    """The assembled part's bytes (copied and fetched) land in the tensors' memory, are hashed and
+    written to the file from there, so the load does not read the file back: its copied and fetched
+    blocks never enter the page cache (a read would bring them all in), and the tensors are v2's."""
+    if not has_direct_io(tmp_path):
+        pytest.skip("this filesystem has no O_DIRECT (tmpfs)")
+    cache = tmp_path / "cache"
+    sepstore.pull(big_remote.url("big", "v1"), cache_dir=cache, quiet=True)
+    big_remote.requests.clear()
+    got = sepstore.load(big_remote.url("big", tag), cache_dir=cache).to_dict()
+    new = manifest(big_store, "big", tag).mid[0]
+    assert new is not None
+    assembled = [r for r in big_remote.part_gets() if digest_hex(new.digest) in r.path]
+    assert assembled and all(r.range != f"bytes=0-{new.size - 1}" for r in assembled)  # not fetched whole
+    path = cache / "parts" / "blake3" / new.file_name
+    # at most each tensor's and each fetched range's partial end blocks, and a piece too short for O_DIRECT
+    assert resident_bytes(path) <= (2 * ALIGN + MIN_DIRECT) * (len(new.tensors) + len(assembled))
+    assert digest_file(path) == new.digest
+    assert_tensors_of(big_store, tag, got)
+
+
+def test_a_load_by_url_whose_assembled_part_copied_a_flipped_byte_fetches_it_whole_and_returns_v2(
+    big_remote: Remote, big_store: Path, tmp_path: Path
+) -> None:
+    cache = tmp_path / "cache"
+    v1_with_a_flipped_byte(big_remote, big_store, cache)
+    big_remote.requests.clear()
+    got = sepstore.load(big_remote.url("big", "v2"), cache_dir=cache).to_dict()
+    new = manifest(big_store, "big", "v2").mid[0]
+    assert new is not None
+    ranges = [r.range for r in big_remote.part_gets() if digest_hex(new.digest) in r.path]
+    assert f"bytes=0-{new.size - 1}" in ranges and len(ranges) > 1  # assembled, refused, fetched whole
+    assert digest_file(cache / "parts" / "blake3" / new.file_name) == new.digest
+    assert_tensors_of(big_store, "v2", got)

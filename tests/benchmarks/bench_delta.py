@@ -32,7 +32,10 @@ starts moto's S3 server in a child process; then:
   can take less; it is printed against each loopback upgrade, with the part-level time the target
   would need for a tensor-level upgrade that took only this.
 - with ``--then-load``, each upgraded cache is loaded (``sepstore.load`` of v2 from it, verified)
-  right after, timed apart: a part written past the page cache is read back from the disk.
+  right after, timed apart: a part written past the page cache is read back from the disk. And,
+  after each upgrade, another copy of the v1 cache is upgraded by ``sepstore.load`` of v2 by URL
+  (what a node does: one call that fetches or assembles what it lacks into the tensors' memory and
+  returns them), tensor by tensor and part by part.
 
 Last lines: a table of every link's medians and ratio against the target.
 """
@@ -183,11 +186,10 @@ def http_servers(root: Path, workdir: Path, rates: list[int]) -> Iterator[tuple[
         process.wait(10)
 
 
-def upgrade(
-    base: Path, workdir: Path, url: str, *, delta: bool, then_load: bool
-) -> tuple[float, sepstore.PullReport, float | None]:
-    """Seconds to pull ``url`` into a copy (hard links) of the v1 cache ``base``, the report, and
-    with ``then_load`` the seconds to load it from that cache right after."""
+@contextlib.contextmanager
+def v1_copy(base: Path, workdir: Path, *, delta: bool) -> Iterator[Path]:
+    """A copy (hard links) of the v1 cache ``base``, upgraded tensor by tensor (``delta``) or part
+    by part while the ``with`` block runs, then deleted."""
     cache = Path(tempfile.mkdtemp(prefix="cache-", dir=workdir))
     shutil.rmtree(cache)
     subprocess.run(["cp", "-al", str(base), str(cache)], check=True)
@@ -195,6 +197,18 @@ def upgrade(
     saved = sepstore.delta.MIN_REUSE
     sepstore.delta.MIN_REUSE = saved if delta else 1 << 62
     try:
+        yield cache
+    finally:
+        sepstore.delta.MIN_REUSE = saved
+        shutil.rmtree(cache)
+
+
+def upgrade(
+    base: Path, workdir: Path, url: str, *, delta: bool, then_load: bool
+) -> tuple[float, sepstore.PullReport, float | None]:
+    """Seconds to pull ``url`` into a copy of the v1 cache ``base``, the report, and with
+    ``then_load`` the seconds to load it from that cache right after."""
+    with v1_copy(base, workdir, delta=delta) as cache:
         start = time.perf_counter()
         report = sepstore.pull(url, cache_dir=cache, quiet=True)
         seconds = time.perf_counter() - start
@@ -203,9 +217,15 @@ def upgrade(
         start = time.perf_counter()
         sepstore.load(url, cache_dir=cache)
         return seconds, report, time.perf_counter() - start
-    finally:
-        sepstore.delta.MIN_REUSE = saved
-        shutil.rmtree(cache)
+
+
+def load_upgrade(base: Path, workdir: Path, url: str, *, delta: bool) -> float:
+    """Seconds to ``load`` ``url`` into a copy of the v1 cache ``base`` (a node's upgrade: fetch or
+    assemble what it lacks, and return the tensors)."""
+    with v1_copy(base, workdir, delta=delta) as cache:
+        start = time.perf_counter()
+        sepstore.load(url, cache_dir=cache)
+        return time.perf_counter() - start
 
 
 TARGET = 0.3
@@ -244,6 +264,7 @@ class Link:
     loopback: bool
     times: dict[bool, list[float]] = field(default_factory=lambda: {True: [], False: []})
     loads: dict[bool, list[float]] = field(default_factory=lambda: {True: [], False: []})
+    url_loads: dict[bool, list[float]] = field(default_factory=lambda: {True: [], False: []})
     reports: dict[bool, sepstore.PullReport] = field(default_factory=dict)
 
     def median(self, delta: bool) -> float:
@@ -266,12 +287,14 @@ def upgrades(
     for i in range(args.repeats):
         for link in links:
             for delta in (True, False) if i % 2 == 0 else (False, True):
+                url = f"{link.root}/manifests/{NAME}/v2.json"
                 seconds, link.reports[delta], loaded = upgrade(
-                    base, args.workdir, f"{link.root}/manifests/{NAME}/v2.json", delta=delta, then_load=args.then_load
+                    base, args.workdir, url, delta=delta, then_load=args.then_load
                 )
                 link.times[delta].append(seconds)
                 if loaded is not None:
                     link.loads[delta].append(loaded)
+                    link.url_loads[delta].append(load_upgrade(base, args.workdir, url, delta=delta))
         floors.append(local_floor(new_parts, args.workdir))
     shutil.rmtree(base, ignore_errors=True)
     for link in links:
@@ -290,6 +313,11 @@ def upgrades(
                 loads = link.loads[delta]
                 median = statistics.median(loads)
                 print(f"  load v2 from the cache right after the {name} upgrade: {median:.2f} s ({listed(loads)})")
+        for delta, name in ((True, "tensor-level"), (False, "part-level")):
+            if link.url_loads[delta]:
+                loads = link.url_loads[delta]
+                median = statistics.median(loads)
+                print(f"  load v2 by URL into the v1 cache, {name}: {median:.2f} s ({listed(loads)})")
     return floors
 
 

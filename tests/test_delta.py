@@ -177,6 +177,21 @@ def test_an_upgrade_fetches_only_the_changed_tensors_and_the_headers(
     assert all(torch.equal(got[k], v) for k, v in sepstore.load(local_store / "manifests/m/v2.json").to_dict().items())
 
 
+def test_a_load_by_url_assembles_the_changed_parts_in_memory_and_returns_v2s_tensors(
+    remote: Remote, local_store: Path, tmp_path: Path
+) -> None:
+    cache = tmp_path / "cache"
+    sepstore.pull(remote.url("m", "v1"), cache_dir=cache, quiet=True)
+    remote.requests.clear()
+    got = sepstore.load(remote.url("m", "v2"), cache_dir=cache).to_dict()
+    mids = [p for p in manifest(local_store, "m", "v2").mid if p is not None]
+    # the headers and the changed tensors crossed, nothing else
+    assert remote.part_bytes() == sum(data_bytes(p, CHANGED) + p.size - data_bytes(p) for p in mids)
+    expected = sepstore.load(local_store / "manifests/m/v2.json").to_dict()
+    assert got.keys() == expected.keys() and all(torch.equal(got[k], v) for k, v in expected.items())
+    assert sepstore.verify(remote.url("m", "v2"), cache_dir=cache).ok
+
+
 def test_a_damaged_cached_source_is_caught_by_the_part_digest_and_the_part_is_fetched_whole(
     remote: Remote, local_store: Path, tmp_path: Path
 ) -> None:

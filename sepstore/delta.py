@@ -478,8 +478,10 @@ def _attempt(
             plan.failed |= not ok
             plan.left -= 1
             last = plan.left == 0
-        if last and not plan.failed:
-            plan.verified = _succeeds(partial(_commit, plan, cache))
+        if last:
+            plan.out.close()  # every byte is written: its descriptors are not held while other parts go on
+            if not plan.failed:
+                plan.verified = _succeeds(partial(_commit, plan, cache))
 
     def begin(plan: _Plan) -> None:
         if not _succeeds(partial(_plan, plan, known, lengths)):

@@ -340,6 +340,8 @@ def _page_aligned(size: int) -> torch.Tensor:
 
     memory = torch.empty(size + ALIGN, dtype=torch.uint8)
     skip = aligned_start(memory.data_ptr())
+    memory[:skip].zero_()  # the tensors' storage is this whole allocation (torch.save writes it all):
+    memory[skip + size :].zero_()  # its bytes beyond the part are zeros, not what the heap held before
     return memory[skip : skip + size]
 
 

@@ -270,3 +270,20 @@ def test_a_full_disk_under_a_load_by_url_is_a_store_error_naming_the_cache_file(
     with pytest.raises(sepstore.StoreError, match=r"\.partial: OSError: .*No space left"):
         sepstore.load(url, "b", cache_dir=tmp_path / "cache")
     assert not Path(cached_begin(tmp_path / "cache", store)[0]).exists()
+
+
+def test_the_memory_a_load_by_url_returns_holds_the_part_and_zeros_beyond_it(
+    served: tuple[str, Path, dict[str, torch.Tensor]], tmp_path: Path
+) -> None:
+    """The tensors' storage is the page-aligned allocation (a page larger than the part), which
+    ``torch.save`` writes whole: its bytes beside the part are zeros, not the heap's earlier bytes."""
+    url, store, _ = served
+    for _ in range(3):  # leave freed, dirty memory of about that size for the allocator to hand out
+        torch.full((5 * 2**20,), 0xAB, dtype=torch.uint8)
+    psd = sepstore.load(url, "b", cache_dir=tmp_path / "cache")
+    whole = torch.empty(0, dtype=torch.uint8).set_(psd.begin["embed_tokens.weight"].untyped_storage())  # type: ignore[index]
+    storage = whole.numpy().tobytes()
+    part = cached_begin(tmp_path / "cache", store)[1]
+    at = storage.find(part)
+    assert at >= 0 and len(storage) == len(part) + ALIGN
+    assert storage[:at].count(0) == at and storage[at + len(part) :].count(0) == len(storage) - at - len(part)

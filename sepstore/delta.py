@@ -41,7 +41,7 @@ the bytes hashed are the bytes written. The price: the new part is not in the pa
 A ``load`` by URL does not: it gives each part to assemble page-aligned memory of its own (the
 memory its tensors will use), and the copied pieces are read straight into their place there,
 the fetched ranges received there, and both hashed there and written to the file from there
-(``into``, as :meth:`~sepstore.cache.Cache.fetch` takes), so the file is never read back: a
+(``into``, as :meth:`~sepstore.cache.Cache.fetch` takes), so its tensors are never read back from the file: a
 ``load`` of v2 by URL on a node holding v1 took 1.8 s instead of 4.5 s here (2.1 s part-level,
 ``--then-load``). Sources are read
 through the page cache: v1 was most likely just read or written, and a direct read would go to
@@ -516,7 +516,7 @@ def assemble(
     A part whose digest ``into`` maps to page-aligned memory of its size (as
     :meth:`~sepstore.cache.Cache.fetch` takes) is assembled in that memory, hashed there and
     written to the file from there: once it is among those returned, the memory holds its
-    verified bytes, and the file is never read back.
+    verified bytes, and its tensors need not be read back from the file.
     ``transfer`` counts the bytes fetched, and those copied into parts that verified (a part
     fetched whole after all reuses nothing); ``bar`` counts the bytes fetched."""
     parts = [i for i in items if isinstance(i.part, Part) and i.part.tensors]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+import mmap
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,9 +15,35 @@ from servers import CountingMotoServer
 
 import sepstore
 from sepstore.demo import llama_decider, tiny_llama_state_dict
+from sepstore.directio import DirectFile, address_of
 from sepstore.tensors import raw_bytes
 
 N_LAYERS = 6
+
+
+def resident_pages(path: str | os.PathLike[str]) -> list[bool]:
+    """Which pages of the file at ``path`` the page cache holds (``mincore`` of a private map of
+    it, which reports the file's cached pages until one is written)."""
+    mincore = ctypes.CDLL(None, use_errno=True).mincore
+    mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) as mapped:
+        vec = (ctypes.c_ubyte * -(-len(mapped) // mmap.PAGESIZE))()
+        view = memoryview(mapped)
+        assert mincore(address_of(view), len(mapped), vec) == 0, ctypes.get_errno()
+        view.release()
+    return [bool(v & 1) for v in vec]
+
+
+def has_direct_io(folder: Path) -> bool:
+    """Whether files in ``folder`` take ``O_DIRECT`` writes (tests of what bypasses the page cache
+    assert it only there, and the bytes everywhere)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "probe").touch()
+    try:
+        with DirectFile(str(folder / "probe")) as probe:
+            return probe.direct
+    finally:
+        os.unlink(folder / "probe")
 
 
 def same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import ctypes
 import mmap
 import os
 import re
@@ -25,6 +24,7 @@ import msgspec
 import pytest
 import torch
 from aiohttp import web
+from conftest import has_direct_io, resident_pages
 from safetensors.torch import save as save_safetensors
 from servers import CountingMotoServer, FaultProxy, Request, StaticServer
 from test_hash_once import CountingBlake3
@@ -35,7 +35,7 @@ import sepstore.hashing
 from sepstore.compose import MIN_PART, Composer, Run, plan_runs
 from sepstore.delta import INDEX_DIR, predicted_head
 from sepstore.demo import llama_decider, tiny_llama_state_dict
-from sepstore.directio import ALIGN, MIN_DIRECT, DirectFile, address_of
+from sepstore.directio import ALIGN, MIN_DIRECT
 from sepstore.hashing import digest_buffer, digest_file, digest_hex
 from sepstore.manifest import Manifest, Part, Tensor, encode_manifest
 from sepstore.store import Store
@@ -634,21 +634,8 @@ def big_remote(big_store: Path) -> Iterator[Remote]:
 
 
 def resident_bytes(path: Path) -> int:
-    """Bytes of the file at ``path`` that the page cache holds (``mincore`` of a map of it)."""
-    size, page = path.stat().st_size, mmap.PAGESIZE
-    pages = (ctypes.c_ubyte * (-(-size // page)))()
-    with open(path, "rb") as file, mmap.mmap(file.fileno(), size, access=mmap.ACCESS_COPY) as mapped:
-        view = memoryview(mapped)
-        mincore = ctypes.CDLL(None, use_errno=True).mincore
-        assert mincore(ctypes.c_void_p(address_of(view)), ctypes.c_size_t(size), pages) == 0, ctypes.get_errno()
-        view.release()
-    return sum(p & 1 for p in pages) * page
-
-
-def has_direct_io(folder: Path) -> bool:
-    (folder / "probe").touch()
-    with DirectFile(str(folder / "probe")) as probe:
-        return probe.direct
+    """Bytes of the file at ``path`` that the page cache holds."""
+    return sum(resident_pages(path)) * mmap.PAGESIZE
 
 
 def v1_with_a_flipped_byte(big_remote: Remote, big_store: Path, cache: Path) -> None:
@@ -673,8 +660,6 @@ def test_copied_tensors_go_past_the_page_cache_from_any_offset_and_the_part_is_b
     """Each copied tensor's whole blocks are written with ``O_DIRECT`` (not left in the page cache),
     whether it lies at the same offset modulo a block in its source (v2) or not (v3), in pieces of
     a block multiple or not; the part is assembled, not fetched whole, so its bytes are exact."""
-    if not has_direct_io(tmp_path):
-        pytest.skip("this filesystem has no O_DIRECT (tmpfs)")
     monkeypatch.setattr(sepstore.delta, "COPY_BYTES", copy_bytes)
     cache = tmp_path / "cache"
     sepstore.pull(big_remote.url("big", "v1"), cache_dir=cache, quiet=True)
@@ -685,9 +670,10 @@ def test_copied_tensors_go_past_the_page_cache_from_any_offset_and_the_part_is_b
     moved = {n: at - offsets(big_store / "parts" / "blake3" / old.file_name)[n] for n, at in offsets(path).items()}
     assert all((shift % ALIGN == 0) == (tag == "v2") for shift in moved.values())
     assert report.reused_bytes == data_bytes(new) - data_bytes(new, CHANGED)
-    # in the page cache: the header, the fetched tensors, and of each copied one at most its end
-    # blocks and a last piece too short to be worth a direct write
-    assert resident_bytes(path) <= new.size - report.reused_bytes + (2 * ALIGN + MIN_DIRECT) * len(new.tensors)
+    if has_direct_io(tmp_path):
+        # in the page cache: the header, the fetched tensors, and of each copied one at most its end
+        # blocks and a last piece too short to be worth a direct write
+        assert resident_bytes(path) <= new.size - report.reused_bytes + (2 * ALIGN + MIN_DIRECT) * len(new.tensors)
     assert path.read_bytes() == (big_store / "parts" / "blake3" / new.file_name).read_bytes()
 
 
@@ -717,8 +703,6 @@ def test_a_load_by_url_takes_an_assembled_part_from_memory_without_reading_its_f
     """The assembled part's bytes (copied and fetched) land in the tensors' memory, are hashed and
     written to the file from there, so the load does not read the file back: its copied and fetched
     blocks never enter the page cache (a read would bring them all in), and the tensors are v2's."""
-    if not has_direct_io(tmp_path):
-        pytest.skip("this filesystem has no O_DIRECT (tmpfs)")
     cache = tmp_path / "cache"
     sepstore.pull(big_remote.url("big", "v1"), cache_dir=cache, quiet=True)
     big_remote.requests.clear()
@@ -728,8 +712,9 @@ def test_a_load_by_url_takes_an_assembled_part_from_memory_without_reading_its_f
     assembled = [r for r in big_remote.part_gets() if digest_hex(new.digest) in r.path]
     assert assembled and all(r.range != f"bytes=0-{new.size - 1}" for r in assembled)  # not fetched whole
     path = cache / "parts" / "blake3" / new.file_name
-    # at most each tensor's and each fetched range's partial end blocks, and a piece too short for O_DIRECT
-    assert resident_bytes(path) <= (2 * ALIGN + MIN_DIRECT) * (len(new.tensors) + len(assembled))
+    if has_direct_io(tmp_path):
+        # at most each tensor's and each fetched range's partial end blocks, and a piece too short for O_DIRECT
+        assert resident_bytes(path) <= (2 * ALIGN + MIN_DIRECT) * (len(new.tensors) + len(assembled))
     assert digest_file(path) == new.digest
     assert_tensors_of(big_store, tag, got)
 
